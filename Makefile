@@ -1,0 +1,42 @@
+# One-command set-up: every target below creates .venv and installs what is missing.
+SYSTEM_PYTHON ?= /usr/bin/python3
+VENV          := .venv
+PY            := $(VENV)/bin/python
+STAMP         := $(VENV)/.installed-stamp
+DEBIAN_PKGS   := python3-venv python3-pip mininet bridge-utils ethtool iputils-ping tcpdump iproute2
+
+.PHONY: run test test-slow lint system-deps clean
+
+run: $(STAMP)
+	$(VENV)/bin/switchreduce bench allreduce --workers 4 --elements 10000000 --loss 0.01
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Debian packages, installed only when running as root and something is missing.
+system-deps:
+	@missing=$$(for p in $(DEBIAN_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:" $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else \
+	    echo "not root: skipping Debian packages" $$missing "(Mininet tests will be skipped)"; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(MAKE) system-deps
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) p4src/build .pytest_cache

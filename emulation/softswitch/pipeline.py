@@ -1,0 +1,424 @@
+"""The soft switch: a Python model of the P4 pipeline in ``p4src/``.
+
+Each class is the counterpart of the P4 control of the same name, and the
+tables, registers and counters carry the P4 program's fully qualified names,
+so one control plane drives both. The flow is v1model's::
+
+    SwitchReduceParser -> SwitchReduceIngress -> PacketReplicationEngine
+                       -> SwitchReduceEgress  -> SwitchReduceDeparser
+
+Aggregation follows SwitchML (NSDI'21, Algorithm 2) with two shadow copies
+(versions) of every slot. Per slot and version the switch keeps a worker
+bitmap, an arrival count (mod world size), the max exponent and K running
+sums. A worker's first packet into a (slot, version) sets its bit there and
+clears it in the other version; the first arrival writes, later ones add;
+the n-th multicasts the result to the job. A packet whose bit is already set
+is a retransmission: answered with the stored result if the slot is
+complete, dropped otherwise. ``slot_generation`` records which admission of
+a job last used a slot, so a new job starts from clean state without the
+control plane ever writing a register (P4Runtime on BMv2 cannot).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from emulation.softswitch.tables import Action, ActionCall, Counter, ExactTable, Register
+from switchreduce import wire
+
+#: Slots in the pool shared by all jobs (the P4 program's POOL_SIZE).
+POOL_SIZE = 4096
+#: Largest job id the per-job counters index.
+MAX_JOBS = 256
+#: Multicast groups the replication engine holds.
+MAX_MCAST_GROUPS = 1024
+
+
+class DropReason(IntEnum):
+    """Index of the ``drops`` counter; the P4 program defines the same numbers."""
+
+    BAD_HEADER = 0
+    UNKNOWN_JOB = 1
+    RANK_OUT_OF_RANGE = 2
+    SLOT_OUT_OF_RANGE = 3
+    UNBOUND_WORKER = 4
+    DUPLICATE = 5
+    NO_ROUTE = 6
+
+
+class JobStat(IntEnum):
+    """Per-job counters, each a counter array indexed by job id."""
+
+    AGGREGATED = 0
+    RESULTS = 1
+    RETRANSMIT_REPLIES = 2
+
+
+@dataclass(slots=True)
+class Packet:
+    """A parsed packet with its v1model metadata.
+
+    Addresses are integers (MACs 48-bit, IPv4 32-bit); ``elements`` holds the
+    K payload elements (a big-endian view of the received bytes, or for a
+    result the slot's sums).
+    """
+
+    ingress_port: int
+    eth_dst: int
+    eth_src: int
+    ip_src: int
+    ip_dst: int
+    ttl: int
+    udp_sport: int
+    udp_dport: int
+    header: wire.Header | None = None
+    elements: np.ndarray | None = None
+    raw: bytes = b""  # the frame as received, for plain forwarding
+    egress_port: int = 0
+    egress_rid: int = 0
+
+    def replica(self, egress_port: int, egress_rid: int) -> Packet:
+        """A copy for one multicast replica (header and elements are shared, never mutated)."""
+        return Packet(
+            self.ingress_port,
+            self.eth_dst,
+            self.eth_src,
+            self.ip_src,
+            self.ip_dst,
+            self.ttl,
+            self.udp_sport,
+            self.udp_dport,
+            self.header,
+            self.elements,
+            self.raw,
+            egress_port,
+            egress_rid,
+        )
+
+
+class Verdict(IntEnum):
+    DROP = 0
+    MULTICAST = 1
+    UNICAST = 2
+
+
+_ETH = struct.Struct("!6s6sH")
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_UDP = struct.Struct("!HHHH")
+
+
+class SwitchReduceParser:
+    """Ethernet / IPv4 / UDP, then the aggregation header for the reserved port range."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.datagram_bytes = wire.datagram_bytes(k)
+
+    def parse_frame(self, frame: bytes, ingress_port: int) -> Packet:
+        """Parse an Ethernet frame (raw mode); other traffic keeps ``header=None``."""
+        pkt = Packet(ingress_port, 0, 0, 0, 0, 0, 0, 0, raw=frame)
+        if len(frame) < wire.ETH_BYTES:
+            return pkt
+        dst, src, ethertype = _ETH.unpack_from(frame)
+        pkt.eth_dst = int.from_bytes(dst, "big")
+        pkt.eth_src = int.from_bytes(src, "big")
+        if ethertype != wire.ETHERTYPE_IPV4 or len(frame) < wire.L2_L4_BYTES:
+            return pkt
+        ver_ihl, _, _, _, _, ttl, proto, _, ip_src, ip_dst = _IPV4.unpack_from(
+            frame, wire.ETH_BYTES
+        )
+        pkt.ip_src = int.from_bytes(ip_src, "big")
+        pkt.ip_dst = int.from_bytes(ip_dst, "big")
+        pkt.ttl = ttl
+        if ver_ihl != 0x45 or proto != wire.IP_PROTO_UDP:
+            return pkt
+        sport, dport, _, _ = _UDP.unpack_from(frame, wire.ETH_BYTES + wire.IPV4_BYTES)
+        pkt.udp_sport, pkt.udp_dport = sport, dport
+        if wire.UDP_PORT_MIN <= dport <= wire.UDP_PORT_MAX:
+            self._parse_aggregation(pkt, memoryview(frame)[wire.L2_L4_BYTES :])
+        return pkt
+
+    def parse_datagram(self, payload: bytes, src: tuple[str, int], dst: tuple[str, int]) -> Packet:
+        """Parse a UDP payload received on a socket (UDP mode, ingress port 0)."""
+        pkt = Packet(0, 0, 0, ip_to_int(src[0]), ip_to_int(dst[0]), 64, src[1], dst[1], raw=payload)
+        self._parse_aggregation(pkt, payload)
+        return pkt
+
+    def _parse_aggregation(self, pkt: Packet, payload: bytes | memoryview) -> None:
+        """Sets ``header``; a malformed one leaves ``elements`` None, which ingress drops."""
+        if len(payload) < wire.HEADER_BYTES:
+            pkt.header = _BAD_HEADER
+            return
+        pkt.header = wire.unpack_header(payload)
+        if len(payload) == self.datagram_bytes:
+            pkt.elements = wire.decode_elements(payload, self.k)
+
+
+#: Stands in for a header too short to decode, so ingress counts it as BAD_HEADER.
+_BAD_HEADER = wire.Header(0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+class SwitchReduceIngress:
+    """Admission (``jobs``, ``workers``), slot aggregation, and plain forwarding."""
+
+    def __init__(self, k: int, pool_size: int = POOL_SIZE) -> None:
+        self.k = k
+        self.pool_size = pool_size
+        p = "SwitchReduceIngress."
+        self.jobs = ExactTable(
+            p + "jobs",
+            ("hdr.sr.job_id",),
+            (
+                Action(
+                    "SwitchReduceIngress.set_job",
+                    ("world_size", "slot_base", "slot_count", "mcast_grp", "generation"),
+                ),
+                Action("NoAction"),
+            ),
+            ActionCall("NoAction"),
+            size=MAX_JOBS,
+        )
+        self.workers = ExactTable(
+            p + "workers",
+            (
+                "hdr.sr.job_id",
+                "hdr.sr.rank",
+                "standard_metadata.ingress_port",
+                "hdr.ipv4.src_addr",
+                "hdr.udp.src_port",
+            ),
+            (Action("SwitchReduceIngress.admit_worker"), Action("NoAction")),
+            ActionCall("NoAction"),
+            size=MAX_JOBS * wire.MAX_WORKERS,
+        )
+        self.forward = ExactTable(
+            p + "forward",
+            ("hdr.ipv4.dst_addr",),
+            (Action("SwitchReduceIngress.set_egress_port", ("port",)), Action("NoAction")),
+            ActionCall("NoAction"),
+        )
+        rows = 2 * pool_size
+        self.slot_generation = Register(p + "slot_generation", pool_size, 32)
+        self.bitmap = Register(p + "bitmap", rows, 32)
+        self.arrivals = Register(p + "arrivals", rows, 8)
+        self.exponent = Register(p + "exponent", rows, 8)
+        #: The P4 program's registers value_0 .. value_{K-1}, one column each.
+        self.values = np.zeros((rows, k), dtype=np.int32)
+        self.drops = Counter(p + "drops", len(DropReason))
+        self.job_stats = {stat: Counter(p + stat.name.lower(), MAX_JOBS) for stat in JobStat}
+
+    def drop(self, pkt: Packet, reason: DropReason) -> Verdict:
+        self.drops.count(reason, len(pkt.raw))
+        return Verdict.DROP
+
+    def apply(self, pkt: Packet) -> tuple[Verdict, int]:
+        """(verdict, multicast group) for one packet; rewrites ``pkt`` for results."""
+        hdr = pkt.header
+        if hdr is None:
+            return self._forward(pkt)
+        if pkt.elements is None or hdr.msg_type != wire.MsgType.DATA or hdr.count > self.k:
+            return self.drop(pkt, DropReason.BAD_HEADER), 0
+        hit, job = self.jobs.lookup((hdr.job_id,))
+        if not hit:
+            return self.drop(pkt, DropReason.UNKNOWN_JOB), 0
+        world_size, slot_base, slot_count, mcast_grp, generation = job.args
+        if hdr.rank >= world_size:
+            return self.drop(pkt, DropReason.RANK_OUT_OF_RANGE), 0
+        if hdr.slot >= slot_count:
+            return self.drop(pkt, DropReason.SLOT_OUT_OF_RANGE), 0
+        bound, _ = self.workers.lookup(
+            (hdr.job_id, hdr.rank, pkt.ingress_port, pkt.ip_src, pkt.udp_sport)
+        )
+        if not bound:
+            return self.drop(pkt, DropReason.UNBOUND_WORKER), 0
+        return self._aggregate(pkt, hdr, world_size, slot_base + hdr.slot, mcast_grp, generation)
+
+    def _aggregate(
+        self,
+        pkt: Packet,
+        hdr: wire.Header,
+        world_size: int,
+        index: int,
+        mcast_grp: int,
+        generation: int,
+    ) -> tuple[Verdict, int]:
+        row = 2 * index + hdr.version
+        other = row ^ 1
+        bitmap, arrivals, exponent = self.bitmap.cells, self.arrivals.cells, self.exponent.cells
+        if self.slot_generation.cells[index] != generation:  # first use by this admission
+            self.slot_generation.cells[index] = generation
+            bitmap[row] = bitmap[other] = 0
+            arrivals[row] = arrivals[other] = 0
+        bit = 1 << hdr.rank
+        nbytes = len(pkt.raw)
+        stats = self.job_stats
+        if not bitmap[row] & bit:
+            bitmap[row] |= bit
+            bitmap[other] &= ~bit
+            count = arrivals[row]
+            if count == 0:
+                self.values[row] = pkt.elements
+                exponent[row] = hdr.exponent
+            else:
+                self.values[row] += pkt.elements  # wraps modulo 2**32, as bit<32> does
+                exponent[row] = max(exponent[row], hdr.exponent)
+            count = 0 if count + 1 == world_size else count + 1
+            arrivals[row] = count
+            stats[JobStat.AGGREGATED].count(hdr.job_id, nbytes)
+            if count != 0:
+                return Verdict.DROP, 0  # consumed: its contribution is in the registers
+            self._make_result(pkt, hdr, row)
+            stats[JobStat.RESULTS].count(hdr.job_id, nbytes)
+            return Verdict.MULTICAST, mcast_grp
+        if arrivals[row] == 0:  # complete: the worker lost the result, send it again
+            self._make_result(pkt, hdr, row)
+            stats[JobStat.RETRANSMIT_REPLIES].count(hdr.job_id, nbytes)
+            pkt.egress_port = pkt.ingress_port
+            return Verdict.UNICAST, 0
+        return self.drop(pkt, DropReason.DUPLICATE), 0
+
+    def _make_result(self, pkt: Packet, hdr: wire.Header, row: int) -> None:
+        """Turn the packet into the slot's result, addressed back to where it came from."""
+        pkt.header = hdr._replace(msg_type=wire.MsgType.RESULT, exponent=self.exponent.cells[row])
+        pkt.elements = self.values[row].copy()  # the next use of the slot overwrites the row
+        pkt.eth_src, pkt.eth_dst = pkt.eth_dst, pkt.eth_src
+        pkt.ip_src, pkt.ip_dst = pkt.ip_dst, pkt.ip_src
+        pkt.udp_sport, pkt.udp_dport = pkt.udp_dport, pkt.udp_sport
+
+    def _forward(self, pkt: Packet) -> tuple[Verdict, int]:
+        hit, call = self.forward.lookup((pkt.ip_dst,))
+        if not hit or pkt.ttl <= 1:
+            return self.drop(pkt, DropReason.NO_ROUTE), 0
+        pkt.egress_port = call.args[0]
+        return Verdict.UNICAST, 0
+
+
+class PacketReplicationEngine:
+    """Multicast groups: group id -> replicas (egress port, rid), as BMv2's PRE."""
+
+    def __init__(self) -> None:
+        self.groups: dict[int, tuple[tuple[int, int], ...]] = {}
+
+    def replicate(self, pkt: Packet, group: int) -> list[Packet]:
+        replicas = self.groups.get(group, ())
+        return [pkt.replica(port, rid) for port, rid in replicas]
+
+
+class SwitchReduceEgress:
+    """Rewrites each result copy's destination for the worker behind its replica (rid)."""
+
+    def __init__(self) -> None:
+        self.result_rewrite = ExactTable(
+            "SwitchReduceEgress.result_rewrite",
+            ("standard_metadata.egress_rid",),
+            (
+                Action("SwitchReduceEgress.rewrite_destination", ("mac", "ip", "udp_port")),
+                Action("NoAction"),
+            ),
+            ActionCall("NoAction"),
+            size=MAX_JOBS * wire.MAX_WORKERS,
+        )
+
+    def apply(self, pkt: Packet) -> None:
+        if pkt.egress_rid == 0:
+            return
+        hit, call = self.result_rewrite.lookup((pkt.egress_rid,))
+        if hit:
+            pkt.eth_dst, pkt.ip_dst, pkt.udp_dport = call.args
+
+
+class SwitchReduceDeparser:
+    """Emits frames (raw mode) or UDP payloads (UDP mode); IPv4 checksum recomputed, UDP's zero."""
+
+    def __init__(self, switch_mac: int) -> None:
+        self.switch_mac = switch_mac
+
+    @staticmethod
+    def datagram(pkt: Packet) -> bytes:
+        return pkt.header.pack() + pkt.elements.astype(wire.ELEMENT_DTYPE).tobytes()
+
+    def frame(self, pkt: Packet) -> bytes:
+        if pkt.header is None or pkt.header.msg_type != wire.MsgType.RESULT:
+            return pkt.raw  # forwarded traffic leaves as it came
+        payload = self.datagram(pkt)
+        udp = _UDP.pack(pkt.udp_sport, pkt.udp_dport, wire.UDP_BYTES + len(payload), 0)
+        total = wire.IPV4_BYTES + len(udp) + len(payload)
+        ip = bytearray(
+            _IPV4.pack(
+                0x45,
+                0,
+                total,
+                0,
+                0x4000,
+                64,
+                wire.IP_PROTO_UDP,
+                0,
+                pkt.ip_src.to_bytes(4, "big"),
+                pkt.ip_dst.to_bytes(4, "big"),
+            )
+        )
+        struct.pack_into("!H", ip, 10, ipv4_checksum(ip))
+        eth = _ETH.pack(
+            pkt.eth_dst.to_bytes(6, "big"), self.switch_mac.to_bytes(6, "big"), wire.ETHERTYPE_IPV4
+        )
+        return eth + bytes(ip) + udp + payload
+
+
+def ipv4_checksum(header: bytes | bytearray) -> int:
+    """The ones'-complement checksum of an IPv4 header whose checksum field is zero."""
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+@functools.lru_cache(maxsize=4096)
+def ip_to_int(address: str) -> int:
+    return int(ipaddress.IPv4Address(address))
+
+
+@functools.lru_cache(maxsize=4096)
+def int_to_ip(value: int) -> str:
+    return str(ipaddress.IPv4Address(value))
+
+
+class SoftSwitch:
+    """The whole pipeline; ``process`` maps one received packet to the packets it emits."""
+
+    def __init__(
+        self,
+        k: int = wire.DEFAULT_K,
+        pool_size: int = POOL_SIZE,
+        switch_mac: int = 0x02_00_00_00_00_FE,
+    ) -> None:
+        self.k = wire.check_k(k)
+        self.parser = SwitchReduceParser(k)
+        self.ingress = SwitchReduceIngress(k, pool_size)
+        self.pre = PacketReplicationEngine()
+        self.egress = SwitchReduceEgress()
+        self.deparser = SwitchReduceDeparser(switch_mac)
+
+    def process(self, pkt: Packet) -> list[Packet]:
+        verdict, group = self.ingress.apply(pkt)
+        if verdict == Verdict.DROP:
+            return []
+        out = [pkt] if verdict == Verdict.UNICAST else self.pre.replicate(pkt, group)
+        for copy in out:
+            self.egress.apply(copy)
+        return out
+
+    def tables(self) -> dict[str, ExactTable]:
+        """Every table by its P4 name."""
+        ing = self.ingress
+        return {t.name: t for t in (ing.jobs, ing.workers, ing.forward, self.egress.result_rewrite)}
+
+    def counters(self) -> dict[str, Counter]:
+        """Every counter array by its P4 name."""
+        found = [self.ingress.drops, *self.ingress.job_stats.values()]
+        return {c.name: c for c in found}

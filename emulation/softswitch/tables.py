@@ -1,0 +1,115 @@
+"""Match-action state of the soft switch: exact-match tables, registers, counters.
+
+These are the Python counterparts of the P4 objects of the same fully
+qualified names (``SwitchReduceIngress.jobs`` ...), so a control plane writes
+the soft switch exactly as it writes BMv2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from emulation.errors import TableError
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """An action a table may invoke: its name and its parameters' names, in order."""
+
+    name: str
+    params: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ActionCall:
+    """An action with concrete parameter values, as stored in an entry."""
+
+    name: str
+    args: tuple[int, ...] = ()
+
+
+@dataclass
+class ExactTable:
+    """An exact-match table: key tuple -> action call, with a default for misses."""
+
+    name: str
+    key_fields: tuple[str, ...]
+    actions: tuple[Action, ...]
+    default_action: ActionCall
+    size: int = 1024
+    entries: dict[tuple[int, ...], ActionCall] = field(default_factory=dict)
+
+    def action(self, name: str) -> Action:
+        for action in self.actions:
+            if action.name == name:
+                return action
+        raise TableError(f"{self.name}: no action {name!r}")
+
+    def _check(self, key: tuple[int, ...], call: ActionCall) -> None:
+        if len(key) != len(self.key_fields):
+            raise TableError(f"{self.name}: key has {len(key)} fields, expected {self.key_fields}")
+        action = self.action(call.name)
+        if len(call.args) != len(action.params):
+            raise TableError(
+                f"{self.name}: action {call.name} takes {action.params}, got {call.args}"
+            )
+
+    def insert(self, key: tuple[int, ...], call: ActionCall) -> None:
+        self._check(key, call)
+        if key in self.entries:
+            raise TableError(f"{self.name}: entry {key} already exists", code="ALREADY_EXISTS")
+        if len(self.entries) >= self.size:
+            raise TableError(
+                f"{self.name}: table full ({self.size} entries)", code="RESOURCE_EXHAUSTED"
+            )
+        self.entries[key] = call
+
+    def modify(self, key: tuple[int, ...], call: ActionCall) -> None:
+        self._check(key, call)
+        if key not in self.entries:
+            raise TableError(f"{self.name}: no entry {key}", code="NOT_FOUND")
+        self.entries[key] = call
+
+    def delete(self, key: tuple[int, ...]) -> None:
+        if self.entries.pop(key, None) is None:
+            raise TableError(f"{self.name}: no entry {key}", code="NOT_FOUND")
+
+    def set_default(self, call: ActionCall) -> None:
+        self.action(call.name)
+        self.default_action = call
+
+    def lookup(self, key: tuple[int, ...]) -> tuple[bool, ActionCall]:
+        """(hit, action call): the entry's action, or the default action on a miss."""
+        call = self.entries.get(key)
+        if call is None:
+            return False, self.default_action
+        return True, call
+
+
+@dataclass
+class Register:
+    """A register array of ``width``-bit cells (plain ints: cheaper per packet than numpy)."""
+
+    name: str
+    size: int
+    width: int
+
+    def __post_init__(self) -> None:
+        self.cells = [0] * self.size
+
+
+@dataclass
+class Counter:
+    """An indexed packets-and-bytes counter array, as P4's ``counter(N, packets_and_bytes)``."""
+
+    name: str
+    size: int
+
+    def __post_init__(self) -> None:
+        self.packets = [0] * self.size
+        self.bytes = [0] * self.size
+
+    def count(self, index: int, nbytes: int) -> None:
+        if 0 <= index < self.size:  # out-of-range indices are ignored, as BMv2 does
+            self.packets[index] += 1
+            self.bytes[index] += nbytes

@@ -1,0 +1,201 @@
+"""The SwitchReduce wire format: the one module that knows offsets and constants.
+
+A packet is Ethernet / IPv4 / UDP / aggregation header / K signed 32-bit
+big-endian elements. Every part of the system (worker, soft switch,
+controller, tests, the scapy decoder) imports its layout from here; the P4
+headers in ``p4src/`` mirror :data:`HEADER_FIELDS` field for field.
+
+Header (16 bytes, network byte order)::
+
+     0                   1                   2                   3
+     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+    +---------------+---------------+-------------------------------+
+    |   msg_type    |     rank      |            job_id             |
+    +-+-------------+---------------+---------------+---------------+
+    |v|         slot (15)           |   exponent    |   reserved    |
+    +-+-----------------------------+---------------+---------------+
+    |           tensor              |            count              |
+    +-------------------------------+-------------------------------+
+    |                            chunk                              |
+    +---------------------------------------------------------------+
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import NamedTuple
+
+import numpy as np
+
+#: UDP destination ports that carry aggregation traffic (SwitchML uses the same range).
+UDP_PORT_MIN = 0xBEE0
+UDP_PORT_MAX = 0xBEEF
+#: The port a switch listens on by default (UDP mode) and results come from.
+DEFAULT_SWITCH_PORT = UDP_PORT_MIN
+
+#: Elements per packet. 64 is SwitchML's 256-byte payload; up to 256 (1 KiB) fits a
+#: 1500-byte MTU; 512 and 1024 need jumbo frames (loopback has a 64 KiB MTU).
+SUPPORTED_K = (64, 128, 256, 512, 1024)
+#: The largest K whose frames fit a standard 1500-byte Ethernet MTU.
+MAX_K_STANDARD_MTU = 256
+#: Per-packet cost dominates in software, so the largest K runs fastest (README, Performance).
+DEFAULT_K = 1024
+
+#: Worker bitmaps are 32 bits wide, so a job has at most 32 ranks.
+MAX_WORKERS = 32
+#: Slot indices are 15 bits; the 16th bit of the field is the shadow-copy version.
+MAX_SLOTS = 1 << 15
+
+#: Exponent byte meaning "this worker has no data for the block" (neutral under max).
+EXPONENT_NONE = 0
+#: Bias of the exponent byte: byte = e + EXPONENT_BIAS for blocks with max|x| < 2**e.
+EXPONENT_BIAS = 127
+EXPONENT_MIN = 1 - EXPONENT_BIAS  # -126: float32's smallest normal exponent
+EXPONENT_MAX = 255 - EXPONENT_BIAS  # 128: covers float32's largest finite value
+
+ELEMENT_DTYPE = np.dtype(">i4")
+ELEMENT_BYTES = ELEMENT_DTYPE.itemsize
+
+#: (name, width in bits) of every header field, in wire order; the P4 header has the same.
+HEADER_FIELDS: tuple[tuple[str, int], ...] = (
+    ("msg_type", 8),
+    ("rank", 8),
+    ("job_id", 16),
+    ("version", 1),
+    ("slot", 15),
+    ("exponent", 8),
+    ("reserved", 8),
+    ("tensor", 16),
+    ("count", 16),
+    ("chunk", 32),
+)
+_HEADER = struct.Struct("!BBHHBBHHI")
+HEADER_BYTES = _HEADER.size
+assert sum(width for _, width in HEADER_FIELDS) == HEADER_BYTES * 8
+
+#: Ethernet (14) + IPv4 without options (20) + UDP (8).
+ETH_BYTES = 14
+IPV4_BYTES = 20
+UDP_BYTES = 8
+L2_L4_BYTES = ETH_BYTES + IPV4_BYTES + UDP_BYTES
+ETHERTYPE_IPV4 = 0x0800
+IP_PROTO_UDP = 17
+
+
+class MsgType(IntEnum):
+    """What a packet is: a worker's contribution, or the switch's aggregate."""
+
+    DATA = 1
+    RESULT = 2
+
+
+class WireError(ValueError):
+    """A buffer is not a well-formed SwitchReduce packet."""
+
+
+class Header(NamedTuple):
+    """The aggregation header of one packet (immutable; ``_replace`` derives another)."""
+
+    msg_type: int
+    job_id: int
+    rank: int
+    slot: int
+    version: int
+    exponent: int
+    tensor: int
+    chunk: int
+    count: int
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(
+            self.msg_type,
+            self.rank,
+            self.job_id,
+            (self.version << 15) | self.slot,
+            self.exponent,
+            0,
+            self.tensor,
+            self.count,
+            self.chunk,
+        )
+
+
+def unpack_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> Header:
+    """Decode the header at ``offset``; raises WireError if the buffer is too short."""
+    if len(buf) - offset < HEADER_BYTES:
+        raise WireError(f"truncated header: {len(buf) - offset} < {HEADER_BYTES} bytes")
+    msg_type, rank, job_id, vslot, exponent, _, tensor, count, chunk = _HEADER.unpack_from(
+        buf, offset
+    )
+    return Header(
+        msg_type, job_id, rank, vslot & 0x7FFF, vslot >> 15, exponent, tensor, chunk, count
+    )
+
+
+def datagram_bytes(k: int) -> int:
+    """Size of a UDP payload (header + K elements) for K elements per packet."""
+    return HEADER_BYTES + k * ELEMENT_BYTES
+
+
+def check_k(k: int) -> int:
+    """Validate an elements-per-packet choice."""
+    if k not in SUPPORTED_K:
+        raise ValueError(f"elements per packet must be one of {SUPPORTED_K}, got {k}")
+    return k
+
+
+def ip_packet_bytes(k: int) -> int:
+    """Size of the IPv4 packet (what an MTU limits) carrying K elements."""
+    return IPV4_BYTES + UDP_BYTES + datagram_bytes(k)
+
+
+def encode(header: Header, elements: np.ndarray) -> bytes:
+    """Header followed by the elements as big-endian int32 (exactly K of them)."""
+    return header.pack() + np.asarray(elements, dtype=ELEMENT_DTYPE).tobytes()
+
+
+def decode_elements(buf: bytes | bytearray | memoryview, k: int, offset: int = 0) -> np.ndarray:
+    """The K elements after the header at ``offset``, as a read-only big-endian view."""
+    return np.frombuffer(buf, dtype=ELEMENT_DTYPE, count=k, offset=offset + HEADER_BYTES)
+
+
+def scapy_layer():
+    """The scapy ``Packet`` class for the header, bound to the UDP port range.
+
+    Built on first use because importing scapy costs most of a second, which
+    the data path never needs; ``rdpcap()`` of a capture then shows decoded
+    headers and elements.
+    """
+    global _SCAPY_LAYER
+    if _SCAPY_LAYER is None:
+        _SCAPY_LAYER = _build_scapy_layer()
+    return _SCAPY_LAYER
+
+
+_SCAPY_LAYER = None
+
+
+def _build_scapy_layer():
+    from scapy.fields import BitField, FieldListField, SignedIntField
+    from scapy.layers.inet import UDP
+    from scapy.packet import Packet, bind_layers
+
+    class SwitchReduce(Packet):
+        name = "SwitchReduce"
+        fields_desc = [BitField(name, 0, width) for name, width in HEADER_FIELDS] + [
+            FieldListField(
+                "elements",
+                [],
+                SignedIntField("", 0),
+                length_from=lambda pkt: None,
+            )
+        ]
+
+        def extract_padding(self, s):
+            return b"", None
+
+    for port in range(UDP_PORT_MIN, UDP_PORT_MAX + 1):
+        bind_layers(UDP, SwitchReduce, dport=port)
+        bind_layers(UDP, SwitchReduce, sport=port)
+    return SwitchReduce

@@ -1,0 +1,93 @@
+"""float32 <-> int32 fixed point that cannot overflow in the switch's 32-bit adders.
+
+Each block of K elements (one packet) is scaled by a power of two chosen from
+the largest magnitude any worker holds in that block, as in SwitchML. Every
+worker computes its block's exponent ``e`` (the smallest with max|x| < 2**e),
+the switch reduces the exponents with max, and every worker then quantizes
+the block with the same scale::
+
+    m     = floor(INT32_MAX / n)          # n = world size
+    scale = m / 2**e
+    q     = round_half_even(x * scale)    # |x| < 2**e  =>  |q| <= m
+
+so the sum of n contributions is at most n*m <= INT32_MAX in magnitude and
+the switch's integer sum is exact. Dequantizing gives, for every element::
+
+    |result - sum_i x_i| <= n * (1/2 + 2**-20) / scale + ulp32(result) / 2
+
+(one half-unit of rounding per worker, a negligible float64 product error,
+and the final rounding to float32). With n = 4 and e = 0 the first term is
+about 1.9e-9. Exponents travel as one byte, ``e + EXPONENT_BIAS``, with 0
+meaning "no data" so that max over workers ignores empty blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from switchreduce.wire import EXPONENT_BIAS, EXPONENT_MIN, EXPONENT_NONE
+from worker.errors import NonFiniteError
+
+INT32_MAX = np.iinfo(np.int32).max
+#: Per-element rounding allowance per worker, in units of 1/scale (see module docstring).
+ROUNDING_UNITS = 0.5 + 2.0**-20
+
+
+def check_finite(values: np.ndarray) -> None:
+    """Raise before anything is sent if a float tensor holds NaN or Inf."""
+    if values.dtype.kind == "f" and values.size and not np.isfinite(values).all():
+        bad = np.flatnonzero(~np.isfinite(values))
+        raise NonFiniteError(
+            f"tensor holds {bad.size} non-finite value(s) (first at index {bad[0]}: "
+            f"{values.flat[bad[0]]!r}); NaN and Inf cannot be aggregated in fixed point"
+        )
+
+
+def block_exponents(blocks: np.ndarray) -> np.ndarray:
+    """Exponent byte per row of ``blocks`` (shape (B, K)): e + bias, or 0 for all-zero rows."""
+    peak = np.abs(blocks).max(axis=1).astype(np.float64) if blocks.size else np.zeros(len(blocks))
+    _, exp = np.frexp(peak)  # peak = mant * 2**exp with mant in [0.5, 1), so peak < 2**exp
+    exp = np.maximum(exp, EXPONENT_MIN)
+    return np.where(peak > 0, exp + EXPONENT_BIAS, EXPONENT_NONE).astype(np.uint8)
+
+
+def scales(exponents: np.ndarray, world_size: int) -> np.ndarray:
+    """Scale factor per block for the agreed exponent bytes (any for all-zero blocks)."""
+    e = np.asarray(exponents, dtype=np.int32) - EXPONENT_BIAS
+    return np.ldexp(float(INT32_MAX // world_size), -e)
+
+
+def prescale(blocks: np.ndarray, world_size: int) -> np.ndarray:
+    """``x * m`` in float64, the exponent-independent half of quantization.
+
+    Scaling by the power of two ``2**-e`` afterwards is exact in float64, so
+    ``quantize_block(prescale(x)[c], e)`` equals ``quantize(x, e)[c]`` bit for
+    bit; the worker prescales a whole tensor at once and finishes each block
+    when its exponent arrives.
+    """
+    return blocks.astype(np.float64) * float(INT32_MAX // world_size)
+
+
+def quantize_block(prescaled: np.ndarray, exponent: int) -> np.ndarray:
+    """int32 fixed point of one prescaled block for its agreed exponent byte."""
+    return np.rint(prescaled * math.ldexp(1.0, EXPONENT_BIAS - int(exponent))).astype(np.int32)
+
+
+def quantize(blocks: np.ndarray, exponents: np.ndarray, world_size: int) -> np.ndarray:
+    """int32 fixed point of ``blocks`` (shape (B, K)) for agreed exponent bytes (shape (B,))."""
+    powers = np.ldexp(1.0, EXPONENT_BIAS - np.asarray(exponents, dtype=np.int32))
+    return np.rint(prescale(blocks, world_size) * powers[:, None]).astype(np.int32)
+
+
+def dequantize(sums: np.ndarray, exponents: np.ndarray, world_size: int) -> np.ndarray:
+    """float32 value of integer block sums (shape (B, K)) for their exponent bytes."""
+    return (sums.astype(np.float64) / scales(exponents, world_size)[:, None]).astype(np.float32)
+
+
+def error_bound(exponents: np.ndarray, world_size: int, result: np.ndarray) -> np.ndarray:
+    """The documented per-element bound on |dequantized sum - exact sum|."""
+    quant = world_size * ROUNDING_UNITS / scales(exponents, world_size)[:, None]
+    ulp = np.spacing(np.abs(result).astype(np.float32)).astype(np.float64)
+    return quant + ulp / 2
