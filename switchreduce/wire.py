@@ -1,7 +1,9 @@
 """The SwitchReduce wire format: the one module that knows offsets and constants.
 
 A packet is Ethernet / IPv4 / UDP / aggregation header / K signed 32-bit
-big-endian elements. Every part of the system (worker, soft switch,
+big-endian elements. ``round`` counts the uses of a slot (mod 2**16) and its
+low bit is ``version``, the shadow copy the packet belongs to; see
+docs/protocol.md. Every part of the system (worker, soft switch,
 controller, tests, the scapy decoder) imports its layout from here; the P4
 headers in ``p4src/`` mirror :data:`HEADER_FIELDS` field for field.
 
@@ -14,7 +16,7 @@ Header (16 bytes, network byte order)::
     +-+-------------+---------------+---------------+---------------+
     |v|         slot (15)           |   exponent    |   reserved    |
     +-+-----------------------------+---------------+---------------+
-    |           tensor              |            count              |
+    |            round              |            count              |
     +-------------------------------+-------------------------------+
     |                            chunk                              |
     +---------------------------------------------------------------+
@@ -66,7 +68,7 @@ HEADER_FIELDS: tuple[tuple[str, int], ...] = (
     ("slot", 15),
     ("exponent", 8),
     ("reserved", 8),
-    ("tensor", 16),
+    ("round", 16),
     ("count", 16),
     ("chunk", 32),
 )
@@ -103,7 +105,7 @@ class Header(NamedTuple):
     slot: int
     version: int
     exponent: int
-    tensor: int
+    round: int
     chunk: int
     count: int
 
@@ -115,7 +117,7 @@ class Header(NamedTuple):
             (self.version << 15) | self.slot,
             self.exponent,
             0,
-            self.tensor,
+            self.round,
             self.count,
             self.chunk,
         )
@@ -125,11 +127,11 @@ def unpack_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> Heade
     """Decode the header at ``offset``; raises WireError if the buffer is too short."""
     if len(buf) - offset < HEADER_BYTES:
         raise WireError(f"truncated header: {len(buf) - offset} < {HEADER_BYTES} bytes")
-    msg_type, rank, job_id, vslot, exponent, _, tensor, count, chunk = _HEADER.unpack_from(
+    msg_type, rank, job_id, vslot, exponent, _, round_, count, chunk = _HEADER.unpack_from(
         buf, offset
     )
     return Header(
-        msg_type, job_id, rank, vslot & 0x7FFF, vslot >> 15, exponent, tensor, chunk, count
+        msg_type, job_id, rank, vslot & 0x7FFF, vslot >> 15, exponent, round_, chunk, count
     )
 
 

@@ -16,9 +16,11 @@ the switch's integer sum is exact. Dequantizing gives, for every element::
     |result - sum_i x_i| <= n * (1/2 + 2**-20) / scale + ulp32(result) / 2
 
 (one half-unit of rounding per worker, a negligible float64 product error,
-and the final rounding to float32). With n = 4 and e = 0 the first term is
-about 1.9e-9. Exponents travel as one byte, ``e + EXPONENT_BIAS``, with 0
-meaning "no data" so that max over workers ignores empty blocks.
+and the final rounding to float32). A sum beyond float32's range becomes
++-inf, as float32 addition gives (and as loss scalers look for). With n = 4
+and e = 0 the first term is about 1.9e-9. Exponents travel as one byte,
+``e + EXPONENT_BIAS``, with 0 meaning "no data" so that max over workers
+ignores empty blocks.
 """
 
 from __future__ import annotations
@@ -83,11 +85,14 @@ def quantize(blocks: np.ndarray, exponents: np.ndarray, world_size: int) -> np.n
 
 def dequantize(sums: np.ndarray, exponents: np.ndarray, world_size: int) -> np.ndarray:
     """float32 value of integer block sums (shape (B, K)) for their exponent bytes."""
-    return (sums.astype(np.float64) / scales(exponents, world_size)[:, None]).astype(np.float32)
+    values = sums.astype(np.float64) / scales(exponents, world_size)[:, None]
+    with np.errstate(over="ignore"):  # beyond float32's range is +-inf, as in float32 sums
+        return values.astype(np.float32)
 
 
 def error_bound(exponents: np.ndarray, world_size: int, result: np.ndarray) -> np.ndarray:
-    """The documented per-element bound on |dequantized sum - exact sum|."""
+    """The documented per-element bound on |dequantized sum - exact sum| (finite results)."""
     quant = world_size * ROUNDING_UNITS / scales(exponents, world_size)[:, None]
-    ulp = np.spacing(np.abs(result).astype(np.float32)).astype(np.float64)
+    with np.errstate(over="ignore"):
+        ulp = np.spacing(np.abs(result).astype(np.float32)).astype(np.float64)
     return quant + ulp / 2

@@ -46,7 +46,7 @@ def reference_sum(inputs: list[np.ndarray], k: int) -> np.ndarray:
 
 def check(result: np.ndarray, inputs: list[np.ndarray], k: int) -> Check:
     exact_sum = np.sum([x.astype(np.float64) for x in inputs], axis=0)
-    error = np.abs(result.astype(np.float64) - exact_sum)
+    error = np.abs(result.astype(np.float64) - exact_sum)  # inf where float32 overflowed
     expected = reference_sum(inputs, k)
     if result.dtype == np.int32:
         bound = np.zeros_like(error)

@@ -4,9 +4,10 @@ A tensor is cut into chunks of K elements. Chunk ``c`` always travels in
 slot ``c % S`` of the job's S slots, so every worker puts the same chunk in
 the same slot without talking to the others. Each slot carries one packet at
 a time; the slot's result is the clock that releases its next chunk, as in
-SwitchML's ``ReusePacket``. Successive uses of a slot alternate its two
-shadow-copy versions, and that alternation continues across calls, which is
-what lets the switch tell a retransmission from a new chunk.
+SwitchML's ``ReusePacket``. Every use of a slot has the next round number
+(kept across calls, identical on every rank because all ranks use the slots
+alike); its low bit picks one of the slot's two shadow copies, and the round
+lets the switch tell a retransmission or a stale packet from new data.
 
 Float tensors need every worker to agree on a block's scale before sending
 it. The exponent that decides the scale of chunk ``c + S`` rides in the
@@ -102,7 +103,7 @@ class _SlotUse:
 
     chunk: int  # index into the tensor's chunks, or _PRIME
     wire_chunk: int  # what the header's chunk field says (the slot, for a priming use)
-    version: int
+    round: int
     count: int
     packet: bytes
     sent_at: float = 0.0
@@ -115,7 +116,6 @@ class _Transfer:
     """State of one allreduce call."""
 
     blocks: np.ndarray  # (C, K) input, zero-padded
-    tensor_id: int
     scaled: bool  # float: quantized per block; int32: sent as is
     prescaled: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     local_exp: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
@@ -152,8 +152,7 @@ class SwitchCommunicator:
         _check_path_mtu(self.sock, self.options.k)
         # Non-blocking: a socket timeout would poll before every call.
         self.sock.setblocking(False)
-        self._versions = np.zeros(binding.slot_count, dtype=np.uint8)
-        self._tensor_id = 0
+        self._rounds = [0] * binding.slot_count  # last round used, per slot
         self._srtt: float | None = None
         self._rttvar = 0.0
         self._datagram_bytes = wire.datagram_bytes(self.options.k)
@@ -199,10 +198,7 @@ class SwitchCommunicator:
         chunks = -(-flat.size // k)
         blocks = np.zeros((chunks, k), dtype=array.dtype)
         blocks.reshape(-1)[: flat.size] = flat
-        self._tensor_id = (self._tensor_id + 1) & 0xFFFF
-        xfer = _Transfer(
-            blocks, self._tensor_id, scaled=array.dtype == np.float32, length=flat.size
-        )
+        xfer = _Transfer(blocks, scaled=array.dtype == np.float32, length=flat.size)
         xfer.sums = np.zeros((chunks, k), dtype=np.int32)
         if xfer.scaled:
             xfer.prescaled = q.prescale(blocks, self.binding.world_size)
@@ -239,8 +235,7 @@ class SwitchCommunicator:
     def _send(self, xfer: _Transfer, slot: int, chunk: int) -> None:
         """Start the next use of ``slot``: its packet carries ``chunk`` (or primes it)."""
         b, k, slots = self.binding, self.options.k, self.binding.slot_count
-        version = int(self._versions[slot])
-        self._versions[slot] ^= 1
+        round_ = self._rounds[slot] = (self._rounds[slot] + 1) & 0xFFFF
         if chunk == _PRIME:
             exponent, count, payload, wire_chunk = xfer.local_exp[slot], 0, self._zero_payload, slot
         else:
@@ -257,13 +252,13 @@ class SwitchCommunicator:
             b.job_id,
             b.rank,
             slot,
-            version,
+            round_ & 1,
             int(exponent),
-            xfer.tensor_id,
+            round_,
             wire_chunk,
             count,
         )
-        use = _SlotUse(chunk, wire_chunk, version, count, header.pack() + payload)
+        use = _SlotUse(chunk, wire_chunk, round_, count, header.pack() + payload)
         xfer.uses[slot] = use
         self._transmit(xfer, slot, use)
 
@@ -291,8 +286,7 @@ class SwitchCommunicator:
             use is None
             or hdr.msg_type != wire.MsgType.RESULT
             or hdr.job_id != self.binding.job_id
-            or hdr.tensor != xfer.tensor_id
-            or hdr.version != use.version
+            or hdr.round != use.round
             or hdr.chunk != use.wire_chunk
             or hdr.count != use.count
         ):

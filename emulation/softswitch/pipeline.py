@@ -8,15 +8,17 @@ so one control plane drives both. The flow is v1model's::
                        -> SwitchReduceEgress  -> SwitchReduceDeparser
 
 Aggregation follows SwitchML (NSDI'21, Algorithm 2) with two shadow copies
-(versions) of every slot. Per slot and version the switch keeps a worker
+(versions) of every slot, made robust to arbitrarily delayed packets. Per
+slot and version (a "row") the switch keeps the round it holds, a worker
 bitmap, an arrival count (mod world size), the max exponent and K running
-sums. A worker's first packet into a (slot, version) sets its bit there and
-clears it in the other version; the first arrival writes, later ones add;
-the n-th multicasts the result to the job. A packet whose bit is already set
-is a retransmission: answered with the stored result if the slot is
-complete, dropped otherwise. ``slot_generation`` records which admission of
-a job last used a slot, so a new job starts from clean state without the
-control plane ever writing a register (P4Runtime on BMv2 cannot).
+sums. A packet of a newer round than its row holds starts the round (it
+writes); one of the row's round adds, unless its worker's bit is already set:
+then it is a retransmission, answered with the stored result if the round is
+complete and dropped otherwise; one of an older round is stale and dropped.
+The n-th arrival multicasts the result to the job. ``slot_generation``
+records which admission of a job last used a slot, so a new job starts from
+clean state without the control plane ever writing a register (P4Runtime on
+BMv2 cannot).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class DropReason(IntEnum):
     SLOT_OUT_OF_RANGE = 3
     UNBOUND_WORKER = 4
     DUPLICATE = 5
-    NO_ROUTE = 6
+    STALE = 6
+    NO_ROUTE = 7
 
 
 class JobStat(IntEnum):
@@ -205,6 +208,7 @@ class SwitchReduceIngress:
         )
         rows = 2 * pool_size
         self.slot_generation = Register(p + "slot_generation", pool_size, 32)
+        self.round = Register(p + "round", rows, 16)
         self.bitmap = Register(p + "bitmap", rows, 32)
         self.arrivals = Register(p + "arrivals", rows, 8)
         self.exponent = Register(p + "exponent", rows, 8)
@@ -249,39 +253,41 @@ class SwitchReduceIngress:
         generation: int,
     ) -> tuple[Verdict, int]:
         row = 2 * index + hdr.version
-        other = row ^ 1
         bitmap, arrivals, exponent = self.bitmap.cells, self.arrivals.cells, self.exponent.cells
+        rounds = self.round.cells
         if self.slot_generation.cells[index] != generation:  # first use by this admission
             self.slot_generation.cells[index] = generation
-            bitmap[row] = bitmap[other] = 0
-            arrivals[row] = arrivals[other] = 0
+            rounds[row] = rounds[row ^ 1] = (hdr.round - 1) & 0xFFFF  # so this round is new
+        ahead = (hdr.round - rounds[row]) & 0xFFFF  # serial-number order, as TCP's
         bit = 1 << hdr.rank
-        nbytes = len(pkt.raw)
-        stats = self.job_stats
-        if not bitmap[row] & bit:
-            bitmap[row] |= bit
-            bitmap[other] &= ~bit
-            count = arrivals[row]
-            if count == 0:
-                self.values[row] = pkt.elements
-                exponent[row] = hdr.exponent
-            else:
-                self.values[row] += pkt.elements  # wraps modulo 2**32, as bit<32> does
-                exponent[row] = max(exponent[row], hdr.exponent)
-            count = 0 if count + 1 == world_size else count + 1
-            arrivals[row] = count
-            stats[JobStat.AGGREGATED].count(hdr.job_id, nbytes)
-            if count != 0:
-                return Verdict.DROP, 0  # consumed: its contribution is in the registers
-            self._make_result(pkt, hdr, row)
-            stats[JobStat.RESULTS].count(hdr.job_id, nbytes)
-            return Verdict.MULTICAST, mcast_grp
-        if arrivals[row] == 0:  # complete: the worker lost the result, send it again
-            self._make_result(pkt, hdr, row)
-            stats[JobStat.RETRANSMIT_REPLIES].count(hdr.job_id, nbytes)
+        if ahead >= 0x8000:
+            return self.drop(pkt, DropReason.STALE), 0  # an older round, delayed in the network
+        if ahead == 0 and bitmap[row] & bit:
+            if arrivals[row] != 0:
+                return self.drop(pkt, DropReason.DUPLICATE), 0
+            self._make_result(pkt, hdr, row)  # complete: the worker lost the result
+            self.job_stats[JobStat.RETRANSMIT_REPLIES].count(hdr.job_id, len(pkt.raw))
             pkt.egress_port = pkt.ingress_port
             return Verdict.UNICAST, 0
-        return self.drop(pkt, DropReason.DUPLICATE), 0
+        if ahead:  # the first packet of a new round writes
+            rounds[row] = hdr.round
+            bitmap[row] = bit
+            count = 0
+            self.values[row] = pkt.elements
+            exponent[row] = hdr.exponent
+        else:  # later ones add
+            bitmap[row] |= bit
+            count = arrivals[row]
+            self.values[row] += pkt.elements  # wraps modulo 2**32, as bit<32> does
+            exponent[row] = max(exponent[row], hdr.exponent)
+        count = 0 if count + 1 == world_size else count + 1
+        arrivals[row] = count
+        self.job_stats[JobStat.AGGREGATED].count(hdr.job_id, len(pkt.raw))
+        if count != 0:
+            return Verdict.DROP, 0  # consumed: its contribution is in the registers
+        self._make_result(pkt, hdr, row)
+        self.job_stats[JobStat.RESULTS].count(hdr.job_id, len(pkt.raw))
+        return Verdict.MULTICAST, mcast_grp
 
     def _make_result(self, pkt: Packet, hdr: wire.Header, row: int) -> None:
         """Turn the packet into the slot's result, addressed back to where it came from."""

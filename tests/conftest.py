@@ -1,0 +1,114 @@
+"""Shared fixtures and the gating of tests that need root, p4c or BMv2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from emulation.softswitch.faults import FaultSpec
+from emulation.softswitch.pipeline import SoftSwitch
+from emulation.softswitch.static import StaticJob, WorkerEndpoint, install_static_job
+from emulation.softswitch.udp import UdpSwitch
+from switchreduce import wire
+from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
+
+_NEEDS = {
+    "requires_root": (lambda: os.geteuid() == 0, "needs root"),
+    "requires_p4c": (lambda: shutil.which("p4c-bm2-ss") is not None, "p4c-bm2-ss not on PATH"),
+    "requires_bmv2": (
+        lambda: shutil.which("simple_switch_grpc") is not None,
+        "simple_switch_grpc not on PATH",
+    ),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for marker, (available, reason) in _NEEDS.items():
+        if available():
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
+
+
+@dataclass
+class Job:
+    """A running soft switch and one communicator per rank."""
+
+    server: UdpSwitch
+    comms: list[SwitchCommunicator]
+
+    @property
+    def switch(self) -> SoftSwitch:
+        return self.server.switch
+
+    def drops(self) -> dict[str, int]:
+        return self.server.report()["drops"]
+
+    def allreduce(self, inputs: list) -> list:
+        """Every rank's result, each rank in its own thread; re-raises a rank's exception."""
+        results: list = [None] * len(self.comms)
+        errors: list[BaseException | None] = [None] * len(self.comms)
+
+        def run(rank: int) -> None:
+            try:
+                results[rank] = self.comms[rank].allreduce(inputs[rank])
+            except BaseException as exc:
+                errors[rank] = exc
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(len(self.comms))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for exc in errors:
+            if exc is not None:
+                raise exc
+        return results
+
+
+@contextmanager
+def running_job(
+    world_size: int,
+    k: int = wire.DEFAULT_K,
+    slots: int = 16,
+    faults: FaultSpec | None = None,
+    options: WorkerOptions | None = None,
+    job_id: int = 1,
+) -> Iterator[Job]:
+    """A soft switch on loopback with one static job and ``world_size`` bound workers."""
+    socks = []
+    for _ in range(world_size):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        socks.append(sock)
+    switch = SoftSwitch(k=k)
+    endpoints = tuple(
+        WorkerEndpoint(rank, "127.0.0.1", sock.getsockname()[1]) for rank, sock in enumerate(socks)
+    )
+    install_static_job(switch, StaticJob(job_id, world_size, 0, slots, endpoints))
+    server = UdpSwitch(switch, ("127.0.0.1", 0), faults).start()
+    options = options or WorkerOptions(k=k, timeout=20.0)
+    comms = [
+        SwitchCommunicator(JobBinding(job_id, r, world_size, slots, server.address), options, s)
+        for r, s in enumerate(socks)
+    ]
+    try:
+        yield Job(server, comms)
+    finally:
+        for comm in comms:
+            comm.close()
+        server.stop()
+
+
+@pytest.fixture
+def job_factory() -> Callable[..., contextmanager]:
+    return running_job

@@ -1,0 +1,113 @@
+"""Allreduce through a running soft switch over real UDP sockets on loopback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from emulation.softswitch.faults import FaultSpec
+from worker.errors import NonFiniteError
+from worker.reference import check, reference_sum, synthetic_tensor
+from worker.shim import WorkerOptions
+
+K = 256
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7, 8])
+def test_int32_sums_are_exact(job_factory, world_size: int) -> None:
+    inputs = [synthetic_tensor(1, r, 20_000, "int32") for r in range(world_size)]
+    with job_factory(world_size, k=K) as job:
+        results = job.allreduce(inputs)
+    expected = np.sum(inputs, axis=0, dtype=np.int64).astype(np.int32)
+    for result in results:
+        assert result.dtype == np.int32
+        assert np.array_equal(result, expected)
+
+
+@pytest.mark.parametrize("length", [0, 1, K - 1, K, K + 1, 1_000_000])
+def test_float32_sums_are_within_the_bound_for_any_length(job_factory, length: int) -> None:
+    world_size = 3
+    inputs = [synthetic_tensor(2, r, length, "float32") for r in range(world_size)]
+    with job_factory(world_size, k=K, slots=64) as job:
+        results = job.allreduce(inputs)
+    for result in results:
+        assert result.shape == (length,) and result.dtype == np.float32
+        verdict = check(result, inputs, K)
+        assert verdict.exact and verdict.within_bound, verdict
+
+
+def test_successive_calls_of_mixed_dtypes_and_shapes(job_factory) -> None:
+    """Slot versions carry over between calls; each call still gets its own exact sum."""
+    rng = np.random.default_rng(3)
+    calls = [
+        ("float32", (5, 300)),
+        ("int32", (17,)),
+        ("float32", (2, 2, 2)),
+        ("int32", (4096,)),
+        ("float32", (1,)),
+    ]
+    with job_factory(2, k=K, slots=4) as job:
+        for dtype, shape in calls:
+            inputs = [rng.standard_normal(shape).astype(dtype) * 100 for _ in range(2)]
+            results = job.allreduce(inputs)
+            expected = reference_sum([x.reshape(-1) for x in inputs], K).reshape(shape)
+            for result in results:
+                assert result.shape == shape
+                assert np.array_equal(result, expected)
+
+
+def test_torch_tensors_come_back_as_torch_tensors(job_factory) -> None:
+    inputs = [torch.arange(1000, dtype=torch.float32).reshape(10, 100) * (r + 1) for r in range(3)]
+    with job_factory(3, k=K) as job:
+        results = job.allreduce(inputs)
+    for result in results:
+        assert isinstance(result, torch.Tensor) and result.dtype == torch.float32
+        assert result.shape == (10, 100)
+        assert torch.allclose(result, inputs[0] * 6, rtol=0, atol=1e-3)
+
+
+def test_unsupported_dtype_is_rejected(job_factory) -> None:
+    with job_factory(1, k=K) as job, pytest.raises(TypeError, match="float32 and int32"):
+        job.comms[0].allreduce(np.zeros(10, dtype=np.float64))
+
+
+def test_nan_is_rejected_before_anything_is_sent(job_factory) -> None:
+    values = np.ones(5000, dtype=np.float32)
+    values[4321] = np.nan
+    with job_factory(1, k=K) as job:
+        with pytest.raises(NonFiniteError, match="index 4321"):
+            job.comms[0].allreduce(values)
+        assert job.comms[0].stats.packets_sent == 0
+
+
+@pytest.mark.parametrize("loss", [0.01, 0.10, 0.30])
+def test_exact_under_loss_in_both_directions(job_factory, loss: float) -> None:
+    world_size = 4
+    inputs = [synthetic_tensor(4, r, 50_000, "float32") for r in range(world_size)]
+    faults = FaultSpec(loss=loss, seed=7)
+    options = WorkerOptions(k=K, timeout=20.0, max_rto=0.25)  # keep backoff short at 30%
+    with job_factory(world_size, k=K, slots=32, faults=faults, options=options) as job:
+        results = job.allreduce(inputs)
+        faults = job.server.report()["faults"]
+    assert faults["ingress"]["dropped"] > 0 and faults["egress"]["dropped"] > 0
+    assert sum(c.stats.retransmissions for c in job.comms) > 0
+    for result in results:
+        verdict = check(result, inputs, K)
+        assert verdict.exact and verdict.within_bound, verdict
+
+
+def test_exact_under_duplication_and_reordering(job_factory) -> None:
+    world_size = 4
+    inputs = [synthetic_tensor(5, r, 50_000, "int32") for r in range(world_size)]
+    faults = FaultSpec(loss=0.02, duplicate=0.1, reorder=0.1, seed=11)
+    with job_factory(world_size, k=K, slots=32, faults=faults) as job:
+        results = job.allreduce(inputs)
+        report = job.server.report()
+    assert report["faults"]["ingress"]["duplicated"] > 0
+    assert report["faults"]["egress"]["reordered"] > 0
+    assert report["drops"]["duplicate"] > 0  # duplicates reached the switch and were refused
+    assert sum(c.stats.duplicates for c in job.comms) > 0  # and reached the workers
+    expected = np.sum(inputs, axis=0, dtype=np.int64).astype(np.int32)
+    for result in results:
+        assert np.array_equal(result, expected)

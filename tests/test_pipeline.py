@@ -1,0 +1,195 @@
+"""The soft switch's pipeline, packet by packet: SwitchML's slot rules and the drop reasons."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import numpy as np
+import pytest
+
+from emulation.softswitch.pipeline import DropReason, JobStat, Packet, SoftSwitch, ipv4_checksum
+from emulation.softswitch.static import StaticJob, WorkerEndpoint, install_static_job, replica_id
+from switchreduce import wire
+
+K = 64
+SWITCH = ("127.0.0.1", wire.DEFAULT_SWITCH_PORT)
+
+
+def worker_address(rank: int) -> tuple[str, int]:
+    return ("127.0.0.1", 50000 + rank)
+
+
+def make_switch(world_size: int = 3, slots: int = 4, job_id: int = 1) -> SoftSwitch:
+    switch = SoftSwitch(k=K)
+    endpoints = tuple(WorkerEndpoint(r, *worker_address(r)) for r in range(world_size))
+    install_static_job(switch, StaticJob(job_id, world_size, 0, slots, endpoints))
+    return switch
+
+
+def send(
+    switch: SoftSwitch,
+    rank: int,
+    slot: int = 0,
+    round_: int = 1,
+    value: int = 1,
+    exponent: int = 0,
+    job_id: int = 1,
+    chunk: int = 0,
+    source=None,
+) -> list[Packet]:
+    header = wire.Header(
+        wire.MsgType.DATA, job_id, rank, slot, round_ & 1, exponent, round_, chunk, K
+    )
+    payload = wire.encode(header, np.full(K, value, dtype=np.int32))
+    pkt = switch.parser.parse_datagram(payload, source or worker_address(rank), SWITCH)
+    return switch.process(pkt)
+
+
+def drops(switch: SoftSwitch, reason: DropReason) -> int:
+    return switch.ingress.drops.packets[reason]
+
+
+def test_last_arrival_multicasts_the_sum_to_every_rank() -> None:
+    switch = make_switch(world_size=3)
+    assert send(switch, 0, value=1, exponent=130) == []
+    assert send(switch, 1, value=10, exponent=140) == []
+    out = send(switch, 2, value=100, exponent=135)
+    assert sorted((int(ipaddress.IPv4Address(p.ip_dst)), p.udp_dport) for p in out) == sorted(
+        (int(ipaddress.IPv4Address("127.0.0.1")), 50000 + r) for r in range(3)
+    )
+    for pkt in out:
+        assert pkt.header.msg_type == wire.MsgType.RESULT
+        assert pkt.header.exponent == 140  # max over workers
+        assert pkt.udp_sport == wire.DEFAULT_SWITCH_PORT
+        assert (pkt.elements == 111).all()
+    assert {p.egress_rid for p in out} == {replica_id(1, r) for r in range(3)}
+
+
+def test_retransmission_into_a_complete_slot_gets_the_result_alone() -> None:
+    switch = make_switch(world_size=2)
+    send(switch, 0, value=3)
+    send(switch, 1, value=4)
+    again = send(switch, 1, value=4)
+    assert len(again) == 1
+    assert again[0].udp_dport == 50001 and (again[0].elements == 7).all()
+    assert switch.ingress.job_stats[JobStat.RETRANSMIT_REPLIES].packets[1] == 1
+
+
+def test_retransmission_into_an_incomplete_slot_is_dropped_as_duplicate() -> None:
+    switch = make_switch(world_size=3)
+    send(switch, 0, value=5)
+    assert send(switch, 0, value=5) == []
+    assert drops(switch, DropReason.DUPLICATE) == 1
+    send(switch, 1, value=5)
+    out = send(switch, 2, value=5)
+    assert (out[0].elements == 15).all()  # the duplicate was not added twice
+
+
+def test_rounds_alternate_versions_and_a_new_round_starts_fresh() -> None:
+    switch = make_switch(world_size=2)
+    send(switch, 0, round_=1, value=1)
+    send(switch, 1, round_=1, value=1)
+    send(switch, 0, round_=2, value=2)
+    assert (send(switch, 1, round_=2, value=2)[0].elements == 4).all()
+    send(switch, 0, round_=3, value=10)  # round 3 reuses round 1's copy: the first one writes
+    assert (send(switch, 1, round_=3, value=20)[0].elements == 30).all()
+
+
+def test_a_stale_packet_of_an_older_round_cannot_join_a_new_one() -> None:
+    """The case SwitchML's 1-bit version gets wrong: a round-1 duplicate delayed until round 3."""
+    switch = make_switch(world_size=2)
+    for round_ in (1, 2):
+        send(switch, 0, round_=round_, value=round_)
+        send(switch, 1, round_=round_, value=round_)
+    # While its copy still holds round 1, the duplicate is a retransmission: the result again.
+    assert [p.udp_dport for p in send(switch, 1, round_=1, value=1)] == [50001]
+    send(switch, 0, round_=3, value=100)  # round 3 takes over the copy
+    assert send(switch, 1, round_=1, value=1) == []  # now the duplicate is stale
+    assert drops(switch, DropReason.STALE) == 1
+    assert (send(switch, 1, round_=3, value=200)[0].elements == 300).all()
+
+
+def test_rounds_wrap_around_sixteen_bits() -> None:
+    switch = make_switch(world_size=1)
+    for round_ in (0xFFFE, 0xFFFF, 0, 1):
+        assert (send(switch, 0, round_=round_, value=round_ + 1)[0].elements == round_ + 1).all()
+
+
+def test_int32_adders_wrap_like_bit32() -> None:
+    switch = make_switch(world_size=2)
+    send(switch, 0, value=2**31 - 1)
+    assert (send(switch, 1, value=1)[0].elements == -(2**31)).all()
+
+
+def test_a_new_job_on_used_slots_starts_clean_without_register_writes() -> None:
+    switch = make_switch(world_size=2, job_id=1)
+    send(switch, 0, value=1)  # job 1 leaves rank 0's bit set and one arrival counted
+    ingress = switch.ingress
+    ingress.jobs.delete((1,))
+    endpoints = tuple(WorkerEndpoint(r, *worker_address(r)) for r in range(2))
+    install_static_job(switch, StaticJob(2, 2, 0, 4, endpoints))
+    send(switch, 0, value=5, job_id=2)
+    assert (send(switch, 1, value=6, job_id=2)[0].elements == 11).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"job_id": 9}, DropReason.UNKNOWN_JOB),
+        ({"rank": 3}, DropReason.RANK_OUT_OF_RANGE),
+        ({"slot": 4}, DropReason.SLOT_OUT_OF_RANGE),
+        ({"source": ("127.0.0.1", 6666)}, DropReason.UNBOUND_WORKER),
+    ],
+)
+def test_packets_outside_the_job_are_dropped_and_counted(kwargs: dict, reason: DropReason) -> None:
+    switch = make_switch(world_size=3, slots=4)
+    args = {"rank": 0, **kwargs}
+    assert send(switch, **args) == []
+    assert drops(switch, reason) == 1
+    assert sum(switch.ingress.drops.packets) == 1
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x01" * (wire.HEADER_BYTES - 1),  # truncated header
+        wire.Header(wire.MsgType.DATA, 1, 0, 0, 0, 0, 0, 0, K).pack() + b"\x00" * 10,  # short
+        wire.encode(wire.Header(wire.MsgType.RESULT, 1, 0, 0, 0, 0, 0, 0, K), np.zeros(K)),
+        wire.encode(wire.Header(wire.MsgType.DATA, 1, 0, 0, 0, 0, 0, 0, K + 1), np.zeros(K)),
+        bytes(range(256)) * 2,  # garbage
+    ],
+)
+def test_malformed_packets_are_bad_headers(payload: bytes) -> None:
+    switch = make_switch()
+    pkt = switch.parser.parse_datagram(payload, worker_address(0), SWITCH)
+    assert switch.process(pkt) == []
+    assert drops(switch, DropReason.BAD_HEADER) == 1
+
+
+def test_raw_frames_parse_and_results_deparse_with_valid_checksums() -> None:
+    """Raw mode: a worker's Ethernet frame in, result frames out with a correct IPv4 checksum."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    switch = SoftSwitch(k=K)
+    install_static_job(
+        switch,
+        StaticJob(1, 1, 0, 4, (WorkerEndpoint(0, "10.0.0.1", 40000, mac=0x020000000001, port=1),)),
+    )
+    header = wire.Header(wire.MsgType.DATA, 1, 0, 0, 0, 0, 1, 0, K)
+    frame = bytes(
+        Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:fe")
+        / IP(src="10.0.0.1", dst="10.0.0.254")
+        / UDP(sport=40000, dport=wire.DEFAULT_SWITCH_PORT)
+        / wire.encode(header, np.arange(K, dtype=np.int32))
+    )
+    out = switch.process(switch.parser.parse_frame(frame, ingress_port=1))
+    assert len(out) == 1 and out[0].egress_port == 1
+    result = Ether(switch.deparser.frame(out[0]))
+    assert result[IP].dst == "10.0.0.1" and result[IP].src == "10.0.0.254"
+    assert result[UDP].dport == 40000 and result.dst == "02:00:00:00:00:01"
+    ip_header = bytearray(bytes(result[IP])[:20])
+    ip_header[10:12] = b"\x00\x00"
+    assert result[IP].chksum == ipv4_checksum(ip_header)
+    assert np.array_equal(wire.decode_elements(bytes(result[UDP].payload), K), np.arange(K))

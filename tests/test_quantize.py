@@ -1,0 +1,87 @@
+"""The quantizer: never overflows the switch's int32 adders, and stays within its bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from worker import quantize as q
+from worker.errors import NonFiniteError
+
+K = 64
+
+finite_float32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+blocks_of = hnp.arrays(
+    np.float32, st.tuples(st.integers(1, 4), st.just(K)), elements=finite_float32
+)
+
+
+@st.composite
+def worker_blocks(draw):
+    """Inputs of n workers with magnitudes spread over float32's whole range."""
+    n = draw(st.integers(1, 32))
+    shape = (draw(st.integers(1, 3)), K)
+    return [draw(hnp.arrays(np.float32, shape, elements=finite_float32)) for _ in range(n)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(worker_blocks())
+def test_sum_never_overflows_and_stays_within_bound(inputs: list[np.ndarray]) -> None:
+    n = len(inputs)
+    exps = np.max([q.block_exponents(b) for b in inputs], axis=0)
+    quantized = [q.quantize(b, exps, n).astype(np.int64) for b in inputs]
+    total = np.sum(quantized, axis=0)
+    assert np.abs(total).max() <= q.INT32_MAX
+    result = q.dequantize(total.astype(np.int32), exps, n)
+    exact = np.sum([b.astype(np.float64) for b in inputs], axis=0)
+    bound = q.error_bound(exps, n, result)
+    finite = np.isfinite(result)
+    error = np.abs(result[finite].astype(np.float64) - exact[finite])
+    assert (error <= bound[finite]).all()
+    # Only sums that leave float32's range become infinite, with their sign.
+    overflow = ~finite
+    quantization = q.error_bound(exps, n, np.zeros_like(result))
+    assert (np.abs(exact[overflow]) + quantization[overflow] > np.finfo(np.float32).max).all()
+    assert (np.sign(result[overflow]) == np.sign(exact[overflow])).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(blocks_of)
+def test_blockwise_quantization_equals_whole_tensor_quantization(blocks: np.ndarray) -> None:
+    """The worker's per-block path is bit-identical to the vectorized one the reference uses."""
+    exps = q.block_exponents(blocks)
+    whole = q.quantize(blocks, exps, 4)
+    prescaled = q.prescale(blocks, 4)
+    for i in range(len(blocks)):
+        assert np.array_equal(q.quantize_block(prescaled[i], int(exps[i])), whole[i])
+
+
+def test_exponent_is_smallest_power_of_two_above_the_peak() -> None:
+    blocks = np.zeros((4, K), dtype=np.float32)
+    blocks[0, 3] = 1.0  # 1.0 < 2**1
+    blocks[1, 0] = -0.75  # 0.75 < 2**0
+    blocks[2, 5] = np.finfo(np.float32).max  # < 2**128
+    exps = q.block_exponents(blocks).astype(int) - q.EXPONENT_BIAS
+    assert exps[:3].tolist() == [1, 0, 128]
+    assert q.block_exponents(blocks)[3] == q.EXPONENT_NONE  # all-zero block
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 32])
+def test_a_block_peak_uses_its_whole_share_of_int32(n: int) -> None:
+    """The largest value of a block maps to floor(INT32_MAX / n) within float32 resolution."""
+    peak = np.nextafter(np.float32(1.0), np.float32(0))  # the largest float32 below 2**0
+    block = np.full((1, K), peak, dtype=np.float32)
+    quantized = int(q.quantize(block, q.block_exponents(block), n).max())
+    share = q.INT32_MAX // n
+    assert share * (1 - 2**-23) <= quantized <= share
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_raise_with_their_index(bad: float) -> None:
+    values = np.ones(100, dtype=np.float32)
+    values[42] = bad
+    with pytest.raises(NonFiniteError, match="index 42"):
+        q.check_finite(values)

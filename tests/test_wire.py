@@ -1,0 +1,92 @@
+"""The wire format: header round trips, and scapy decoding what the switch and workers emit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from switchreduce import wire
+
+headers = st.builds(
+    wire.Header,
+    msg_type=st.sampled_from(list(wire.MsgType)),
+    job_id=st.integers(0, 0xFFFF),
+    rank=st.integers(0, 0xFF),
+    slot=st.integers(0, wire.MAX_SLOTS - 1),
+    version=st.integers(0, 1),
+    exponent=st.integers(0, 0xFF),
+    round=st.integers(0, 0xFFFF),
+    chunk=st.integers(0, 0xFFFFFFFF),
+    count=st.integers(0, 0xFFFF),
+)
+
+
+@given(headers)
+def test_header_round_trips(header: wire.Header) -> None:
+    packed = header.pack()
+    assert len(packed) == wire.HEADER_BYTES
+    assert wire.unpack_header(packed) == header
+
+
+def test_version_is_the_top_bit_of_the_slot_field() -> None:
+    packed = wire.Header(
+        wire.MsgType.DATA, 1, 2, slot=5, version=1, exponent=0, round=0, chunk=0, count=0
+    ).pack()
+    assert packed[4:6] == (0x8000 | 5).to_bytes(2, "big")
+
+
+def test_truncated_header_is_rejected() -> None:
+    with pytest.raises(wire.WireError, match="truncated"):
+        wire.unpack_header(b"\x01" * (wire.HEADER_BYTES - 1))
+
+
+@pytest.mark.parametrize("k", [0, 100, 2048])
+def test_unsupported_k_is_rejected(k: int) -> None:
+    with pytest.raises(ValueError, match="elements per packet"):
+        wire.check_k(k)
+
+
+def test_elements_are_big_endian_int32() -> None:
+    elements = np.array([1, -1, 2**31 - 1, -(2**31)] + [0] * 60, dtype=np.int32)
+    header = wire.Header(wire.MsgType.DATA, 1, 0, 0, 0, 0, 0, 0, 4)
+    packet = wire.encode(header, elements)
+    assert packet[wire.HEADER_BYTES : wire.HEADER_BYTES + 4] == b"\x00\x00\x00\x01"
+    assert packet[wire.HEADER_BYTES + 4 : wire.HEADER_BYTES + 8] == b"\xff\xff\xff\xff"
+    assert np.array_equal(wire.decode_elements(packet, 64), elements)
+
+
+def test_scapy_decodes_a_captured_packet(tmp_path) -> None:
+    """rdpcap() of a capture shows the header fields and the elements."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import rdpcap, wrpcap
+
+    layer = wire.scapy_layer()
+    header = wire.Header(
+        wire.MsgType.RESULT,
+        job_id=7,
+        rank=3,
+        slot=1234,
+        version=1,
+        exponent=130,
+        round=9,
+        chunk=70000,
+        count=64,
+    )
+    elements = np.arange(-32, 32, dtype=np.int32)
+    frame = (
+        Ether()
+        / IP(src="10.0.0.1", dst="10.0.0.2")
+        / UDP(sport=wire.DEFAULT_SWITCH_PORT, dport=40000)
+        / wire.encode(header, elements)
+    )
+    path = tmp_path / "capture.pcap"
+    wrpcap(str(path), [frame])
+    decoded = rdpcap(str(path))[0]
+    agg = decoded[layer]
+    for name, _ in wire.HEADER_FIELDS:
+        if name != "reserved":
+            assert getattr(agg, name) == getattr(header, name), name
+    assert agg.elements == elements.tolist()
