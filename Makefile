@@ -5,7 +5,10 @@ PY            := $(VENV)/bin/python
 STAMP         := $(VENV)/.installed-stamp
 DEBIAN_PKGS   := python3-venv python3-pip mininet bridge-utils ethtool iputils-ping tcpdump iproute2
 
-.PHONY: run test test-slow lint system-deps clean
+P4C           ?= p4c-bm2-ss
+P4_K          := 64 256 1024
+
+.PHONY: run test test-slow lint p4 system-deps clean
 
 run: $(STAMP)
 	$(VENV)/bin/switchreduce bench allreduce --workers 4 --elements 10000000 --loss 0.01
@@ -19,6 +22,16 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The P4 program for each K, and its P4Info, into p4src/build/ (needs p4c, not in any registry).
+p4:
+	@command -v $(P4C) >/dev/null || { echo "make p4: $(P4C) not found on PATH." \
+	  "Build p4c (github.com/p4lang/p4c, v1.2.4.8 fits Debian 12) and put p4c-bm2-ss on PATH."; exit 1; }
+	mkdir -p p4src/build
+	for k in $(P4_K); do \
+	  $(P4C) --arch v1model -DK=$$k -o p4src/build/switchreduce_k$$k.json \
+	    --p4runtime-files p4src/build/switchreduce_k$$k.p4info.txtpb p4src/switchreduce.p4 || exit 1; \
+	done
 
 # Debian packages, installed only when running as root and something is missing.
 system-deps:

@@ -77,12 +77,13 @@ class Packet:
     eth_src: int
     ip_src: int
     ip_dst: int
-    ttl: int
-    udp_sport: int
-    udp_dport: int
+    udp_sport: int = 0
+    udp_dport: int = 0
+    udp_length: int = 0
+    aggregation: bool = False  # UDP to the reserved port range: must be well formed
     header: wire.Header | None = None
     elements: np.ndarray | None = None
-    raw: bytes = b""  # the frame as received, for plain forwarding
+    raw: bytes = b""  # the frame (or datagram) as received
     egress_port: int = 0
     egress_rid: int = 0
 
@@ -94,9 +95,10 @@ class Packet:
             self.eth_src,
             self.ip_src,
             self.ip_dst,
-            self.ttl,
             self.udp_sport,
             self.udp_dport,
+            self.udp_length,
+            self.aggregation,
             self.header,
             self.elements,
             self.raw,
@@ -125,7 +127,7 @@ class SwitchReduceParser:
 
     def parse_frame(self, frame: bytes, ingress_port: int) -> Packet:
         """Parse an Ethernet frame (raw mode); other traffic keeps ``header=None``."""
-        pkt = Packet(ingress_port, 0, 0, 0, 0, 0, 0, 0, raw=frame)
+        pkt = Packet(ingress_port, 0, 0, 0, 0, raw=frame)
         if len(frame) < wire.ETH_BYTES:
             return pkt
         dst, src, ethertype = _ETH.unpack_from(frame)
@@ -133,38 +135,40 @@ class SwitchReduceParser:
         pkt.eth_src = int.from_bytes(src, "big")
         if ethertype != wire.ETHERTYPE_IPV4 or len(frame) < wire.L2_L4_BYTES:
             return pkt
-        ver_ihl, _, _, _, _, ttl, proto, _, ip_src, ip_dst = _IPV4.unpack_from(
-            frame, wire.ETH_BYTES
-        )
+        ver_ihl, _, _, _, _, _, proto, _, ip_src, ip_dst = _IPV4.unpack_from(frame, wire.ETH_BYTES)
         pkt.ip_src = int.from_bytes(ip_src, "big")
         pkt.ip_dst = int.from_bytes(ip_dst, "big")
-        pkt.ttl = ttl
         if ver_ihl != 0x45 or proto != wire.IP_PROTO_UDP:
             return pkt
-        sport, dport, _, _ = _UDP.unpack_from(frame, wire.ETH_BYTES + wire.IPV4_BYTES)
-        pkt.udp_sport, pkt.udp_dport = sport, dport
+        sport, dport, length, _ = _UDP.unpack_from(frame, wire.ETH_BYTES + wire.IPV4_BYTES)
+        pkt.udp_sport, pkt.udp_dport, pkt.udp_length = sport, dport, length
         if wire.UDP_PORT_MIN <= dport <= wire.UDP_PORT_MAX:
             self._parse_aggregation(pkt, memoryview(frame)[wire.L2_L4_BYTES :])
         return pkt
 
     def parse_datagram(self, payload: bytes, src: tuple[str, int], dst: tuple[str, int]) -> Packet:
         """Parse a UDP payload received on a socket (UDP mode, ingress port 0)."""
-        pkt = Packet(0, 0, 0, ip_to_int(src[0]), ip_to_int(dst[0]), 64, src[1], dst[1], raw=payload)
+        pkt = Packet(
+            0,
+            0,
+            0,
+            ip_to_int(src[0]),
+            ip_to_int(dst[0]),
+            src[1],
+            dst[1],
+            wire.UDP_BYTES + len(payload),
+            raw=payload,
+        )
         self._parse_aggregation(pkt, payload)
         return pkt
 
     def _parse_aggregation(self, pkt: Packet, payload: bytes | memoryview) -> None:
-        """Sets ``header``; a malformed one leaves ``elements`` None, which ingress drops."""
-        if len(payload) < wire.HEADER_BYTES:
-            pkt.header = _BAD_HEADER
-            return
-        pkt.header = wire.unpack_header(payload)
-        if len(payload) == self.datagram_bytes:
+        """Extract what is there, as a P4 parser does: too short leaves headers invalid."""
+        pkt.aggregation = True
+        if len(payload) >= wire.HEADER_BYTES:
+            pkt.header = wire.unpack_header(payload)
+        if len(payload) >= self.datagram_bytes:
             pkt.elements = wire.decode_elements(payload, self.k)
-
-
-#: Stands in for a header too short to decode, so ingress counts it as BAD_HEADER.
-_BAD_HEADER = wire.Header(0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 class SwitchReduceIngress:
@@ -172,6 +176,7 @@ class SwitchReduceIngress:
 
     def __init__(self, k: int, pool_size: int = POOL_SIZE) -> None:
         self.k = k
+        self.udp_length = wire.UDP_BYTES + wire.datagram_bytes(k)
         self.pool_size = pool_size
         p = "SwitchReduceIngress."
         self.jobs = ExactTable(
@@ -202,7 +207,7 @@ class SwitchReduceIngress:
         )
         self.forward = ExactTable(
             p + "forward",
-            ("hdr.ipv4.dst_addr",),
+            ("hdr.ethernet.dst_addr",),
             (Action("SwitchReduceIngress.set_egress_port", ("port",)), Action("NoAction")),
             ActionCall("NoAction"),
         )
@@ -212,8 +217,8 @@ class SwitchReduceIngress:
         self.bitmap = Register(p + "bitmap", rows, 32)
         self.arrivals = Register(p + "arrivals", rows, 8)
         self.exponent = Register(p + "exponent", rows, 8)
-        #: The P4 program's registers value_0 .. value_{K-1}, one column each.
-        self.values = np.zeros((rows, k), dtype=np.int32)
+        #: The P4 register ``value``: cell row * K + i holds element i of the row's sums.
+        self.value = Register(p + "value", rows * k, 32, columns=k)
         self.drops = Counter(p + "drops", len(DropReason))
         self.job_stats = {stat: Counter(p + stat.name.lower(), MAX_JOBS) for stat in JobStat}
 
@@ -224,9 +229,14 @@ class SwitchReduceIngress:
     def apply(self, pkt: Packet) -> tuple[Verdict, int]:
         """(verdict, multicast group) for one packet; rewrites ``pkt`` for results."""
         hdr = pkt.header
-        if hdr is None:
+        if not pkt.aggregation:
             return self._forward(pkt)
-        if pkt.elements is None or hdr.msg_type != wire.MsgType.DATA or hdr.count > self.k:
+        if (
+            pkt.elements is None
+            or pkt.udp_length != self.udp_length
+            or hdr.msg_type != wire.MsgType.DATA
+            or hdr.count > self.k
+        ):
             return self.drop(pkt, DropReason.BAD_HEADER), 0
         hit, job = self.jobs.lookup((hdr.job_id,))
         if not hit:
@@ -273,12 +283,12 @@ class SwitchReduceIngress:
             rounds[row] = hdr.round
             bitmap[row] = bit
             count = 0
-            self.values[row] = pkt.elements
+            self.value.cells[row] = pkt.elements
             exponent[row] = hdr.exponent
         else:  # later ones add
             bitmap[row] |= bit
             count = arrivals[row]
-            self.values[row] += pkt.elements  # wraps modulo 2**32, as bit<32> does
+            self.value.cells[row] += pkt.elements  # wraps modulo 2**32, as bit<32> does
             exponent[row] = max(exponent[row], hdr.exponent)
         count = 0 if count + 1 == world_size else count + 1
         arrivals[row] = count
@@ -292,14 +302,14 @@ class SwitchReduceIngress:
     def _make_result(self, pkt: Packet, hdr: wire.Header, row: int) -> None:
         """Turn the packet into the slot's result, addressed back to where it came from."""
         pkt.header = hdr._replace(msg_type=wire.MsgType.RESULT, exponent=self.exponent.cells[row])
-        pkt.elements = self.values[row].copy()  # the next use of the slot overwrites the row
+        pkt.elements = self.value.cells[row].copy()  # the next use of the slot overwrites the row
         pkt.eth_src, pkt.eth_dst = pkt.eth_dst, pkt.eth_src
         pkt.ip_src, pkt.ip_dst = pkt.ip_dst, pkt.ip_src
         pkt.udp_sport, pkt.udp_dport = pkt.udp_dport, pkt.udp_sport
 
     def _forward(self, pkt: Packet) -> tuple[Verdict, int]:
-        hit, call = self.forward.lookup((pkt.ip_dst,))
-        if not hit or pkt.ttl <= 1:
+        hit, call = self.forward.lookup((pkt.eth_dst,))
+        if not hit:
             return self.drop(pkt, DropReason.NO_ROUTE), 0
         pkt.egress_port = call.args[0]
         return Verdict.UNICAST, 0
@@ -340,10 +350,12 @@ class SwitchReduceEgress:
 
 
 class SwitchReduceDeparser:
-    """Emits frames (raw mode) or UDP payloads (UDP mode); IPv4 checksum recomputed, UDP's zero."""
+    """Emits UDP payloads (UDP mode) or frames (raw mode).
 
-    def __init__(self, switch_mac: int) -> None:
-        self.switch_mac = switch_mac
+    A result frame is the received frame with the fields the pipeline changed
+    written back, as a P4 deparser emits it: addresses, UDP ports, a zero UDP
+    checksum, the IPv4 checksum recomputed, the header and the sums.
+    """
 
     @staticmethod
     def datagram(pkt: Packet) -> bytes:
@@ -352,28 +364,21 @@ class SwitchReduceDeparser:
     def frame(self, pkt: Packet) -> bytes:
         if pkt.header is None or pkt.header.msg_type != wire.MsgType.RESULT:
             return pkt.raw  # forwarded traffic leaves as it came
-        payload = self.datagram(pkt)
-        udp = _UDP.pack(pkt.udp_sport, pkt.udp_dport, wire.UDP_BYTES + len(payload), 0)
-        total = wire.IPV4_BYTES + len(udp) + len(payload)
-        ip = bytearray(
-            _IPV4.pack(
-                0x45,
-                0,
-                total,
-                0,
-                0x4000,
-                64,
-                wire.IP_PROTO_UDP,
-                0,
-                pkt.ip_src.to_bytes(4, "big"),
-                pkt.ip_dst.to_bytes(4, "big"),
-            )
+        out = bytearray(pkt.raw)
+        struct.pack_into(
+            "!6s6s", out, 0, pkt.eth_dst.to_bytes(6, "big"), pkt.eth_src.to_bytes(6, "big")
         )
-        struct.pack_into("!H", ip, 10, ipv4_checksum(ip))
-        eth = _ETH.pack(
-            pkt.eth_dst.to_bytes(6, "big"), self.switch_mac.to_bytes(6, "big"), wire.ETHERTYPE_IPV4
+        ip = wire.ETH_BYTES
+        struct.pack_into(
+            "!H4s4s", out, ip + 10, 0, pkt.ip_src.to_bytes(4, "big"), pkt.ip_dst.to_bytes(4, "big")
         )
-        return eth + bytes(ip) + udp + payload
+        struct.pack_into("!H", out, ip + 10, ipv4_checksum(out[ip : ip + wire.IPV4_BYTES]))
+        udp = ip + wire.IPV4_BYTES
+        struct.pack_into("!HH", out, udp, pkt.udp_sport, pkt.udp_dport)
+        struct.pack_into("!H", out, udp + 6, 0)
+        datagram = self.datagram(pkt)
+        out[wire.L2_L4_BYTES : wire.L2_L4_BYTES + len(datagram)] = datagram
+        return bytes(out)
 
 
 def ipv4_checksum(header: bytes | bytearray) -> int:
@@ -401,14 +406,13 @@ class SoftSwitch:
         self,
         k: int = wire.DEFAULT_K,
         pool_size: int = POOL_SIZE,
-        switch_mac: int = 0x02_00_00_00_00_FE,
     ) -> None:
         self.k = wire.check_k(k)
         self.parser = SwitchReduceParser(k)
         self.ingress = SwitchReduceIngress(k, pool_size)
         self.pre = PacketReplicationEngine()
         self.egress = SwitchReduceEgress()
-        self.deparser = SwitchReduceDeparser(switch_mac)
+        self.deparser = SwitchReduceDeparser()
 
     def process(self, pkt: Packet) -> list[Packet]:
         verdict, group = self.ingress.apply(pkt)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from emulation.errors import TableError
 
 
@@ -88,14 +90,23 @@ class ExactTable:
 
 @dataclass
 class Register:
-    """A register array of ``width``-bit cells (plain ints: cheaper per packet than numpy)."""
+    """A register array of ``width``-bit cells.
+
+    Cells are plain ints (cheaper per packet than numpy scalars), except with
+    ``columns > 1``: then cell ``r * columns + c`` lives at ``cells[r, c]`` of an
+    int32 array, so a packet can read or add a whole row at once.
+    """
 
     name: str
     size: int
     width: int
+    columns: int = 1
 
     def __post_init__(self) -> None:
-        self.cells = [0] * self.size
+        if self.columns > 1:
+            self.cells = np.zeros((self.size // self.columns, self.columns), dtype=np.int32)
+        else:
+            self.cells = [0] * self.size
 
 
 @dataclass

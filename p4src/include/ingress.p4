@@ -1,0 +1,206 @@
+/* Ingress: admission (jobs, workers), slot aggregation, plain forwarding.
+ * The soft switch's SwitchReduceIngress is the same logic in Python. */
+#ifndef SWITCHREDUCE_INGRESS_P4
+#define SWITCHREDUCE_INGRESS_P4
+
+/* Read a stored sum into the packet (retransmission reply). */
+#define SR_READ_SUM(i) value.read(hdr.elements[i].value, meta.value_base + (i));
+
+/* First packet of a round overwrites (keep = 0), later ones add (keep = all ones). */
+#define SR_ADD_SUM(i)                                                         \
+    value.read(stored, meta.value_base + (i));                                \
+    hdr.elements[i].value = hdr.elements[i].value + (stored & meta.keep);     \
+    value.write(meta.value_base + (i), hdr.elements[i].value);
+
+control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
+                            inout standard_metadata_t standard_metadata) {
+    @id(1) counter(NUM_DROP_REASONS, CounterType.packets_and_bytes) drops;
+    @id(2) counter(MAX_JOBS, CounterType.packets_and_bytes) aggregated;
+    @id(3) counter(MAX_JOBS, CounterType.packets_and_bytes) results;
+    @id(4) counter(MAX_JOBS, CounterType.packets_and_bytes) retransmit_replies;
+
+    @id(1) register<bit<32>>(POOL_SIZE) slot_generation;  /* admission that last used the slot */
+    @id(2) register<bit<16>>(ROWS) round;                 /* round each row holds */
+    @id(3) register<bit<32>>(ROWS) bitmap;                /* ranks that contributed to it */
+    @id(4) register<bit<8>>(ROWS) arrivals;               /* contributions mod world size */
+    @id(5) register<bit<8>>(ROWS) exponent;               /* max exponent byte */
+    @id(6) register<bit<32>>(ROWS * K) value;             /* the sums: row * K + element */
+
+    bit<32> stored;
+
+    @id(1) action drop(bit<32> reason) {
+        drops.count(reason);
+        mark_to_drop(standard_metadata);
+    }
+
+    @id(2) action set_job(bit<8> world_size, bit<16> slot_base, bit<16> slot_count,
+                   bit<16> mcast_grp, bit<32> generation) {
+        meta.world_size = world_size;
+        meta.slot_base = slot_base;
+        meta.slot_count = slot_count;
+        meta.mcast_grp = mcast_grp;
+        meta.generation = generation;
+    }
+
+    @id(1) table jobs {
+        key = { hdr.sr.job_id: exact; }
+        actions = { set_job; NoAction; }
+        default_action = NoAction();
+        size = MAX_JOBS;
+    }
+
+    @id(3) action admit_worker() { }
+
+    @id(2) table workers {
+        key = {
+            hdr.sr.job_id: exact;
+            hdr.sr.rank: exact;
+            standard_metadata.ingress_port: exact;
+            hdr.ipv4.src_addr: exact;
+            hdr.udp.src_port: exact;
+        }
+        actions = { admit_worker; NoAction; }
+        default_action = NoAction();
+        size = 8192;
+    }
+
+    @id(4) action set_egress_port(bit<9> port) {
+        standard_metadata.egress_spec = port;
+    }
+
+    @id(3) table forward {
+        key = { hdr.ethernet.dst_addr: exact; }
+        actions = { set_egress_port; NoAction; }
+        default_action = NoAction();
+        size = 1024;
+    }
+
+    /* Turn the packet into a result, addressed back to where it came from. */
+    @id(5) action make_result() {
+        hdr.sr.msg_type = MSG_RESULT;
+        bit<48> mac = hdr.ethernet.dst_addr;
+        hdr.ethernet.dst_addr = hdr.ethernet.src_addr;
+        hdr.ethernet.src_addr = mac;
+        bit<32> ip = hdr.ipv4.dst_addr;
+        hdr.ipv4.dst_addr = hdr.ipv4.src_addr;
+        hdr.ipv4.src_addr = ip;
+        bit<16> port = hdr.udp.dst_port;
+        hdr.udp.dst_port = hdr.udp.src_port;
+        hdr.udp.src_port = port;
+        hdr.udp.checksum = 0;
+    }
+
+    @id(6) action read_sums() {
+        FOR_EACH_ELEMENT(SR_READ_SUM)
+    }
+
+    @id(7) action add_sums() {
+        FOR_EACH_ELEMENT(SR_ADD_SUM)
+    }
+
+    apply {
+        if (!hdr.sr.isValid()) {
+            if (!hdr.ethernet.isValid() || !forward.apply().hit) {
+                drop(DROP_NO_ROUTE);
+            }
+            return;
+        }
+        if (!hdr.elements[K - 1].isValid() || hdr.udp.length != SR_UDP_LENGTH
+                || hdr.sr.msg_type != MSG_DATA || hdr.sr.count > K) {
+            drop(DROP_BAD_HEADER);
+            return;
+        }
+        if (!jobs.apply().hit) {
+            drop(DROP_UNKNOWN_JOB);
+            return;
+        }
+        if (hdr.sr.rank >= meta.world_size) {
+            drop(DROP_RANK_OUT_OF_RANGE);
+            return;
+        }
+        if ((bit<16>)hdr.sr.slot >= meta.slot_count) {
+            drop(DROP_SLOT_OUT_OF_RANGE);
+            return;
+        }
+        if (!workers.apply().hit) {
+            drop(DROP_UNBOUND_WORKER);
+            return;
+        }
+
+        bit<32> index = (bit<32>)(meta.slot_base + (bit<16>)hdr.sr.slot);
+        bit<32> row = (index << 1) | (bit<32>)hdr.sr.version;
+        meta.value_base = row * K;
+
+        /* A new admission on this slot: make its first round look new in both copies. */
+        bit<32> generation;
+        slot_generation.read(generation, index);
+        bit<16> row_round;
+        if (generation != meta.generation) {
+            slot_generation.write(index, meta.generation);
+            row_round = hdr.sr.round - 1;
+            round.write(index << 1, row_round);
+            round.write((index << 1) | 1, row_round);
+        } else {
+            round.read(row_round, row);
+        }
+        bit<16> ahead = hdr.sr.round - row_round;  /* serial-number order */
+        if (ahead >= 0x8000) {
+            drop(DROP_STALE);
+            return;
+        }
+
+        bit<32> rank_bit = (bit<32>)1 << hdr.sr.rank;
+        bit<32> ranks;
+        bitmap.read(ranks, row);
+        bit<8> count;
+        arrivals.read(count, row);
+        if (ahead == 0 && (ranks & rank_bit) != 0) {
+            if (count != 0) {
+                drop(DROP_DUPLICATE);
+                return;
+            }
+            /* Complete: the worker lost the result. Send it again, to it alone. */
+            read_sums();
+            exponent.read(hdr.sr.exponent, row);
+            make_result();
+            retransmit_replies.count((bit<32>)hdr.sr.job_id);
+            standard_metadata.egress_spec = standard_metadata.ingress_port;
+            return;
+        }
+
+        bit<8> max_exponent;
+        if (ahead != 0) {  /* the first packet of a new round writes */
+            round.write(row, hdr.sr.round);
+            ranks = rank_bit;
+            count = 0;
+            meta.keep = 0;
+            max_exponent = hdr.sr.exponent;
+        } else {           /* later ones add */
+            ranks = ranks | rank_bit;
+            meta.keep = 0xFFFFFFFF;
+            exponent.read(max_exponent, row);
+            if (hdr.sr.exponent > max_exponent) {
+                max_exponent = hdr.sr.exponent;
+            }
+        }
+        bitmap.write(row, ranks);
+        add_sums();
+        exponent.write(row, max_exponent);
+        count = count + 1;
+        if (count == meta.world_size) {
+            count = 0;
+        }
+        arrivals.write(row, count);
+        aggregated.count((bit<32>)hdr.sr.job_id);
+        if (count != 0) {
+            mark_to_drop(standard_metadata);  /* consumed: it lives on in the registers */
+            return;
+        }
+        hdr.sr.exponent = max_exponent;
+        make_result();
+        results.count((bit<32>)hdr.sr.job_id);
+        standard_metadata.mcast_grp = meta.mcast_grp;
+    }
+}
+
+#endif

@@ -1,0 +1,118 @@
+"""The P4 program and the soft switch describe one pipeline: same constants, layout and names.
+
+The source checks run everywhere; compiling needs p4c (``requires_p4c``).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from emulation.softswitch.pipeline import MAX_JOBS, POOL_SIZE, DropReason, SoftSwitch
+from switchreduce import wire
+
+P4SRC = Path(__file__).resolve().parent.parent / "p4src"
+SOURCES = {path.name: path.read_text() for path in (P4SRC / "include").glob("*.p4")}
+
+
+def _defines() -> dict[str, int]:
+    found = re.findall(r"^#define (\w+) (0x[0-9A-Fa-f]+|\d+)\b", SOURCES["constants.p4"], re.M)
+    return {name: int(value, 0) for name, value in found}
+
+
+def _control(name: str) -> str:
+    text = SOURCES["ingress.p4" if "Ingress" in name else "egress.p4"]
+    return text[text.index(f"control {name}") :]
+
+
+def test_constants_match_the_python_side() -> None:
+    defines = _defines()
+    for reason in DropReason:
+        assert defines[f"DROP_{reason.name}"] == reason.value, reason
+    assert defines["NUM_DROP_REASONS"] == len(DropReason)
+    assert defines["POOL_SIZE"] == POOL_SIZE
+    assert defines["MAX_JOBS"] == MAX_JOBS
+    assert defines["UDP_PORT_MIN"] == wire.UDP_PORT_MIN
+    assert defines["UDP_PORT_MAX"] == wire.UDP_PORT_MAX
+    assert defines["MSG_DATA"] == wire.MsgType.DATA
+    assert defines["MSG_RESULT"] == wire.MsgType.RESULT
+    assert defines["SR_HEADER_BYTES"] == wire.HEADER_BYTES
+    assert defines["K"] in wire.SUPPORTED_K
+
+
+def test_aggregation_header_matches_the_wire_format() -> None:
+    body = re.search(r"header switchreduce_h \{(.*?)\}", SOURCES["headers.p4"], re.S).group(1)
+    fields = [(name, int(width)) for width, name in re.findall(r"bit<(\d+)>\s+(\w+);", body)]
+    assert fields == list(wire.HEADER_FIELDS)
+
+
+def test_tables_keys_and_actions_match_the_soft_switch() -> None:
+    switch = SoftSwitch(k=64)
+    for full_name, table in switch.tables().items():
+        control, name = full_name.split(".")
+        text = _control(control)
+        block = re.search(rf"table {name} \{{(.*?)\n    \}}", text, re.S)
+        assert block, f"{full_name} missing from the P4 program"
+        keys = re.findall(r"([\w.]+): exact;", block.group(1))
+        assert tuple(keys) == table.key_fields, full_name
+        for action in table.actions:
+            if action.name == "NoAction":
+                continue
+            short = action.name.split(".")[1]
+            signature = re.search(rf"action {short}\((.*?)\)", text, re.S).group(1)
+            params = tuple(re.findall(r"bit<\d+> (\w+)", signature))
+            assert params == action.params, action.name
+
+
+def test_registers_and_counters_match_the_soft_switch() -> None:
+    switch = SoftSwitch(k=64)
+    ingress = _control("SwitchReduceIngress")
+    p4_registers = set(re.findall(r"register<bit<\d+>>\([^)]*\) (\w+);", ingress))
+    soft_registers = {
+        reg.name.split(".")[1]
+        for reg in vars(switch.ingress).values()
+        if type(reg).__name__ == "Register"
+    }
+    assert p4_registers == soft_registers
+    p4_counters = set(re.findall(r"counter\([^)]*\) (\w+);", ingress))
+    assert p4_counters == {name.split(".")[1] for name in switch.counters()}
+
+
+@pytest.mark.requires_p4c
+@pytest.mark.parametrize("k", [64, 256])
+def test_program_compiles(tmp_path: Path, k: int) -> None:
+    subprocess.run(
+        [
+            "p4c-bm2-ss",
+            "--arch",
+            "v1model",
+            f"-DK={k}",
+            "-o",
+            str(tmp_path / "sr.json"),
+            str(P4SRC / "switchreduce.p4"),
+        ],
+        check=True,
+    )
+    assert (tmp_path / "sr.json").stat().st_size > 0
+
+
+@pytest.mark.requires_p4c
+def test_committed_p4info_is_what_p4c_emits(tmp_path: Path) -> None:
+    out = tmp_path / "p4info.txtpb"
+    subprocess.run(
+        [
+            "p4c-bm2-ss",
+            "--arch",
+            "v1model",
+            "-o",
+            str(tmp_path / "sr.json"),
+            "--p4runtime-files",
+            str(out),
+            str(P4SRC / "switchreduce.p4"),
+        ],
+        check=True,
+    )
+    assert out.read_text() == (P4SRC / "switchreduce.p4info.txtpb").read_text()
