@@ -79,8 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker",
         action="append",
         default=[],
-        metavar="RANK=IP:PORT",
-        help="bind a rank to its address (once per rank)",
+        metavar="RANK=IP:PORT[@SWITCH_PORT/MAC]",
+        help="bind a rank to its address (once per rank); raw mode adds its port and MAC",
+    )
+    switch.add_argument(
+        "--raw",
+        action="append",
+        default=[],
+        metavar="PORT=IFNAME",
+        help="raw mode (root): serve switch port PORT on interface IFNAME, once per port",
+    )
+    switch.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="MAC=PORT",
+        help="raw mode: forward other traffic for MAC out of PORT",
     )
     switch.add_argument("--slot-base", type=int, default=0)
     _add_job_args(switch)
@@ -105,6 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_job_args(worker)
 
+    topo = sub.add_parser("topo", help="a Mininet star of worker hosts around a switch (root)")
+    topo.add_argument("--workers", type=int, default=4)
+    topo.add_argument(
+        "--switch",
+        choices=("bmv2", "soft"),
+        default=None,
+        help="default: bmv2 where simple_switch_grpc and p4c are installed",
+    )
+    topo.add_argument("--bw", type=float, default=None, help="link bandwidth, Mbit/s")
+    topo.add_argument("--delay", type=float, default=None, help="link delay, ms")
+    topo.add_argument("--loss", type=float, default=None, help="link loss, percent")
+    topo.add_argument(
+        "--switch-loss",
+        type=_probability,
+        default=0.0,
+        help="drop probability at the soft switch's ports",
+    )
+    topo.add_argument(
+        "--elements", type=int, default=1_000_000, help="size of the allreduce run across the hosts"
+    )
+    topo.add_argument("--cli", action="store_true", help="open the Mininet CLI instead")
+    topo.add_argument("--run-dir", default="runs/topo", help="where switch logs go")
+    _add_job_args(topo)
+    topo.set_defaults(k=wire.MAX_K_STANDARD_MTU)
+
     bench = sub.add_parser("bench", help="measure")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     allreduce = bench_sub.add_parser("allreduce", help="N workers allreduce through a switch")
@@ -121,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run_switch(args: argparse.Namespace) -> int:
     from emulation.softswitch.faults import FaultSpec
     from emulation.softswitch.pipeline import SoftSwitch
-    from emulation.softswitch.static import StaticJob, WorkerEndpoint, install_static_job
+    from emulation.softswitch.raw import RawSwitch
+    from emulation.softswitch.static import (
+        StaticJob,
+        WorkerEndpoint,
+        install_forwarding,
+        install_static_job,
+        parse_mac,
+    )
     from emulation.softswitch.udp import UdpSwitch
 
     switch = SoftSwitch(k=args.k)
@@ -134,14 +180,80 @@ def run_switch(args: argparse.Namespace) -> int:
     )
     install_static_job(switch, job)
     faults = FaultSpec(args.loss, args.duplicate, args.reorder, args.seed)
-    server = UdpSwitch(switch, args.listen, faults)
+    if args.raw:
+        routes = dict(_pair(spec, parse_mac, int) for spec in args.route)
+        install_forwarding(switch, routes)
+        interfaces = dict(_pair(spec, int, str) for spec in args.raw)
+        server = RawSwitch(switch, interfaces, faults)
+        print(f"serving {' '.join(f'{p}={i}' for p, i in interfaces.items())}", flush=True)
+    else:
+        server = UdpSwitch(switch, args.listen, faults)
+        host, port = server.address
+        print(f"listening {host}:{port}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop_soon())
-    host, port = server.address
-    print(f"listening {host}:{port}", flush=True)
     signal.signal(signal.SIGINT, lambda *_: server.stop_soon())
     server.serve_forever()
     print(json.dumps(server.report()), flush=True)
     return 0
+
+
+def run_topo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from emulation.errors import EmulationError
+    from emulation.topo import Emulation, TopoOptions, bmv2_available
+
+    if args.switch is None:
+        args.switch = "soft"
+        why = (
+            "BMv2 is installed but its switch node is not built yet"
+            if bmv2_available()
+            else "simple_switch_grpc or p4c-bm2-ss is not on PATH"
+        )
+        print(f"switch: soft ({why})", flush=True)
+    if args.switch == "bmv2":
+        raise SystemExit("switchreduce topo: the BMv2 switch node is not implemented yet")
+    try:
+        options = TopoOptions(
+            workers=args.workers,
+            switch=args.switch,
+            bw=args.bw,
+            delay_ms=args.delay,
+            loss_pct=args.loss,
+            switch_loss=args.switch_loss,
+            k=args.k,
+            slots=args.slots,
+            run_dir=Path(args.run_dir),
+        )
+        with Emulation(options) as emu:
+            lost = emu.ping_all()
+            if args.cli:
+                from mininet.cli import CLI
+
+                CLI(emu.net)
+                return 0
+            reports = emu.allreduce(args.elements)
+    except (EmulationError, ValueError) as exc:
+        raise SystemExit(f"switchreduce topo: {exc}") from None
+    seconds = max(r["seconds"] for r in reports)
+    exact = all(r["exact"] and r["within_bound"] for r in reports)
+    print(
+        f"{args.workers} hosts: ping loss {lost:.0f}%, allreduce of {args.elements:,} float32 "
+        f"in {seconds:.3f} s ({args.elements / seconds / 1e6:.2f} M elements/s), "
+        f"retransmissions {sum(r['retransmissions'] for r in reports)}, exact={exact}"
+    )
+    return 0 if exact and lost == 0 else 1
+
+
+def _pair(spec: str, parse_key, parse_value) -> tuple:
+    """``KEY=VALUE`` from the command line, each side parsed; a clear error otherwise."""
+    key, sep, value = spec.partition("=")
+    try:
+        if not sep:
+            raise ValueError("missing '='")
+        return parse_key(key), parse_value(value)
+    except ValueError as exc:
+        raise SystemExit(f"switchreduce switch: bad KEY=VALUE {spec!r}: {exc}") from None
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -185,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_switch(args)
     if args.command == "worker":
         return run_worker(args)
+    if args.command == "topo":
+        return run_topo(args)
     from switchreduce.bench import run_allreduce_bench
 
     return run_allreduce_bench(args)

@@ -16,12 +16,14 @@ from emulation.softswitch.faults import FaultSpec
 from emulation.softswitch.pipeline import SoftSwitch
 from emulation.softswitch.static import StaticJob, WorkerEndpoint, install_static_job
 from emulation.softswitch.udp import UdpSwitch
+from emulation.topo import netem_available
 from switchreduce import wire
 from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
 _NEEDS = {
     "requires_root": (lambda: os.geteuid() == 0, "needs root"),
     "requires_p4c": (lambda: shutil.which("p4c-bm2-ss") is not None, "p4c-bm2-ss not on PATH"),
+    "requires_netem": (netem_available, "the kernel has no sch_netem (tc link loss and delay)"),
     "requires_bmv2": (
         lambda: shutil.which("simple_switch_grpc") is not None,
         "simple_switch_grpc not on PATH",

@@ -27,14 +27,21 @@ class WorkerEndpoint:
 
     @classmethod
     def parse(cls, spec: str) -> WorkerEndpoint:
-        """``RANK=IP:UDP_PORT``, as given on the command line."""
+        """``RANK=IP:UDP_PORT`` (UDP mode) or ``RANK=IP:UDP_PORT@SWITCH_PORT/MAC`` (raw mode)."""
         try:
             rank, address = spec.split("=", 1)
+            address, _, attachment = address.partition("@")
             ip, udp_port = address.rsplit(":", 1)
             ipaddress.IPv4Address(ip)
-            return cls(int(rank), ip, int(udp_port))
+            port, mac = 0, 0
+            if attachment:
+                port_text, mac_text = attachment.split("/", 1)
+                port, mac = int(port_text), parse_mac(mac_text)
+            return cls(int(rank), ip, int(udp_port), mac=mac, port=port)
         except ValueError as exc:
-            raise ValueError(f"worker must be RANK=IP:PORT, got {spec!r} ({exc})") from None
+            raise ValueError(
+                f"worker must be RANK=IP:PORT or RANK=IP:PORT@SWITCH_PORT/MAC, got {spec!r} ({exc})"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,21 @@ class StaticJob:
         ranks = sorted(w.rank for w in self.workers)
         if ranks != list(range(self.world_size)):
             raise ValueError(f"job {self.job_id} needs ranks 0..{self.world_size - 1}, got {ranks}")
+
+
+def parse_mac(text: str) -> int:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"not a MAC address: {text!r}")
+    return int("".join(parts), 16)
+
+
+def install_forwarding(switch: SoftSwitch, routes: dict[int, int]) -> None:
+    """One ``forward`` entry per host: destination MAC -> switch port."""
+    for mac, port in routes.items():
+        switch.ingress.forward.insert(
+            (mac,), ActionCall("SwitchReduceIngress.set_egress_port", (port,))
+        )
 
 
 def replica_id(job_id: int, rank: int) -> int:
