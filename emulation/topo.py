@@ -26,6 +26,7 @@ from switchreduce import wire
 SWITCH_IP = "10.0.0.254"
 SWITCH_MAC = "02:00:00:00:00:fe"
 WORKER_UDP_PORT = 40000
+GLOO_PORT = 29500
 MAX_HOSTS = 32  # one rank per host, and ranks are bitmap bits
 
 
@@ -201,51 +202,38 @@ class Emulation:
         return self.net.pingAll(timeout="1")
 
     def allreduce(
-        self, elements: int, dtype: str = "float32", timeout: float = 30.0, seed: int = 0
+        self,
+        elements: int,
+        dtype: str = "float32",
+        timeout: float = 30.0,
+        seed: int = 0,
+        backend: str = "switch",
     ) -> list[dict]:
-        """Every host runs ``switchreduce worker`` as its rank; their JSON reports."""
+        """Every host runs ``switchreduce worker`` as its rank; their JSON reports.
+
+        ``backend="gloo"`` runs the same tensor through torch.distributed's gloo
+        between the same hosts instead: the baseline the switch is measured against.
+        """
         options = self.options
-        n = options.workers
+        job = ["--job", str(options.job_id), "--world-size", str(options.workers)]
+        data = ["--elements", str(elements), "--dtype", dtype, "--seed", str(seed)]
+        window = ["--k", str(options.k), "--slots", str(options.slots)]
         procs = []
         for rank, host in enumerate(self.hosts):
             cmd = [
-                sys.executable,
-                "-m",
-                "switchreduce.cli",
-                "worker",
-                "--switch",
-                f"{SWITCH_IP}:{wire.DEFAULT_SWITCH_PORT}",
-                "--bind",
-                f"{host_ip(rank + 1)}:{WORKER_UDP_PORT}",
-                "--job",
-                str(options.job_id),
-                "--rank",
-                str(rank),
-                "--world-size",
-                str(n),
-                "--k",
-                str(options.k),
-                "--slots",
-                str(options.slots),
-                "--elements",
-                str(elements),
-                "--dtype",
-                dtype,
-                "--seed",
-                str(seed),
-                "--timeout",
-                str(timeout),
-                "--wait-for-go",
-            ]
+                *(sys.executable, "-m", "switchreduce.cli", "worker", "--backend", backend),
+                *("--switch", f"{SWITCH_IP}:{wire.DEFAULT_SWITCH_PORT}"),
+                *("--master", f"{host_ip(1)}:{GLOO_PORT}"),
+                *("--bind", f"{host_ip(rank + 1)}:{WORKER_UDP_PORT}"),
+                *job, "--rank", str(rank), *window, *data,
+                *("--timeout", str(timeout), "--wait-for-go"),
+            ]  # fmt: skip
+            # gloo binds the hostname's address unless told the interface: unreachable here.
+            env = dict(os.environ, GLOO_SOCKET_IFNAME=host.defaultIntf().name)
             procs.append(
-                host.popen(
-                    cmd,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
+                host.popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env)
+            )  # fmt: skip
         try:
             for proc in procs:
                 if proc.stdout.readline().strip() != "ready":

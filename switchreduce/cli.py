@@ -13,6 +13,7 @@ import resource
 import signal
 import sys
 import time
+from contextlib import contextmanager
 
 from switchreduce import wire
 
@@ -101,7 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fault_args(switch)
 
     worker = sub.add_parser("worker", help="run one rank of a synthetic allreduce")
-    worker.add_argument("--switch", type=_address, required=True, help="switch HOST:PORT")
+    worker.add_argument(
+        "--backend",
+        choices=("switch", "gloo"),
+        default="switch",
+        help="sum through the switch, or with torch.distributed's gloo (baseline)",
+    )
+    worker.add_argument("--switch", type=_address, help="switch HOST:PORT")
+    worker.add_argument(
+        "--master", type=_address, help="gloo: rank 0's HOST:PORT for the rendezvous"
+    )
     worker.add_argument("--bind", type=_address, default=("0.0.0.0", 0), help="local HOST:PORT")
     worker.add_argument("--job", type=int, default=1)
     worker.add_argument("--rank", type=int, required=True)
@@ -152,8 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--dtype", choices=("float32", "int32"), default="float32")
     allreduce.add_argument("--timeout", type=float, default=30.0)
     allreduce.add_argument("--json", action="store_true", help="print one JSON object")
+    allreduce.add_argument(
+        "--topo",
+        choices=("loopback", "mininet"),
+        default="loopback",
+        help="processes on loopback, or Mininet hosts (root) against gloo",
+    )
+    allreduce.add_argument(
+        "--switch",
+        choices=("soft", "bmv2"),
+        default="soft",
+        help="with --topo mininet: the switch node",
+    )
+    allreduce.add_argument(
+        "--bw", type=float, default=None, help="with --topo mininet: link bandwidth, Mbit/s"
+    )
     _add_job_args(allreduce)
     _add_fault_args(allreduce)
+    allreduce.set_defaults(k=None)  # loopback: the default K; Mininet: the largest for MTU 1500
     return parser
 
 
@@ -258,37 +284,82 @@ def _pair(spec: str, parse_key, parse_value) -> tuple:
 
 def run_worker(args: argparse.Namespace) -> int:
     from worker.reference import check, synthetic_tensor
-    from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
-    binding = JobBinding(args.job, args.rank, args.world_size, args.slots, args.switch)
-    options = WorkerOptions(k=args.k, timeout=args.timeout)
     data = synthetic_tensor(args.seed, args.rank, args.elements, args.dtype)
-    with SwitchCommunicator(binding, options, bind=args.bind) as comm:
+    with _allreduce_backend(args) as (allreduce, stats):
         if args.wait_for_go:
             print("ready", flush=True)
             sys.stdin.readline()
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = comm.allreduce(data)
+        result = allreduce(data)
         seconds = time.perf_counter() - start
         cpu_seconds = time.process_time() - cpu_start
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        stats = comm.stats
     inputs = [
         synthetic_tensor(args.seed, r, args.elements, args.dtype) for r in range(args.world_size)
     ]
     verdict = check(result, inputs, args.k)
+    through_switch = args.backend == "switch"
     report = {
         "rank": args.rank,
+        "backend": args.backend,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "context_switches": usage.ru_nvcsw + usage.ru_nivcsw,
-        "exact": verdict.exact,
-        "within_bound": verdict.within_bound,
+        # gloo sums float32 in float32: neither the fixed-point reference nor its bound apply
+        "exact": verdict.exact if through_switch else None,
+        "within_bound": verdict.within_bound if through_switch else None,
         "max_abs_error": verdict.max_abs_error,
         **vars(stats),
     }
     print(json.dumps(report), flush=True)
-    return 0 if verdict.exact and verdict.within_bound else 1
+    return 0 if not through_switch or (verdict.exact and verdict.within_bound) else 1
+
+
+@contextmanager
+def _allreduce_backend(args: argparse.Namespace):
+    """(allreduce function, stats object) for the chosen backend, torn down on exit."""
+    if args.backend == "switch":
+        from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
+
+        if args.switch is None:
+            raise SystemExit("switchreduce worker: --switch HOST:PORT is required")
+        binding = JobBinding(args.job, args.rank, args.world_size, args.slots, args.switch)
+        with SwitchCommunicator(
+            binding, WorkerOptions(k=args.k, timeout=args.timeout), bind=args.bind
+        ) as comm:
+            yield comm.allreduce, comm.stats
+        return
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if args.master is None:
+        raise SystemExit("switchreduce worker: --master HOST:PORT is required with gloo")
+    host, port = args.master
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{host}:{port}",
+        rank=args.rank,
+        world_size=args.world_size,
+        timeout=timedelta(seconds=args.timeout),
+    )
+
+    def allreduce(values):
+        tensor = torch.from_numpy(values.copy())
+        dist.barrier()  # start together: measure the allreduce, not the stragglers
+        dist.all_reduce(tensor)
+        return tensor.numpy()
+
+    try:
+        yield allreduce, _NoStats()
+    finally:
+        dist.destroy_process_group()
+
+
+class _NoStats:
+    """gloo keeps no packet statistics."""
 
 
 def main(argv: list[str] | None = None) -> int:

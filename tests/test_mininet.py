@@ -88,3 +88,11 @@ def test_a_failure_inside_the_emulation_leaves_nothing_behind(tmp_path, no_lefto
 def test_k_too_large_for_the_links_is_refused() -> None:
     with pytest.raises(ValueError, match="1500-byte MTU"):
         TopoOptions(k=1024)
+
+
+def test_gloo_baseline_runs_between_the_hosts(tmp_path, no_leftovers) -> None:
+    """The comparison's other side: torch.distributed gloo over the same switch and links."""
+    with Emulation(TopoOptions(workers=2, run_dir=tmp_path)) as emu:
+        reports = emu.allreduce(100_000, backend="gloo", timeout=60)
+    assert [r["backend"] for r in reports] == ["gloo", "gloo"]
+    assert max(r["max_abs_error"] for r in reports) < 1e-5
