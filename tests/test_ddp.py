@@ -1,0 +1,62 @@
+"""DistributedDataParallel with the switch hook: gradients are the ranks' average."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emulation.softswitch.pipeline import JobStat
+from tests.helpers.ddp_rank import gradients, model_and_batch
+
+HELPER = Path(__file__).resolve().parent / "helpers" / "ddp_rank.py"
+
+
+def test_ddp_gradients_through_the_switch_are_the_average(job_factory, tmp_path) -> None:
+    world_size = 3
+    with job_factory(world_size, k=256) as job:
+        switch_port = job.server.address[1]
+        ports = [comm.address[1] for comm in job.comms]
+        for comm in job.comms:
+            comm.close()  # the rank processes bind these addresses themselves
+        env = dict(os.environ, PYTHONPATH=str(HELPER.parents[2]))
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(HELPER),
+                    str(rank),
+                    str(world_size),
+                    str(tmp_path / "store"),
+                    str(switch_port),
+                    str(ports[rank]),
+                    str(tmp_path / f"grad{rank}.npy"),
+                ],
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in range(world_size)
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err[-3000:]
+        results = job.switch.ingress.job_stats[JobStat.RESULTS].packets[1]
+    expected = []
+    for rank in range(world_size):
+        model, inputs, labels = model_and_batch(rank)
+        torch.nn.functional.cross_entropy(model(inputs), labels).backward()
+        expected.append(gradients(model).astype(np.float64))
+    average = np.mean(expected, axis=0)
+    scale = np.abs(average).max()
+    for rank in range(world_size):
+        got = np.load(tmp_path / f"grad{rank}.npy")
+        # The fixed-point error is ~n^2 * 2^-31 of a block's peak; 1e-6 of the peak is loose
+        # enough for float32 and tight enough to catch any lost or doubled chunk.
+        assert np.abs(got - average).max() <= 1e-6 * scale
+    chunks = -(-expected[0].size // 256)
+    assert results >= chunks  # the sums came from the switch: at least one result per chunk
