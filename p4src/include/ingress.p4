@@ -99,107 +99,95 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
     }
 
     apply {
-        if (!hdr.sr.isValid()) {
+        /* Aggregation traffic is whatever is addressed to the port range, well formed or not. */
+        if (!hdr.udp.isValid() || (hdr.udp.dst_port & 0xFFF0) != UDP_PORT_MIN) {
             if (!hdr.ethernet.isValid() || !forward.apply().hit) {
                 drop(DROP_NO_ROUTE);
             }
-            return;
-        }
-        if (!hdr.elements[K - 1].isValid() || hdr.udp.length != SR_UDP_LENGTH
-                || hdr.sr.msg_type != MSG_DATA || hdr.sr.count > K) {
+        } else if (!hdr.sr.isValid() || !hdr.elements[K - 1].isValid()
+                   || hdr.udp.length != SR_UDP_LENGTH
+                   || hdr.sr.msg_type != MSG_DATA || hdr.sr.count > K) {
             drop(DROP_BAD_HEADER);
-            return;
-        }
-        if (!jobs.apply().hit) {
+        } else if (!jobs.apply().hit) {
             drop(DROP_UNKNOWN_JOB);
-            return;
-        }
-        if (hdr.sr.rank >= meta.world_size) {
+        } else if (hdr.sr.rank >= meta.world_size) {
             drop(DROP_RANK_OUT_OF_RANGE);
-            return;
-        }
-        if ((bit<16>)hdr.sr.slot >= meta.slot_count) {
+        } else if ((bit<16>)hdr.sr.slot >= meta.slot_count) {
             drop(DROP_SLOT_OUT_OF_RANGE);
-            return;
-        }
-        if (!workers.apply().hit) {
+        } else if (!workers.apply().hit) {
             drop(DROP_UNBOUND_WORKER);
-            return;
-        }
-
-        bit<32> index = (bit<32>)(meta.slot_base + (bit<16>)hdr.sr.slot);
-        bit<32> row = (index << 1) | (bit<32>)hdr.sr.version;
-        meta.value_base = row * K;
-
-        /* A new admission on this slot: make its first round look new in both copies. */
-        bit<32> generation;
-        slot_generation.read(generation, index);
-        bit<16> row_round;
-        if (generation != meta.generation) {
-            slot_generation.write(index, meta.generation);
-            row_round = hdr.sr.round - 1;
-            round.write(index << 1, row_round);
-            round.write((index << 1) | 1, row_round);
         } else {
-            round.read(row_round, row);
-        }
-        bit<16> ahead = hdr.sr.round - row_round;  /* serial-number order */
-        if (ahead >= 0x8000) {
-            drop(DROP_STALE);
-            return;
-        }
+            bit<32> index = (bit<32>)(meta.slot_base + (bit<16>)hdr.sr.slot);
+            bit<32> row = (index << 1) | (bit<32>)hdr.sr.version;
+            meta.value_base = row * K;
 
-        bit<32> rank_bit = (bit<32>)1 << hdr.sr.rank;
-        bit<32> ranks;
-        bitmap.read(ranks, row);
-        bit<8> count;
-        arrivals.read(count, row);
-        if (ahead == 0 && (ranks & rank_bit) != 0) {
-            if (count != 0) {
-                drop(DROP_DUPLICATE);
-                return;
+            /* A new admission on this slot: make its first round look new in both copies. */
+            bit<32> generation;
+            slot_generation.read(generation, index);
+            bit<16> row_round;
+            if (generation != meta.generation) {
+                slot_generation.write(index, meta.generation);
+                row_round = hdr.sr.round - 1;
+                round.write(index << 1, row_round);
+                round.write((index << 1) | 1, row_round);
+            } else {
+                round.read(row_round, row);
             }
-            /* Complete: the worker lost the result. Send it again, to it alone. */
-            read_sums();
-            exponent.read(hdr.sr.exponent, row);
-            make_result();
-            retransmit_replies.count((bit<32>)hdr.sr.job_id);
-            standard_metadata.egress_spec = standard_metadata.ingress_port;
-            return;
-        }
+            bit<16> ahead = hdr.sr.round - row_round;  /* serial-number order */
+            bit<32> rank_bit = (bit<32>)1 << hdr.sr.rank;
+            bit<32> ranks;
+            bitmap.read(ranks, row);
+            bit<8> count;
+            arrivals.read(count, row);
 
-        bit<8> max_exponent;
-        if (ahead != 0) {  /* the first packet of a new round writes */
-            round.write(row, hdr.sr.round);
-            ranks = rank_bit;
-            count = 0;
-            meta.keep = 0;
-            max_exponent = hdr.sr.exponent;
-        } else {           /* later ones add */
-            ranks = ranks | rank_bit;
-            meta.keep = 0xFFFFFFFF;
-            exponent.read(max_exponent, row);
-            if (hdr.sr.exponent > max_exponent) {
-                max_exponent = hdr.sr.exponent;
+            if (ahead >= 0x8000) {
+                drop(DROP_STALE);  /* an older round, delayed in the network */
+            } else if (ahead == 0 && (ranks & rank_bit) != 0) {
+                if (count != 0) {
+                    drop(DROP_DUPLICATE);
+                } else {
+                    /* Complete: the worker lost the result. Send it again, to it alone. */
+                    read_sums();
+                    exponent.read(hdr.sr.exponent, row);
+                    make_result();
+                    retransmit_replies.count((bit<32>)hdr.sr.job_id);
+                    standard_metadata.egress_spec = standard_metadata.ingress_port;
+                }
+            } else {
+                bit<8> max_exponent;
+                if (ahead != 0) {  /* the first packet of a new round writes */
+                    round.write(row, hdr.sr.round);
+                    ranks = rank_bit;
+                    count = 0;
+                    meta.keep = 0;
+                    max_exponent = hdr.sr.exponent;
+                } else {           /* later ones add */
+                    ranks = ranks | rank_bit;
+                    meta.keep = 0xFFFFFFFF;
+                    exponent.read(max_exponent, row);
+                    if (hdr.sr.exponent > max_exponent) {
+                        max_exponent = hdr.sr.exponent;
+                    }
+                }
+                bitmap.write(row, ranks);
+                add_sums();
+                exponent.write(row, max_exponent);
+                count = count + 1;
+                if (count == meta.world_size) {
+                    count = 0;
+                }
+                arrivals.write(row, count);
+                aggregated.count((bit<32>)hdr.sr.job_id);
+                if (count != 0) {
+                    mark_to_drop(standard_metadata);  /* consumed: it lives on in the registers */
+                } else {
+                    hdr.sr.exponent = max_exponent;
+                    make_result();
+                    results.count((bit<32>)hdr.sr.job_id);
+                    standard_metadata.mcast_grp = meta.mcast_grp;
+                }
             }
         }
-        bitmap.write(row, ranks);
-        add_sums();
-        exponent.write(row, max_exponent);
-        count = count + 1;
-        if (count == meta.world_size) {
-            count = 0;
-        }
-        arrivals.write(row, count);
-        aggregated.count((bit<32>)hdr.sr.job_id);
-        if (count != 0) {
-            mark_to_drop(standard_metadata);  /* consumed: it lives on in the registers */
-            return;
-        }
-        hdr.sr.exponent = max_exponent;
-        make_result();
-        results.count((bit<32>)hdr.sr.job_id);
-        standard_metadata.mcast_grp = meta.mcast_grp;
     }
 }
 
