@@ -75,7 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen", type=_address, default=("127.0.0.1", wire.DEFAULT_SWITCH_PORT), help="HOST:PORT"
     )
     switch.add_argument("--job", type=int, default=1, help="job id")
-    switch.add_argument("--world-size", type=int, required=True)
+    switch.add_argument(
+        "--world-size", type=int, help="install a static job of this size (else a controller does)"
+    )
+    switch.add_argument(
+        "--p4runtime",
+        type=_address,
+        metavar="HOST:PORT",
+        help="serve P4Runtime here for a controller, as simple_switch_grpc",
+    )
+    switch.add_argument("--device-id", type=int, default=0, help="P4Runtime device id")
     switch.add_argument(
         "--worker",
         action="append",
@@ -196,15 +205,22 @@ def run_switch(args: argparse.Namespace) -> int:
     )
     from emulation.softswitch.udp import UdpSwitch
 
+    if args.world_size is None and args.p4runtime is None:
+        raise SystemExit(
+            "switchreduce switch: give a static job (--world-size, --worker) "
+            "or --p4runtime HOST:PORT for a controller to program the switch"
+        )
     switch = SoftSwitch(k=args.k)
-    job = StaticJob(
-        args.job,
-        args.world_size,
-        args.slot_base,
-        args.slots,
-        tuple(WorkerEndpoint.parse(spec) for spec in args.worker),
-    )
-    install_static_job(switch, job)
+    if args.world_size is not None:
+        workers = tuple(WorkerEndpoint.parse(spec) for spec in args.worker)
+        job = StaticJob(args.job, args.world_size, args.slot_base, args.slots, workers)
+        install_static_job(switch, job)
+    if args.p4runtime is not None:
+        from emulation.softswitch.p4runtime_server import serve
+
+        host, port = args.p4runtime
+        grpc_server = serve(switch, f"{host}:{port}", args.device_id)
+        print(f"p4runtime {host}:{port}", flush=True)
     faults = FaultSpec(args.loss, args.duplicate, args.reorder, args.seed)
     if args.raw:
         routes = dict(_pair(spec, parse_mac, int) for spec in args.route)
@@ -219,6 +235,8 @@ def run_switch(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: server.stop_soon())
     signal.signal(signal.SIGINT, lambda *_: server.stop_soon())
     server.serve_forever()
+    if args.p4runtime is not None:
+        grpc_server.stop(grace=None)
     print(json.dumps(server.report()), flush=True)
     return 0
 
