@@ -1,0 +1,279 @@
+"""One controller-side P4Runtime connection per switch, addressed by P4 names.
+
+p4runtime-shell keeps a single global client per process; a controller that
+drives several switches needs one connection object each, so this talks to
+the p4runtime package's generated stubs directly. Tables, actions, match
+fields, parameters and counters are named as in the P4 program and resolved
+to ids through the P4Info, which is what makes the same controller code
+drive BMv2 and the soft switch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf import text_format
+from google.rpc import code_pb2, status_pb2
+from p4.config.v1 import p4info_pb2
+from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
+
+from controller.errors import NotPrimaryError, SwitchUnavailableError, WriteError
+
+P4INFO_PATH = Path(__file__).resolve().parent.parent / "p4src" / "switchreduce.p4info.txtpb"
+
+
+def load_p4info(path: Path = P4INFO_PATH) -> p4info_pb2.P4Info:
+    return text_format.Parse(Path(path).read_text(), p4info_pb2.P4Info())
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    """A table entry in P4 names: exact-match key values and an action with its arguments."""
+
+    table: str
+    match: dict[str, int]
+    action: str
+    params: dict[str, int]
+
+
+def _encode(value: int) -> bytes:
+    """P4Runtime's canonical bytes: big-endian without leading zeros."""
+    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+
+
+def _decode(data: bytes) -> int:
+    return int.from_bytes(data, "big")
+
+
+class SwitchConnection:
+    """A primary P4Runtime session with one switch; use as a context manager."""
+
+    def __init__(
+        self,
+        address: str,
+        device_id: int = 0,
+        election_id: int = 1,
+        p4info: p4info_pb2.P4Info | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self.address = address
+        self.device_id = device_id
+        self.election_id = election_id
+        self.timeout = timeout
+        self.p4info = p4info or load_p4info()
+        self._names = _NameIndex(self.p4info)
+        self._channel = grpc.insecure_channel(address)
+        self._stub = p4runtime_pb2_grpc.P4RuntimeStub(self._channel)
+        self._requests: queue.Queue = queue.Queue()
+        self._stream = None
+        self._arbitrate()
+
+    # -- session -------------------------------------------------------------------
+
+    def _arbitrate(self) -> None:
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self.timeout)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise SwitchUnavailableError(
+                f"no P4Runtime server answers at {self.address} within {self.timeout}s"
+            ) from None
+        request = p4runtime_pb2.StreamMessageRequest()
+        request.arbitration.device_id = self.device_id
+        request.arbitration.election_id.low = self.election_id
+        self._requests.put(request)
+        self._stream = self._stub.StreamChannel(iter(self._requests.get, None))
+        replies: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read_stream, args=(replies,), daemon=True).start()
+        try:
+            reply = replies.get(timeout=self.timeout)
+        except queue.Empty:
+            self.close()
+            raise SwitchUnavailableError(f"{self.address}: no arbitration answer") from None
+        if isinstance(reply, grpc.RpcError):
+            self.close()
+            raise SwitchUnavailableError(f"{self.address}: {reply.details()}") from None
+        if reply.arbitration.status.code != code_pb2.OK:
+            self.close()
+            raise NotPrimaryError(
+                f"{self.address}: election id {self.election_id} is not the highest; another "
+                f"controller is primary"
+            )
+
+    def _read_stream(self, replies: queue.Queue) -> None:
+        try:
+            for reply in self._stream:
+                if reply.HasField("arbitration"):
+                    replies.put(reply)
+        except grpc.RpcError as exc:
+            replies.put(exc)
+
+    def close(self) -> None:
+        self._requests.put(None)  # ends the request iterator, closing the stream
+        self._channel.close()
+
+    def __enter__(self) -> SwitchConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, message):
+        message.device_id = self.device_id
+        message.election_id.low = self.election_id
+        return message
+
+    # -- pipeline ----------------------------------------------------------------
+
+    def push_pipeline(self, device_config: bytes = b"") -> None:
+        """Install the P4Info (and BMv2's JSON, for BMv2) as the forwarding pipeline."""
+        request = self._request(p4runtime_pb2.SetForwardingPipelineConfigRequest())
+        request.action = p4runtime_pb2.SetForwardingPipelineConfigRequest.VERIFY_AND_COMMIT
+        request.config.p4info.CopyFrom(self.p4info)
+        request.config.p4_device_config = device_config
+        self._call(self._stub.SetForwardingPipelineConfig, request)
+
+    # -- writes --------------------------------------------------------------------
+
+    def write(self, updates: list[tuple[int, TableEntry | tuple[int, list]]]) -> None:
+        """Apply updates in one batch: (Update type, TableEntry or (group id, replicas))."""
+        request = self._request(p4runtime_pb2.WriteRequest())
+        for kind, item in updates:
+            update = request.updates.add(type=kind)
+            if isinstance(item, TableEntry):
+                update.entity.table_entry.CopyFrom(self._names.table_entry(item))
+            else:
+                group_id, replicas = item
+                group = update.entity.packet_replication_engine_entry.multicast_group_entry
+                group.multicast_group_id = group_id
+                for port, instance in replicas:
+                    group.replicas.add(egress_port=port, instance=instance)
+        self._call(self._stub.Write, request)
+
+    def insert(self, entry: TableEntry) -> None:
+        self.write([(p4runtime_pb2.Update.INSERT, entry)])
+
+    def delete(self, entry: TableEntry) -> None:
+        self.write([(p4runtime_pb2.Update.DELETE, entry)])
+
+    # -- reads ---------------------------------------------------------------------
+
+    def _read(self, entity: p4runtime_pb2.Entity) -> Iterator[p4runtime_pb2.Entity]:
+        request = p4runtime_pb2.ReadRequest(device_id=self.device_id, entities=[entity])
+        try:
+            for response in self._stub.Read(request, timeout=self.timeout):
+                yield from response.entities
+        except grpc.RpcError as exc:
+            raise _rpc_error(self.address, exc) from None
+
+    def read_table(self, table: str) -> list[TableEntry]:
+        entity = p4runtime_pb2.Entity()
+        entity.table_entry.table_id = self._names.table_id(table)
+        return [self._names.from_table_entry(e.table_entry) for e in self._read(entity)]
+
+    def read_multicast_groups(self) -> dict[int, list[tuple[int, int]]]:
+        entity = p4runtime_pb2.Entity()
+        entity.packet_replication_engine_entry.multicast_group_entry.multicast_group_id = 0
+        groups = {}
+        for found in self._read(entity):
+            group = found.packet_replication_engine_entry.multicast_group_entry
+            groups[group.multicast_group_id] = [(r.egress_port, r.instance) for r in group.replicas]
+        return groups
+
+    def read_counter(self, counter: str, index: int) -> tuple[int, int]:
+        """(packets, bytes) of one cell of an indexed counter."""
+        entity = p4runtime_pb2.Entity()
+        entity.counter_entry.counter_id = self._names.counter_id(counter)
+        entity.counter_entry.index.index = index
+        for found in self._read(entity):
+            data = found.counter_entry.data
+            return data.packet_count, data.byte_count
+        raise WriteError(f"{self.address}: counter {counter}[{index}] not found", [])
+
+    def _call(self, method, request) -> None:
+        try:
+            method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise _rpc_error(self.address, exc) from None
+
+
+def _rpc_error(address: str, exc: grpc.RpcError) -> Exception:
+    """A WriteError with every failed update's code and message, or the plain RPC error."""
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return SwitchUnavailableError(f"{address}: {exc.details()}")
+    if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+        return NotPrimaryError(f"{address}: {exc.details()}")
+    failures = []
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                error = p4runtime_pb2.Error()
+                detail.Unpack(error)
+                failures.append((error.canonical_code, error.message))
+    failed = [(code, msg) for code, msg in failures if code != code_pb2.OK]
+    summary = "; ".join(f"{code_pb2.Code.Name(code)}: {msg}" for code, msg in failed)
+    return WriteError(f"{address}: {summary or exc.details()}", failed)
+
+
+class _NameIndex:
+    """P4 names <-> P4Runtime ids, from the P4Info."""
+
+    def __init__(self, p4info: p4info_pb2.P4Info) -> None:
+        self.tables = {t.preamble.name: t for t in p4info.tables}
+        self.tables_by_id = {t.preamble.id: t for t in p4info.tables}
+        self.actions = {a.preamble.name: a for a in p4info.actions}
+        self.actions_by_id = {a.preamble.id: a for a in p4info.actions}
+        self.counters = {c.preamble.name: c.preamble.id for c in p4info.counters}
+
+    def table_id(self, name: str) -> int:
+        try:
+            return self.tables[name].preamble.id
+        except KeyError:
+            raise KeyError(f"no table {name!r} in the P4Info") from None
+
+    def counter_id(self, name: str) -> int:
+        try:
+            return self.counters[name]
+        except KeyError:
+            raise KeyError(f"no counter {name!r} in the P4Info") from None
+
+    def table_entry(self, entry: TableEntry) -> p4runtime_pb2.TableEntry:
+        table = self.tables.get(entry.table)
+        if table is None:
+            raise KeyError(f"no table {entry.table!r} in the P4Info")
+        out = p4runtime_pb2.TableEntry(table_id=table.preamble.id)
+        fields = {f.name: f for f in table.match_fields}
+        unknown = set(entry.match) - set(fields)
+        if unknown:
+            raise KeyError(f"{entry.table} has no match fields {sorted(unknown)}")
+        for name, value in entry.match.items():
+            match = out.match.add(field_id=fields[name].id)
+            match.exact.value = _encode(value)
+        action = self.actions.get(entry.action)
+        if action is None:
+            raise KeyError(f"no action {entry.action!r} in the P4Info")
+        out.action.action.action_id = action.preamble.id
+        params = {p.name: p for p in action.params}
+        if set(entry.params) != set(params):
+            raise KeyError(f"{entry.action} takes {sorted(params)}, got {sorted(entry.params)}")
+        for name, value in entry.params.items():
+            out.action.action.params.add(param_id=params[name].id, value=_encode(value))
+        return out
+
+    def from_table_entry(self, entry: p4runtime_pb2.TableEntry) -> TableEntry:
+        table = self.tables_by_id[entry.table_id]
+        fields = {f.id: f.name for f in table.match_fields}
+        action = self.actions_by_id[entry.action.action.action_id]
+        params = {p.id: p.name for p in action.params}
+        return TableEntry(
+            table.preamble.name,
+            {fields[m.field_id]: _decode(m.exact.value) for m in entry.match},
+            action.preamble.name,
+            {params[p.param_id]: _decode(p.value) for p in entry.action.action.params},
+        )

@@ -1,0 +1,23 @@
+"""Errors raised by the controller package."""
+
+from __future__ import annotations
+
+
+class ControllerError(Exception):
+    """Base class for control-plane failures."""
+
+
+class SwitchUnavailableError(ControllerError):
+    """The switch's P4Runtime server does not answer."""
+
+
+class NotPrimaryError(ControllerError):
+    """Another controller holds a higher election id: this one may not write."""
+
+
+class WriteError(ControllerError):
+    """The switch refused a write; ``failures`` holds (google.rpc code, message) per update."""
+
+    def __init__(self, message: str, failures: list[tuple[int, str]]) -> None:
+        super().__init__(message)
+        self.failures = failures

@@ -1,0 +1,95 @@
+"""The controller's P4Runtime connection against the soft switch's P4Runtime server."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from google.rpc import code_pb2
+from p4.v1 import p4runtime_pb2
+
+from controller.connection import SwitchConnection, TableEntry
+from controller.errors import NotPrimaryError, SwitchUnavailableError, WriteError
+from emulation.softswitch.p4runtime_server import serve
+from emulation.softswitch.pipeline import SoftSwitch
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def switch():
+    soft = SoftSwitch(k=256)
+    address = f"127.0.0.1:{_free_port()}"
+    server = serve(soft, address)
+    yield soft, address
+    server.stop(grace=None)
+
+
+JOB = TableEntry(
+    "SwitchReduceIngress.jobs",
+    {"hdr.sr.job_id": 3},
+    "SwitchReduceIngress.set_job",
+    {"world_size": 2, "slot_base": 0, "slot_count": 8, "mcast_grp": 3, "generation": 1},
+)
+
+
+def test_entries_and_groups_round_trip_by_p4_name(switch) -> None:
+    soft, address = switch
+    with SwitchConnection(address) as conn:
+        conn.push_pipeline()
+        conn.write(
+            [
+                (p4runtime_pb2.Update.INSERT, JOB),
+                (p4runtime_pb2.Update.INSERT, (3, [(0, 96), (0, 97)])),
+            ]
+        )
+        assert conn.read_table("SwitchReduceIngress.jobs") == [JOB]
+        assert conn.read_multicast_groups() == {3: [(0, 96), (0, 97)]}
+        soft.ingress.drops.count(2, 64)
+        assert conn.read_counter("SwitchReduceIngress.drops", 2) == (1, 64)
+        conn.delete(JOB)
+    assert soft.ingress.jobs.entries == {}
+
+
+def test_two_connections_drive_two_switches_from_one_process(switch) -> None:
+    soft_a, address_a = switch
+    soft_b = SoftSwitch(k=256)
+    address_b = f"127.0.0.1:{_free_port()}"
+    server_b = serve(soft_b, address_b)
+    try:
+        with SwitchConnection(address_a) as a, SwitchConnection(address_b) as b:
+            for conn in (a, b):
+                conn.push_pipeline()
+            a.insert(JOB)
+            b.insert(TableEntry(JOB.table, {"hdr.sr.job_id": 4}, JOB.action, JOB.params))
+        assert list(soft_a.ingress.jobs.entries) == [(3,)]
+        assert list(soft_b.ingress.jobs.entries) == [(4,)]
+    finally:
+        server_b.stop(grace=None)
+
+
+def test_refused_writes_say_why(switch) -> None:
+    _, address = switch
+    with SwitchConnection(address) as conn:
+        conn.push_pipeline()
+        conn.insert(JOB)
+        with pytest.raises(WriteError, match="ALREADY_EXISTS") as exc:
+            conn.insert(JOB)
+        assert exc.value.failures[0][0] == code_pb2.ALREADY_EXISTS
+        with pytest.raises(KeyError, match="takes"):
+            conn.insert(TableEntry(JOB.table, JOB.match, JOB.action, {"world_size": 2}))
+
+
+def test_a_lower_election_id_is_not_primary(switch) -> None:
+    _, address = switch
+    with SwitchConnection(address, election_id=10), pytest.raises(NotPrimaryError):
+        SwitchConnection(address, election_id=5)
+
+
+def test_a_switch_that_does_not_answer_is_reported() -> None:
+    with pytest.raises(SwitchUnavailableError, match="no P4Runtime server"):
+        SwitchConnection(f"127.0.0.1:{_free_port()}", timeout=0.5)
