@@ -7,6 +7,10 @@ class ControllerError(Exception):
     """Base class for control-plane failures."""
 
 
+class AdmissionError(ControllerError, ValueError):
+    """A job cannot be admitted (or released) as asked; nothing was left on the switch."""
+
+
 class SwitchUnavailableError(ControllerError):
     """The switch's P4Runtime server does not answer."""
 

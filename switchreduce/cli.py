@@ -193,15 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_switch(args: argparse.Namespace) -> int:
+    from controller.jobs import Job
     from emulation.softswitch.faults import FaultSpec
     from emulation.softswitch.pipeline import SoftSwitch
     from emulation.softswitch.raw import RawSwitch
     from emulation.softswitch.static import (
-        StaticJob,
-        WorkerEndpoint,
         install_forwarding,
         install_static_job,
         parse_mac,
+        parse_member,
     )
     from emulation.softswitch.udp import UdpSwitch
 
@@ -212,8 +212,8 @@ def run_switch(args: argparse.Namespace) -> int:
         )
     switch = SoftSwitch(k=args.k)
     if args.world_size is not None:
-        workers = tuple(WorkerEndpoint.parse(spec) for spec in args.worker)
-        job = StaticJob(args.job, args.world_size, args.slot_base, args.slots, workers)
+        members = tuple(parse_member(spec) for spec in args.worker)
+        job = Job(args.job, args.world_size, args.slot_base, args.slots, 1, members)
         install_static_job(switch, job)
     if args.p4runtime is not None:
         from emulation.softswitch.p4runtime_server import serve

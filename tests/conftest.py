@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from controller.jobs import Job, Member
 from emulation.softswitch.faults import FaultSpec
 from emulation.softswitch.pipeline import SoftSwitch
-from emulation.softswitch.static import StaticJob, WorkerEndpoint, install_static_job
+from emulation.softswitch.static import install_static_job
 from emulation.softswitch.udp import UdpSwitch
 from emulation.topo import netem_available
 from switchreduce import wire
@@ -42,7 +43,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @dataclass
-class Job:
+class RunningJob:
     """A running soft switch and one communicator per rank."""
 
     server: UdpSwitch
@@ -85,7 +86,7 @@ def running_job(
     faults: FaultSpec | None = None,
     options: WorkerOptions | None = None,
     job_id: int = 1,
-) -> Iterator[Job]:
+) -> Iterator[RunningJob]:
     """A soft switch on loopback with one static job and ``world_size`` bound workers."""
     socks = []
     for _ in range(world_size):
@@ -94,9 +95,9 @@ def running_job(
         socks.append(sock)
     switch = SoftSwitch(k=k)
     endpoints = tuple(
-        WorkerEndpoint(rank, "127.0.0.1", sock.getsockname()[1]) for rank, sock in enumerate(socks)
+        Member(rank, "127.0.0.1", sock.getsockname()[1]) for rank, sock in enumerate(socks)
     )
-    install_static_job(switch, StaticJob(job_id, world_size, 0, slots, endpoints))
+    install_static_job(switch, Job(job_id, world_size, 0, slots, 1, endpoints))
     server = UdpSwitch(switch, ("127.0.0.1", 0), faults).start()
     options = options or WorkerOptions(k=k, timeout=20.0)
     comms = [
@@ -104,7 +105,7 @@ def running_job(
         for r, s in enumerate(socks)
     ]
     try:
-        yield Job(server, comms)
+        yield RunningJob(server, comms)
     finally:
         for comm in comms:
             comm.close()

@@ -7,8 +7,9 @@ import ipaddress
 import numpy as np
 import pytest
 
+from controller.jobs import Job, Member, replica_id
 from emulation.softswitch.pipeline import DropReason, JobStat, Packet, SoftSwitch, ipv4_checksum
-from emulation.softswitch.static import StaticJob, WorkerEndpoint, install_static_job, replica_id
+from emulation.softswitch.static import install_static_job
 from switchreduce import wire
 
 K = 64
@@ -21,8 +22,8 @@ def worker_address(rank: int) -> tuple[str, int]:
 
 def make_switch(world_size: int = 3, slots: int = 4, job_id: int = 1) -> SoftSwitch:
     switch = SoftSwitch(k=K)
-    endpoints = tuple(WorkerEndpoint(r, *worker_address(r)) for r in range(world_size))
-    install_static_job(switch, StaticJob(job_id, world_size, 0, slots, endpoints))
+    endpoints = tuple(Member(r, *worker_address(r)) for r in range(world_size))
+    install_static_job(switch, Job(job_id, world_size, 0, slots, 1, endpoints))
     return switch
 
 
@@ -126,8 +127,8 @@ def test_a_new_job_on_used_slots_starts_clean_without_register_writes() -> None:
     send(switch, 0, value=1)  # job 1 leaves rank 0's bit set and one arrival counted
     ingress = switch.ingress
     ingress.jobs.delete((1,))
-    endpoints = tuple(WorkerEndpoint(r, *worker_address(r)) for r in range(2))
-    install_static_job(switch, StaticJob(2, 2, 0, 4, endpoints))
+    endpoints = tuple(Member(r, *worker_address(r)) for r in range(2))
+    install_static_job(switch, Job(2, 2, 0, 4, 2, endpoints))
     send(switch, 0, value=5, job_id=2)
     assert (send(switch, 1, value=6, job_id=2)[0].elements == 11).all()
 
@@ -175,7 +176,7 @@ def test_raw_frames_parse_and_results_deparse_with_valid_checksums() -> None:
     switch = SoftSwitch(k=K)
     install_static_job(
         switch,
-        StaticJob(1, 1, 0, 4, (WorkerEndpoint(0, "10.0.0.1", 40000, mac=0x020000000001, port=1),)),
+        Job(1, 1, 0, 4, 1, (Member(0, "10.0.0.1", 40000, mac=0x020000000001, port=1),)),
     )
     header = wire.Header(wire.MsgType.DATA, 1, 0, 0, 0, 0, 1, 0, K)
     frame = bytes(
