@@ -138,6 +138,17 @@ class SwitchConnection:
         request.config.p4_device_config = device_config
         self._call(self._stub.SetForwardingPipelineConfig, request)
 
+    def installed_p4info(self) -> p4info_pb2.P4Info | None:
+        """The P4Info the switch runs now, or None if it has no pipeline yet."""
+        request = p4runtime_pb2.GetForwardingPipelineConfigRequest(device_id=self.device_id)
+        try:
+            response = self._stub.GetForwardingPipelineConfig(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                return None
+            raise _rpc_error(self.address, exc) from None
+        return response.config.p4info if response.config.HasField("p4info") else None
+
     # -- writes --------------------------------------------------------------------
 
     def write(self, updates: list[tuple[int, TableEntry | tuple[int, list]]]) -> None:

@@ -11,7 +11,9 @@ import argparse
 import json
 import resource
 import signal
+import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -119,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--switch", type=_address, help="switch HOST:PORT")
     worker.add_argument(
+        "--controller",
+        help="register with this controller URL instead of "
+        "naming the switch and slots (http://HOST:PORT)",
+    )
+    worker.add_argument(
         "--master", type=_address, help="gloo: rank 0's HOST:PORT for the rendezvous"
     )
     worker.add_argument("--bind", type=_address, default=("0.0.0.0", 0), help="local HOST:PORT")
@@ -137,6 +144,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="print 'ready' and start when a line arrives on stdin",
     )
     _add_job_args(worker)
+
+    ctl = sub.add_parser("controller", help="admit jobs onto a switch over P4Runtime")
+    ctl.add_argument(
+        "--p4runtime", type=_address, required=True, help="the switch's P4Runtime server, HOST:PORT"
+    )
+    ctl.add_argument(
+        "--data-plane",
+        type=_address,
+        required=True,
+        help="where workers send their packets, HOST:PORT",
+    )
+    ctl.add_argument(
+        "--listen",
+        type=_address,
+        default=("127.0.0.1", 9000),
+        help="the registration API, HOST:PORT",
+    )
+    ctl.add_argument("--device-id", type=int, default=0)
+    ctl.add_argument("--election-id", type=int, default=1)
+    ctl.add_argument("--device-config", help="BMv2 JSON to push with the P4Info")
+    ctl.add_argument(
+        "--register-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a job's ranks have to all register",
+    )
+    _add_job_args(ctl)
 
     topo = sub.add_parser("topo", help="a Mininet star of worker hosts around a switch (root)")
     topo.add_argument("--workers", type=int, default=4)
@@ -241,6 +275,35 @@ def run_switch(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_controller(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from controller.api import Registry, make_server
+    from controller.connection import SwitchConnection
+    from controller.jobs import JobTable
+
+    host, port = args.p4runtime
+    conn = SwitchConnection(f"{host}:{port}", args.device_id, args.election_id)
+    jobs = JobTable(conn)
+    if conn.installed_p4info() == conn.p4info:
+        jobs.recover()  # a restarted controller: the switch keeps running its jobs
+        print(f"recovered jobs {sorted(jobs.jobs)} from the switch", flush=True)
+    else:
+        config = Path(args.device_config).read_bytes() if args.device_config else b""
+        conn.push_pipeline(config)
+    data_host, data_port = args.data_plane
+    registry = Registry(jobs, args.k, args.slots, f"{data_host}:{data_port}",
+                        timeout=args.register_timeout)  # fmt: skip
+    server = make_server(registry, args.listen)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print(f"controller http://{server.server_address[0]}:{server.server_address[1]}", flush=True)
+    signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=server.shutdown).start())
+    server.serve_forever()
+    server.server_close()
+    conn.close()
+    return 0
+
+
 def run_topo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -340,12 +403,19 @@ def _allreduce_backend(args: argparse.Namespace):
     if args.backend == "switch":
         from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
-        if args.switch is None:
-            raise SystemExit("switchreduce worker: --switch HOST:PORT is required")
-        binding = JobBinding(args.job, args.rank, args.world_size, args.slots, args.switch)
-        with SwitchCommunicator(
-            binding, WorkerOptions(k=args.k, timeout=args.timeout), bind=args.bind
-        ) as comm:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(args.bind)
+        if args.controller is not None:
+            from worker.registration import register
+
+            binding = register(args.controller, args.job, args.rank, args.world_size, sock,
+                               args.k, timeout=args.timeout * 6)  # fmt: skip
+        elif args.switch is not None:
+            binding = JobBinding(args.job, args.rank, args.world_size, args.slots, args.switch)
+        else:
+            raise SystemExit("switchreduce worker: give --switch HOST:PORT or --controller URL")
+        with SwitchCommunicator(binding, WorkerOptions(k=args.k, timeout=args.timeout),
+                                sock) as comm:  # fmt: skip
             yield comm.allreduce, comm.stats
         return
     from datetime import timedelta
@@ -388,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args)
     if args.command == "topo":
         return run_topo(args)
+    if args.command == "controller":
+        return run_controller(args)
     from switchreduce.bench import run_allreduce_bench
 
     return run_allreduce_bench(args)

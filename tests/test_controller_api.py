@@ -1,0 +1,132 @@
+"""Workers registering with the controller over HTTP, then allreducing through the switch."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from controller.api import Registry, make_server
+from controller.connection import SwitchConnection
+from controller.jobs import JobTable
+from emulation.softswitch.p4runtime_server import serve
+from emulation.softswitch.pipeline import SoftSwitch
+from emulation.softswitch.udp import UdpSwitch
+from worker.reference import check, synthetic_tensor
+from worker.registration import RegistrationError, register
+from worker.shim import SwitchCommunicator, WorkerOptions
+
+K = 256
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def controller():
+    """Soft switch (P4Runtime + UDP), connection, registry and its HTTP API; yields the URL."""
+    soft = SoftSwitch(k=K)
+    p4rt = f"127.0.0.1:{_free_port()}"
+    grpc_server = serve(soft, p4rt)
+    data_plane = UdpSwitch(soft, ("127.0.0.1", 0)).start()
+    conn = SwitchConnection(p4rt)
+    conn.push_pipeline()
+    host, port = data_plane.address
+    registry = Registry(JobTable(conn), K, 16, f"{host}:{port}", timeout=3.0)
+    http = make_server(registry, ("127.0.0.1", 0))
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{http.server_address[1]}", soft
+    http.shutdown()
+    conn.close()
+    data_plane.stop()
+    grpc_server.stop(grace=None)
+
+
+def _bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def test_registered_workers_allreduce_exactly_and_the_job_is_released(controller) -> None:
+    url, soft = controller
+    world_size = 3
+    inputs = [synthetic_tensor(9, r, 50_000, "float32") for r in range(world_size)]
+    results = {}
+
+    def rank(r: int) -> None:
+        sock = _bound_socket()
+        binding = register(url, 11, r, world_size, sock, K)
+        with SwitchCommunicator(binding, WorkerOptions(k=K, timeout=20), sock) as comm:
+            results[r] = comm.allreduce(inputs[r])
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(check(results[r], inputs, K).exact for r in range(world_size))
+    status = json.load(urllib.request.urlopen(f"{url}/v1/jobs"))
+    assert [job["job_id"] for job in status["jobs"]] == [11]
+    assert status["jobs"][0]["packets"]["results"] >= 50_000 // K
+    request = urllib.request.Request(f"{url}/v1/jobs/11", method="DELETE")
+    assert json.load(urllib.request.urlopen(request)) == {"released": 11}
+    assert all(not table.entries for table in soft.tables().values())
+
+
+def _register_in_thread(url: str, job_id: int, rank: int, world_size: int) -> threading.Thread:
+    """Register in the background; returns once the controller holds the registration."""
+    thread = threading.Thread(
+        target=lambda: register(url, job_id, rank, world_size, _bound_socket(), K), daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 5
+    while rank not in json.load(urllib.request.urlopen(f"{url}/v1/jobs"))["pending"].get(
+        str(job_id), []
+    ):
+        assert time.monotonic() < deadline, "the registration never arrived"
+        time.sleep(0.01)
+    return thread
+
+
+def test_a_taken_rank_and_a_disagreeing_world_size_are_conflicts(controller) -> None:
+    url, _ = controller
+    waiting = _register_in_thread(url, 12, 0, 2)
+    with pytest.raises(RegistrationError, match="rank 0 of job 12 is already registered"):
+        register(url, 12, 0, 2, _bound_socket(), K)
+    with pytest.raises(RegistrationError, match="world size 2, not 3"):
+        register(url, 12, 1, 3, _bound_socket(), K)
+    register(url, 12, 1, 2, _bound_socket(), K)  # the right rank 1 completes the job
+    waiting.join()
+
+
+def test_bad_registrations_are_refused(controller) -> None:
+    url, soft = controller
+    with pytest.raises(RegistrationError, match="rank 5 out of range"):
+        register(url, 13, 5, 2, _bound_socket(), K)
+    with pytest.raises(RegistrationError, match="switch runs K=256"):
+        register(url, 14, 0, 1, _bound_socket(), 64)
+    assert (14,) not in soft.ingress.jobs.entries  # refused before anything was admitted
+    request = urllib.request.Request(f"{url}/v1/jobs/99", method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(request)
+    assert missing.value.code == 404
+
+
+def test_missing_ranks_time_out_and_the_registration_is_withdrawn(controller) -> None:
+    url, soft = controller
+    with pytest.raises(RegistrationError, match=r"ranks \[1\] did not register"):
+        register(url, 15, 0, 2, _bound_socket(), K)
+    assert not soft.ingress.jobs.entries
+    # Withdrawn: rank 0 can register again later.
+    waiting = _register_in_thread(url, 15, 0, 2)
+    register(url, 15, 1, 2, _bound_socket(), K)
+    waiting.join()
+    assert (15,) in soft.ingress.jobs.entries
