@@ -1,0 +1,276 @@
+"""BMv2 running p4src/ against the soft switch: the same frames in, bit-identical frames out.
+
+BMv2 (``simple_switch``) runs in a network namespace of the test's own with
+one veth port per worker; the test sends each frame on its sender's port and
+collects what comes out of every port. The soft switch's pipeline gets the
+same frames. Both are configured from one source: the soft switch's tables,
+turned into simple_switch_CLI commands.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from controller.jobs import Job, Member
+from emulation.softswitch.pipeline import DropReason, JobStat, SoftSwitch
+from emulation.softswitch.static import (
+    install_forwarding,
+    install_static_job,
+)
+from switchreduce import wire
+
+pytestmark = [
+    pytest.mark.requires_root,
+    pytest.mark.requires_p4c,
+    pytest.mark.skipif(
+        shutil.which("simple_switch") is None or shutil.which("simple_switch_CLI") is None,
+        reason="simple_switch and simple_switch_CLI not on PATH",
+    ),
+]
+
+K = 64
+P4SRC = Path(__file__).resolve().parent.parent / "p4src"
+SWITCH_MAC, SWITCH_IP = 0x0200000000FE, "10.0.0.254"
+PORTS = (1, 2, 3)
+THRIFT_PORT = 9090
+
+
+def host_mac(port: int) -> int:
+    return 0x020000000000 + port
+
+
+def host_ip(port: int) -> str:
+    return f"10.0.0.{port}"
+
+
+def _configured_switch() -> SoftSwitch:
+    """Job 1: ranks 0..2 on ports 1..3, 8 slots; and forwarding to each host."""
+    switch = SoftSwitch(k=K)
+    workers = tuple(
+        Member(port - 1, host_ip(port), 40000, mac=host_mac(port), port=port) for port in PORTS
+    )
+    install_static_job(switch, Job(1, len(PORTS), 0, 8, 1, workers))
+    install_forwarding(switch, {host_mac(port): port for port in PORTS})
+    return switch
+
+
+def _cli_commands(switch: SoftSwitch) -> list[str]:
+    """simple_switch_CLI commands that give BMv2 the soft switch's tables and groups."""
+    commands = []
+    for table in switch.tables().values():
+        for key, call in table.entries.items():
+            keys = " ".join(hex(v) for v in key)
+            args = " ".join(hex(v) for v in call.args)
+            commands.append(f"table_add {table.name} {call.name} {keys} => {args}".rstrip())
+    handle = 0
+    for group, replicas in switch.pre.groups.items():
+        commands.append(f"mc_mgrp_create {group}")
+        for port, rid in replicas:
+            commands.append(f"mc_node_create {rid} {port}")
+            commands.append(f"mc_node_associate {group} {handle}")
+            handle += 1
+    return commands
+
+
+def _frame(
+    port: int,
+    header: wire.Header | None = None,
+    payload: bytes | None = None,
+    dst_mac: int = SWITCH_MAC,
+    dst_ip: str = SWITCH_IP,
+    udp_sport: int = 40000,
+    udp_dport: int = wire.DEFAULT_SWITCH_PORT,
+    values: int = 1,
+) -> bytes:
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    if payload is None:
+        payload = wire.encode(header, np.arange(K, dtype=np.int32) * values)
+    mac = ":".join(f"{b:02x}" for b in dst_mac.to_bytes(6, "big"))
+    src = ":".join(f"{b:02x}" for b in host_mac(port).to_bytes(6, "big"))
+    return bytes(
+        Ether(src=src, dst=mac)
+        / IP(src=host_ip(port), dst=dst_ip)
+        / UDP(sport=udp_sport, dport=udp_dport)
+        / payload
+    )
+
+
+def _traffic() -> list[tuple[int, bytes]]:
+    """(ingress port, frame): a round, a retransmission, a duplicate, a stale packet, and
+    one packet for every drop reason, plus forwarded traffic."""
+
+    def data(rank: int, round_: int = 1, slot: int = 0, **changes) -> wire.Header:
+        header = wire.Header(
+            wire.MsgType.DATA, 1, rank, slot, round_ & 1, 120 + rank, round_, slot, K
+        )
+        return header._replace(**changes)
+
+    out = []
+    for rank in range(3):  # round 1 in slot 0: the third completes it
+        out.append((rank + 1, _frame(rank + 1, data(rank), values=rank + 1)))
+    out.append((2, _frame(2, data(1), values=2)))  # retransmission into a complete round
+    out.append((1, _frame(1, data(0, round_=2))))  # round 2 begins
+    out.append((1, _frame(1, data(0, round_=2))))  # duplicate into an incomplete round
+    out.append((2, _frame(2, data(1, round_=2))))
+    out.append((3, _frame(3, data(2, round_=2), values=7)))  # round 2 completes
+    out.append((1, _frame(1, data(0, round_=3))))  # round 3 takes round 1's copy
+    out.append((2, _frame(2, data(1, round_=1))))  # ... so round 1 is now stale
+    out.append((1, _frame(1, data(0, job_id=9))))  # unknown job
+    out.append((1, _frame(1, data(5))))  # rank out of range
+    out.append((1, _frame(1, data(0, slot=8))))  # slot out of range
+    out.append((1, _frame(1, data(0, slot=3), udp_sport=5555)))  # unbound source port
+    out.append((1, _frame(1, data(0), payload=data(0).pack()[:10])))  # truncated header
+    out.append((1, _frame(1, payload=wire.encode(data(0, count=K + 1), np.zeros(K)))))
+    out.append((1, _frame(1, payload=wire.encode(data(0, slot=4), np.zeros(K)) + b"xx")))
+    other = b"not aggregation traffic"
+    out.append((1, _frame(1, payload=other, dst_mac=host_mac(3), dst_ip=host_ip(3), udp_dport=7)))
+    out.append((1, _frame(1, payload=other, dst_mac=0x02AAAAAAAAAA, udp_dport=7)))  # no route
+    return out
+
+
+def _soft_outputs(frames: list[tuple[int, bytes]]) -> tuple[list, SoftSwitch]:
+    switch = _configured_switch()
+    outputs = []
+    for port, frame in frames:
+        emitted = switch.process(switch.parser.parse_frame(frame, port))
+        outputs.append(sorted((p.egress_port, switch.deparser.frame(p)) for p in emitted))
+    return outputs, switch
+
+
+def _run(*cmd: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture
+def bmv2(tmp_path):
+    """simple_switch in a namespace of its own; yields (sockets by port, cli function)."""
+    subprocess.run(
+        [
+            "p4c-bm2-ss",
+            "--arch",
+            "v1model",
+            f"-DK={K}",
+            "-o",
+            str(tmp_path / "sr.json"),
+            str(P4SRC / "switchreduce.p4"),
+        ],
+        check=True,
+    )
+    ns = f"srdiff{os.getpid()}"
+    _run("ip", "netns", "add", ns)
+    _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")  # the Thrift server's
+    for scope in ("all", "default"):  # no IPv6 chatter on the switch's ports
+        _run("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1")
+    links, proc, socks = [], None, {}
+    try:
+        for port in PORTS:
+            outside, inside = f"srd{os.getpid() % 10000}p{port}", f"sw{port}"
+            _run("ip", "link", "add", outside, "type", "veth", "peer", "name", inside, "netns", ns)
+            links.append(outside)
+            _run("sysctl", "-qw", f"net.ipv6.conf.{outside}.disable_ipv6=1")  # before it is up
+            for where in ([], ["ip", "netns", "exec", ns]):
+                name = outside if not where else inside
+                _run(*where, "ip", "link", "set", name, "up")
+                subprocess.run([*where, "ethtool", "-K", name, "tx", "off", "rx", "off"],
+                               capture_output=True)  # fmt: skip
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+            sock.bind((outside, 0))
+            sock.setblocking(False)
+            socks[port] = sock
+        log = tmp_path / "bmv2.log"
+        proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "simple_switch",
+                "--device-id",
+                "0",
+                "--thrift-port",
+                str(THRIFT_PORT),
+                "--log-file",
+                str(log),
+                *(arg for p in PORTS for arg in ("-i", f"{p}@sw{p}")),
+                str(tmp_path / "sr.json"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+
+        def cli(commands: list[str]) -> str:
+            return _run(
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "simple_switch_CLI",
+                "--thrift-port",
+                str(THRIFT_PORT),
+                input="\n".join(commands) + "\n",
+            ).stdout
+
+        deadline = time.monotonic() + 20
+        while subprocess.run(
+            ["ip", "netns", "exec", ns, "simple_switch_CLI", "--thrift-port", str(THRIFT_PORT)],
+            input="", capture_output=True,
+        ).returncode != 0:  # fmt: skip
+            assert proc.poll() is None, f"simple_switch exited:\n{log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "simple_switch did not start"
+            time.sleep(0.2)
+        yield socks, cli
+    finally:
+        for sock in socks.values():
+            sock.close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+        for link in links:
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _drain(socks: dict[int, socket.socket]) -> list[tuple[int, bytes]]:
+    got = []
+    for port, sock in socks.items():
+        while True:
+            try:
+                frame, address = sock.recvfrom(65536)
+            except BlockingIOError:
+                break
+            if address[2] != 4:  # not our own transmissions
+                got.append((port, frame))
+    return got
+
+
+def test_bmv2_and_the_soft_switch_agree_bit_for_bit(bmv2) -> None:
+    socks, cli = bmv2
+    frames = _traffic()
+    expected, soft = _soft_outputs(frames)
+    cli(_cli_commands(_configured_switch()))
+    _drain(socks)
+    observed = []
+    for port, frame in frames:
+        socks[port].send(frame)
+        time.sleep(0.15)
+        observed.append(sorted(_drain(socks)))
+    for i, (want, got) in enumerate(zip(expected, observed, strict=True)):
+        assert got == want, f"frame {i}: BMv2 {got!r} != soft switch {want!r}"
+    counted = [(soft.ingress.drops, int(reason)) for reason in DropReason]
+    counted += [(counter, 1) for counter in soft.ingress.job_stats.values()]
+    for counter, index in counted:
+        out = cli([f"counter_read {counter.name} {index}"])
+        nbytes, packets = map(int, re.search(r"\((\d+) bytes, (\d+) packets\)", out).groups())
+        assert (packets, nbytes) == (counter.packets[index], counter.bytes[index]), counter.name
+    assert soft.ingress.job_stats[JobStat.RESULTS].packets[1] == 2
