@@ -8,7 +8,7 @@ DEBIAN_PKGS   := python3-venv python3-pip mininet bridge-utils ethtool iputils-p
 P4C           ?= p4c-bm2-ss
 P4_K          := 64 256 1024
 
-.PHONY: run test test-slow lint p4 topo system-deps clean
+.PHONY: run test lint p4 topo system-deps clean
 
 run: $(STAMP)
 	$(VENV)/bin/switchreduce bench allreduce --workers 4 --elements 10000000 --loss 0.01
@@ -18,10 +18,7 @@ topo: $(STAMP)
 	$(VENV)/bin/switchreduce topo --workers 4
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow"
-
-test-slow: $(STAMP)
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
