@@ -12,8 +12,9 @@ from controller.connection import SwitchConnection, TableEntry
 from controller.errors import AdmissionError, WriteError
 from controller.jobs import JobTable, Member, replica_id
 from emulation.softswitch.p4runtime_server import serve
-from emulation.softswitch.pipeline import SoftSwitch
+from emulation.softswitch.pipeline import DropReason, SoftSwitch
 from emulation.softswitch.udp import UdpSwitch
+from switchreduce import wire
 from worker.reference import check, synthetic_tensor
 from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
@@ -146,3 +147,45 @@ def test_a_restarted_controller_recovers_the_jobs_and_carries_on(switch) -> None
         second = after.admit(8, _members(_sockets(2)), 64)
     assert second.slot_base >= first.slot_base + first.slot_count
     assert second.generation > first.generation
+
+
+def test_jobs_survive_a_controller_restart_and_a_spoofer_mid_transfer(switch) -> None:
+    """Two jobs run while the controller is replaced and a host forges one job's packets."""
+    soft, address, data_address = switch
+    socks = {3: _sockets(3), 4: _sockets(4)}
+    with SwitchConnection(address) as conn:
+        conn.push_pipeline()
+        jobs = JobTable(conn)
+        for job_id, s in socks.items():
+            jobs.admit(job_id, _members(s), 32)
+    inputs = {job_id: [synthetic_tensor(job_id, r, 400_000, "int32") for r in range(len(s))]
+              for job_id, s in socks.items()}  # fmt: skip
+    results: dict[tuple[int, int], np.ndarray] = {}
+
+    def run(job_id: int, rank: int) -> None:
+        binding = JobBinding(job_id, rank, len(socks[job_id]), 32, data_address)
+        comm = SwitchCommunicator(binding, WorkerOptions(k=K, timeout=20), socks[job_id][rank])
+        results[job_id, rank] = comm.allreduce(inputs[job_id][rank])
+
+    threads = [threading.Thread(target=run, args=(j, r)) for j, s in socks.items()
+               for r in range(len(s))]  # fmt: skip
+    for t in threads:
+        t.start()
+    spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    forged = wire.encode(
+        wire.Header(wire.MsgType.DATA, 3, 0, 0, 1, 0, 1, 0, K), np.full(K, 10**6, dtype=np.int32)
+    )  # job 3, rank 0, from elsewhere
+    for _ in range(200):
+        spoofer.sendto(forged, data_address)
+    with SwitchConnection(address, election_id=2) as conn:  # the new controller takes over
+        replacement = JobTable(conn)
+        replacement.recover()
+        assert sorted(replacement.jobs) == [3, 4]
+        assert len(results) < 7, "the jobs finished before the restart: nothing was tested"
+    for t in threads:
+        t.join()
+    for (job_id, _), result in results.items():
+        expected = np.sum(inputs[job_id], axis=0, dtype=np.int64).astype(np.int32)
+        assert np.array_equal(result, expected)
+    assert len(results) == 7
+    assert soft.ingress.drops.packets[DropReason.UNBOUND_WORKER] == 200
