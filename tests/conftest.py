@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,11 +13,13 @@ import pytest
 
 from controller.jobs import Job, Member
 from emulation.softswitch.faults import FaultSpec
+from emulation.softswitch.p4runtime_server import serve
 from emulation.softswitch.pipeline import SoftSwitch
 from emulation.softswitch.static import install_static_job
 from emulation.softswitch.udp import UdpSwitch
 from emulation.topo import netem_available
 from switchreduce import wire
+from tests.helpers.net import bound_udp_sockets, free_tcp_port
 from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
 _NEEDS = {
@@ -88,11 +89,7 @@ def running_job(
     job_id: int = 1,
 ) -> Iterator[RunningJob]:
     """A soft switch on loopback with one static job and ``world_size`` bound workers."""
-    socks = []
-    for _ in range(world_size):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
-        socks.append(sock)
+    socks = bound_udp_sockets(world_size)
     switch = SoftSwitch(k=k)
     endpoints = tuple(
         Member(rank, "127.0.0.1", sock.getsockname()[1]) for rank, sock in enumerate(socks)
@@ -115,3 +112,23 @@ def running_job(
 @pytest.fixture
 def job_factory() -> Callable[..., contextmanager]:
     return running_job
+
+
+@dataclass
+class ProgrammableSwitch:
+    """A soft switch a controller programs over P4Runtime, with a UDP data plane."""
+
+    switch: SoftSwitch
+    p4runtime: str  # HOST:PORT of its P4Runtime server
+    data_plane: tuple[str, int]  # where workers send
+
+
+@pytest.fixture
+def programmable_switch() -> Iterator[ProgrammableSwitch]:
+    switch = SoftSwitch(k=256)
+    address = f"127.0.0.1:{free_tcp_port()}"
+    grpc_server = serve(switch, address)
+    data_plane = UdpSwitch(switch, ("127.0.0.1", 0)).start()
+    yield ProgrammableSwitch(switch, address, data_plane.address)
+    data_plane.stop()
+    grpc_server.stop(grace=None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -13,9 +12,7 @@ import pytest
 from controller.api import Registry, make_server
 from controller.connection import SwitchConnection
 from controller.jobs import JobTable
-from emulation.softswitch.p4runtime_server import serve
-from emulation.softswitch.pipeline import SoftSwitch
-from emulation.softswitch.udp import UdpSwitch
+from tests.helpers.net import bound_udp_sockets
 from worker.reference import check, synthetic_tensor
 from worker.registration import RegistrationError, register
 from worker.shim import SwitchCommunicator, WorkerOptions
@@ -23,36 +20,18 @@ from worker.shim import SwitchCommunicator, WorkerOptions
 K = 256
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def controller():
-    """Soft switch (P4Runtime + UDP), connection, registry and its HTTP API; yields the URL."""
-    soft = SoftSwitch(k=K)
-    p4rt = f"127.0.0.1:{_free_port()}"
-    grpc_server = serve(soft, p4rt)
-    data_plane = UdpSwitch(soft, ("127.0.0.1", 0)).start()
-    conn = SwitchConnection(p4rt)
+def controller(programmable_switch):
+    """A connection to the switch, a registry and its HTTP API; yields (URL, switch)."""
+    conn = SwitchConnection(programmable_switch.p4runtime)
     conn.push_pipeline()
-    host, port = data_plane.address
+    host, port = programmable_switch.data_plane
     registry = Registry(JobTable(conn), K, 16, f"{host}:{port}", timeout=3.0)
     http = make_server(registry, ("127.0.0.1", 0))
     threading.Thread(target=http.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{http.server_address[1]}", soft
+    yield f"http://127.0.0.1:{http.server_address[1]}", programmable_switch.switch
     http.shutdown()
     conn.close()
-    data_plane.stop()
-    grpc_server.stop(grace=None)
-
-
-def _bound_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    return sock
 
 
 def test_registered_workers_allreduce_exactly_and_the_job_is_released(controller) -> None:
@@ -62,7 +41,7 @@ def test_registered_workers_allreduce_exactly_and_the_job_is_released(controller
     results = {}
 
     def rank(r: int) -> None:
-        sock = _bound_socket()
+        sock = bound_udp_sockets(1)[0]
         binding = register(url, 11, r, world_size, sock, K)
         with SwitchCommunicator(binding, WorkerOptions(k=K, timeout=20), sock) as comm:
             results[r] = comm.allreduce(inputs[r])
@@ -84,7 +63,8 @@ def test_registered_workers_allreduce_exactly_and_the_job_is_released(controller
 def _register_in_thread(url: str, job_id: int, rank: int, world_size: int) -> threading.Thread:
     """Register in the background; returns once the controller holds the registration."""
     thread = threading.Thread(
-        target=lambda: register(url, job_id, rank, world_size, _bound_socket(), K), daemon=True
+        target=lambda: register(url, job_id, rank, world_size, bound_udp_sockets(1)[0], K),
+        daemon=True,
     )
     thread.start()
     deadline = time.monotonic() + 5
@@ -100,19 +80,19 @@ def test_a_taken_rank_and_a_disagreeing_world_size_are_conflicts(controller) -> 
     url, _ = controller
     waiting = _register_in_thread(url, 12, 0, 2)
     with pytest.raises(RegistrationError, match="rank 0 of job 12 is already registered"):
-        register(url, 12, 0, 2, _bound_socket(), K)
+        register(url, 12, 0, 2, bound_udp_sockets(1)[0], K)
     with pytest.raises(RegistrationError, match="world size 2, not 3"):
-        register(url, 12, 1, 3, _bound_socket(), K)
-    register(url, 12, 1, 2, _bound_socket(), K)  # the right rank 1 completes the job
+        register(url, 12, 1, 3, bound_udp_sockets(1)[0], K)
+    register(url, 12, 1, 2, bound_udp_sockets(1)[0], K)  # the right rank 1 completes the job
     waiting.join()
 
 
 def test_bad_registrations_are_refused(controller) -> None:
     url, soft = controller
     with pytest.raises(RegistrationError, match="rank 5 out of range"):
-        register(url, 13, 5, 2, _bound_socket(), K)
+        register(url, 13, 5, 2, bound_udp_sockets(1)[0], K)
     with pytest.raises(RegistrationError, match="switch runs K=256"):
-        register(url, 14, 0, 1, _bound_socket(), 64)
+        register(url, 14, 0, 1, bound_udp_sockets(1)[0], 64)
     assert (14,) not in soft.ingress.jobs.entries  # refused before anything was admitted
     request = urllib.request.Request(f"{url}/v1/jobs/99", method="DELETE")
     with pytest.raises(urllib.error.HTTPError) as missing:
@@ -123,10 +103,10 @@ def test_bad_registrations_are_refused(controller) -> None:
 def test_missing_ranks_time_out_and_the_registration_is_withdrawn(controller) -> None:
     url, soft = controller
     with pytest.raises(RegistrationError, match=r"ranks \[1\] did not register"):
-        register(url, 15, 0, 2, _bound_socket(), K)
+        register(url, 15, 0, 2, bound_udp_sockets(1)[0], K)
     assert not soft.ingress.jobs.entries
     # Withdrawn: rank 0 can register again later.
     waiting = _register_in_thread(url, 15, 0, 2)
-    register(url, 15, 1, 2, _bound_socket(), K)
+    register(url, 15, 1, 2, bound_udp_sockets(1)[0], K)
     waiting.join()
     assert (15,) in soft.ingress.jobs.entries

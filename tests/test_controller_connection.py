@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 from google.rpc import code_pb2
 from p4.v1 import p4runtime_pb2
@@ -12,22 +10,7 @@ from controller.connection import SwitchConnection, TableEntry
 from controller.errors import NotPrimaryError, SwitchUnavailableError, WriteError
 from emulation.softswitch.p4runtime_server import serve
 from emulation.softswitch.pipeline import SoftSwitch
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def switch():
-    soft = SoftSwitch(k=256)
-    address = f"127.0.0.1:{_free_port()}"
-    server = serve(soft, address)
-    yield soft, address
-    server.stop(grace=None)
-
+from tests.helpers.net import free_tcp_port
 
 JOB = TableEntry(
     "SwitchReduceIngress.jobs",
@@ -37,8 +20,8 @@ JOB = TableEntry(
 )
 
 
-def test_entries_and_groups_round_trip_by_p4_name(switch) -> None:
-    soft, address = switch
+def test_entries_and_groups_round_trip_by_p4_name(programmable_switch) -> None:
+    soft, address = programmable_switch.switch, programmable_switch.p4runtime
     with SwitchConnection(address) as conn:
         conn.push_pipeline()
         conn.write(
@@ -55,10 +38,10 @@ def test_entries_and_groups_round_trip_by_p4_name(switch) -> None:
     assert soft.ingress.jobs.entries == {}
 
 
-def test_two_connections_drive_two_switches_from_one_process(switch) -> None:
-    soft_a, address_a = switch
+def test_two_connections_drive_two_switches_from_one_process(programmable_switch) -> None:
+    soft_a, address_a = programmable_switch.switch, programmable_switch.p4runtime
     soft_b = SoftSwitch(k=256)
-    address_b = f"127.0.0.1:{_free_port()}"
+    address_b = f"127.0.0.1:{free_tcp_port()}"
     server_b = serve(soft_b, address_b)
     try:
         with SwitchConnection(address_a) as a, SwitchConnection(address_b) as b:
@@ -72,8 +55,8 @@ def test_two_connections_drive_two_switches_from_one_process(switch) -> None:
         server_b.stop(grace=None)
 
 
-def test_refused_writes_say_why(switch) -> None:
-    _, address = switch
+def test_refused_writes_say_why(programmable_switch) -> None:
+    address = programmable_switch.p4runtime
     with SwitchConnection(address) as conn:
         conn.push_pipeline()
         conn.insert(JOB)
@@ -84,12 +67,12 @@ def test_refused_writes_say_why(switch) -> None:
             conn.insert(TableEntry(JOB.table, JOB.match, JOB.action, {"world_size": 2}))
 
 
-def test_a_lower_election_id_is_not_primary(switch) -> None:
-    _, address = switch
+def test_a_lower_election_id_is_not_primary(programmable_switch) -> None:
+    address = programmable_switch.p4runtime
     with SwitchConnection(address, election_id=10), pytest.raises(NotPrimaryError):
         SwitchConnection(address, election_id=5)
 
 
 def test_a_switch_that_does_not_answer_is_reported() -> None:
     with pytest.raises(SwitchUnavailableError, match="no P4Runtime server"):
-        SwitchConnection(f"127.0.0.1:{_free_port()}", timeout=0.5)
+        SwitchConnection(f"127.0.0.1:{free_tcp_port()}", timeout=0.5)

@@ -11,58 +11,21 @@ import pytest
 from controller.connection import SwitchConnection, TableEntry
 from controller.errors import AdmissionError, WriteError
 from controller.jobs import JobTable, Member, replica_id
-from emulation.softswitch.p4runtime_server import serve
-from emulation.softswitch.pipeline import DropReason, SoftSwitch
-from emulation.softswitch.udp import UdpSwitch
+from emulation.softswitch.pipeline import DropReason
 from switchreduce import wire
+from tests.helpers.net import bound_udp_sockets
 from worker.reference import check, synthetic_tensor
 from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
 K = 256
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def switch():
-    """A soft switch with a P4Runtime server and a UDP data plane; yields (switch, both)."""
-    soft = SoftSwitch(k=K)
-    address = f"127.0.0.1:{_free_port()}"
-    server = serve(soft, address)
-    data_plane = UdpSwitch(soft, ("127.0.0.1", 0)).start()
-    yield soft, address, data_plane.address
-    data_plane.stop()
-    server.stop(grace=None)
-
-
-def _sockets(n: int) -> list[socket.socket]:
-    socks = []
-    for _ in range(n):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
-        socks.append(sock)
-    return socks
-
-
 def _members(socks: list[socket.socket]) -> list[Member]:
     return [Member(r, "127.0.0.1", s.getsockname()[1]) for r, s in enumerate(socks)]
 
 
-def test_two_concurrent_jobs_are_exact_and_disjoint(switch) -> None:
-    _, address, data_address = switch
-    socks = {3: _sockets(3), 4: _sockets(4)}
-    with SwitchConnection(address) as conn:
-        conn.push_pipeline()
-        jobs = JobTable(conn)
-        admitted = {job_id: jobs.admit(job_id, _members(s), 32) for job_id, s in socks.items()}
-    a, b = admitted[3], admitted[4]
-    assert a.slot_base + a.slot_count <= b.slot_base or b.slot_base + b.slot_count <= a.slot_base
-    inputs = {job_id: [synthetic_tensor(job_id, r, 100_000, "float32") for r in range(len(s))]
-              for job_id, s in socks.items()}  # fmt: skip
+def _run_jobs(socks: dict, inputs: dict, data_address) -> tuple[list, dict]:
+    """Start every rank of every job in a thread; returns (threads, results by (job, rank))."""
     results: dict[tuple[int, int], np.ndarray] = {}
 
     def run(job_id: int, rank: int) -> None:
@@ -74,6 +37,21 @@ def test_two_concurrent_jobs_are_exact_and_disjoint(switch) -> None:
                for r in range(len(s))]  # fmt: skip
     for t in threads:
         t.start()
+    return threads, results
+
+
+def test_two_concurrent_jobs_are_exact_and_disjoint(programmable_switch) -> None:
+    address, data_address = programmable_switch.p4runtime, programmable_switch.data_plane
+    socks = {3: bound_udp_sockets(3), 4: bound_udp_sockets(4)}
+    with SwitchConnection(address) as conn:
+        conn.push_pipeline()
+        jobs = JobTable(conn)
+        admitted = {job_id: jobs.admit(job_id, _members(s), 32) for job_id, s in socks.items()}
+    a, b = admitted[3], admitted[4]
+    assert a.slot_base + a.slot_count <= b.slot_base or b.slot_base + b.slot_count <= a.slot_base
+    inputs = {job_id: [synthetic_tensor(job_id, r, 100_000, "float32") for r in range(len(s))]
+              for job_id, s in socks.items()}  # fmt: skip
+    threads, results = _run_jobs(socks, inputs, data_address)
     for t in threads:
         t.join()
     for (job_id, _), result in results.items():
@@ -82,12 +60,12 @@ def test_two_concurrent_jobs_are_exact_and_disjoint(switch) -> None:
     assert len(results) == 7
 
 
-def test_release_removes_every_entry_it_installed(switch) -> None:
-    soft, address, _ = switch
+def test_release_removes_every_entry_it_installed(programmable_switch) -> None:
+    soft, address = programmable_switch.switch, programmable_switch.p4runtime
     with SwitchConnection(address) as conn:
         conn.push_pipeline()
         jobs = JobTable(conn)
-        jobs.admit(5, _members(_sockets(2)), 16)
+        jobs.admit(5, _members(bound_udp_sockets(2)), 16)
         assert soft.pre.groups
         jobs.release(5)
     assert all(not table.entries for table in soft.tables().values())
@@ -103,8 +81,10 @@ def test_release_removes_every_entry_it_installed(switch) -> None:
         ([Member(0, "127.0.0.1", 1)], 0, "slot count"),
     ],
 )
-def test_bad_requests_are_refused_and_leave_nothing(switch, members, slots, message) -> None:
-    soft, address, _ = switch
+def test_bad_requests_are_refused_and_leave_nothing(
+    programmable_switch, members, slots, message
+) -> None:
+    soft, address = programmable_switch.switch, programmable_switch.p4runtime
     with SwitchConnection(address) as conn:
         conn.push_pipeline()
         jobs = JobTable(conn)
@@ -114,8 +94,8 @@ def test_bad_requests_are_refused_and_leave_nothing(switch, members, slots, mess
     assert all(not table.entries for table in soft.tables().values())
 
 
-def test_a_refused_write_rolls_back_what_went_in(switch) -> None:
-    soft, address, _ = switch
+def test_a_refused_write_rolls_back_what_went_in(programmable_switch) -> None:
+    soft, address = programmable_switch.switch, programmable_switch.p4runtime
     with SwitchConnection(address) as conn:
         conn.push_pipeline()
         # Someone else holds the replica id rank 1 of job 2 needs: the admission must fail.
@@ -126,7 +106,7 @@ def test_a_refused_write_rolls_back_what_went_in(switch) -> None:
         conn.insert(squatter)
         jobs = JobTable(conn)
         with pytest.raises(WriteError, match="ALREADY_EXISTS"):
-            jobs.admit(2, _members(_sockets(2)), 8)
+            jobs.admit(2, _members(bound_udp_sockets(2)), 8)
         assert 2 not in jobs.jobs
         assert conn.read_table("SwitchReduceEgress.result_rewrite") == [squatter]
         with pytest.raises(AdmissionError, match="not admitted"):
@@ -134,25 +114,26 @@ def test_a_refused_write_rolls_back_what_went_in(switch) -> None:
     assert not soft.ingress.jobs.entries and not soft.ingress.workers.entries
 
 
-def test_a_restarted_controller_recovers_the_jobs_and_carries_on(switch) -> None:
-    _, address, _ = switch
+def test_a_restarted_controller_recovers_the_jobs_and_carries_on(programmable_switch) -> None:
+    address = programmable_switch.p4runtime
     with SwitchConnection(address) as conn:
         conn.push_pipeline()
         before = JobTable(conn)
-        first = before.admit(7, _members(_sockets(3)), 64)
+        first = before.admit(7, _members(bound_udp_sockets(3)), 64)
     with SwitchConnection(address, election_id=2) as conn:  # a new controller process
         after = JobTable(conn)
         after.recover()
         assert after.jobs == {7: first}
-        second = after.admit(8, _members(_sockets(2)), 64)
+        second = after.admit(8, _members(bound_udp_sockets(2)), 64)
     assert second.slot_base >= first.slot_base + first.slot_count
     assert second.generation > first.generation
 
 
-def test_jobs_survive_a_controller_restart_and_a_spoofer_mid_transfer(switch) -> None:
+def test_jobs_survive_a_controller_restart_and_a_spoofer_mid_transfer(programmable_switch) -> None:
     """Two jobs run while the controller is replaced and a host forges one job's packets."""
-    soft, address, data_address = switch
-    socks = {3: _sockets(3), 4: _sockets(4)}
+    soft, address = programmable_switch.switch, programmable_switch.p4runtime
+    data_address = programmable_switch.data_plane
+    socks = {3: bound_udp_sockets(3), 4: bound_udp_sockets(4)}
     with SwitchConnection(address) as conn:
         conn.push_pipeline()
         jobs = JobTable(conn)
@@ -160,17 +141,7 @@ def test_jobs_survive_a_controller_restart_and_a_spoofer_mid_transfer(switch) ->
             jobs.admit(job_id, _members(s), 32)
     inputs = {job_id: [synthetic_tensor(job_id, r, 400_000, "int32") for r in range(len(s))]
               for job_id, s in socks.items()}  # fmt: skip
-    results: dict[tuple[int, int], np.ndarray] = {}
-
-    def run(job_id: int, rank: int) -> None:
-        binding = JobBinding(job_id, rank, len(socks[job_id]), 32, data_address)
-        comm = SwitchCommunicator(binding, WorkerOptions(k=K, timeout=20), socks[job_id][rank])
-        results[job_id, rank] = comm.allreduce(inputs[job_id][rank])
-
-    threads = [threading.Thread(target=run, args=(j, r)) for j, s in socks.items()
-               for r in range(len(s))]  # fmt: skip
-    for t in threads:
-        t.start()
+    threads, results = _run_jobs(socks, inputs, data_address)
     spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     forged = wire.encode(
         wire.Header(wire.MsgType.DATA, 3, 0, 0, 1, 0, 1, 0, K), np.full(K, 10**6, dtype=np.int32)

@@ -6,7 +6,6 @@ in a subprocess of its own against a server in this process.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,26 +19,7 @@ from google.rpc import code_pb2, status_pb2
 from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
-from emulation.softswitch.p4runtime_server import serve
-from emulation.softswitch.pipeline import SoftSwitch
-
 P4INFO = Path(__file__).resolve().parent.parent / "p4src" / "switchreduce.p4info.txtpb"
-K = 256  # the K the committed P4Info was compiled for
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def server():
-    switch = SoftSwitch(k=K)
-    address = f"127.0.0.1:{_free_port()}"
-    grpc_server = serve(switch, address)
-    yield switch, address
-    grpc_server.stop(grace=None)
 
 
 def _shell(address: str, tmp_path: Path, body: str) -> subprocess.CompletedProcess:
@@ -60,8 +40,8 @@ def _shell(address: str, tmp_path: Path, body: str) -> subprocess.CompletedProce
     )
 
 
-def test_shell_inserts_reads_and_deletes_table_entries(server, tmp_path) -> None:
-    switch, address = server
+def test_shell_inserts_reads_and_deletes_table_entries(programmable_switch, tmp_path) -> None:
+    switch, address = programmable_switch.switch, programmable_switch.p4runtime
     done = _shell(
         address,
         tmp_path,
@@ -96,8 +76,10 @@ def test_shell_inserts_reads_and_deletes_table_entries(server, tmp_path) -> None
     assert switch.ingress.jobs.entries == {}
 
 
-def test_shell_writes_and_reads_multicast_groups_and_counters(server, tmp_path) -> None:
-    switch, address = server
+def test_shell_writes_and_reads_multicast_groups_and_counters(
+    programmable_switch, tmp_path
+) -> None:
+    switch, address = programmable_switch.switch, programmable_switch.p4runtime
     switch.ingress.drops.count(3, 100)
     done = _shell(
         address,
@@ -147,49 +129,46 @@ def _arbitrate(stub, election_low: int) -> _Session:
     return _Session(stream, next(stream), close)
 
 
+def _pipeline_request(
+    election_low: int, p4info: p4info_pb2.P4Info | None = None
+) -> p4runtime_pb2.SetForwardingPipelineConfigRequest:
+    request = p4runtime_pb2.SetForwardingPipelineConfigRequest(
+        device_id=0, action=p4runtime_pb2.SetForwardingPipelineConfigRequest.VERIFY_AND_COMMIT
+    )
+    request.election_id.low = election_low
+    request.config.p4info.CopyFrom(p4info or _p4info())
+    return request
+
+
 def _p4info() -> p4info_pb2.P4Info:
     from google.protobuf import text_format
 
     return text_format.Parse(P4INFO.read_text(), p4info_pb2.P4Info())
 
 
-def test_only_the_primary_may_write(server) -> None:
-    _, address = server
+def test_only_the_primary_may_write(programmable_switch) -> None:
+    address = programmable_switch.p4runtime
     primary, backup = _stub(address), _stub(address)
     first = _arbitrate(primary, election_low=10)
     assert first.reply.arbitration.status.code == code_pb2.OK
     second = _arbitrate(backup, election_low=5)
     assert second.reply.arbitration.status.code == code_pb2.ALREADY_EXISTS
     try:
-        request = p4runtime_pb2.SetForwardingPipelineConfigRequest(
-            device_id=0,
-            action=p4runtime_pb2.SetForwardingPipelineConfigRequest.VERIFY_AND_COMMIT,
-        )
-        request.election_id.low = 5
-        request.config.p4info.CopyFrom(_p4info())
         with pytest.raises(grpc.RpcError) as denied:
-            backup.SetForwardingPipelineConfig(request)
+            backup.SetForwardingPipelineConfig(_pipeline_request(election_low=5))
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        request.election_id.low = 10
-        primary.SetForwardingPipelineConfig(request)
+        primary.SetForwardingPipelineConfig(_pipeline_request(election_low=10))
     finally:
         first.close.set()
         second.close.set()
 
 
-def test_a_bad_batch_reports_one_error_per_update(server) -> None:
-    _, address = server
+def test_a_bad_batch_reports_one_error_per_update(programmable_switch) -> None:
+    address = programmable_switch.p4runtime
     stub = _stub(address)
     session = _arbitrate(stub, election_low=1)
     try:
-        info = _p4info()
-        config = p4runtime_pb2.SetForwardingPipelineConfigRequest(
-            device_id=0,
-            action=p4runtime_pb2.SetForwardingPipelineConfigRequest.VERIFY_AND_COMMIT,
-        )
-        config.election_id.low = 1
-        config.config.p4info.CopyFrom(info)
-        stub.SetForwardingPipelineConfig(config)
+        stub.SetForwardingPipelineConfig(_pipeline_request(election_low=1))
         group = p4runtime_pb2.Update(type=p4runtime_pb2.Update.INSERT)
         group.entity.packet_replication_engine_entry.multicast_group_entry.multicast_group_id = 9
         missing = p4runtime_pb2.Update(type=p4runtime_pb2.Update.DELETE)
@@ -211,8 +190,8 @@ def test_a_bad_batch_reports_one_error_per_update(server) -> None:
         session.close.set()
 
 
-def test_a_p4info_for_another_k_is_refused(server) -> None:
-    switch, address = server
+def test_a_p4info_for_another_k_is_refused(programmable_switch) -> None:
+    switch, address = programmable_switch.switch, programmable_switch.p4runtime
     stub = _stub(address)
     session = _arbitrate(stub, election_low=1)
     try:
@@ -220,14 +199,8 @@ def test_a_p4info_for_another_k_is_refused(server) -> None:
         for register in info.registers:
             if register.preamble.name == "SwitchReduceIngress.value":
                 register.size = 2 * switch.ingress.pool_size * 64
-        request = p4runtime_pb2.SetForwardingPipelineConfigRequest(
-            device_id=0,
-            action=p4runtime_pb2.SetForwardingPipelineConfigRequest.VERIFY_AND_COMMIT,
-        )
-        request.election_id.low = 1
-        request.config.p4info.CopyFrom(info)
         with pytest.raises(grpc.RpcError) as refused:
-            stub.SetForwardingPipelineConfig(request)
+            stub.SetForwardingPipelineConfig(_pipeline_request(election_low=1, p4info=info))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "another K" in refused.value.details()
     finally:

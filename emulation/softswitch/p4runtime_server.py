@@ -53,6 +53,16 @@ def _to_bytes(value: int) -> bytes:
     return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
 
 
+def _in_switch(objects: dict, name: str, kind: str):
+    """The soft switch's object of that P4 name, or INVALID_ARGUMENT: another program's P4Info."""
+    found = objects.get(name)
+    if found is None:
+        raise P4RuntimeError(
+            code_pb2.INVALID_ARGUMENT, f"P4Info {kind} {name} is not in this switch"
+        )
+    return found
+
+
 class _Pipeline:
     """The P4Info pushed by the controller, resolved against the soft switch's objects."""
 
@@ -65,12 +75,7 @@ class _Pipeline:
         self.actions: dict[int, p4info_pb2.Action] = {a.preamble.id: a for a in info.actions}
         self.action_ids = {a.preamble.name: a.preamble.id for a in info.actions}
         for table in info.tables:
-            soft = tables.get(table.preamble.name)
-            if soft is None:
-                raise P4RuntimeError(
-                    code_pb2.INVALID_ARGUMENT,
-                    f"P4Info table {table.preamble.name} is not in this switch",
-                )
+            soft = _in_switch(tables, table.preamble.name, "table")
             keys = tuple(f.name for f in table.match_fields)
             if keys != soft.key_fields:
                 raise P4RuntimeError(
@@ -80,13 +85,9 @@ class _Pipeline:
             self.tables[table.preamble.id] = (soft, table)
         self.counters: dict[int, Counter] = {}
         for counter in info.counters:
-            soft = counters.get(counter.preamble.name)
-            if soft is None:
-                raise P4RuntimeError(
-                    code_pb2.INVALID_ARGUMENT,
-                    f"P4Info counter {counter.preamble.name} is not in this switch",
-                )
-            self.counters[counter.preamble.id] = soft
+            self.counters[counter.preamble.id] = _in_switch(
+                counters, counter.preamble.name, "counter"
+            )
         for register in info.registers:
             if register.preamble.name == "SwitchReduceIngress.value":
                 expected = 2 * switch.ingress.pool_size * switch.k
