@@ -53,8 +53,8 @@ MAX_SLOTS = 1 << 15
 EXPONENT_NONE = 0
 #: Bias of the exponent byte: byte = e + EXPONENT_BIAS for blocks with max|x| < 2**e.
 EXPONENT_BIAS = 127
-EXPONENT_MIN = 1 - EXPONENT_BIAS  # -126: float32's smallest normal exponent
-EXPONENT_MAX = 255 - EXPONENT_BIAS  # 128: covers float32's largest finite value
+#: -126, float32's smallest normal exponent; the largest, 128 (max|x| < 2**128), is byte 255.
+EXPONENT_MIN = 1 - EXPONENT_BIAS
 
 ELEMENT_DTYPE = np.dtype(">i4")
 ELEMENT_BYTES = ELEMENT_DTYPE.itemsize

@@ -29,10 +29,6 @@ class FaultSpec:
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} probability must be in [0, 1), got {value}")
 
-    @property
-    def active(self) -> bool:
-        return bool(self.loss or self.duplicate or self.reorder)
-
 
 @dataclass
 class FaultStats:

@@ -38,8 +38,6 @@ from switchreduce import wire
 POOL_SIZE = 4096
 #: Largest job id the per-job counters index.
 MAX_JOBS = 256
-#: Multicast groups the replication engine holds.
-MAX_MCAST_GROUPS = 1024
 
 
 class DropReason(IntEnum):
