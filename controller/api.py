@@ -42,8 +42,11 @@ class Registry:
     """Collects ranks into jobs and admits each job when it is complete."""
 
     def __init__(self, jobs: JobTable, k: int, slot_count: int, switch: str,
-                 timeout: float = 30.0) -> None:  # fmt: skip
+                 timeout: float = 30.0,
+                 attachments: dict[str, tuple[int, int]] | None = None) -> None:  # fmt: skip
         self.jobs = jobs
+        #: Where each host is attached (IP -> (MAC, switch port)): workers cannot know it.
+        self.attachments = attachments
         self.k = k
         self.slot_count = slot_count
         self.switch = switch
@@ -54,6 +57,11 @@ class Registry:
     def register(self, job_id: int, world_size: int, member: Member, k: int) -> dict:
         if k != self.k:
             raise AdmissionError(f"the switch runs K={self.k}, the worker asked for K={k}")
+        if self.attachments is not None:
+            if member.ip not in self.attachments:
+                raise AdmissionError(f"{member.ip} is not a host attached to this switch")
+            mac, port = self.attachments[member.ip]
+            member = Member(member.rank, member.ip, member.udp_port, mac, port)
         with self._lock:
             if job_id in self.jobs.jobs:
                 raise _Conflict(f"job {job_id} is already running")

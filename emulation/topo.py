@@ -27,6 +27,10 @@ SWITCH_IP = "10.0.0.254"
 SWITCH_MAC = "02:00:00:00:00:fe"
 WORKER_UDP_PORT = 40000
 GLOO_PORT = 29500
+#: With a controller, host c0 runs it on the port after the workers'.
+CONTROLLER_IP = "10.0.0.253"
+CONTROLLER_MAC = "02:00:00:00:00:fd"
+CONTROLLER_HTTP_PORT = 9000
 MAX_HOSTS = 32  # one rank per host, and ranks are bitmap bits
 
 
@@ -71,6 +75,8 @@ class TopoOptions:
     k: int = wire.MAX_K_STANDARD_MTU  # veth MTU is 1500
     slots: int = 64
     job_id: int = 1
+    #: Run the controller on host c0 (workers register with it) instead of a static job.
+    controller: bool = False
     run_dir: Path = field(default_factory=lambda: Path("runs") / "topo")
 
     def __post_init__(self) -> None:
@@ -102,25 +108,32 @@ class TopoOptions:
         return params
 
 
-def _switch_job_args(options: TopoOptions) -> list[str]:
-    """The static job and forwarding entries for the star: rank r is host r+1 on port r+1."""
-    n = options.workers
-    args = [
-        "--job",
-        str(options.job_id),
-        "--world-size",
-        str(n),
-        "--k",
-        str(options.k),
-        "--slots",
-        str(options.slots),
-        "--loss",
-        str(options.switch_loss),
-    ]
-    for rank in range(n):
+def _stations(options: TopoOptions) -> list[tuple[str, str, str, int]]:
+    """(name, IP, MAC, switch port) of every host: the workers, then c0 with a controller."""
+    out = [(f"h{i}", host_ip(i), host_mac(i), i) for i in range(1, options.workers + 1)]
+    if options.controller:
+        out.append(("c0", CONTROLLER_IP, CONTROLLER_MAC, options.workers + 1))
+    return out
+
+
+def _p4runtime_socket(options: TopoOptions) -> str:
+    """The switch node's P4Runtime address: a Unix socket, reachable across namespaces."""
+    return f"unix:{(options.run_dir / 's1-p4runtime.sock').resolve()}"
+
+
+def _switch_args(options: TopoOptions) -> list[str]:
+    """Forwarding for every host, and either a P4Runtime socket for the controller or the
+    static job (rank r is host r+1 on port r+1)."""
+    args = ["--k", str(options.k), "--slots", str(options.slots),
+            "--loss", str(options.switch_loss)]  # fmt: skip
+    for _, _, mac, port in _stations(options):
+        args.append(f"--route={mac}={port}")
+    if options.controller:
+        return [*args, "--p4runtime", _p4runtime_socket(options)]
+    args += ["--job", str(options.job_id), "--world-size", str(options.workers)]
+    for rank in range(options.workers):
         i = rank + 1
         args.append(f"--worker={rank}={host_ip(i)}:{WORKER_UDP_PORT}@{i}/{host_mac(i)}")
-        args.append(f"--route={host_mac(i)}={i}")
     return args
 
 
@@ -135,6 +148,7 @@ class Emulation:
     def __init__(self, options: TopoOptions) -> None:
         self.options = options
         self.net = None
+        self.controller: subprocess.Popen | None = None
 
     def __enter__(self) -> Emulation:
         from mininet.link import TCLink
@@ -153,9 +167,9 @@ class Emulation:
         class Star(Topo):
             def build(self) -> None:
                 switch = self.addSwitch("s1")
-                for i in range(1, options.workers + 1):
-                    host = self.addHost(f"h{i}", ip=f"{host_ip(i)}/24", mac=host_mac(i))
-                    self.addLink(host, switch, port2=i, **options.link_params())
+                for name, ip, mac, port in _stations(options):
+                    host = self.addHost(name, ip=f"{ip}/24", mac=mac)
+                    self.addLink(host, switch, port2=port, **options.link_params())
 
         switch_cls = _soft_switch_node(options)
         self.net = Mininet(
@@ -173,9 +187,9 @@ class Emulation:
                 host.cmd("sysctl -qw net.ipv6.conf.all.disable_ipv6=1")
                 for intf in host.intfList():
                     _quiet_interface(host, intf.name)
-                for other in range(1, options.workers + 1):
+                for _, ip, mac, _ in _stations(options):
                     host.cmd(
-                        f"ip neigh replace {host_ip(other)} lladdr {host_mac(other)} "
+                        f"ip neigh replace {ip} lladdr {mac} "
                         f"dev {host.defaultIntf().name} nud permanent"
                     )
                 host.cmd(
@@ -183,49 +197,77 @@ class Emulation:
                     f"dev {host.defaultIntf().name} nud permanent"
                 )
             self.net.start()
+            if options.controller:
+                self.controller = self._start_controller()
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.controller is not None:
+            _stop(self.controller)
+            self.controller = None
         if self.net is not None:
             self.net.stop()
             self.net = None
 
     @property
     def hosts(self) -> list:
-        return self.net.hosts
+        """The worker hosts h1..hN (not the controller's host)."""
+        return [host for host in self.net.hosts if host.name.startswith("h")]
+
+    def _start_controller(self) -> subprocess.Popen:
+        options = self.options
+        log_path = options.run_dir / "controller.log"
+        cmd = [sys.executable, "-m", "switchreduce.cli", "controller",
+               "--p4runtime", _p4runtime_socket(options),
+               "--data-plane", f"{SWITCH_IP}:{wire.DEFAULT_SWITCH_PORT}",
+               "--listen", f"{CONTROLLER_IP}:{CONTROLLER_HTTP_PORT}",
+               "--k", str(options.k), "--slots", str(options.slots),
+               *(f"--host={ip}={mac}@{port}" for name, ip, mac, port in _stations(options)
+                 if name != "c0")]  # fmt: skip
+        with log_path.open("w") as log:
+            proc = self.net.get("c0").popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _wait_for(proc, log_path, "controller http://", "the controller")
+        return proc
 
     def ping_all(self) -> float:
         """Mininet's pingAll: percentage of pings lost between every pair of hosts."""
         return self.net.pingAll(timeout="1")
 
-    def allreduce(
+    def start_workers(
         self,
         elements: int,
         dtype: str = "float32",
         timeout: float = 30.0,
         seed: int = 0,
         backend: str = "switch",
-    ) -> list[dict]:
-        """Every host runs ``switchreduce worker`` as its rank; their JSON reports.
+        hosts: list | None = None,
+        job_id: int | None = None,
+    ) -> list[subprocess.Popen]:
+        """Start ``switchreduce worker`` on ``hosts`` (default: all) as ranks 0, 1, ...
 
-        ``backend="gloo"`` runs the same tensor through torch.distributed's gloo
+        They wait at a start line until ``release``; ``reports`` gathers what they found.
+        With ``backend="gloo"`` the same tensor goes through torch.distributed's gloo
         between the same hosts instead: the baseline the switch is measured against.
         """
         options = self.options
-        job = ["--job", str(options.job_id), "--world-size", str(options.workers)]
-        data = ["--elements", str(elements), "--dtype", dtype, "--seed", str(seed)]
-        window = ["--k", str(options.k), "--slots", str(options.slots)]
+        hosts = self.hosts if hosts is None else hosts
+        job_id = options.job_id if job_id is None else job_id
+        if options.controller:
+            where = ["--controller", f"http://{CONTROLLER_IP}:{CONTROLLER_HTTP_PORT}"]
+        else:
+            where = ["--switch", f"{SWITCH_IP}:{wire.DEFAULT_SWITCH_PORT}"]
         procs = []
-        for rank, host in enumerate(self.hosts):
+        for rank, host in enumerate(hosts):
             cmd = [
                 *(sys.executable, "-m", "switchreduce.cli", "worker", "--backend", backend),
-                *("--switch", f"{SWITCH_IP}:{wire.DEFAULT_SWITCH_PORT}"),
-                *("--master", f"{host_ip(1)}:{GLOO_PORT}"),
-                *("--bind", f"{host_ip(rank + 1)}:{WORKER_UDP_PORT}"),
-                *job, "--rank", str(rank), *window, *data,
+                *where, "--master", f"{hosts[0].IP()}:{GLOO_PORT}",
+                *("--bind", f"{host.IP()}:{WORKER_UDP_PORT}"),
+                *("--job", str(job_id), "--rank", str(rank), "--world-size", str(len(hosts))),
+                *("--k", str(options.k), "--slots", str(options.slots)),
+                *("--elements", str(elements), "--dtype", dtype, "--seed", str(seed)),
                 *("--timeout", str(timeout), "--wait-for-go"),
             ]  # fmt: skip
             # gloo binds the hostname's address unless told the interface: unreachable here.
@@ -234,13 +276,23 @@ class Emulation:
                 host.popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=env)
             )  # fmt: skip
+        return procs
+
+    @staticmethod
+    def release(procs: list[subprocess.Popen]) -> None:
+        """Wait until every worker is ready (registered, with a controller), then start them."""
+        for proc in procs:
+            if proc.stdout.readline().strip() != "ready":
+                _kill_all(procs)
+                raise EmulationError(f"a worker failed to start: {proc.stderr.read()[-2000:]}")
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+
+    @staticmethod
+    def reports(procs: list[subprocess.Popen], timeout: float = 30.0) -> list[dict]:
+        """Every released worker's JSON report."""
         try:
-            for proc in procs:
-                if proc.stdout.readline().strip() != "ready":
-                    raise EmulationError(f"a worker failed to start: {proc.stderr.read()[-2000:]}")
-            for proc in procs:
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
             reports = []
             for proc in procs:
                 out, err = proc.communicate(timeout=timeout * 4 + 60)
@@ -250,10 +302,41 @@ class Emulation:
                 reports.append(json.loads(lines[-1]))
             return reports
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            _kill_all(procs)
+
+    def allreduce(self, elements: int, dtype: str = "float32", timeout: float = 30.0,
+                  seed: int = 0, backend: str = "switch") -> list[dict]:  # fmt: skip
+        """One job over all worker hosts; every rank's report."""
+        procs = self.start_workers(elements, dtype, timeout, seed, backend)
+        self.release(procs)
+        return self.reports(procs, timeout)
+
+
+def _wait_for(proc: subprocess.Popen, log_path: Path, marker: str, what: str) -> None:
+    """Wait until ``marker`` shows in the process's log; fail with the log's tail otherwise."""
+    deadline = time.monotonic() + 30
+    while marker not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise EmulationError(f"{what} did not start:\n{log_path.read_text()[-2000:]}")
+        time.sleep(0.05)
+
+
+def _kill_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process we started, by PID: politely, then for sure."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _soft_switch_node(options: TopoOptions):
@@ -277,26 +360,15 @@ def _soft_switch_node(options: TopoOptions):
                 "switchreduce.cli",
                 "switch",
                 *(f"--raw={port}={name}" for port, name in sorted(ports.items())),
-                *_switch_job_args(options),
+                *_switch_args(options),
             ]
             self.log = self.log_path.open("w")
             self.proc = self.popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + 30
-            while "serving" not in self.log_path.read_text():
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    tail = self.log_path.read_text()[-2000:]
-                    raise EmulationError(f"soft switch {self.name} did not start:\n{tail}")
-                time.sleep(0.05)
+            _wait_for(self.proc, self.log_path, "serving", f"soft switch {self.name}")
 
         def stop(self, deleteIntfs: bool = True) -> None:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
             if self.proc is not None:
+                _stop(self.proc)
                 self.log.close()
             super().stop(deleteIntfs)
 

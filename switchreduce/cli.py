@@ -27,6 +27,14 @@ def _address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _grpc_address(text: str) -> str:
+    """A gRPC target: HOST:PORT, or unix:PATH (which crosses network namespaces)."""
+    if text.startswith("unix:"):
+        return text
+    host, port = _address(text)
+    return f"{host}:{port}"
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -82,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     switch.add_argument(
         "--p4runtime",
-        type=_address,
-        metavar="HOST:PORT",
+        type=_grpc_address,
+        metavar="HOST:PORT|unix:PATH",
         help="serve P4Runtime here for a controller, as simple_switch_grpc",
     )
     switch.add_argument("--device-id", type=int, default=0, help="P4Runtime device id")
@@ -147,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl = sub.add_parser("controller", help="admit jobs onto a switch over P4Runtime")
     ctl.add_argument(
-        "--p4runtime", type=_address, required=True, help="the switch's P4Runtime server, HOST:PORT"
+        "--p4runtime",
+        type=_grpc_address,
+        required=True,
+        help="the switch's P4Runtime server, HOST:PORT or unix:PATH",
     )
     ctl.add_argument(
         "--data-plane",
@@ -160,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_address,
         default=("127.0.0.1", 9000),
         help="the registration API, HOST:PORT",
+    )
+    ctl.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="IP=MAC@PORT",
+        help="where a worker host is attached (raw mode); only these hosts may register",
     )
     ctl.add_argument("--device-id", type=int, default=0)
     ctl.add_argument("--election-id", type=int, default=1)
@@ -252,9 +270,8 @@ def run_switch(args: argparse.Namespace) -> int:
     if args.p4runtime is not None:
         from emulation.softswitch.p4runtime_server import serve
 
-        host, port = args.p4runtime
-        grpc_server = serve(switch, f"{host}:{port}", args.device_id)
-        print(f"p4runtime {host}:{port}", flush=True)
+        grpc_server = serve(switch, args.p4runtime, args.device_id)
+        print(f"p4runtime {args.p4runtime}", flush=True)
     faults = FaultSpec(args.loss, args.duplicate, args.reorder, args.seed)
     if args.raw:
         routes = dict(_pair(spec, parse_mac, int) for spec in args.route)
@@ -282,8 +299,7 @@ def run_controller(args: argparse.Namespace) -> int:
     from controller.connection import SwitchConnection
     from controller.jobs import JobTable
 
-    host, port = args.p4runtime
-    conn = SwitchConnection(f"{host}:{port}", args.device_id, args.election_id)
+    conn = SwitchConnection(args.p4runtime, args.device_id, args.election_id)
     jobs = JobTable(conn)
     if conn.installed_p4info() == conn.p4info:
         jobs.recover()  # a restarted controller: the switch keeps running its jobs
@@ -292,8 +308,9 @@ def run_controller(args: argparse.Namespace) -> int:
         config = Path(args.device_config).read_bytes() if args.device_config else b""
         conn.push_pipeline(config)
     data_host, data_port = args.data_plane
+    attachments = dict(_pair(spec, str, _attachment) for spec in args.host) or None
     registry = Registry(jobs, args.k, args.slots, f"{data_host}:{data_port}",
-                        timeout=args.register_timeout)  # fmt: skip
+                        timeout=args.register_timeout, attachments=attachments)  # fmt: skip
     server = make_server(registry, args.listen)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"controller http://{server.server_address[0]}:{server.server_address[1]}", flush=True)
@@ -350,6 +367,14 @@ def run_topo(args: argparse.Namespace) -> int:
         f"retransmissions {sum(r['retransmissions'] for r in reports)}, exact={exact}"
     )
     return 0 if exact and lost == 0 else 1
+
+
+def _attachment(text: str) -> tuple[int, int]:
+    """``MAC@PORT`` -> (MAC as an integer, switch port)."""
+    from emulation.softswitch.static import parse_mac
+
+    mac, _, port = text.partition("@")
+    return parse_mac(mac), int(port)
 
 
 def _pair(spec: str, parse_key, parse_value) -> tuple:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
 from emulation.errors import EmulationError
-from emulation.topo import Emulation, TopoOptions, netem_available
+from emulation.topo import SWITCH_IP, Emulation, TopoOptions, netem_available
 from switchreduce import wire
 
 pytestmark = pytest.mark.requires_root
@@ -96,3 +97,34 @@ def test_gloo_baseline_runs_between_the_hosts(tmp_path, no_leftovers) -> None:
         reports = emu.allreduce(100_000, backend="gloo", timeout=60)
     assert [r["backend"] for r in reports] == ["gloo", "gloo"]
     assert max(r["max_abs_error"] for r in reports) < 1e-5
+
+
+SPOOF = """
+import socket, sys
+import numpy as np
+from switchreduce import wire
+header = wire.Header(wire.MsgType.DATA, 3, 0, 0, 1, 0, 1, 0, {k})  # job 3, rank 0: not ours
+packet = wire.encode(header, np.full({k}, 10**6, dtype=np.int32))
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("{ip}", 0))
+for _ in range({count}):
+    sock.sendto(packet, ("{switch}", {port}))
+"""
+
+
+def test_a_controller_runs_two_jobs_while_a_host_forges_packets(tmp_path, no_leftovers) -> None:
+    """Controller on c0 (P4Runtime over a Unix socket); jobs 3 and 4 register with it."""
+    options = TopoOptions(workers=8, controller=True, run_dir=tmp_path)
+    with Emulation(options) as emu:
+        hosts = emu.hosts
+        job3 = emu.start_workers(200_000, dtype="int32", hosts=hosts[0:3], job_id=3)
+        job4 = emu.start_workers(200_000, dtype="int32", hosts=hosts[3:7], job_id=4, seed=1)
+        Emulation.release(job3 + job4)  # both jobs admitted and running
+        forger = hosts[7].popen([sys.executable, "-c", SPOOF.format(
+            k=options.k, ip=hosts[7].IP(), count=300, switch=SWITCH_IP,
+            port=wire.DEFAULT_SWITCH_PORT)])  # fmt: skip
+        reports = Emulation.reports(job3 + job4)
+        assert forger.wait(timeout=30) == 0
+        switch = emu.net.switches[0]
+    assert all(r["exact"] for r in reports) and len(reports) == 7
+    assert switch.report()["drops"]["unbound_worker"] == 300
