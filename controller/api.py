@@ -8,7 +8,9 @@ POST   /v1/jobs/{job_id}/workers   {"rank", "world_size", "ip", "udp_port", "k"[
     time (the registration is then withdrawn).
 DELETE /v1/jobs/{job_id}           release the job: every entry it installed goes.
 GET    /v1/jobs                    {"jobs": admitted jobs with the switch's per-job counters,
-                                    "pending": {job id: ranks registered so far}}
+                                    "pending": {job id: ranks registered so far},
+                                    "drops": the switch's drops by reason (switch-wide:
+                                    most reasons, an unknown job say, belong to no job)}
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from controller.errors import AdmissionError, ControllerError
 from controller.jobs import Job, JobTable, Member, replica_id
+from switchreduce.wire import DropReason
 
 _WORKERS = re.compile(r"^/v1/jobs/(\d+)/workers$")
 _JOB = re.compile(r"^/v1/jobs/(\d+)$")
@@ -119,7 +122,11 @@ class Registry:
                 record["replica_ids"] = [replica_id(job.job_id, m.rank) for m in job.members]
                 record["packets"] = stats
                 out.append(record)
-        return {"jobs": out, "pending": pending}
+            drops = {
+                reason.name.lower(): conn.read_counter("SwitchReduceIngress.drops", reason)[0]
+                for reason in DropReason
+            }
+        return {"jobs": out, "pending": pending, "drops": drops}
 
 
 class _Conflict(ControllerError):

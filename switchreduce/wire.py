@@ -92,6 +92,19 @@ class MsgType(IntEnum):
     RESULT = 2
 
 
+class DropReason(IntEnum):
+    """Why a switch dropped a packet: the index of its ``drops`` counter (P4: DROP_*)."""
+
+    BAD_HEADER = 0
+    UNKNOWN_JOB = 1
+    RANK_OUT_OF_RANGE = 2
+    SLOT_OUT_OF_RANGE = 3
+    UNBOUND_WORKER = 4
+    DUPLICATE = 5
+    STALE = 6
+    NO_ROUTE = 7
+
+
 class WireError(ValueError):
     """A buffer is not a well-formed SwitchReduce packet."""
 

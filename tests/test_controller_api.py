@@ -54,6 +54,7 @@ def test_registered_workers_allreduce_exactly_and_the_job_is_released(controller
     assert all(check(results[r], inputs, K).exact for r in range(world_size))
     status = json.load(urllib.request.urlopen(f"{url}/v1/jobs"))
     assert [job["job_id"] for job in status["jobs"]] == [11]
+    assert set(status["drops"]) >= {"unbound_worker", "stale", "duplicate"}
     assert status["jobs"][0]["packets"]["results"] >= 50_000 // K
     request = urllib.request.Request(f"{url}/v1/jobs/11", method="DELETE")
     assert json.load(urllib.request.urlopen(request)) == {"released": 11}

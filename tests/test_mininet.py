@@ -100,7 +100,7 @@ def test_gloo_baseline_runs_between_the_hosts(tmp_path, no_leftovers) -> None:
 
 
 SPOOF = """
-import socket, sys
+import socket, sys, time
 import numpy as np
 from switchreduce import wire
 header = wire.Header(wire.MsgType.DATA, 3, 0, 0, 1, 0, 1, 0, {k})  # job 3, rank 0: not ours
@@ -109,6 +109,7 @@ sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind(("{ip}", 0))
 for _ in range({count}):
     sock.sendto(packet, ("{switch}", {port}))
+    time.sleep(0.001)  # paced: a burst could overflow the link's queue, which is not the point
 """
 
 

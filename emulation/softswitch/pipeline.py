@@ -33,24 +33,12 @@ import numpy as np
 
 from emulation.softswitch.tables import Action, ActionCall, Counter, ExactTable, Register
 from switchreduce import wire
+from switchreduce.wire import DropReason
 
 #: Slots in the pool shared by all jobs (the P4 program's POOL_SIZE).
 POOL_SIZE = 4096
 #: Largest job id the per-job counters index.
 MAX_JOBS = 256
-
-
-class DropReason(IntEnum):
-    """Index of the ``drops`` counter; the P4 program defines the same numbers."""
-
-    BAD_HEADER = 0
-    UNKNOWN_JOB = 1
-    RANK_OUT_OF_RANGE = 2
-    SLOT_OUT_OF_RANGE = 3
-    UNBOUND_WORKER = 4
-    DUPLICATE = 5
-    STALE = 6
-    NO_ROUTE = 7
 
 
 class JobStat(IntEnum):
