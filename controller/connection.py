@@ -41,12 +41,12 @@ class TableEntry:
     params: dict[str, int]
 
 
-def _encode(value: int) -> bytes:
-    """P4Runtime's canonical bytes: big-endian without leading zeros."""
+def encode_value(value: int) -> bytes:
+    """P4Runtime's canonical bytes: big-endian, no leading zero bytes (zero is one byte)."""
     return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
 
 
-def _decode(data: bytes) -> int:
+def decode_value(data: bytes) -> int:
     return int.from_bytes(data, "big")
 
 
@@ -265,7 +265,7 @@ class _NameIndex:
             raise KeyError(f"{entry.table} has no match fields {sorted(unknown)}")
         for name, value in entry.match.items():
             match = out.match.add(field_id=fields[name].id)
-            match.exact.value = _encode(value)
+            match.exact.value = encode_value(value)
         action = self.actions.get(entry.action)
         if action is None:
             raise KeyError(f"no action {entry.action!r} in the P4Info")
@@ -274,7 +274,7 @@ class _NameIndex:
         if set(entry.params) != set(params):
             raise KeyError(f"{entry.action} takes {sorted(params)}, got {sorted(entry.params)}")
         for name, value in entry.params.items():
-            out.action.action.params.add(param_id=params[name].id, value=_encode(value))
+            out.action.action.params.add(param_id=params[name].id, value=encode_value(value))
         return out
 
     def from_table_entry(self, entry: p4runtime_pb2.TableEntry) -> TableEntry:
@@ -284,7 +284,7 @@ class _NameIndex:
         params = {p.id: p.name for p in action.params}
         return TableEntry(
             table.preamble.name,
-            {fields[m.field_id]: _decode(m.exact.value) for m in entry.match},
+            {fields[m.field_id]: decode_value(m.exact.value) for m in entry.match},
             action.preamble.name,
-            {params[p.param_id]: _decode(p.value) for p in entry.action.action.params},
+            {params[p.param_id]: decode_value(p.value) for p in entry.action.action.params},
         )

@@ -21,6 +21,7 @@ from google.rpc import code_pb2, status_pb2
 from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
+from controller.connection import decode_value, encode_value
 from emulation.errors import TableError
 from emulation.softswitch.pipeline import SoftSwitch
 from emulation.softswitch.tables import ActionCall, Counter, ExactTable
@@ -42,15 +43,6 @@ _TABLE_ERROR_CODES = {
     "RESOURCE_EXHAUSTED": code_pb2.RESOURCE_EXHAUSTED,
     "INVALID_ARGUMENT": code_pb2.INVALID_ARGUMENT,
 }
-
-
-def _to_int(data: bytes) -> int:
-    return int.from_bytes(data, "big")
-
-
-def _to_bytes(value: int) -> bytes:
-    """P4Runtime's canonical form: big-endian, no leading zero bytes (zero is one byte)."""
-    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
 
 
 def _in_switch(objects: dict, name: str, kind: str):
@@ -120,7 +112,7 @@ class _Pipeline:
                     code_pb2.INVALID_ARGUMENT,
                     f"{info.preamble.name}: needs an exact match on {field.name}",
                 )
-            value = _to_int(match.exact.value)
+            value = decode_value(match.exact.value)
             if value >> field.bitwidth:
                 raise P4RuntimeError(
                     code_pb2.OUT_OF_RANGE,
@@ -147,7 +139,7 @@ class _Pipeline:
                     code_pb2.INVALID_ARGUMENT,
                     f"{spec.preamble.name}: missing parameter {param.name}",
                 )
-            value = _to_int(given.value)
+            value = decode_value(given.value)
             if value >> param.bitwidth:
                 raise P4RuntimeError(
                     code_pb2.OUT_OF_RANGE,
@@ -161,11 +153,11 @@ class _Pipeline:
         if not default:
             for field, value in zip(info.match_fields, key, strict=True):
                 match = out.match.add(field_id=field.id)
-                match.exact.value = _to_bytes(value)
+                match.exact.value = encode_value(value)
         action_id = self.action_ids[call.name]
         out.action.action.action_id = action_id
         for param, value in zip(self.actions[action_id].params, call.args, strict=True):
-            out.action.action.params.add(param_id=param.id, value=_to_bytes(value))
+            out.action.action.params.add(param_id=param.id, value=encode_value(value))
         return out
 
 
@@ -321,7 +313,9 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
         if kind == p4runtime_pb2.Update.DELETE:
             del groups[gid]
             return
-        replicas = tuple((r.egress_port or _to_int(r.port), r.instance) for r in group.replicas)
+        replicas = tuple(
+            (r.egress_port or decode_value(r.port), r.instance) for r in group.replicas
+        )
         groups[gid] = replicas
 
     # -- read --------------------------------------------------------------------
