@@ -138,6 +138,13 @@ class SwitchConnection:
         request.config.p4_device_config = device_config
         self._call(self._stub.SetForwardingPipelineConfig, request)
 
+    def size_of(self, name: str) -> int:
+        """Cells of the counter or register ``name``, as compiled into the program."""
+        for item in (*self.p4info.counters, *self.p4info.registers):
+            if item.preamble.name == name:
+                return item.size
+        raise KeyError(f"no counter or register {name!r} in the P4Info")
+
     def installed_p4info(self) -> p4info_pb2.P4Info | None:
         """The P4Info the switch runs now, or None if it has no pipeline yet."""
         request = p4runtime_pb2.GetForwardingPipelineConfigRequest(device_id=self.device_id)

@@ -19,10 +19,8 @@ from controller.connection import SwitchConnection, TableEntry
 from controller.errors import AdmissionError, WriteError
 from switchreduce import wire
 
-#: Job ids index the switch's per-job counters (MAX_JOBS in the P4 program).
-MAX_JOB_ID = 255
-#: Slots in the switch's pool (POOL_SIZE in the P4 program).
-POOL_SIZE = 4096
+#: The largest job id whose replica ids (job * MAX_WORKERS + rank) fit egress_rid's 16 bits.
+MAX_REPLICA_JOB_ID = (0xFFFF - (wire.MAX_WORKERS - 1)) // wire.MAX_WORKERS
 
 
 @dataclass(frozen=True)
@@ -46,8 +44,8 @@ class Job:
     members: tuple[Member, ...]
 
     def __post_init__(self) -> None:
-        if not 1 <= self.job_id <= MAX_JOB_ID:
-            raise AdmissionError(f"job id must be 1..{MAX_JOB_ID}, got {self.job_id}")
+        if not 1 <= self.job_id <= MAX_REPLICA_JOB_ID:
+            raise AdmissionError(f"job id must be 1..{MAX_REPLICA_JOB_ID}, got {self.job_id}")
         if self.world_size < 1:
             raise AdmissionError(f"job {self.job_id} has no workers")
         if self.world_size > wire.MAX_WORKERS:
@@ -107,7 +105,7 @@ def job_entries(job: Job) -> tuple[list[TableEntry], tuple[int, list[tuple[int, 
 class SlotPool:
     """First-fit allocation of disjoint slot ranges."""
 
-    def __init__(self, size: int = POOL_SIZE) -> None:
+    def __init__(self, size: int) -> None:
         self.size = size
         self.used: dict[int, int] = {}  # base -> count
 
@@ -133,9 +131,11 @@ class SlotPool:
 class JobTable:
     """The jobs admitted on one switch, kept in the switch's tables and mirrored here."""
 
-    def __init__(self, conn: SwitchConnection, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, conn: SwitchConnection) -> None:
         self.conn = conn
-        self.pool = SlotPool(pool_size)
+        # The program's sizes, from its P4Info: slots in the pool, and job ids it counts.
+        self.pool = SlotPool(conn.size_of("SwitchReduceIngress.slot_generation"))
+        self.max_job_id = conn.size_of("SwitchReduceIngress.aggregated") - 1
         self.jobs: dict[int, Job] = {}
         self.generation = 0
 
@@ -143,6 +143,10 @@ class JobTable:
         """Install a job; on any refusal nothing of it stays on the switch."""
         if job_id in self.jobs:
             raise AdmissionError(f"job {job_id} is already admitted")
+        if not 1 <= job_id <= self.max_job_id:
+            raise AdmissionError(
+                f"job id must be 1..{self.max_job_id} (the switch counts that many), got {job_id}"
+            )
         if not 1 <= slot_count <= wire.MAX_SLOTS:
             raise AdmissionError(f"slot count must be 1..{wire.MAX_SLOTS}, got {slot_count}")
         world_size = len(members)

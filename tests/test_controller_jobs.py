@@ -11,7 +11,7 @@ import pytest
 from controller.connection import SwitchConnection, TableEntry
 from controller.errors import AdmissionError, WriteError
 from controller.jobs import JobTable, Member, replica_id
-from emulation.softswitch.pipeline import DropReason
+from emulation.softswitch.pipeline import DropReason, JobStat
 from switchreduce import wire
 from tests.helpers.net import bound_udp_sockets
 from worker.reference import check, synthetic_tensor
@@ -160,3 +160,16 @@ def test_jobs_survive_a_controller_restart_and_a_spoofer_mid_transfer(programmab
         assert np.array_equal(result, expected)
     assert len(results) == 7
     assert soft.ingress.drops.packets[DropReason.UNBOUND_WORKER] == 200
+
+
+def test_the_pool_and_job_ids_are_the_programs_own(programmable_switch) -> None:
+    """Sizes come from the P4Info, not from constants that could drift from the P4 source."""
+    soft = programmable_switch.switch
+    with SwitchConnection(programmable_switch.p4runtime) as conn:
+        conn.push_pipeline()
+        jobs = JobTable(conn)
+        assert jobs.pool.size == soft.ingress.pool_size
+        assert jobs.max_job_id == soft.ingress.job_stats[JobStat.AGGREGATED].size - 1
+        with pytest.raises(AdmissionError, match=f"job id must be 1..{jobs.max_job_id}"):
+            jobs.admit(jobs.max_job_id + 1, _members(bound_udp_sockets(1)), 8)
+        assert jobs.pool.used == {}

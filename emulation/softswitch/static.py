@@ -12,7 +12,7 @@ import ipaddress
 
 from controller.connection import TableEntry
 from controller.jobs import Job, Member, job_entries
-from emulation.softswitch.pipeline import SoftSwitch
+from emulation.softswitch.pipeline import JobStat, SoftSwitch
 from emulation.softswitch.tables import ActionCall
 
 
@@ -50,6 +50,9 @@ def apply_entry(switch: SoftSwitch, entry: TableEntry) -> None:
 
 
 def install_static_job(switch: SoftSwitch, job: Job) -> None:
+    counted = switch.ingress.job_stats[JobStat.AGGREGATED].size
+    if job.job_id >= counted:
+        raise ValueError(f"job id must be 1..{counted - 1} (the switch counts that many)")
     if job.slot_base + job.slot_count > switch.ingress.pool_size:
         raise ValueError(
             f"slots {job.slot_base}..{job.slot_base + job.slot_count - 1} exceed the pool "
