@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from switchreduce import wire
 
 
-def _free_udp_ports(count: int) -> list[int]:
+def free_udp_ports(count: int) -> list[int]:
     """Ports the kernel hands out now on loopback (released before use; fine on one machine)."""
     with ExitStack() as stack:
         socks = [
@@ -40,7 +40,7 @@ def run_allreduce_bench(args: argparse.Namespace) -> int:
     if args.k is None:
         args.k = wire.DEFAULT_K
     n = args.workers
-    ports = _free_udp_ports(n)
+    ports = free_udp_ports(n)
     common = ["--k", str(args.k), "--slots", str(args.slots)]
     switch_cmd = _command(
         "switch",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from switchreduce import wire
+from switchreduce.bench import free_udp_ports
 from worker.reference import check, synthetic_tensor
 from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
@@ -25,20 +26,10 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "switchreduce.cli", *args]
 
 
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_survivors_time_out_naming_missing_chunks_when_a_worker_dies() -> None:
     """Three worker processes; one is killed mid-job; the others raise TimeoutError in time."""
     world_size, timeout = 3, 2.0
-    ports = _free_ports(world_size)
+    ports = free_udp_ports(world_size)
     switch = subprocess.Popen(
         _cli(
             "switch",
