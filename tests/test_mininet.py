@@ -30,8 +30,12 @@ def test_hosts_reach_each_other_and_allreduce_is_exact(tmp_path, no_leftovers) -
     with Emulation(TopoOptions(workers=4, run_dir=tmp_path)) as emu:
         assert emu.ping_all() == 0.0
         reports = emu.allreduce(300_000)
+        switch = emu.net.switches[0]
+    drops = switch.report()["drops"]
     assert all(r["exact"] and r["within_bound"] for r in reports)
-    assert sum(r["retransmissions"] for r in reports) == 0
+    # A loaded 2-core machine may delay a result past the RTO; the spurious
+    # retransmission is then a duplicate or stale at the switch, never anything else.
+    assert {reason for reason, n in drops.items() if n} <= {"duplicate", "stale"}
 
 
 @pytest.mark.requires_netem
