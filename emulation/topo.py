@@ -255,28 +255,36 @@ class Emulation:
         options = self.options
         hosts = self.hosts if hosts is None else hosts
         job_id = options.job_id if job_id is None else job_id
-        if options.controller:
-            where = ["--controller", f"http://{CONTROLLER_IP}:{CONTROLLER_HTTP_PORT}"]
-        else:
-            where = ["--switch", f"{SWITCH_IP}:{wire.DEFAULT_SWITCH_PORT}"]
         procs = []
         for rank, host in enumerate(hosts):
             cmd = [
                 *(sys.executable, "-m", "switchreduce.cli", "worker", "--backend", backend),
-                *where, "--master", f"{hosts[0].IP()}:{GLOO_PORT}",
+                *self.switch_args(), "--master", f"{hosts[0].IP()}:{GLOO_PORT}",
                 *("--bind", f"{host.IP()}:{WORKER_UDP_PORT}"),
                 *("--job", str(job_id), "--rank", str(rank), "--world-size", str(len(hosts))),
                 *("--k", str(options.k), "--slots", str(options.slots)),
                 *("--elements", str(elements), "--dtype", dtype, "--seed", str(seed)),
                 *("--timeout", str(timeout), "--wait-for-go"),
             ]  # fmt: skip
-            # gloo binds the hostname's address unless told the interface: unreachable here.
-            env = dict(os.environ, GLOO_SOCKET_IFNAME=host.defaultIntf().name)
             procs.append(
-                host.popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=env)
+                self.popen(host, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
             )  # fmt: skip
         return procs
+
+    def switch_args(self) -> list[str]:
+        """How a worker on a host finds its job: the controller, or the static job's switch."""
+        if self.options.controller:
+            return ["--controller", f"http://{CONTROLLER_IP}:{CONTROLLER_HTTP_PORT}"]
+        return ["--switch", f"{SWITCH_IP}:{wire.DEFAULT_SWITCH_PORT}"]
+
+    @staticmethod
+    def popen(host, cmd: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+        """Start ``cmd`` on ``host`` with gloo bound to the host's interface (it would bind
+        the machine's hostname address otherwise, unreachable from the namespace)."""
+        env = dict(os.environ if env is None else env,
+                   GLOO_SOCKET_IFNAME=host.defaultIntf().name)  # fmt: skip
+        return host.popen(cmd, env=env, **kwargs)
 
     @staticmethod
     def release(procs: list[subprocess.Popen]) -> None:

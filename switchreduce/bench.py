@@ -10,24 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
-from contextlib import ExitStack
 
 from switchreduce import wire
-
-
-def free_udp_ports(count: int) -> list[int]:
-    """Ports the kernel hands out now on loopback (released before use; fine on one machine)."""
-    with ExitStack() as stack:
-        socks = [
-            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-            for _ in range(count)
-        ]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
+from switchreduce.ports import free_udp_ports
 
 
 def _command(*args: str) -> list[str]:

@@ -1,7 +1,11 @@
 """``switchreduce``: every part of the system starts from here.
 
 switchreduce switch ...           a soft switch in UDP mode
+switchreduce controller ...       admit jobs onto a switch over P4Runtime
 switchreduce worker ...           one rank of a synthetic allreduce job
+switchreduce train CONFIG ...     one rank of a training job (under torchrun or the runner)
+switchreduce run CONFIG           replay an experiment: switch vs gloo, metrics and plots
+switchreduce topo ...             a Mininet star around a switch (root)
 switchreduce bench allreduce ...  a switch and N workers, measured
 """
 
@@ -16,6 +20,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from switchreduce import wire
 
@@ -214,6 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
     topo.add_argument("--run-dir", default="runs/topo", help="where switch logs go")
     _add_job_args(topo)
     topo.set_defaults(k=wire.MAX_K_STANDARD_MTU)
+
+    run = sub.add_parser("run", help="replay an experiment config: train through the switch "
+                         "and with gloo, write metrics, a summary and plots")  # fmt: skip
+    run.add_argument("config", type=Path, help="experiments/configs/*.toml, or a run's config.json")
+    run.add_argument("--runs", type=Path, default=Path("runs"), help="where run directories go")
+
+    train = sub.add_parser("train", help="one rank of a training run (torchrun sets RANK etc.)")
+    train.add_argument("config", type=Path)
+    train.add_argument("--backend", choices=("switch", "gloo"), default="switch")
+    train.add_argument("--switch", type=_address, help="switch HOST:PORT (a static job)")
+    train.add_argument("--controller", help="register with this controller URL instead")
+    train.add_argument("--bind", type=_address, default=("0.0.0.0", 0), help="local HOST:PORT")
+    train.add_argument("--job", type=int, default=1)
+    train.add_argument("--interface", help="count the bytes this interface sends (Mininet host)")
+    train.add_argument("--out", type=Path, default=Path("."), help="where metrics go")
 
     bench = sub.add_parser("bench", help="measure")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -426,19 +446,18 @@ def run_worker(args: argparse.Namespace) -> int:
 def _allreduce_backend(args: argparse.Namespace):
     """(allreduce function, stats object) for the chosen backend, torn down on exit."""
     if args.backend == "switch":
-        from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
+        from worker.errors import WorkerError
+        from worker.registration import join
+        from worker.shim import SwitchCommunicator, WorkerOptions
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(args.bind)
-        if args.controller is not None:
-            from worker.registration import register
-
-            binding = register(args.controller, args.job, args.rank, args.world_size, sock,
-                               args.k, timeout=args.timeout * 6)  # fmt: skip
-        elif args.switch is not None:
-            binding = JobBinding(args.job, args.rank, args.world_size, args.slots, args.switch)
-        else:
-            raise SystemExit("switchreduce worker: give --switch HOST:PORT or --controller URL")
+        try:
+            binding = join(sock, args.job, args.rank, args.world_size, args.k,
+                           switch=args.switch, slots=args.slots, controller=args.controller,
+                           timeout=args.timeout * 6)  # fmt: skip
+        except WorkerError as exc:
+            raise SystemExit(f"switchreduce worker: {exc}") from None
         with SwitchCommunicator(binding, WorkerOptions(k=args.k, timeout=args.timeout),
                                 sock) as comm:  # fmt: skip
             yield comm.allreduce, comm.stats
@@ -485,6 +504,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_topo(args)
     if args.command == "controller":
         return run_controller(args)
+    if args.command == "train":
+        from experiments.train import main as train_main
+
+        return train_main(args)
+    if args.command == "run":
+        from experiments.runner import main as run_main
+
+        return run_main(args)
     from switchreduce.bench import run_allreduce_bench
 
     return run_allreduce_bench(args)

@@ -19,7 +19,8 @@ from emulation.softswitch.static import install_static_job
 from emulation.softswitch.udp import UdpSwitch
 from emulation.topo import netem_available
 from switchreduce import wire
-from tests.helpers.net import bound_udp_sockets, free_tcp_port
+from switchreduce.ports import free_tcp_port
+from tests.helpers.net import bound_udp_sockets
 from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
 _NEEDS = {

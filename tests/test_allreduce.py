@@ -37,6 +37,20 @@ def test_float32_sums_are_within_the_bound_for_any_length(job_factory, length: i
         assert verdict.exact and verdict.within_bound, verdict
 
 
+@pytest.mark.parametrize("bits", [8, 16, 24])
+def test_fewer_precision_bits_coarsen_the_sum_within_their_bound(job_factory, bits: int) -> None:
+    world_size = 4
+    inputs = [synthetic_tensor(3, r, 10_000, "float32") for r in range(world_size)]
+    options = WorkerOptions(k=K, timeout=20.0, precision_bits=bits)
+    with job_factory(world_size, k=K, options=options) as job:
+        results = job.allreduce(inputs)
+    full = check(results[0], inputs, K)
+    for result in results:
+        verdict = check(result, inputs, K, bits)
+        assert verdict.exact and verdict.within_bound, verdict
+    assert not full.exact  # it really is another grid than the 32-bit one
+
+
 def test_successive_calls_of_mixed_dtypes_and_shapes(job_factory) -> None:
     """Slot versions carry over between calls; each call still gets its own exact sum."""
     rng = np.random.default_rng(3)

@@ -10,7 +10,7 @@ from controller.connection import SwitchConnection, TableEntry
 from controller.errors import NotPrimaryError, SwitchUnavailableError, WriteError
 from emulation.softswitch.p4runtime_server import serve
 from emulation.softswitch.pipeline import SoftSwitch
-from tests.helpers.net import free_tcp_port
+from switchreduce.ports import free_tcp_port
 
 JOB = TableEntry(
     "SwitchReduceIngress.jobs",

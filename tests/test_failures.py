@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from switchreduce import wire
-from switchreduce.bench import free_udp_ports
+from switchreduce.ports import free_udp_ports
 from worker.reference import check, synthetic_tensor
 from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 

@@ -27,23 +27,23 @@ def worker_blocks(draw):
     return [draw(hnp.arrays(np.float32, shape, elements=finite_float32)) for _ in range(n)]
 
 
-@settings(max_examples=200, deadline=None)
-@given(worker_blocks())
-def test_sum_never_overflows_and_stays_within_bound(inputs: list[np.ndarray]) -> None:
+@settings(max_examples=300, deadline=None)
+@given(worker_blocks(), st.integers(q.MIN_BITS, q.MAX_BITS))
+def test_sum_never_overflows_and_stays_within_bound(inputs: list[np.ndarray], bits: int) -> None:
     n = len(inputs)
     exps = np.max([q.block_exponents(b) for b in inputs], axis=0)
-    quantized = [q.quantize(b, exps, n).astype(np.int64) for b in inputs]
+    quantized = [q.quantize(b, exps, n, bits).astype(np.int64) for b in inputs]
     total = np.sum(quantized, axis=0)
-    assert np.abs(total).max() <= q.INT32_MAX
-    result = q.dequantize(total.astype(np.int32), exps, n)
+    assert np.abs(total).max() <= 2 ** (bits - 1) - 1
+    result = q.dequantize(total.astype(np.int32), exps, n, bits)
     exact = np.sum([b.astype(np.float64) for b in inputs], axis=0)
-    bound = q.error_bound(exps, n, result)
+    bound = q.error_bound(exps, n, result, bits)
     finite = np.isfinite(result)
     error = np.abs(result[finite].astype(np.float64) - exact[finite])
     assert (error <= bound[finite]).all()
     # Only sums that leave float32's range become infinite, with their sign.
     overflow = ~finite
-    quantization = q.error_bound(exps, n, np.zeros_like(result))
+    quantization = q.error_bound(exps, n, np.zeros_like(result), bits)
     assert (np.abs(exact[overflow]) + quantization[overflow] > np.finfo(np.float32).max).all()
     assert (np.sign(result[overflow]) == np.sign(exact[overflow])).all()
 

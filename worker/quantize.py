@@ -6,12 +6,14 @@ worker computes its block's exponent ``e`` (the smallest with max|x| < 2**e),
 the switch reduces the exponents with max, and every worker then quantizes
 the block with the same scale::
 
-    m     = floor(INT32_MAX / n)          # n = world size
+    m     = floor((2**(b-1) - 1) / n)     # n = world size, b = precision bits (32)
     scale = m / 2**e
     q     = round_half_even(x * scale)    # |x| < 2**e  =>  |q| <= m
 
 so the sum of n contributions is at most n*m <= INT32_MAX in magnitude and
-the switch's integer sum is exact. Dequantizing gives, for every element::
+the switch's integer sum is exact. ``b`` below 32 coarsens the grid on
+purpose, to study what precision training needs; the bound below holds for
+every b, with its scale. Dequantizing gives, for every element::
 
     |result - sum_i x_i| <= n * (1/2 + 2**-20) / scale + ulp32(result) / 2
 
@@ -33,6 +35,9 @@ from switchreduce.wire import EXPONENT_BIAS, EXPONENT_MIN, EXPONENT_NONE
 from worker.errors import NonFiniteError
 
 INT32_MAX = np.iinfo(np.int32).max
+#: The switch's adders are 32 bits wide; fewer bits only coarsen the grid.
+MAX_BITS = 32
+MIN_BITS = 8
 #: Per-element rounding allowance per worker, in units of 1/scale (see module docstring).
 ROUNDING_UNITS = 0.5 + 2.0**-20
 
@@ -55,13 +60,24 @@ def block_exponents(blocks: np.ndarray) -> np.ndarray:
     return np.where(peak > 0, exp + EXPONENT_BIAS, EXPONENT_NONE).astype(np.uint8)
 
 
-def scales(exponents: np.ndarray, world_size: int) -> np.ndarray:
+def check_bits(bits: int) -> None:
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"precision must be {MIN_BITS}..{MAX_BITS} bits, got {bits}")
+
+
+def peak_level(world_size: int, bits: int = MAX_BITS) -> int:
+    """``m``: the largest level one worker may contribute, so that n of them fit ``bits``."""
+    check_bits(bits)
+    return (2 ** (bits - 1) - 1) // world_size
+
+
+def scales(exponents: np.ndarray, world_size: int, bits: int = MAX_BITS) -> np.ndarray:
     """Scale factor per block for the agreed exponent bytes (any for all-zero blocks)."""
     e = np.asarray(exponents, dtype=np.int32) - EXPONENT_BIAS
-    return np.ldexp(float(INT32_MAX // world_size), -e)
+    return np.ldexp(float(peak_level(world_size, bits)), -e)
 
 
-def prescale(blocks: np.ndarray, world_size: int) -> np.ndarray:
+def prescale(blocks: np.ndarray, world_size: int, bits: int = MAX_BITS) -> np.ndarray:
     """``x * m`` in float64, the exponent-independent half of quantization.
 
     Scaling by the power of two ``2**-e`` afterwards is exact in float64, so
@@ -69,7 +85,7 @@ def prescale(blocks: np.ndarray, world_size: int) -> np.ndarray:
     bit; the worker prescales a whole tensor at once and finishes each block
     when its exponent arrives.
     """
-    return blocks.astype(np.float64) * float(INT32_MAX // world_size)
+    return blocks.astype(np.float64) * float(peak_level(world_size, bits))
 
 
 def quantize_block(prescaled: np.ndarray, exponent: int) -> np.ndarray:
@@ -77,22 +93,28 @@ def quantize_block(prescaled: np.ndarray, exponent: int) -> np.ndarray:
     return np.rint(prescaled * math.ldexp(1.0, EXPONENT_BIAS - int(exponent))).astype(np.int32)
 
 
-def quantize(blocks: np.ndarray, exponents: np.ndarray, world_size: int) -> np.ndarray:
+def quantize(
+    blocks: np.ndarray, exponents: np.ndarray, world_size: int, bits: int = MAX_BITS
+) -> np.ndarray:
     """int32 fixed point of ``blocks`` (shape (B, K)) for agreed exponent bytes (shape (B,))."""
     powers = np.ldexp(1.0, EXPONENT_BIAS - np.asarray(exponents, dtype=np.int32))
-    return np.rint(prescale(blocks, world_size) * powers[:, None]).astype(np.int32)
+    return np.rint(prescale(blocks, world_size, bits) * powers[:, None]).astype(np.int32)
 
 
-def dequantize(sums: np.ndarray, exponents: np.ndarray, world_size: int) -> np.ndarray:
+def dequantize(
+    sums: np.ndarray, exponents: np.ndarray, world_size: int, bits: int = MAX_BITS
+) -> np.ndarray:
     """float32 value of integer block sums (shape (B, K)) for their exponent bytes."""
-    values = sums.astype(np.float64) / scales(exponents, world_size)[:, None]
+    values = sums.astype(np.float64) / scales(exponents, world_size, bits)[:, None]
     with np.errstate(over="ignore"):  # beyond float32's range is +-inf, as in float32 sums
         return values.astype(np.float32)
 
 
-def error_bound(exponents: np.ndarray, world_size: int, result: np.ndarray) -> np.ndarray:
+def error_bound(
+    exponents: np.ndarray, world_size: int, result: np.ndarray, bits: int = MAX_BITS
+) -> np.ndarray:
     """The documented per-element bound on |dequantized sum - exact sum| (finite results)."""
-    quant = world_size * ROUNDING_UNITS / scales(exponents, world_size)[:, None]
+    quant = world_size * ROUNDING_UNITS / scales(exponents, world_size, bits)[:, None]
     with np.errstate(over="ignore"):
         ulp = np.spacing(np.abs(result).astype(np.float32)).astype(np.float64)
     return quant + ulp / 2

@@ -20,6 +20,18 @@ class RegistrationError(WorkerError):
     """The controller refused the registration, or could not be reached."""
 
 
+def join(sock: socket.socket, job_id: int, rank: int, world_size: int, k: int, *,
+         switch: tuple[str, int] | None = None, slots: int | None = None,
+         controller: str | None = None, timeout: float = 60.0) -> JobBinding:  # fmt: skip
+    """This rank's binding: from the controller, or for a job installed statically at ``switch``
+    with ``slots`` slots."""
+    if controller is not None:
+        return register(controller, job_id, rank, world_size, sock, k, timeout)
+    if switch is None or slots is None:
+        raise WorkerError("give the switch's HOST:PORT and slot count, or a controller URL")
+    return JobBinding(job_id, rank, world_size, slots, switch)
+
+
 def register(controller: str, job_id: int, rank: int, world_size: int, sock: socket.socket,
              k: int, timeout: float = 60.0) -> JobBinding:  # fmt: skip
     """Register this rank's address for ``job_id``; returns once every rank has registered."""

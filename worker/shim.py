@@ -44,6 +44,8 @@ class WorkerOptions:
     """How a worker drives the switch; every rank of a job must use the same k and slots."""
 
     k: int = wire.DEFAULT_K
+    #: Fixed-point precision of float tensors (worker.quantize); every rank must agree.
+    precision_bits: int = q.MAX_BITS
     #: Seconds without any new result after which allreduce raises TimeoutError.
     timeout: float = 10.0
     #: Bounds of the adaptive retransmission timeout, in seconds.
@@ -57,6 +59,7 @@ class WorkerOptions:
 
     def __post_init__(self) -> None:
         wire.check_k(self.k)
+        q.check_bits(self.precision_bits)
         if not 0 < self.min_rto <= self.max_rto:
             raise ValueError(f"need 0 < min_rto <= max_rto, got {self.min_rto}, {self.max_rto}")
         if self.timeout <= 0:
@@ -201,12 +204,16 @@ class SwitchCommunicator:
         xfer = _Transfer(blocks, scaled=array.dtype == np.float32, length=flat.size)
         xfer.sums = np.zeros((chunks, k), dtype=np.int32)
         if xfer.scaled:
-            xfer.prescaled = q.prescale(blocks, self.binding.world_size)
+            xfer.prescaled = q.prescale(
+                blocks, self.binding.world_size, self.options.precision_bits
+            )
             xfer.local_exp = q.block_exponents(blocks)
             xfer.global_exp = np.zeros(chunks, dtype=np.uint8)
         self._run(xfer)
         if xfer.scaled:
-            out = q.dequantize(xfer.sums, xfer.global_exp, self.binding.world_size)
+            out = q.dequantize(
+                xfer.sums, xfer.global_exp, self.binding.world_size, self.options.precision_bits
+            )
         else:
             out = xfer.sums
         return out.reshape(-1)[: flat.size].reshape(array.shape)

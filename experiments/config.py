@@ -1,0 +1,303 @@
+"""Experiment configs: TOML (or the JSON a run writes back) into frozen dataclasses.
+
+One file is one question. Every section and key is checked: an unknown key
+is an error that names it, a value of the wrong type is an error that names
+its key, and nothing is silently defaulted except keys that are absent.
+A config may sweep one parameter over a list of values (``[sweep]``); the
+run then holds one sub-run per value and a table across them.
+
+    name = "headline"
+    [topology]
+    workers = 4
+    bw_mbps = 20
+    [switch]
+    k = 256
+    [sweep]
+    parameter = "switch.precision_bits"
+    values = [12, 16, 32]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from experiments.errors import ConfigError
+from switchreduce import wire
+from worker import quantize
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    """Where the workers run and what their links are like."""
+
+    #: mininet (root, a star of hosts), loopback (processes on one host), or auto:
+    #: Mininet when root and Mininet is installed, loopback otherwise.
+    mode: str = "auto"
+    workers: int = 4
+    bw_mbps: float | None = None  # per link (Mininet)
+    delay_ms: float | None = None  # per link (Mininet, tc netem)
+    loss_pct: float | None = None  # per link (Mininet, tc netem)
+    #: Drop probability at the soft switch's ports, each direction (any mode).
+    switch_loss: float = 0.0
+    #: Emulated compute time per iteration, in ms, that each worker spends before its
+    #: backward pass (a larger model's compute), multiplied by its slowdown.
+    compute_ms: float = 0.0
+    #: One factor per worker (empty: all 1): a straggler has a factor above 1.
+    slowdown: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(
+            self.mode in ("auto", "mininet", "loopback"),
+            "topology.mode",
+            f"must be auto, mininet or loopback, got {self.mode!r}",
+        )
+        _check(
+            1 <= self.workers <= wire.MAX_WORKERS,
+            "topology.workers",
+            f"must be 1..{wire.MAX_WORKERS}, got {self.workers}",
+        )
+        _check(self.bw_mbps is None or self.bw_mbps > 0, "topology.bw_mbps", "must be > 0")
+        _check(self.delay_ms is None or self.delay_ms >= 0, "topology.delay_ms", "must be >= 0")
+        _check(
+            self.loss_pct is None or 0 <= self.loss_pct < 100,
+            "topology.loss_pct",
+            "must be in [0, 100)",
+        )
+        _check(0 <= self.switch_loss < 1, "topology.switch_loss", "is a probability in [0, 1)")
+        _check(self.compute_ms >= 0, "topology.compute_ms", "must be >= 0")
+        _check(
+            not self.slowdown or len(self.slowdown) == self.workers,
+            "topology.slowdown",
+            f"needs one factor per worker ({self.workers}), got {len(self.slowdown)}",
+        )
+        _check(all(f >= 1 for f in self.slowdown), "topology.slowdown", "factors must be >= 1")
+
+    def slowdown_of(self, rank: int) -> float:
+        return self.slowdown[rank] if self.slowdown else 1.0
+
+
+@dataclass(frozen=True)
+class SwitchConfig:
+    """The switch and how workers use it."""
+
+    backend: str = "soft"  # soft | bmv2
+    k: int = wire.MAX_K_STANDARD_MTU
+    slots: int = 16
+    #: Fixed-point precision of gradients (worker.quantize): 32 is the switch's full width.
+    precision_bits: int = quantize.MAX_BITS
+    #: Workers join through the controller (Mininet) instead of a statically installed job.
+    controller: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            self.backend in ("soft", "bmv2"),
+            "switch.backend",
+            f"must be soft or bmv2, got {self.backend!r}",
+        )
+        _check(self.k in wire.SUPPORTED_K, "switch.k", f"must be one of {wire.SUPPORTED_K}")
+        _check(1 <= self.slots <= 4096, "switch.slots", f"must be 1..4096, got {self.slots}")
+        _check(
+            quantize.MIN_BITS <= self.precision_bits <= quantize.MAX_BITS,
+            "switch.precision_bits",
+            f"must be {quantize.MIN_BITS}..{quantize.MAX_BITS}",
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"  # mlp | cnn
+    hidden: int = 256  # MLP hidden width, or CNN channels of the first convolution
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("mlp", "cnn"), "model.name", f"must be mlp or cnn, got {self.name!r}")
+        _check(self.hidden >= 1, "model.hidden", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A data set that ships with a package or is generated: nothing is downloaded."""
+
+    name: str = "digits"  # digits (scikit-learn's 8x8 digits) | synthetic
+    batch_size: int = 32  # per worker
+    test_fraction: float = 0.25
+    samples: int = 4000  # synthetic only
+    classes: int = 10  # synthetic only
+
+    def __post_init__(self) -> None:
+        _check(
+            self.name in ("digits", "synthetic"),
+            "data.name",
+            f"must be digits or synthetic, got {self.name!r}",
+        )
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+        _check(self.samples >= 10, "data.samples", "must be >= 10")
+        _check(2 <= self.classes <= 100, "data.classes", "must be 2..100")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9  # sgd only
+
+    def __post_init__(self) -> None:
+        _check(
+            self.name in ("sgd", "adam"),
+            "optimizer.name",
+            f"must be sgd or adam, got {self.name!r}",
+        )
+        _check(self.lr > 0, "optimizer.lr", "must be > 0")
+        _check(0 <= self.momentum < 1, "optimizer.momentum", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 300
+    eval_every: int = 50
+    seed: int = 0
+    #: Also train with torch.distributed's gloo allreduce, same seed, same hosts.
+    baseline: bool = True
+    #: Seconds without progress after which a worker gives up.
+    timeout: float = 30.0
+    #: torch intra-op threads per rank. Emulated ranks share this machine's cores, and
+    #: spinning OpenMP threads starve gloo's and the shim's (100x slower iterations here).
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.iterations >= 1, "train.iterations", "must be >= 1")
+        _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        _check(self.timeout > 0, "train.timeout", "must be > 0")
+        _check(self.threads >= 1, "train.threads", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One parameter, ``section.key``, over several values: one sub-run each."""
+
+    parameter: str = ""
+    values: tuple[object, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    description: str = ""
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    switch: SwitchConfig = field(default_factory=SwitchConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.sweep is not None:
+            _check(bool(self.sweep.values), "sweep.values", "must list at least one value")
+            for value in self.sweep.values:  # every variant must itself be valid
+                self.with_value(self.sweep.parameter, value)
+
+    def with_value(self, parameter: str, value: object) -> ExperimentConfig:
+        """This config with ``section.key`` set to ``value`` (validated), and no sweep."""
+        section, _, key = parameter.partition(".")
+        sections = {f.name for f in dataclasses.fields(self) if f.name != "sweep"}
+        sub = getattr(self, section, None) if section in sections else None
+        if not dataclasses.is_dataclass(sub):
+            raise ConfigError(f"sweep.parameter: {parameter!r} is not section.key")
+        raw = {**_plain(self), section: {**_plain(sub), key: value}}
+        raw.pop("sweep", None)
+        return from_dict(raw)
+
+    def variants(self) -> list[tuple[str, ExperimentConfig]]:
+        """(label, config) per run: one per sweep value, or just this one."""
+        if self.sweep is None:
+            return [("", self)]
+        p = self.sweep.parameter
+        return [(f"{p}={v}", self.with_value(p, v)) for v in self.sweep.values]
+
+    def to_json(self) -> str:
+        """The resolved config, every default filled in; ``load`` reads it back."""
+        return json.dumps(_plain(self), indent=2) + "\n"
+
+
+def load(path: str | Path) -> ExperimentConfig:
+    """Read and validate a .toml config (or a run's resolved config.json)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        return from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def from_dict(raw: dict) -> ExperimentConfig:
+    return _build(ExperimentConfig, raw, "")
+
+
+def _build(cls: type, raw: object, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'the config'} must be a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown key '{where}{unknown[0]}' (known: {known})")
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(value, hints[name], f"{where}{name}") for name, value in raw.items()}
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: {exc}") from None
+
+
+def _coerce(value: object, hint: object, key: str) -> object:
+    """``value`` as type ``hint``, or a ConfigError naming ``key``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        item = args[0] if args else object
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is object:
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+
+
+def _plain(obj: object) -> object:
+    """Dataclasses as dicts, tuples as lists: what TOML and JSON hold."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")

@@ -1,0 +1,336 @@
+"""``switchreduce run CONFIG``: replay an experiment into a run directory.
+
+For each variant of the config (one, or one per sweep value) the runner
+brings up a cluster (a Mininet star, or processes on loopback), trains
+through the switch, then with gloo's allreduce on the same cluster with the
+same seed, and writes::
+
+    RUN/config.json          the resolved config: `switchreduce run RUN/config.json` replays it
+    RUN/metrics.jsonl        one record per backend and iteration (experiments.report)
+    RUN/summary.csv          one row per backend
+    RUN/*.png                loss against iterations and against wall time
+    RUN/logs/                every process's output
+    RUN/sweep.csv, sweep.png with a sweep: the table across its values
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from experiments import report
+from experiments.config import ExperimentConfig, load
+from experiments.errors import ConfigError, ExperimentError
+from experiments.train import PROGRESS
+from switchreduce.ports import free_tcp_port, free_udp_ports
+
+BACKENDS = ("switch", "gloo")
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "switchreduce.cli", *args]
+
+
+class Cluster(abc.ABC):
+    """Where the ranks of a run live; a context manager that stops what it started."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.logs = run_dir / "logs"
+
+    def __enter__(self) -> Cluster:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @abc.abstractmethod
+    def __exit__(self, *exc: object) -> None: ...
+
+    @abc.abstractmethod
+    def start_ranks(self, backend: str, config_path: Path) -> list[subprocess.Popen]:
+        """Start ``switchreduce train`` for every rank; rank 0's stdout is a pipe."""
+
+    def train(self, backend: str, config_path: Path, show) -> None:
+        """Run one backend's training to the end, relaying rank 0's progress to ``show``."""
+        procs = self.start_ranks(backend, config_path)
+        try:
+            for line in procs[0].stdout:
+                if line.startswith(PROGRESS):
+                    show(backend, json.loads(line[len(PROGRESS) :]))
+            deadline = time.monotonic() + self.config.train.timeout * 4 + 30
+            for rank, proc in enumerate(procs):
+                try:
+                    code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    code = None
+                if code != 0:
+                    log = self.logs / f"{backend}-rank{rank}.log"
+                    raise ExperimentError(
+                        f"{backend} rank {rank} "
+                        f"{'hung' if code is None else f'exited with {code}'}:\n"
+                        f"{log.read_text()[-3000:]}"
+                    )
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+
+    def _rank_command(
+        self, backend: str, config_path: Path, rank: int, switch_args: list[str], bind: str
+    ) -> list[str]:
+        args = [
+            "train",
+            str(config_path),
+            "--backend",
+            backend,
+            "--out",
+            str(self.run_dir),
+            "--bind",
+            bind,
+        ]
+        if backend == "switch":
+            args += switch_args
+        return _command(*args)
+
+    def _open_log(self, stack: ExitStack, backend: str, rank: int):
+        return stack.enter_context((self.logs / f"{backend}-rank{rank}.log").open("w"))
+
+
+class LoopbackCluster(Cluster):
+    """The ranks and a UDP soft switch as processes on this host (any user)."""
+
+    def __enter__(self) -> LoopbackCluster:
+        super().__enter__()
+        topo, sw = self.config.topology, self.config.switch
+        if topo.bw_mbps or topo.delay_ms or topo.loss_pct:
+            raise ExperimentError(
+                "link bandwidth, delay and loss need topology.mode = 'mininet' (root); "
+                "on loopback use topology.switch_loss for loss"
+            )
+        if sw.backend != "soft":
+            raise ExperimentError("the BMv2 switch runs only in Mininet (topology.mode)")
+        if sw.controller:
+            raise ExperimentError("switch.controller needs topology.mode = 'mininet'")
+        self.ports = free_udp_ports(topo.workers)
+        cmd = _command(
+            "switch",
+            "--listen",
+            "127.0.0.1:0",
+            "--world-size",
+            str(topo.workers),
+            "--k",
+            str(sw.k),
+            "--slots",
+            str(sw.slots),
+            "--loss",
+            str(topo.switch_loss),
+            "--seed",
+            str(self.config.train.seed),
+            *(f"--worker={r}=127.0.0.1:{p}" for r, p in enumerate(self.ports)),
+        )
+        self.switch_log = (self.logs / "switch.log").open("w")
+        self.switch = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=self.switch_log,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        ready = self.switch.stdout.readline().split()
+        if not ready or ready[0] != "listening":
+            self.__exit__()
+            raise ExperimentError(f"the soft switch did not start: {ready!r}")
+        self.switch_address = ready[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.switch.poll() is None:
+            self.switch.terminate()
+        out, _ = self.switch.communicate(timeout=30)
+        (self.logs / "switch.report.json").write_text(out.strip().splitlines()[-1] + "\n")
+        self.switch_log.close()
+
+    def start_ranks(self, backend: str, config_path: Path) -> list[subprocess.Popen]:
+        n = self.config.topology.workers
+        master_port = free_tcp_port()
+        procs = []
+        with ExitStack() as stack:
+            for rank in range(n):
+                env = dict(
+                    os.environ,
+                    RANK=str(rank),
+                    WORLD_SIZE=str(n),
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(master_port),
+                )
+                cmd = self._rank_command(
+                    backend,
+                    config_path,
+                    rank,
+                    ["--switch", self.switch_address],
+                    f"127.0.0.1:{self.ports[rank]}",
+                )
+                log = self._open_log(stack, backend, rank)
+                procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        env=env,
+                        stderr=log,
+                        text=True,
+                        stdout=subprocess.PIPE if rank == 0 else log,
+                    )
+                )
+        return procs
+
+
+class MininetCluster(Cluster):
+    """A Mininet star (emulation.topo) with the switch node; the ranks on its hosts (root)."""
+
+    def __enter__(self) -> MininetCluster:
+        from emulation.topo import Emulation, TopoOptions
+
+        super().__enter__()
+        topo, sw = self.config.topology, self.config.switch
+        try:
+            options = TopoOptions(
+                workers=topo.workers,
+                switch=sw.backend,
+                bw=topo.bw_mbps,
+                delay_ms=topo.delay_ms,
+                loss_pct=topo.loss_pct,
+                switch_loss=topo.switch_loss,
+                k=sw.k,
+                slots=sw.slots,
+                controller=sw.controller,
+                run_dir=self.logs,
+            )
+        except ValueError as exc:
+            raise ExperimentError(str(exc)) from None
+        self.emulation = Emulation(options).__enter__()
+        self.gloo_port = 29500
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.emulation.__exit__(*exc)
+
+    def start_ranks(self, backend: str, config_path: Path) -> list[subprocess.Popen]:
+        from emulation.topo import WORKER_UDP_PORT
+
+        emu = self.emulation
+        hosts = emu.hosts
+        self.gloo_port += 1  # a fresh rendezvous port per training run
+        procs = []
+        with ExitStack() as stack:
+            for rank, host in enumerate(hosts):
+                env = dict(
+                    os.environ,
+                    RANK=str(rank),
+                    WORLD_SIZE=str(len(hosts)),
+                    MASTER_ADDR=hosts[0].IP(),
+                    MASTER_PORT=str(self.gloo_port),
+                )
+                cmd = self._rank_command(
+                    backend, config_path, rank, emu.switch_args(), f"{host.IP()}:{WORKER_UDP_PORT}"
+                )
+                cmd += ["--interface", host.defaultIntf().name]
+                log = self._open_log(stack, backend, rank)
+                procs.append(
+                    emu.popen(
+                        host,
+                        cmd,
+                        env=env,
+                        stderr=log,
+                        text=True,
+                        stdout=subprocess.PIPE if rank == 0 else log,
+                    )
+                )
+        return procs
+
+
+def resolve_mode(mode: str) -> str:
+    """auto: Mininet where it can run (root, Mininet installed), loopback elsewhere."""
+    if mode != "auto":
+        return mode
+    try:
+        import mininet  # noqa: F401
+    except ImportError:
+        return "loopback"
+    return "mininet" if os.geteuid() == 0 and shutil.which("mnexec") else "loopback"
+
+
+def run_experiment(config: ExperimentConfig, run_dir: Path, show=None) -> list[dict]:
+    """Every variant of ``config`` into ``run_dir``; the summary rows of all of them."""
+    show = show or report.show_progress
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.to_json())
+    rows = []
+    sweep = config.sweep
+    for i, (label, variant) in enumerate(config.variants()):
+        out = run_dir / label if label else run_dir
+        # The gloo baseline does not depend on the switch's settings: run it once.
+        baseline = variant.train.baseline and not (
+            sweep and sweep.parameter.startswith("switch.") and i > 0
+        )
+        if label:
+            print(f"== {label}", flush=True)
+        variant_rows = run_variant(variant, out, baseline, show)
+        if sweep:
+            value = sweep.values[i]
+            rows += [{sweep.parameter: value, **row} for row in variant_rows]
+        else:
+            rows += variant_rows
+    if sweep:
+        report.write_sweep(run_dir, sweep.parameter, rows)
+    return rows
+
+
+def run_variant(config: ExperimentConfig, out: Path, baseline: bool, show) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.json"
+    config_path.write_text(config.to_json())
+    mode = resolve_mode(config.topology.mode)
+    cluster_cls = MininetCluster if mode == "mininet" else LoopbackCluster
+    backends = BACKENDS if baseline else BACKENDS[:1]
+    with cluster_cls(config, out) as cluster:
+        for backend in backends:
+            cluster.train(backend, config_path, show)
+    records = report.merge_metrics(out, backends, config.topology.workers)
+    rows = [report.summarize(backend, records, mode) for backend in backends]
+    report.write_run(out, records, rows)
+    return rows
+
+
+def main(args) -> int:
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"switchreduce run: {exc}", file=sys.stderr)
+        return 2
+    run_dir = args.runs / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    mode = resolve_mode(config.topology.mode)
+    print(f"{config.name}: {config.description or ''}".rstrip(": "))
+    print(
+        f"  {config.topology.workers} workers, {mode}, {config.switch.backend} switch "
+        f"(K={config.switch.k}), {config.model.name} on {config.data.name}, "
+        f"{config.train.iterations} iterations -> {run_dir}"
+    )
+    try:
+        rows = run_experiment(config, run_dir)
+    except ExperimentError as exc:
+        print(f"switchreduce run: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("switchreduce run: interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+    report.print_summary(run_dir, config, rows)
+    return 0

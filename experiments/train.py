@@ -1,0 +1,200 @@
+"""One rank of a training run: ``switchreduce train`` (what torchrun or the runner starts).
+
+The model is wrapped in DistributedDataParallel. With ``--backend switch``
+the gradient buckets are summed in the switch by worker.ddp's hook; with
+``--backend gloo`` DDP's own allreduce runs, as the baseline. gloo does the
+bootstrap in both cases (``init_method="env://"``: RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT, as torchrun sets them).
+
+Each rank appends one JSON record per iteration to
+``OUT/metrics-{backend}-rank{r}.jsonl``; rank 0 also prints a progress line
+now and then. Every rank evaluates the (identical) model on the test set at
+the same iterations, so evaluation never shows up as a peer's waiting time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import ExitStack
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from experiments.config import ExperimentConfig
+from experiments.workloads import build_model, build_optimizer, load_dataset
+from worker.ddp import switch_allreduce_hook
+from worker.registration import join
+from worker.shim import SwitchCommunicator, WorkerOptions
+
+PROGRESS = "progress "
+
+
+def metrics_path(out: Path, backend: str, rank: int) -> Path:
+    return out / f"metrics-{backend}-rank{rank}.jsonl"
+
+
+def interface_tx_bytes(name: str) -> int:
+    """Bytes sent on ``name`` in this network namespace (/proc/net/dev is per namespace)."""
+    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
+        ifname, _, counters = line.partition(":")
+        if ifname.strip() == name:
+            return int(counters.split()[8])
+    raise ValueError(f"no interface {name!r} in this network namespace")
+
+
+def train(
+    config: ExperimentConfig,
+    backend: str,
+    out: Path,
+    *,
+    switch: tuple[str, int] | None = None,
+    controller: str | None = None,
+    bind: tuple[str, int] = ("0.0.0.0", 0),
+    interface: str | None = None,
+    job_id: int = 1,
+) -> None:
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    t = config.train
+    torch.set_num_threads(t.threads)
+    dist.init_process_group(
+        "gloo",
+        init_method="env://",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=t.timeout * 4),
+    )
+    with ExitStack() as stack:
+        stack.callback(dist.destroy_process_group)
+        torch.manual_seed(t.seed)
+        data = load_dataset(config.data, t.seed)
+        model = build_model(config.model, data.classes)
+        ddp = DistributedDataParallel(model)
+        comm = None
+        if backend == "switch":
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            sock.bind(bind)
+            sw = config.switch
+            binding = join(
+                sock,
+                job_id,
+                rank,
+                world_size,
+                sw.k,
+                switch=switch,
+                slots=sw.slots,
+                controller=controller,
+                timeout=t.timeout * 4,
+            )
+            options = WorkerOptions(k=sw.k, timeout=t.timeout, precision_bits=sw.precision_bits)
+            comm = stack.enter_context(SwitchCommunicator(binding, options, sock))
+            ddp.register_comm_hook(comm, switch_allreduce_hook)
+        optimizer = build_optimizer(config.optimizer, ddp.parameters())
+        _loop(config, backend, rank, world_size, ddp, optimizer, data, out, comm, interface)
+
+
+def _loop(config, backend, rank, world_size, ddp, optimizer, data, out, comm, interface) -> None:
+    t = config.train
+    x, y = data.shard(rank, world_size)
+    batch = min(config.data.batch_size, len(y))
+    compute = config.topology.compute_ms / 1000 * config.topology.slowdown_of(rank)
+    generator = torch.Generator().manual_seed(t.seed * 1000 + rank)
+    order = torch.randperm(len(y), generator=generator)
+    cursor, elapsed = 0, 0.0
+    sent = _bytes_sent(comm, interface)
+    retransmissions = comm.stats.retransmissions if comm else 0
+    loss_fn = torch.nn.CrossEntropyLoss()
+    progress_every = max(1, t.iterations // 20)
+    dist.barrier()  # start together: what is timed is training, not start-up
+    with metrics_path(out, backend, rank).open("w") as metrics:
+        for iteration in range(1, t.iterations + 1):
+            if cursor + batch > len(y):  # a new epoch: reshuffle this rank's shard
+                order, cursor = torch.randperm(len(y), generator=generator), 0
+            idx = order[cursor : cursor + batch]
+            cursor += batch
+            start = time.perf_counter()
+            ddp.train()
+            loss = loss_fn(ddp(x[idx]), y[idx])
+            if compute:
+                time.sleep(compute)  # the emulated rest of a bigger model's compute
+            optimizer.zero_grad()
+            loss.backward()  # the gradients are summed here, through the hook
+            optimizer.step()
+            seconds = time.perf_counter() - start
+            elapsed += seconds
+            record = {
+                "iteration": iteration,
+                "loss": loss.item(),
+                "seconds": seconds,
+                "elapsed": elapsed,
+            }
+            now_sent = _bytes_sent(comm, interface)
+            record["bytes_sent"] = None if now_sent is None else now_sent - sent
+            sent = now_sent
+            if comm is not None:
+                record["retransmissions"] = comm.stats.retransmissions - retransmissions
+                retransmissions = comm.stats.retransmissions
+            if iteration % t.eval_every == 0 or iteration == t.iterations:
+                record.update(_evaluate(ddp.module, data, loss_fn))
+            metrics.write(json.dumps(record) + "\n")
+            if rank == 0 and (iteration % progress_every == 0 or "accuracy" in record):
+                print(PROGRESS + json.dumps(record), flush=True)
+    dist.barrier()
+
+
+def _bytes_sent(comm: SwitchCommunicator | None, interface: str | None) -> int | None:
+    """The interface's count where the rank has one to itself (Mininet); else the shim's own
+    count of UDP payload bytes; unknown for gloo on a shared loopback."""
+    if interface is not None:
+        return interface_tx_bytes(interface)
+    return comm.stats.bytes_sent if comm is not None else None
+
+
+def _evaluate(model: torch.nn.Module, data, loss_fn) -> dict:
+    model.eval()
+    with torch.no_grad():
+        logits = model(data.test_x)
+        accuracy = (logits.argmax(1) == data.test_y).float().mean().item()
+        return {"accuracy": accuracy, "test_loss": loss_fn(logits, data.test_y).item()}
+
+
+def main(args) -> int:
+    from experiments.config import load
+    from experiments.errors import ConfigError
+
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"switchreduce train: {exc}", file=sys.stderr)
+        return 2
+    if args.backend == "switch" and args.switch is None and args.controller is None:
+        print("switchreduce train: give --switch HOST:PORT or --controller URL", file=sys.stderr)
+        return 2
+    missing = [
+        v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ
+    ]
+    if missing:
+        print(
+            f"switchreduce train: {', '.join(missing)} not set (run it under torchrun, "
+            "or set them as torchrun does)",
+            file=sys.stderr,
+        )
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    train(
+        config,
+        args.backend,
+        args.out,
+        switch=args.switch,
+        controller=args.controller,
+        bind=args.bind,
+        interface=args.interface,
+        job_id=args.job,
+    )
+    return 0
