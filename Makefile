@@ -8,9 +8,15 @@ DEBIAN_PKGS   := python3-venv python3-pip mininet bridge-utils ethtool iputils-p
 P4C           ?= p4c-bm2-ss
 P4_K          := 64 256 1024
 
-.PHONY: run test lint p4 topo system-deps clean
+.PHONY: run bench test lint p4 topo system-deps clean
 
+# The headline experiment: 4 workers train on digits through the switch and with gloo
+# (Mininet with 20 Mbit/s links when root, loopback otherwise); summary and plots in runs/.
 run: $(STAMP)
+	$(VENV)/bin/switchreduce run experiments/configs/headline.toml
+
+# Four workers allreduce 10 M float32 through the soft switch on loopback, 1% loss.
+bench: $(STAMP)
 	$(VENV)/bin/switchreduce bench allreduce --workers 4 --elements 10000000 --loss 0.01
 
 # A Mininet star of 4 worker hosts around the switch (root): ping, then an allreduce.

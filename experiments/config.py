@@ -219,7 +219,7 @@ class ExperimentConfig:
         if self.sweep is None:
             return [("", self)]
         p = self.sweep.parameter
-        return [(f"{p}={v}", self.with_value(p, v)) for v in self.sweep.values]
+        return [(f"{p}={_label(v)}", self.with_value(p, v)) for v in self.sweep.values]
 
     def to_json(self) -> str:
         """The resolved config, every default filled in; ``load`` reads it back."""
@@ -296,6 +296,13 @@ def _plain(obj: object) -> object:
     if isinstance(obj, tuple):
         return [_plain(v) for v in obj]
     return obj
+
+
+def _label(value: object) -> str:
+    """A sweep value as a directory-name-friendly label: lists joined with '-'."""
+    if isinstance(value, list | tuple):
+        return "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -285,7 +285,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show=None) -> list[d
             print(f"== {label}", flush=True)
         variant_rows = run_variant(variant, out, baseline, show)
         if sweep:
-            value = sweep.values[i]
+            value = label.partition("=")[2]
             rows += [{sweep.parameter: value, **row} for row in variant_rows]
         else:
             rows += variant_rows

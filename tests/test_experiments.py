@@ -127,9 +127,9 @@ def test_a_sweep_runs_every_value_and_the_baseline_once(tmp_path) -> None:
     raw["sweep"] = {"parameter": "switch.precision_bits", "values": [8, 32]}
     rows = run_experiment(from_dict(raw), tmp_path, show=_quiet)
     assert [(r["switch.precision_bits"], r["backend"]) for r in rows] == [
-        (8, "switch"),
-        (8, "gloo"),
-        (32, "switch"),
+        ("8", "switch"),
+        ("8", "gloo"),
+        ("32", "switch"),
     ]
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "sweep.csv").exists()
     assert (tmp_path / "switch.precision_bits=8" / "metrics.jsonl").exists()
