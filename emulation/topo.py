@@ -13,13 +13,19 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emulation.bmv2 import (
+    SIMPLE_SWITCH_GRPC,
+    CompiledProgram,
+    bmv2_available,
+    compile_program,
+    wait_for_p4runtime,
+)
 from emulation.errors import EmulationError
 from switchreduce import wire
 
@@ -58,10 +64,6 @@ def netem_available() -> bool:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def bmv2_available() -> bool:
-    return shutil.which("simple_switch_grpc") is not None and shutil.which("p4c-bm2-ss") is not None
-
-
 @dataclass(frozen=True)
 class TopoOptions:
     """One emulated cluster: its size, its links and its switch."""
@@ -76,6 +78,7 @@ class TopoOptions:
     slots: int = 64
     job_id: int = 1
     #: Run the controller on host c0 (workers register with it) instead of a static job.
+    #: BMv2 always has it: nothing else programs simple_switch_grpc.
     controller: bool = False
     run_dir: Path = field(default_factory=lambda: Path("runs") / "topo")
 
@@ -97,6 +100,10 @@ class TopoOptions:
         if self.k > wire.MAX_K_STANDARD_MTU:
             raise ValueError(f"K={self.k} does not fit the links' 1500-byte MTU; use K <= 256")
 
+    @property
+    def uses_controller(self) -> bool:
+        return self.controller or self.switch == "bmv2"
+
     def link_params(self) -> dict:
         params = {}
         if self.bw is not None:
@@ -111,7 +118,7 @@ class TopoOptions:
 def _stations(options: TopoOptions) -> list[tuple[str, str, str, int]]:
     """(name, IP, MAC, switch port) of every host: the workers, then c0 with a controller."""
     out = [(f"h{i}", host_ip(i), host_mac(i), i) for i in range(1, options.workers + 1)]
-    if options.controller:
+    if options.uses_controller:
         out.append(("c0", CONTROLLER_IP, CONTROLLER_MAC, options.workers + 1))
     return out
 
@@ -122,14 +129,14 @@ def _p4runtime_socket(options: TopoOptions) -> str:
 
 
 def _switch_args(options: TopoOptions) -> list[str]:
-    """Forwarding for every host, and either a P4Runtime socket for the controller or the
-    static job (rank r is host r+1 on port r+1)."""
+    """Either a P4Runtime socket for the controller (which installs everything), or
+    forwarding for every host and the static job (rank r is host r+1 on port r+1)."""
     args = ["--k", str(options.k), "--slots", str(options.slots),
             "--loss", str(options.switch_loss)]  # fmt: skip
+    if options.uses_controller:
+        return [*args, "--p4runtime", _p4runtime_socket(options)]
     for _, _, mac, port in _stations(options):
         args.append(f"--route={mac}={port}")
-    if options.controller:
-        return [*args, "--p4runtime", _p4runtime_socket(options)]
     args += ["--job", str(options.job_id), "--world-size", str(options.workers)]
     for rank in range(options.workers):
         i = rank + 1
@@ -149,6 +156,7 @@ class Emulation:
         self.options = options
         self.net = None
         self.controller: subprocess.Popen | None = None
+        self.program: CompiledProgram | None = None
 
     def __enter__(self) -> Emulation:
         from mininet.link import TCLink
@@ -163,6 +171,13 @@ class Emulation:
                 "(switch_loss / --switch-loss)"
             )
         options.run_dir.mkdir(parents=True, exist_ok=True)
+        if options.switch == "bmv2":
+            if not bmv2_available():
+                raise EmulationError(
+                    "the BMv2 switch needs simple_switch_grpc and p4c-bm2-ss on PATH "
+                    "(neither comes from a package registry); use the soft switch"
+                )
+            self.program = compile_program(options.run_dir, options.k)
 
         class Star(Topo):
             def build(self) -> None:
@@ -171,7 +186,7 @@ class Emulation:
                     host = self.addHost(name, ip=f"{ip}/24", mac=mac)
                     self.addLink(host, switch, port2=port, **options.link_params())
 
-        switch_cls = _soft_switch_node(options)
+        switch_cls = _bmv2_switch_node(options) if self.program else _soft_switch_node(options)
         self.net = Mininet(
             topo=Star(),
             switch=switch_cls,
@@ -197,7 +212,7 @@ class Emulation:
                     f"dev {host.defaultIntf().name} nud permanent"
                 )
             self.net.start()
-            if options.controller:
+            if options.uses_controller:
                 self.controller = self._start_controller()
         except BaseException:
             self.__exit__(None, None, None)
@@ -225,6 +240,9 @@ class Emulation:
                "--data-plane", f"{SWITCH_IP}:{wire.DEFAULT_SWITCH_PORT}",
                "--listen", f"{CONTROLLER_IP}:{CONTROLLER_HTTP_PORT}",
                "--k", str(options.k), "--slots", str(options.slots),
+               f"--route={CONTROLLER_MAC}={options.workers + 1}",
+               *(["--device-config", str(self.program.bmv2_json),
+                  "--p4info", str(self.program.p4info)] if self.program else []),
                *(f"--host={ip}={mac}@{port}" for name, ip, mac, port in _stations(options)
                  if name != "c0")]  # fmt: skip
         with log_path.open("w") as log:
@@ -274,7 +292,7 @@ class Emulation:
 
     def switch_args(self) -> list[str]:
         """How a worker on a host finds its job: the controller, or the static job's switch."""
-        if self.options.controller:
+        if self.options.uses_controller:
             return ["--controller", f"http://{CONTROLLER_IP}:{CONTROLLER_HTTP_PORT}"]
         return ["--switch", f"{SWITCH_IP}:{wire.DEFAULT_SWITCH_PORT}"]
 
@@ -386,3 +404,42 @@ def _soft_switch_node(options: TopoOptions):
             return json.loads(lines[-1])
 
     return SoftSwitchNode
+
+
+def _bmv2_switch_node(options: TopoOptions):
+    """A Mininet switch class running simple_switch_grpc (BMv2) in its own namespace.
+
+    It starts with no program; the controller on c0 pushes the compiled P4
+    program and its P4Info over P4Runtime (a Unix socket in the run
+    directory), installs forwarding for every host and admits the jobs.
+    """
+    from mininet.node import Switch
+
+    class BMv2SwitchNode(Switch):
+        def __init__(self, name: str, **params) -> None:
+            params["inNamespace"] = True
+            super().__init__(name, **params)
+            self.proc = None
+            self.log_path = options.run_dir / f"{name}.log"
+
+        def start(self, controllers) -> None:
+            ports = {self.ports[intf]: intf.name for intf in self.intfList() if intf.name != "lo"}
+            for name in ports.values():
+                _quiet_interface(self, name)
+            address = _p4runtime_socket(options)
+            Path(address.removeprefix("unix:")).unlink(missing_ok=True)
+            interfaces = [f"{port}@{name}" for port, name in sorted(ports.items())]
+            cmd = [SIMPLE_SWITCH_GRPC, "--device-id", "0", "--no-p4",
+                   *(arg for i in interfaces for arg in ("-i", i)),
+                   "--", "--grpc-server-addr", address]  # fmt: skip
+            self.log = self.log_path.open("w")
+            self.proc = self.popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+            wait_for_p4runtime(self.proc, address, self.log_path)
+
+        def stop(self, deleteIntfs: bool = True) -> None:
+            if self.proc is not None:
+                _stop(self.proc)
+                self.log.close()
+            super().stop(deleteIntfs)
+
+    return BMv2SwitchNode

@@ -278,15 +278,18 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show=None) -> list[d
     for i, (label, variant) in enumerate(config.variants()):
         out = run_dir / label if label else run_dir
         # The gloo baseline does not depend on the switch's settings: run it once.
-        baseline = variant.train.baseline and not (
-            sweep and sweep.parameter.startswith("switch.") and i > 0
-        )
+        switch_only = bool(sweep) and sweep.parameter.startswith("switch.")
+        baseline = variant.train.baseline and not (switch_only and i > 0)
         if label:
             print(f"== {label}", flush=True)
         variant_rows = run_variant(variant, out, baseline, show)
         if sweep:
             value = label.partition("=")[2]
-            rows += [{sweep.parameter: value, **row} for row in variant_rows]
+            rows += [
+                {sweep.parameter: "any" if row["backend"] == "gloo" and switch_only else value,
+                 **row}
+                for row in variant_rows
+            ]  # fmt: skip
         else:
             rows += variant_rows
     if sweep:

@@ -129,8 +129,6 @@ def run_mininet_bench(args: argparse.Namespace) -> int:
     from emulation.errors import EmulationError
     from emulation.topo import Emulation, TopoOptions
 
-    if args.switch == "bmv2":
-        raise SystemExit("switchreduce bench: the BMv2 switch node is not implemented yet")
     n = args.workers
     try:
         options = TopoOptions(

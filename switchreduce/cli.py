@@ -184,9 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IP=MAC@PORT",
         help="where a worker host is attached (raw mode); only these hosts may register",
     )
+    ctl.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="MAC=PORT",
+        help="forward other traffic for MAC out of PORT (hosts given by --host get theirs)",
+    )
     ctl.add_argument("--device-id", type=int, default=0)
     ctl.add_argument("--election-id", type=int, default=1)
     ctl.add_argument("--device-config", help="BMv2 JSON to push with the P4Info")
+    ctl.add_argument(
+        "--p4info",
+        type=Path,
+        help="the P4Info p4c emitted with the program (default: the committed one, K=256)",
+    )
     ctl.add_argument(
         "--register-timeout",
         type=float,
@@ -265,16 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_switch(args: argparse.Namespace) -> int:
+    from controller.forwarding import parse_mac
     from controller.jobs import Job
     from emulation.softswitch.faults import FaultSpec
     from emulation.softswitch.pipeline import SoftSwitch
     from emulation.softswitch.raw import RawSwitch
-    from emulation.softswitch.static import (
-        install_forwarding,
-        install_static_job,
-        parse_mac,
-        parse_member,
-    )
+    from emulation.softswitch.static import install_forwarding, install_static_job, parse_member
     from emulation.softswitch.udp import UdpSwitch
 
     if args.world_size is None and args.p4runtime is None:
@@ -313,13 +321,13 @@ def run_switch(args: argparse.Namespace) -> int:
 
 
 def run_controller(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from controller.api import Registry, make_server
-    from controller.connection import SwitchConnection
+    from controller.connection import SwitchConnection, load_p4info
+    from controller.forwarding import install_routes, parse_mac
     from controller.jobs import JobTable
 
-    conn = SwitchConnection(args.p4runtime, args.device_id, args.election_id)
+    p4info = load_p4info(args.p4info) if args.p4info else None
+    conn = SwitchConnection(args.p4runtime, args.device_id, args.election_id, p4info)
     jobs = JobTable(conn)
     if conn.installed_p4info() == conn.p4info:
         jobs.recover()  # a restarted controller: the switch keeps running its jobs
@@ -329,6 +337,9 @@ def run_controller(args: argparse.Namespace) -> int:
         conn.push_pipeline(config)
     data_host, data_port = args.data_plane
     attachments = dict(_pair(spec, str, _attachment) for spec in args.host) or None
+    routes = dict(_pair(spec, parse_mac, int) for spec in args.route)
+    routes.update((attachments or {}).values())
+    install_routes(conn, routes)
     registry = Registry(jobs, args.k, args.slots, f"{data_host}:{data_port}",
                         timeout=args.register_timeout, attachments=attachments)  # fmt: skip
     server = make_server(registry, args.listen)
@@ -344,19 +355,17 @@ def run_controller(args: argparse.Namespace) -> int:
 def run_topo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from emulation.bmv2 import bmv2_available
     from emulation.errors import EmulationError
-    from emulation.topo import Emulation, TopoOptions, bmv2_available
+    from emulation.topo import Emulation, TopoOptions
 
     if args.switch is None:
-        args.switch = "soft"
-        why = (
-            "BMv2 is installed but its switch node is not built yet"
-            if bmv2_available()
-            else "simple_switch_grpc or p4c-bm2-ss is not on PATH"
-        )
-        print(f"switch: soft ({why})", flush=True)
-    if args.switch == "bmv2":
-        raise SystemExit("switchreduce topo: the BMv2 switch node is not implemented yet")
+        if bmv2_available():
+            args.switch = "bmv2"
+            print("switch: bmv2 (simple_switch_grpc and p4c-bm2-ss are installed)", flush=True)
+        else:
+            args.switch = "soft"
+            print("switch: soft (simple_switch_grpc or p4c-bm2-ss is not on PATH)", flush=True)
     try:
         options = TopoOptions(
             workers=args.workers,
@@ -391,7 +400,7 @@ def run_topo(args: argparse.Namespace) -> int:
 
 def _attachment(text: str) -> tuple[int, int]:
     """``MAC@PORT`` -> (MAC as an integer, switch port)."""
-    from emulation.softswitch.static import parse_mac
+    from controller.forwarding import parse_mac
 
     mac, _, port = text.partition("@")
     return parse_mac(mac), int(port)

@@ -15,12 +15,12 @@ import shutil
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from controller.jobs import Job, Member
+from emulation.bmv2 import compile_program
 from emulation.softswitch.pipeline import DropReason, JobStat, SoftSwitch
 from emulation.softswitch.static import (
     install_forwarding,
@@ -38,7 +38,6 @@ pytestmark = [
 ]
 
 K = 64
-P4SRC = Path(__file__).resolve().parent.parent / "p4src"
 SWITCH_MAC, SWITCH_IP = 0x0200000000FE, "10.0.0.254"
 PORTS = (1, 2, 3)
 THRIFT_PORT = 9090
@@ -155,18 +154,7 @@ def _run(*cmd: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture
 def bmv2(tmp_path):
     """simple_switch in a namespace of its own; yields (sockets by port, cli function)."""
-    subprocess.run(
-        [
-            "p4c-bm2-ss",
-            "--arch",
-            "v1model",
-            f"-DK={K}",
-            "-o",
-            str(tmp_path / "sr.json"),
-            str(P4SRC / "switchreduce.p4"),
-        ],
-        check=True,
-    )
+    program = compile_program(tmp_path, K)
     ns = f"srdiff{os.getpid()}"
     _run("ip", "netns", "add", ns)
     _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")  # the Thrift server's
@@ -203,7 +191,7 @@ def bmv2(tmp_path):
                 "--log-file",
                 str(log),
                 *(arg for p in PORTS for arg in ("-i", f"{p}@sw{p}")),
-                str(tmp_path / "sr.json"),
+                str(program.bmv2_json),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,

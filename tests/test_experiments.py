@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from emulation.softswitch.pipeline import JobStat
 from experiments.config import ExperimentConfig, from_dict, load
 from experiments.errors import ConfigError, ExperimentError
 from experiments.runner import run_experiment
 from experiments.workloads import build_model
+from switchreduce.ports import free_tcp_port
 
 CONFIGS = sorted((Path(__file__).parents[1] / "experiments" / "configs").glob("*.toml"))
 
@@ -128,7 +132,7 @@ def test_a_sweep_runs_every_value_and_the_baseline_once(tmp_path) -> None:
     rows = run_experiment(from_dict(raw), tmp_path, show=_quiet)
     assert [(r["switch.precision_bits"], r["backend"]) for r in rows] == [
         ("8", "switch"),
-        ("8", "gloo"),
+        ("any", "gloo"),
         ("32", "switch"),
     ]
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "sweep.csv").exists()
@@ -138,6 +142,42 @@ def test_a_sweep_runs_every_value_and_the_baseline_once(tmp_path) -> None:
 def test_shaped_links_on_loopback_are_an_error_not_ignored(tmp_path) -> None:
     with pytest.raises(ExperimentError, match="mininet"):
         run_experiment(_short(topology={"bw_mbps": 20.0}), tmp_path, show=_quiet)
+
+
+def test_torchrun_launches_ranks_that_register_and_train_through_the_switch(
+    programmable_switch, tmp_path
+) -> None:
+    """What a user runs on real hosts: the controller, then torchrun on each host."""
+    config = _short(switch={"slots": 8}, train={"iterations": 5, "eval_every": 5})
+    (tmp_path / "config.json").write_text(config.to_json())
+    data_host, data_port = programmable_switch.data_plane
+    http_port = free_tcp_port()
+    cli = [sys.executable, "-m", "switchreduce.cli"]
+    controller = subprocess.Popen(
+        [*cli, "controller", "--p4runtime", programmable_switch.p4runtime,
+         "--data-plane", f"{data_host}:{data_port}", "--listen", f"127.0.0.1:{http_port}",
+         "--k", "256", "--slots", "8"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert controller.stdout.readline().startswith("controller http://")
+        torchrun = Path(sys.executable).parent / "torchrun"
+        subprocess.run(
+            [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_tcp_port()),
+             "-m", "switchreduce.cli", "train", str(tmp_path / "config.json"),
+             "--controller", f"http://127.0.0.1:{http_port}", "--bind", "127.0.0.1:0",
+             "--out", str(tmp_path)],
+            check=True, timeout=180, capture_output=True,
+        )  # fmt: skip
+    finally:
+        controller.terminate()
+        controller.wait()
+    for rank in (0, 1):
+        lines = (tmp_path / f"metrics-switch-rank{rank}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4, 5]
+    parameters = sum(p.numel() for p in build_model(config.model, 10).parameters())
+    results = programmable_switch.switch.ingress.job_stats[JobStat.RESULTS].packets[1]
+    assert results >= 5 * parameters / 256  # every iteration's gradients were summed there
 
 
 @pytest.mark.requires_root

@@ -6,11 +6,11 @@ The source checks run everywhere; compiling needs p4c (``requires_p4c``).
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from emulation.bmv2 import compile_program
 from emulation.softswitch.pipeline import MAX_JOBS, POOL_SIZE, DropReason, SoftSwitch
 from switchreduce import wire
 
@@ -81,24 +81,14 @@ def test_registers_and_counters_match_the_soft_switch() -> None:
     assert p4_counters == {name.split(".")[1] for name in switch.counters()}
 
 
-def _compile(out_dir: Path, *defines: str) -> Path:
-    """Compile the program with p4c; returns the P4Info text it emitted."""
-    p4info = out_dir / "p4info.txtpb"
-    subprocess.run(
-        ["p4c-bm2-ss", "--arch", "v1model", *defines, "-o", str(out_dir / "switchreduce.json"),
-         "--p4runtime-files", str(p4info), str(P4SRC / "switchreduce.p4")],
-        check=True,
-    )  # fmt: skip
-    return p4info
-
-
 @pytest.mark.requires_p4c
 def test_default_k_256_compiles_to_the_committed_p4info(tmp_path: Path) -> None:
-    p4info = _compile(tmp_path)
+    p4info = compile_program(tmp_path, 256).p4info
     assert p4info.read_text() == (P4SRC / "switchreduce.p4info.txtpb").read_text()
 
 
 @pytest.mark.requires_p4c
 def test_k_64_compiles(tmp_path: Path) -> None:
-    p4info = _compile(tmp_path, "-DK=64")
-    assert "SwitchReduceIngress.value" in p4info.read_text()
+    program = compile_program(tmp_path, 64)
+    assert "SwitchReduceIngress.value" in program.p4info.read_text()
+    assert program.bmv2_json.stat().st_size > 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 
 from controller.connection import TableEntry
+from controller.forwarding import forward_entry, parse_mac
 from controller.jobs import Job, Member, job_entries
 from emulation.softswitch.pipeline import JobStat, SoftSwitch
 from emulation.softswitch.tables import ActionCall
@@ -32,13 +33,6 @@ def parse_member(spec: str) -> Member:
         raise ValueError(
             f"worker must be RANK=IP:PORT or RANK=IP:PORT@SWITCH_PORT/MAC, got {spec!r} ({exc})"
         ) from None
-
-
-def parse_mac(text: str) -> int:
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"not a MAC address: {text!r}")
-    return int("".join(parts), 16)
 
 
 def apply_entry(switch: SoftSwitch, entry: TableEntry) -> None:
@@ -67,12 +61,4 @@ def install_static_job(switch: SoftSwitch, job: Job) -> None:
 def install_forwarding(switch: SoftSwitch, routes: dict[int, int]) -> None:
     """One ``forward`` entry per host: destination MAC -> switch port."""
     for mac, port in routes.items():
-        apply_entry(
-            switch,
-            TableEntry(
-                "SwitchReduceIngress.forward",
-                {"hdr.ethernet.dst_addr": mac},
-                "SwitchReduceIngress.set_egress_port",
-                {"port": port},
-            ),
-        )
+        apply_entry(switch, forward_entry(mac, port))
