@@ -117,6 +117,7 @@ def test_a_straggler_sets_the_pace_of_every_rank(tmp_path) -> None:
     config = _short(
         topology={"compute_ms": 10.0, "slowdown": [1.0, 4.0]},
         model={"name": "cnn", "hidden": 4},
+        data={"name": "synthetic", "samples": 400},
         train={"baseline": False, "iterations": 8},
     )
     run_experiment(config, tmp_path, show=_quiet)

@@ -27,6 +27,13 @@ def _links() -> set[str]:
     return {line.split(": ")[1].split("@")[0] for line in out.splitlines()}
 
 
+#: The switch nodes a scenario runs on; BMv2 where simple_switch_grpc and p4c are installed.
+SWITCHES = [
+    "soft",
+    pytest.param("bmv2", marks=[pytest.mark.requires_bmv2, pytest.mark.requires_p4c]),
+]
+
+
 @pytest.fixture
 def no_leftovers():
     before = _links()
@@ -47,8 +54,9 @@ def test_hosts_reach_each_other_and_allreduce_is_exact(tmp_path, no_leftovers) -
 
 
 @pytest.mark.requires_netem
-def test_exact_under_five_percent_link_loss(tmp_path, no_leftovers) -> None:
-    options = TopoOptions(workers=4, loss_pct=5, run_dir=tmp_path)
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_exact_under_five_percent_link_loss(switch, tmp_path, no_leftovers) -> None:
+    options = TopoOptions(workers=4, switch=switch, loss_pct=5, slots=16, run_dir=tmp_path)
     with Emulation(options) as emu:
         reports = emu.allreduce(200_000, dtype="int32")
     assert all(r["exact"] for r in reports)
@@ -134,12 +142,6 @@ for _ in range({count}):
     sock.sendto(packet, ("{switch}", {port}))
     time.sleep(0.001)  # paced: a burst could overflow the link's queue, which is not the point
 """
-
-
-SWITCHES = [
-    "soft",
-    pytest.param("bmv2", marks=[pytest.mark.requires_bmv2, pytest.mark.requires_p4c]),
-]
 
 
 def _controller_view(host) -> dict:
