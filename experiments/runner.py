@@ -157,8 +157,10 @@ class LoopbackCluster(Cluster):
         if self.switch.poll() is None:
             self.switch.terminate()
         out, _ = self.switch.communicate(timeout=30)
-        (self.logs / "switch.report.json").write_text(out.strip().splitlines()[-1] + "\n")
         self.switch_log.close()
+        lines = out.strip().splitlines()
+        if lines:  # its counters: drops by reason, injected faults, CPU time
+            (self.logs / "switch.report.json").write_text(lines[-1] + "\n")
 
     def start_ranks(self, backend: str, config_path: Path) -> list[subprocess.Popen]:
         n = self.config.topology.workers
