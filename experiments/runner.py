@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from experiments.train import PROGRESS
 from switchreduce.ports import free_tcp_port, free_udp_ports
 
 BACKENDS = ("switch", "gloo")
+#: Called with (backend, metrics record) as rank 0 reports progress.
+Progress = Callable[[str, dict], None]
 
 
 def _command(*args: str) -> list[str]:
@@ -57,7 +60,7 @@ class Cluster(abc.ABC):
     def start_ranks(self, backend: str, config_path: Path) -> list[subprocess.Popen]:
         """Start ``switchreduce train`` for every rank; rank 0's stdout is a pipe."""
 
-    def train(self, backend: str, config_path: Path, show) -> None:
+    def train(self, backend: str, config_path: Path, show: Progress) -> None:
         """Run one backend's training to the end, relaying rank 0's progress to ``show``."""
         procs = self.start_ranks(backend, config_path)
         try:
@@ -270,7 +273,9 @@ def resolve_mode(mode: str) -> str:
     return "mininet" if os.geteuid() == 0 and shutil.which("mnexec") else "loopback"
 
 
-def run_experiment(config: ExperimentConfig, run_dir: Path, show=None) -> list[dict]:
+def run_experiment(
+    config: ExperimentConfig, run_dir: Path, show: Progress | None = None
+) -> list[dict]:
     """Every variant of ``config`` into ``run_dir``; the summary rows of all of them."""
     show = show or report.show_progress
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -299,7 +304,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, show=None) -> list[d
     return rows
 
 
-def run_variant(config: ExperimentConfig, out: Path, baseline: bool, show) -> list[dict]:
+def run_variant(config: ExperimentConfig, out: Path, baseline: bool, show: Progress) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
     config_path.write_text(config.to_json())

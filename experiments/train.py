@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from experiments.config import ExperimentConfig
-from experiments.workloads import build_model, build_optimizer, load_dataset
+from experiments.workloads import Dataset, build_model, build_optimizer, load_dataset
 from worker.ddp import switch_allreduce_hook
 from worker.registration import join
 from worker.shim import SwitchCommunicator, WorkerOptions
@@ -99,7 +99,19 @@ def train(
         _loop(config, backend, rank, world_size, ddp, optimizer, data, out, comm, interface)
 
 
-def _loop(config, backend, rank, world_size, ddp, optimizer, data, out, comm, interface) -> None:
+def _loop(
+    config: ExperimentConfig,
+    backend: str,
+    rank: int,
+    world_size: int,
+    ddp: DistributedDataParallel,
+    optimizer: torch.optim.Optimizer,
+    data: Dataset,
+    out: Path,
+    comm: SwitchCommunicator | None,
+    interface: str | None,
+) -> None:
+    """The training iterations, timed from a common start; one metrics record each."""
     t = config.train
     x, y = data.shard(rank, world_size)
     batch = min(config.data.batch_size, len(y))
@@ -156,7 +168,7 @@ def _bytes_sent(comm: SwitchCommunicator | None, interface: str | None) -> int |
     return comm.stats.bytes_sent if comm is not None else None
 
 
-def _evaluate(model: torch.nn.Module, data, loss_fn) -> dict:
+def _evaluate(model: torch.nn.Module, data: Dataset, loss_fn: torch.nn.Module) -> dict:
     model.eval()
     with torch.no_grad():
         logits = model(data.test_x)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from experiments.config import DataConfig, ModelConfig
+from experiments.config import DataConfig, ModelConfig, OptimizerConfig
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def build_model(config: ModelConfig, classes: int) -> nn.Module:
     )
 
 
-def build_optimizer(config, params) -> torch.optim.Optimizer:
+def build_optimizer(config: OptimizerConfig, params) -> torch.optim.Optimizer:
     if config.name == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
     return torch.optim.Adam(params, lr=config.lr)
