@@ -93,6 +93,8 @@ class SwitchConfig:
     precision_bits: int = quantize.MAX_BITS
     #: Workers join through the controller (Mininet) instead of a statically installed job.
     controller: bool = False
+    #: Floor of the workers' adaptive retransmission timeout: how soon a loss is repaired.
+    min_rto_ms: float = 50.0
 
     def __post_init__(self) -> None:
         _check(
@@ -102,6 +104,7 @@ class SwitchConfig:
         )
         _check(self.k in wire.SUPPORTED_K, "switch.k", f"must be one of {wire.SUPPORTED_K}")
         _check(1 <= self.slots <= 4096, "switch.slots", f"must be 1..4096, got {self.slots}")
+        _check(0 < self.min_rto_ms <= 1000, "switch.min_rto_ms", "must be in (0, 1000]")
         _check(
             quantize.MIN_BITS <= self.precision_bits <= quantize.MAX_BITS,
             "switch.precision_bits",

@@ -92,7 +92,12 @@ def train(
                 controller=controller,
                 timeout=t.timeout * 4,
             )
-            options = WorkerOptions(k=sw.k, timeout=t.timeout, precision_bits=sw.precision_bits)
+            options = WorkerOptions(
+                k=sw.k,
+                timeout=t.timeout,
+                precision_bits=sw.precision_bits,
+                min_rto=sw.min_rto_ms / 1000,
+            )
             comm = stack.enter_context(SwitchCommunicator(binding, options, sock))
             ddp.register_comm_hook(comm, switch_allreduce_hook)
         optimizer = build_optimizer(config.optimizer, ddp.parameters())
