@@ -38,6 +38,10 @@ CONTROLLER_IP = "10.0.0.253"
 CONTROLLER_MAC = "02:00:00:00:00:fd"
 CONTROLLER_HTTP_PORT = 9000
 MAX_HOSTS = 32  # one rank per host, and ranks are bitmap bits
+#: Window per switch node when none is asked for. BMv2 takes ~2,800 aggregation packets/s
+#: here: a larger window only queues in it, and the retransmission timer fires spuriously
+#: (1 M elements with 64 slots: 12.2 s, 14,231 retransmissions; with 8: 5.6 s, none).
+DEFAULT_SLOTS = {"soft": 64, "bmv2": 8}
 
 
 def host_ip(index: int) -> str:

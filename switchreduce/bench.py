@@ -26,6 +26,10 @@ def run_allreduce_bench(args: argparse.Namespace) -> int:
         return run_mininet_bench(args)
     if args.k is None:
         args.k = wire.DEFAULT_K
+    if args.slots is None:
+        from emulation.topo import DEFAULT_SLOTS
+
+        args.slots = DEFAULT_SLOTS["soft"]
     n = args.workers
     ports = free_udp_ports(n)
     common = ["--k", str(args.k), "--slots", str(args.slots)]
@@ -127,9 +131,11 @@ def run_allreduce_bench(args: argparse.Namespace) -> int:
 def run_mininet_bench(args: argparse.Namespace) -> int:
     """The same tensor through the switch, then through gloo, between the same Mininet hosts."""
     from emulation.errors import EmulationError
-    from emulation.topo import Emulation, TopoOptions
+    from emulation.topo import DEFAULT_SLOTS, Emulation, TopoOptions
 
     n = args.workers
+    if args.slots is None:
+        args.slots = DEFAULT_SLOTS[args.switch]
     try:
         options = TopoOptions(
             workers=n,
@@ -155,6 +161,7 @@ def run_mininet_bench(args: argparse.Namespace) -> int:
         "elements": args.elements,
         "dtype": args.dtype,
         "k": options.k,
+        "slots": options.slots,
         "bw_mbps": args.bw,
         "loss": args.loss,
         "switch_seconds": round(switch_seconds, 4),

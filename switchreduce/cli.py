@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     topo.add_argument("--cli", action="store_true", help="open the Mininet CLI instead")
     topo.add_argument("--run-dir", default="runs/topo", help="where switch logs go")
     _add_job_args(topo)
-    topo.set_defaults(k=wire.MAX_K_STANDARD_MTU)
+    topo.set_defaults(k=wire.MAX_K_STANDARD_MTU, slots=None)  # slots: per switch node
 
     run = sub.add_parser("run", help="replay an experiment config: train through the switch "
                          "and with gloo, write metrics, a summary and plots")  # fmt: skip
@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_job_args(allreduce)
     _add_fault_args(allreduce)
-    allreduce.set_defaults(k=None)  # loopback: the default K; Mininet: the largest for MTU 1500
+    # K: loopback's default, or the largest for MTU 1500 in Mininet; slots: per switch node
+    allreduce.set_defaults(k=None, slots=None)
     return parser
 
 
@@ -357,7 +358,7 @@ def run_topo(args: argparse.Namespace) -> int:
 
     from emulation.bmv2 import bmv2_available
     from emulation.errors import EmulationError
-    from emulation.topo import Emulation, TopoOptions
+    from emulation.topo import DEFAULT_SLOTS, Emulation, TopoOptions
 
     if args.switch is None:
         if bmv2_available():
@@ -366,6 +367,8 @@ def run_topo(args: argparse.Namespace) -> int:
         else:
             args.switch = "soft"
             print("switch: soft (simple_switch_grpc or p4c-bm2-ss is not on PATH)", flush=True)
+    if args.slots is None:
+        args.slots = DEFAULT_SLOTS[args.switch]
     try:
         options = TopoOptions(
             workers=args.workers,

@@ -88,7 +88,7 @@ def test_link_loss_without_netem_is_an_error_not_a_silent_no_op(tmp_path, no_lef
     ("switch", "bw", "elements", "slots"),
     [
         ("soft", 20.0, 500_000, 64),
-        # BMv2 forwards ~1,300 aggregation packets/s here: slower links, so they are the limit;
+        # BMv2 takes ~2,800 aggregation packets/s here: slower links, so they are the limit;
         # a window the size of the bandwidth-delay product (more slots only queue at the link)
         pytest.param("bmv2", 1.0, 50_000, 4,
                      marks=[pytest.mark.requires_bmv2, pytest.mark.requires_p4c]),
@@ -160,7 +160,7 @@ def test_a_controller_runs_two_jobs_while_a_host_forges_packets(
     switch, tmp_path, no_leftovers
 ) -> None:
     """Controller on c0 (P4Runtime over a Unix socket); jobs 3 and 4 register with it."""
-    elements = 200_000 if switch == "soft" else 20_000  # BMv2 handles ~1,000 packets/s here
+    elements = 200_000 if switch == "soft" else 20_000  # BMv2: ~2,800 packets/s here
     options = TopoOptions(workers=8, switch=switch, controller=True, slots=16, run_dir=tmp_path)
     with Emulation(options) as emu:
         hosts = emu.hosts
