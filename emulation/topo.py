@@ -190,7 +190,7 @@ class Emulation:
                     host = self.addHost(name, ip=f"{ip}/24", mac=mac)
                     self.addLink(host, switch, port2=port, **options.link_params())
 
-        switch_cls = _bmv2_switch_node(options) if self.program else _soft_switch_node(options)
+        switch_cls = _switch_node(options)
         self.net = Mininet(
             topo=Star(),
             switch=switch_cls,
@@ -369,11 +369,19 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _soft_switch_node(options: TopoOptions):
-    """A Mininet switch class running the soft switch in raw mode in its own namespace."""
+def _switch_node(options: TopoOptions):
+    """The Mininet switch class for ``options.switch``, run in its own namespace.
+
+    Soft: the soft switch in raw mode, with its static job or a P4Runtime
+    socket. BMv2: simple_switch_grpc with no program; the controller on c0
+    pushes the compiled P4 program and its P4Info over P4Runtime (a Unix
+    socket in the run directory), installs forwarding and admits the jobs.
+    """
     from mininet.node import Switch
 
-    class SoftSwitchNode(Switch):
+    class SwitchNode(Switch):
+        """Starts its process on its ports, waits until it serves, stops it by PID."""
+
         def __init__(self, name: str, **params) -> None:
             params["inNamespace"] = True
             super().__init__(name, **params)
@@ -384,66 +392,40 @@ def _soft_switch_node(options: TopoOptions):
             ports = {self.ports[intf]: intf.name for intf in self.intfList() if intf.name != "lo"}
             for name in ports.values():
                 _quiet_interface(self, name)
-            cmd = [
-                sys.executable,
-                "-m",
-                "switchreduce.cli",
-                "switch",
-                *(f"--raw={port}={name}" for port, name in sorted(ports.items())),
-                *_switch_args(options),
-            ]
             self.log = self.log_path.open("w")
-            self.proc = self.popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-            _wait_for(self.proc, self.log_path, "serving", f"soft switch {self.name}")
+            self.proc = self.popen(self.command(ports), stdout=self.log, stderr=subprocess.STDOUT)
+            self.wait_until_serving()
 
         def stop(self, deleteIntfs: bool = True) -> None:
             if self.proc is not None:
                 _stop(self.proc)
                 self.log.close()
             super().stop(deleteIntfs)
+
+    class SoftSwitchNode(SwitchNode):
+        def command(self, ports: dict[int, str]) -> list[str]:
+            return [sys.executable, "-m", "switchreduce.cli", "switch",
+                    *(f"--raw={port}={name}" for port, name in sorted(ports.items())),
+                    *_switch_args(options)]  # fmt: skip
+
+        def wait_until_serving(self) -> None:
+            _wait_for(self.proc, self.log_path, "serving", f"soft switch {self.name}")
 
         def report(self) -> dict:
             """The switch's counters, printed as its last line when it stops."""
             lines = self.log_path.read_text().strip().splitlines()
             return json.loads(lines[-1])
 
-    return SoftSwitchNode
-
-
-def _bmv2_switch_node(options: TopoOptions):
-    """A Mininet switch class running simple_switch_grpc (BMv2) in its own namespace.
-
-    It starts with no program; the controller on c0 pushes the compiled P4
-    program and its P4Info over P4Runtime (a Unix socket in the run
-    directory), installs forwarding for every host and admits the jobs.
-    """
-    from mininet.node import Switch
-
-    class BMv2SwitchNode(Switch):
-        def __init__(self, name: str, **params) -> None:
-            params["inNamespace"] = True
-            super().__init__(name, **params)
-            self.proc = None
-            self.log_path = options.run_dir / f"{name}.log"
-
-        def start(self, controllers) -> None:
-            ports = {self.ports[intf]: intf.name for intf in self.intfList() if intf.name != "lo"}
-            for name in ports.values():
-                _quiet_interface(self, name)
+    class BMv2SwitchNode(SwitchNode):
+        def command(self, ports: dict[int, str]) -> list[str]:
             address = _p4runtime_socket(options)
-            Path(address.removeprefix("unix:")).unlink(missing_ok=True)
+            Path(address.removeprefix("unix:")).unlink(missing_ok=True)  # a previous run's
             interfaces = [f"{port}@{name}" for port, name in sorted(ports.items())]
-            cmd = [SIMPLE_SWITCH_GRPC, "--device-id", "0", "--no-p4",
-                   *(arg for i in interfaces for arg in ("-i", i)),
-                   "--", "--grpc-server-addr", address]  # fmt: skip
-            self.log = self.log_path.open("w")
-            self.proc = self.popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-            wait_for_p4runtime(self.proc, address, self.log_path)
+            return [SIMPLE_SWITCH_GRPC, "--device-id", "0", "--no-p4",
+                    *(arg for i in interfaces for arg in ("-i", i)),
+                    "--", "--grpc-server-addr", address]  # fmt: skip
 
-        def stop(self, deleteIntfs: bool = True) -> None:
-            if self.proc is not None:
-                _stop(self.proc)
-                self.log.close()
-            super().stop(deleteIntfs)
+        def wait_until_serving(self) -> None:
+            wait_for_p4runtime(self.proc, _p4runtime_socket(options), self.log_path)
 
-    return BMv2SwitchNode
+    return BMv2SwitchNode if options.switch == "bmv2" else SoftSwitchNode

@@ -57,8 +57,32 @@ class Cluster(abc.ABC):
     def __exit__(self, *exc: object) -> None: ...
 
     @abc.abstractmethod
+    def rendezvous(self) -> tuple[str, int]:
+        """MASTER_ADDR and a fresh MASTER_PORT for one training run's gloo bootstrap."""
+
+    @abc.abstractmethod
+    def rank_args(self, rank: int) -> list[str]:
+        """Where rank ``rank`` binds and finds its switch (``switchreduce train`` options)."""
+
+    @abc.abstractmethod
+    def popen(self, rank: int, cmd: list[str], **kwargs) -> subprocess.Popen:
+        """Start ``cmd`` where rank ``rank`` lives."""
+
     def start_ranks(self, backend: str, config_path: Path) -> list[subprocess.Popen]:
-        """Start ``switchreduce train`` for every rank; rank 0's stdout is a pipe."""
+        """``switchreduce train`` for every rank, as torchrun would; rank 0's stdout is a pipe."""
+        n = self.config.topology.workers
+        master_addr, master_port = self.rendezvous()
+        procs = []
+        with ExitStack() as stack:
+            for rank in range(n):
+                env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(n),
+                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))  # fmt: skip
+                cmd = _command("train", str(config_path), "--backend", backend,
+                               "--out", str(self.run_dir), *self.rank_args(rank))  # fmt: skip
+                log = stack.enter_context((self.logs / f"{backend}-rank{rank}.log").open("w"))
+                stdout = subprocess.PIPE if rank == 0 else log
+                procs.append(self.popen(rank, cmd, env=env, stderr=log, stdout=stdout, text=True))
+        return procs
 
     def train(self, backend: str, config_path: Path, show: Progress) -> None:
         """Run one backend's training to the end, relaying rank 0's progress to ``show``."""
@@ -87,26 +111,6 @@ class Cluster(abc.ABC):
                 proc.wait()
                 if proc.stdout is not None:
                     proc.stdout.close()
-
-    def _rank_command(
-        self, backend: str, config_path: Path, rank: int, switch_args: list[str], bind: str
-    ) -> list[str]:
-        args = [
-            "train",
-            str(config_path),
-            "--backend",
-            backend,
-            "--out",
-            str(self.run_dir),
-            "--bind",
-            bind,
-        ]
-        if backend == "switch":
-            args += switch_args
-        return _command(*args)
-
-    def _open_log(self, stack: ExitStack, backend: str, rank: int):
-        return stack.enter_context((self.logs / f"{backend}-rank{rank}.log").open("w"))
 
 
 class LoopbackCluster(Cluster):
@@ -165,37 +169,14 @@ class LoopbackCluster(Cluster):
         if lines:  # its counters: drops by reason, injected faults, CPU time
             (self.logs / "switch.report.json").write_text(lines[-1] + "\n")
 
-    def start_ranks(self, backend: str, config_path: Path) -> list[subprocess.Popen]:
-        n = self.config.topology.workers
-        master_port = free_tcp_port()
-        procs = []
-        with ExitStack() as stack:
-            for rank in range(n):
-                env = dict(
-                    os.environ,
-                    RANK=str(rank),
-                    WORLD_SIZE=str(n),
-                    MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(master_port),
-                )
-                cmd = self._rank_command(
-                    backend,
-                    config_path,
-                    rank,
-                    ["--switch", self.switch_address],
-                    f"127.0.0.1:{self.ports[rank]}",
-                )
-                log = self._open_log(stack, backend, rank)
-                procs.append(
-                    subprocess.Popen(
-                        cmd,
-                        env=env,
-                        stderr=log,
-                        text=True,
-                        stdout=subprocess.PIPE if rank == 0 else log,
-                    )
-                )
-        return procs
+    def rendezvous(self) -> tuple[str, int]:
+        return "127.0.0.1", free_tcp_port()
+
+    def rank_args(self, rank: int) -> list[str]:
+        return ["--bind", f"127.0.0.1:{self.ports[rank]}", "--switch", self.switch_address]
+
+    def popen(self, rank: int, cmd: list[str], **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(cmd, **kwargs)
 
 
 class MininetCluster(Cluster):
@@ -228,38 +209,19 @@ class MininetCluster(Cluster):
     def __exit__(self, *exc: object) -> None:
         self.emulation.__exit__(*exc)
 
-    def start_ranks(self, backend: str, config_path: Path) -> list[subprocess.Popen]:
+    def rendezvous(self) -> tuple[str, int]:
+        self.gloo_port += 1  # a fresh port per training run: the last one may linger
+        return self.emulation.hosts[0].IP(), self.gloo_port
+
+    def rank_args(self, rank: int) -> list[str]:
         from emulation.topo import WORKER_UDP_PORT
 
-        emu = self.emulation
-        hosts = emu.hosts
-        self.gloo_port += 1  # a fresh rendezvous port per training run
-        procs = []
-        with ExitStack() as stack:
-            for rank, host in enumerate(hosts):
-                env = dict(
-                    os.environ,
-                    RANK=str(rank),
-                    WORLD_SIZE=str(len(hosts)),
-                    MASTER_ADDR=hosts[0].IP(),
-                    MASTER_PORT=str(self.gloo_port),
-                )
-                cmd = self._rank_command(
-                    backend, config_path, rank, emu.switch_args(), f"{host.IP()}:{WORKER_UDP_PORT}"
-                )
-                cmd += ["--interface", host.defaultIntf().name]
-                log = self._open_log(stack, backend, rank)
-                procs.append(
-                    emu.popen(
-                        host,
-                        cmd,
-                        env=env,
-                        stderr=log,
-                        text=True,
-                        stdout=subprocess.PIPE if rank == 0 else log,
-                    )
-                )
-        return procs
+        host = self.emulation.hosts[rank]
+        return ["--bind", f"{host.IP()}:{WORKER_UDP_PORT}", *self.emulation.switch_args(),
+                "--interface", host.defaultIntf().name]  # fmt: skip
+
+    def popen(self, rank: int, cmd: list[str], **kwargs) -> subprocess.Popen:
+        return self.emulation.popen(self.emulation.hosts[rank], cmd, **kwargs)
 
 
 def resolve_mode(mode: str) -> str:
