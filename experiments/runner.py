@@ -27,8 +27,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from experiments import report
-from experiments.config import ExperimentConfig, load
-from experiments.errors import ConfigError, ExperimentError
+from experiments.config import ExperimentConfig
+from experiments.errors import ExperimentError
 from experiments.train import PROGRESS
 from switchreduce.ports import free_tcp_port, free_udp_ports
 
@@ -282,12 +282,7 @@ def run_variant(config: ExperimentConfig, out: Path, baseline: bool, show: Progr
     return rows
 
 
-def main(args) -> int:
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        print(f"switchreduce run: {exc}", file=sys.stderr)
-        return 2
+def main(args, config: ExperimentConfig) -> int:
     run_dir = args.runs / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     mode = resolve_mode(config.topology.mode)
     print(f"{config.name}: {config.description or ''}".rstrip(": "))

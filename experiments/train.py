@@ -181,15 +181,7 @@ def _evaluate(model: torch.nn.Module, data: Dataset, loss_fn: torch.nn.Module) -
         return {"accuracy": accuracy, "test_loss": loss_fn(logits, data.test_y).item()}
 
 
-def main(args) -> int:
-    from experiments.config import load
-    from experiments.errors import ConfigError
-
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        print(f"switchreduce train: {exc}", file=sys.stderr)
-        return 2
+def main(args, config: ExperimentConfig) -> int:
     if args.backend == "switch" and args.switch is None and args.controller is None:
         print("switchreduce train: give --switch HOST:PORT or --controller URL", file=sys.stderr)
         return 2

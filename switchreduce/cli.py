@@ -516,14 +516,16 @@ def main(argv: list[str] | None = None) -> int:
         return run_topo(args)
     if args.command == "controller":
         return run_controller(args)
-    if args.command == "train":
-        from experiments.train import main as train_main
+    if args.command in ("train", "run"):
+        from experiments import runner, train
+        from experiments.config import load
+        from experiments.errors import ConfigError
 
-        return train_main(args)
-    if args.command == "run":
-        from experiments.runner import main as run_main
-
-        return run_main(args)
+        try:
+            config = load(args.config)
+        except ConfigError as exc:
+            raise SystemExit(f"switchreduce {args.command}: {exc}") from None
+        return (train if args.command == "train" else runner).main(args, config)
     from switchreduce.bench import run_allreduce_bench
 
     return run_allreduce_bench(args)
