@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from emulation.bmv2 import (
 )
 from emulation.errors import EmulationError
 from switchreduce import wire
+from switchreduce.cli import cli_command
 
 SWITCH_IP = "10.0.0.254"
 SWITCH_MAC = "02:00:00:00:00:fe"
@@ -239,16 +239,16 @@ class Emulation:
     def _start_controller(self) -> subprocess.Popen:
         options = self.options
         log_path = options.run_dir / "controller.log"
-        cmd = [sys.executable, "-m", "switchreduce.cli", "controller",
+        cmd = [*cli_command("controller"),
                "--p4runtime", _p4runtime_socket(options),
                "--data-plane", f"{SWITCH_IP}:{wire.DEFAULT_SWITCH_PORT}",
                "--listen", f"{CONTROLLER_IP}:{CONTROLLER_HTTP_PORT}",
                "--k", str(options.k), "--slots", str(options.slots),
-               f"--route={CONTROLLER_MAC}={options.workers + 1}",
                *(["--device-config", str(self.program.bmv2_json),
                   "--p4info", str(self.program.p4info)] if self.program else []),
-               *(f"--host={ip}={mac}@{port}" for name, ip, mac, port in _stations(options)
-                 if name != "c0")]  # fmt: skip
+               # workers may register; c0 itself only needs forwarding
+               *(f"--route={mac}={port}" if name == "c0" else f"--host={ip}={mac}@{port}"
+                 for name, ip, mac, port in _stations(options))]  # fmt: skip
         with log_path.open("w") as log:
             proc = self.net.get("c0").popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         _wait_for(proc, log_path, "controller http://", "the controller")
@@ -280,7 +280,7 @@ class Emulation:
         procs = []
         for rank, host in enumerate(hosts):
             cmd = [
-                *(sys.executable, "-m", "switchreduce.cli", "worker", "--backend", backend),
+                *cli_command("worker", "--backend", backend),
                 *self.switch_args(), "--master", f"{hosts[0].IP()}:{GLOO_PORT}",
                 *("--bind", f"{host.IP()}:{WORKER_UDP_PORT}"),
                 *("--job", str(job_id), "--rank", str(rank), "--world-size", str(len(hosts))),
@@ -404,7 +404,7 @@ def _switch_node(options: TopoOptions):
 
     class SoftSwitchNode(SwitchNode):
         def command(self, ports: dict[int, str]) -> list[str]:
-            return [sys.executable, "-m", "switchreduce.cli", "switch",
+            return [*cli_command("switch"),
                     *(f"--raw={port}={name}" for port, name in sorted(ports.items())),
                     *_switch_args(options)]  # fmt: skip
 

@@ -26,19 +26,19 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+from emulation.errors import EmulationError
+from emulation.softswitch.faults import FaultSpec
+from emulation.softswitch.process import LoopbackSwitch
 from experiments import report
 from experiments.config import ExperimentConfig
 from experiments.errors import ExperimentError
 from experiments.train import PROGRESS
+from switchreduce.cli import cli_command
 from switchreduce.ports import free_tcp_port, free_udp_ports
 
 BACKENDS = ("switch", "gloo")
 #: Called with (backend, metrics record) as rank 0 reports progress.
 Progress = Callable[[str, dict], None]
-
-
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "switchreduce.cli", *args]
 
 
 class Cluster(abc.ABC):
@@ -77,7 +77,7 @@ class Cluster(abc.ABC):
             for rank in range(n):
                 env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(n),
                            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))  # fmt: skip
-                cmd = _command("train", str(config_path), "--backend", backend,
+                cmd = cli_command("train", str(config_path), "--backend", backend,
                                "--out", str(self.run_dir), *self.rank_args(rank))  # fmt: skip
                 log = stack.enter_context((self.logs / f"{backend}-rank{rank}.log").open("w"))
                 stdout = subprocess.PIPE if rank == 0 else log
@@ -129,51 +129,27 @@ class LoopbackCluster(Cluster):
         if sw.controller:
             raise ExperimentError("switch.controller needs topology.mode = 'mininet'")
         self.ports = free_udp_ports(topo.workers)
-        cmd = _command(
-            "switch",
-            "--listen",
-            "127.0.0.1:0",
-            "--world-size",
-            str(topo.workers),
-            "--k",
-            str(sw.k),
-            "--slots",
-            str(sw.slots),
-            "--loss",
-            str(topo.switch_loss),
-            "--seed",
-            str(self.config.train.seed),
-            *(f"--worker={r}=127.0.0.1:{p}" for r, p in enumerate(self.ports)),
-        )
         self.switch_log = (self.logs / "switch.log").open("w")
-        self.switch = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=self.switch_log,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        ready = self.switch.stdout.readline().split()
-        if not ready or ready[0] != "listening":
-            self.__exit__()
-            raise ExperimentError(f"the soft switch did not start: {ready!r}")
-        self.switch_address = ready[1]
+        faults = FaultSpec(loss=topo.switch_loss, seed=self.config.train.seed)
+        self.switch = LoopbackSwitch(self.ports, sw.k, sw.slots, faults, stderr=self.switch_log)
+        try:
+            self.switch.__enter__()
+        except EmulationError as exc:
+            self.switch_log.close()
+            raise ExperimentError(str(exc)) from None
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.switch.poll() is None:
-            self.switch.terminate()
-        out, _ = self.switch.communicate(timeout=30)
+        self.switch.__exit__(*exc)
         self.switch_log.close()
-        lines = out.strip().splitlines()
-        if lines:  # its counters: drops by reason, injected faults, CPU time
-            (self.logs / "switch.report.json").write_text(lines[-1] + "\n")
+        if self.switch.report is not None:  # drops by reason, injected faults, CPU time
+            (self.logs / "switch.report.json").write_text(json.dumps(self.switch.report) + "\n")
 
     def rendezvous(self) -> tuple[str, int]:
         return "127.0.0.1", free_tcp_port()
 
     def rank_args(self, rank: int) -> list[str]:
-        return ["--bind", f"127.0.0.1:{self.ports[rank]}", "--switch", self.switch_address]
+        return ["--bind", f"127.0.0.1:{self.ports[rank]}", "--switch", self.switch.address]
 
     def popen(self, rank: int, cmd: list[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(cmd, **kwargs)
@@ -244,10 +220,10 @@ def run_experiment(
     (run_dir / "config.json").write_text(config.to_json())
     rows = []
     sweep = config.sweep
+    # The gloo baseline does not depend on the switch's settings: run it once.
+    switch_only = bool(sweep) and sweep.parameter.startswith("switch.")
     for i, (label, variant) in enumerate(config.variants()):
         out = run_dir / label if label else run_dir
-        # The gloo baseline does not depend on the switch's settings: run it once.
-        switch_only = bool(sweep) and sweep.parameter.startswith("switch.")
         baseline = variant.train.baseline and not (switch_only and i > 0)
         if label:
             print(f"== {label}", flush=True)

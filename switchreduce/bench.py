@@ -11,14 +11,12 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 
+from emulation.softswitch.faults import FaultSpec
+from emulation.softswitch.process import LoopbackSwitch
 from switchreduce import wire
+from switchreduce.cli import cli_command
 from switchreduce.ports import free_udp_ports
-
-
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "switchreduce.cli", *args]
 
 
 def run_allreduce_bench(args: argparse.Namespace) -> int:
@@ -33,76 +31,52 @@ def run_allreduce_bench(args: argparse.Namespace) -> int:
     n = args.workers
     ports = free_udp_ports(n)
     common = ["--k", str(args.k), "--slots", str(args.slots)]
-    switch_cmd = _command(
-        "switch",
-        "--listen",
-        "127.0.0.1:0",
-        "--world-size",
-        str(n),
-        *common,
-        "--loss",
-        str(args.loss),
-        "--duplicate",
-        str(args.duplicate),
-        "--reorder",
-        str(args.reorder),
-        "--seed",
-        str(args.seed),
-        *(f"--worker={r}=127.0.0.1:{p}" for r, p in enumerate(ports)),
-    )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with subprocess.Popen(switch_cmd, stdout=subprocess.PIPE, text=True, env=env) as switch:
-        try:
-            ready = switch.stdout.readline().split()
-            if not ready or ready[0] != "listening":
-                raise RuntimeError(f"switch did not start (said {ready!r})")
-            switch_addr = ready[1]
-            workers = [
-                subprocess.Popen(
-                    _command(
-                        "worker",
-                        "--switch",
-                        switch_addr,
-                        "--bind",
-                        f"127.0.0.1:{port}",
-                        "--rank",
-                        str(rank),
-                        "--world-size",
-                        str(n),
-                        *common,
-                        "--elements",
-                        str(args.elements),
-                        "--dtype",
-                        args.dtype,
-                        "--seed",
-                        str(args.seed),
-                        "--timeout",
-                        str(args.timeout),
-                        "--wait-for-go",
-                    ),
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    env=env,
-                )
-                for rank, port in enumerate(ports)
-            ]
-            for w in workers:
-                if w.stdout.readline().strip() != "ready":
-                    raise RuntimeError("a worker failed to start")
-            for w in workers:
-                w.stdin.write("go\n")
-                w.stdin.flush()
-            reports = []
-            for w in workers:
-                out, _ = w.communicate()
-                lines = out.strip().splitlines()
-                if not lines:
-                    raise RuntimeError(f"a worker exited with {w.returncode} and no report")
-                reports.append(json.loads(lines[-1]))
-        finally:
-            switch.terminate()
-        switch_report = json.loads(switch.stdout.read().strip().splitlines()[-1])
+    faults = FaultSpec(args.loss, args.duplicate, args.reorder, args.seed)
+    with LoopbackSwitch(ports, args.k, args.slots, faults) as switch:
+        workers = [
+            subprocess.Popen(
+                cli_command(
+                    "worker",
+                    "--switch",
+                    switch.address,
+                    "--bind",
+                    f"127.0.0.1:{port}",
+                    "--rank",
+                    str(rank),
+                    "--world-size",
+                    str(n),
+                    *common,
+                    "--elements",
+                    str(args.elements),
+                    "--dtype",
+                    args.dtype,
+                    "--seed",
+                    str(args.seed),
+                    "--timeout",
+                    str(args.timeout),
+                    "--wait-for-go",
+                ),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for rank, port in enumerate(ports)
+        ]
+        for w in workers:
+            if w.stdout.readline().strip() != "ready":
+                raise RuntimeError("a worker failed to start")
+        for w in workers:
+            w.stdin.write("go\n")
+            w.stdin.flush()
+        reports = []
+        for w in workers:
+            out, _ = w.communicate()
+            lines = out.strip().splitlines()
+            if not lines:
+                raise RuntimeError(f"a worker exited with {w.returncode} and no report")
+            reports.append(json.loads(lines[-1]))
     seconds = max(r["seconds"] for r in reports)
     summary = {
         "workers": n,
@@ -119,7 +93,7 @@ def run_allreduce_bench(args: argparse.Namespace) -> int:
         "max_abs_error": max(r["max_abs_error"] for r in reports),
         "exact": all(r["exact"] for r in reports),
         "within_bound": all(r["within_bound"] for r in reports),
-        "switch": switch_report,
+        "switch": switch.report,
     }
     if args.json:
         print(json.dumps(summary))

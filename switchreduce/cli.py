@@ -25,6 +25,11 @@ from pathlib import Path
 from switchreduce import wire
 
 
+def cli_command(*args: str) -> list[str]:
+    """The command line that runs ``switchreduce ARGS...`` with this interpreter."""
+    return [sys.executable, "-m", "switchreduce.cli", *args]
+
+
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
@@ -228,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--elements", type=int, default=1_000_000, help="size of the allreduce run across the hosts"
     )
     topo.add_argument("--cli", action="store_true", help="open the Mininet CLI instead")
-    topo.add_argument("--run-dir", default="runs/topo", help="where switch logs go")
+    topo.add_argument("--run-dir", type=Path, default=Path("runs/topo"), help="where logs go")
     _add_job_args(topo)
     topo.set_defaults(k=wire.MAX_K_STANDARD_MTU, slots=None)  # slots: per switch node
 
@@ -354,8 +359,6 @@ def run_controller(args: argparse.Namespace) -> int:
 
 
 def run_topo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from emulation.bmv2 import bmv2_available
     from emulation.errors import EmulationError
     from emulation.topo import DEFAULT_SLOTS, Emulation, TopoOptions
@@ -379,7 +382,7 @@ def run_topo(args: argparse.Namespace) -> int:
             switch_loss=args.switch_loss,
             k=args.k,
             slots=args.slots,
-            run_dir=Path(args.run_dir),
+            run_dir=args.run_dir,
         )
         with Emulation(options) as emu:
             lost = emu.ping_all()

@@ -15,6 +15,7 @@ from experiments.config import ExperimentConfig, from_dict, load
 from experiments.errors import ConfigError, ExperimentError
 from experiments.runner import run_experiment
 from experiments.workloads import build_model
+from switchreduce.cli import cli_command
 from switchreduce.ports import free_tcp_port
 
 CONFIGS = sorted((Path(__file__).parents[1] / "experiments" / "configs").glob("*.toml"))
@@ -153,11 +154,10 @@ def test_torchrun_launches_ranks_that_register_and_train_through_the_switch(
     (tmp_path / "config.json").write_text(config.to_json())
     data_host, data_port = programmable_switch.data_plane
     http_port = free_tcp_port()
-    cli = [sys.executable, "-m", "switchreduce.cli"]
     controller = subprocess.Popen(
-        [*cli, "controller", "--p4runtime", programmable_switch.p4runtime,
-         "--data-plane", f"{data_host}:{data_port}", "--listen", f"127.0.0.1:{http_port}",
-         "--k", "256", "--slots", "8"],
+        cli_command("controller", "--p4runtime", programmable_switch.p4runtime,
+                    "--data-plane", f"{data_host}:{data_port}",
+                    "--listen", f"127.0.0.1:{http_port}", "--k", "256", "--slots", "8"),
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

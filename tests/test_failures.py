@@ -14,7 +14,9 @@ import time
 import numpy as np
 import pytest
 
+from emulation.softswitch.process import LoopbackSwitch
 from switchreduce import wire
+from switchreduce.cli import cli_command
 from switchreduce.ports import free_udp_ports
 from worker.reference import check, synthetic_tensor
 from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
@@ -22,36 +24,17 @@ from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 K = 256
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "switchreduce.cli", *args]
-
-
 def test_survivors_time_out_naming_missing_chunks_when_a_worker_dies() -> None:
     """Three worker processes; one is killed mid-job; the others raise TimeoutError in time."""
     world_size, timeout = 3, 2.0
     ports = free_udp_ports(world_size)
-    switch = subprocess.Popen(
-        _cli(
-            "switch",
-            "--listen",
-            "127.0.0.1:0",
-            "--world-size",
-            str(world_size),
-            "--k",
-            str(K),
-            *(f"--worker={r}=127.0.0.1:{p}" for r, p in enumerate(ports)),
-        ),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        address = switch.stdout.readline().split()[1]
+    with LoopbackSwitch(ports, K, 64) as switch:
         workers = [
             subprocess.Popen(
-                _cli(
+                cli_command(
                     "worker",
                     "--switch",
-                    address,
+                    switch.address,
                     "--bind",
                     f"127.0.0.1:{port}",
                     "--rank",
@@ -80,9 +63,6 @@ def test_survivors_time_out_naming_missing_chunks_when_a_worker_dies() -> None:
             assert "TimeoutError" in stderr and "chunks missing" in stderr, stderr[-2000:]
         assert time.monotonic() - killed_at < timeout + 10
         workers[2].wait()
-    finally:
-        switch.terminate()
-        switch.wait()
 
 
 def test_hostile_traffic_is_dropped_and_counted_while_a_job_stays_exact(job_factory) -> None:
@@ -177,7 +157,7 @@ def test_bad_bindings_are_rejected(binding: dict, message: str) -> None:
 
 def test_bench_reports_every_field_and_an_exact_result() -> None:
     out = subprocess.run(
-        _cli(
+        cli_command(
             "bench",
             "allreduce",
             "--workers",
