@@ -40,7 +40,8 @@ class Job:
     world_size: int
     slot_base: int
     slot_count: int
-    generation: int
+    #: The run's session (wire.new_session): every packet carries it, the switch matches it.
+    session: int
     members: tuple[Member, ...]
 
     def __post_init__(self) -> None:
@@ -73,7 +74,7 @@ def job_entries(job: Job) -> tuple[list[TableEntry], tuple[int, list[tuple[int, 
             "SwitchReduceIngress.set_job",
             {"world_size": job.world_size, "slot_base": job.slot_base,
              "slot_count": job.slot_count, "mcast_grp": job.job_id,
-             "generation": job.generation},
+             "session": job.session},
         )
     ]  # fmt: skip
     replicas = []
@@ -134,10 +135,9 @@ class JobTable:
     def __init__(self, conn: SwitchConnection) -> None:
         self.conn = conn
         # The program's sizes, from its P4Info: slots in the pool, and job ids it counts.
-        self.pool = SlotPool(conn.size_of("SwitchReduceIngress.slot_generation"))
+        self.pool = SlotPool(conn.size_of("SwitchReduceIngress.slot_session"))
         self.max_job_id = conn.size_of("SwitchReduceIngress.aggregated") - 1
         self.jobs: dict[int, Job] = {}
-        self.generation = 0
 
     def admit(self, job_id: int, members: list[Member], slot_count: int) -> Job:
         """Install a job; on any refusal nothing of it stays on the switch."""
@@ -152,13 +152,12 @@ class JobTable:
         world_size = len(members)
         base = self.pool.allocate(slot_count)
         try:
-            job = Job(job_id, world_size, base, slot_count, self.generation + 1, tuple(members))
+            job = Job(job_id, world_size, base, slot_count, wire.new_session(), tuple(members))
             entries, group = job_entries(job)
             self._write_all(p4runtime_pb2.Update.INSERT, entries, group)
         except BaseException:
             self.pool.release(base)
             raise
-        self.generation = job.generation
         self.jobs[job_id] = job
         return job
 
@@ -206,8 +205,7 @@ class JobTable:
                     )
                 )
             p = entry.params
-            job = Job(job_id, p["world_size"], p["slot_base"], p["slot_count"], p["generation"],
+            job = Job(job_id, p["world_size"], p["slot_base"], p["slot_count"], p["session"],
                       tuple(members))  # fmt: skip
             self.jobs[job_id] = job
             self.pool.used[job.slot_base] = job.slot_count
-            self.generation = max(self.generation, job.generation)

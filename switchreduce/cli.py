@@ -288,7 +288,7 @@ def run_switch(args: argparse.Namespace) -> int:
     from emulation.softswitch.faults import FaultSpec
     from emulation.softswitch.pipeline import SoftSwitch
     from emulation.softswitch.raw import RawSwitch
-    from emulation.softswitch.static import install_forwarding, install_static_job, parse_member
+    from emulation.softswitch.static import StaticJob, install_forwarding, parse_member
     from emulation.softswitch.udp import UdpSwitch
 
     if args.world_size is None and args.p4runtime is None:
@@ -297,10 +297,11 @@ def run_switch(args: argparse.Namespace) -> int:
             "or --p4runtime HOST:PORT for a controller to program the switch"
         )
     switch = SoftSwitch(k=args.k)
+    static_jobs = []
     if args.world_size is not None:
         members = tuple(parse_member(spec) for spec in args.worker)
-        job = Job(args.job, args.world_size, args.slot_base, args.slots, 1, members)
-        install_static_job(switch, job)
+        job = Job(args.job, args.world_size, args.slot_base, args.slots, 0, members)
+        static_jobs.append(StaticJob(switch, job))
     if args.p4runtime is not None:
         from emulation.softswitch.p4runtime_server import serve
 
@@ -317,6 +318,7 @@ def run_switch(args: argparse.Namespace) -> int:
         server = UdpSwitch(switch, args.listen, faults)
         host, port = server.address
         print(f"listening {host}:{port}", flush=True)
+    server.static_jobs = static_jobs
     signal.signal(signal.SIGTERM, lambda *_: server.stop_soon())
     signal.signal(signal.SIGINT, lambda *_: server.stop_soon())
     server.serve_forever()

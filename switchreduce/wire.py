@@ -7,23 +7,35 @@ docs/protocol.md. Every part of the system (worker, soft switch,
 controller, tests, the scapy decoder) imports its layout from here; the P4
 headers in ``p4src/`` mirror :data:`HEADER_FIELDS` field for field.
 
-Header (16 bytes, network byte order)::
+Header (28 bytes, network byte order)::
 
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
     +---------------+---------------+-------------------------------+
     |   msg_type    |     rank      |            job_id             |
     +-+-------------+---------------+---------------+---------------+
-    |v|         slot (15)           |   exponent    |   reserved    |
+    |v|         slot (15)           |   exponent    |    format     |
     +-+-----------------------------+---------------+---------------+
     |            round              |            count              |
     +-------------------------------+-------------------------------+
     |                            chunk                              |
     +---------------------------------------------------------------+
+    |                            length                             |
+    +---------------------------------------------------------------+
+    |                        session (64)                           |
+    +                                                               +
+    |                                                               |
+    +---------------------------------------------------------------+
+
+``session`` names one run of a job and is its secret: the switch takes a
+packet only if it carries the session its ``jobs`` entry holds. ``format``
+and ``length`` say what the sender sums; every contribution to a round must
+carry the same, or the switch refuses the round.
 """
 
 from __future__ import annotations
 
+import secrets
 import struct
 from enum import IntEnum
 from typing import NamedTuple
@@ -56,6 +68,37 @@ EXPONENT_BIAS = 127
 #: -126, float32's smallest normal exponent; the largest, 128 (max|x| < 2**128), is byte 255.
 EXPONENT_MIN = 1 - EXPONENT_BIAS
 
+#: The tensor types a ``format`` byte names: bits 7..5 index this tuple, bits 4..0 hold
+#: the fixed-point precision minus one (32 for int32, which is summed exactly).
+FORMAT_DTYPES = ("int32", "float32", "bfloat16", "float16")
+#: ``length`` is 32 bits: the most elements one allreduce call sums.
+MAX_LENGTH = (1 << 32) - 1
+
+
+def encode_format(dtype: str, bits: int) -> int:
+    """The ``format`` byte of a tensor of ``dtype`` quantized to ``bits`` (1..32)."""
+    if not 1 <= bits <= 32:
+        raise ValueError(f"precision must be 1..32 bits, got {bits}")
+    return FORMAT_DTYPES.index(dtype) << 5 | (bits - 1)
+
+
+def describe_format(byte: int) -> str:
+    """'float32 at 16 bits' for a ``format`` byte (names an unknown dtype code as such)."""
+    code, bits = byte >> 5, (byte & 0x1F) + 1
+    dtype = FORMAT_DTYPES[code] if code < len(FORMAT_DTYPES) else f"dtype code {code}"
+    return f"{dtype} at {bits} bits"
+
+
+def new_session() -> int:
+    """A fresh session: 64 random bits, never 0 (a ``jobs`` entry's "no session yet").
+
+    Random rather than counted so that no restart of any process can make one
+    repeat (the chance that two sessions agree is 2**-64), and so that a host
+    that cannot see a job's packets cannot guess it.
+    """
+    return secrets.randbits(64) or 1
+
+
 ELEMENT_DTYPE = np.dtype(">i4")
 ELEMENT_BYTES = ELEMENT_DTYPE.itemsize
 
@@ -67,12 +110,14 @@ HEADER_FIELDS: tuple[tuple[str, int], ...] = (
     ("version", 1),
     ("slot", 15),
     ("exponent", 8),
-    ("reserved", 8),
+    ("format", 8),
     ("round", 16),
     ("count", 16),
     ("chunk", 32),
+    ("length", 32),
+    ("session", 64),
 )
-_HEADER = struct.Struct("!BBHHBBHHI")
+_HEADER = struct.Struct("!BBHHBBHHIIQ")
 HEADER_BYTES = _HEADER.size
 assert sum(width for _, width in HEADER_FIELDS) == HEADER_BYTES * 8
 
@@ -86,10 +131,14 @@ IP_PROTO_UDP = 17
 
 
 class MsgType(IntEnum):
-    """What a packet is: a worker's contribution, or the switch's aggregate."""
+    """What a packet is (docs/protocol.md, Messages)."""
 
-    DATA = 1
-    RESULT = 2
+    DATA = 1  # worker -> switch: a contribution to a round
+    RESULT = 2  # switch -> workers: the round's sums
+    JOIN = 3  # worker -> switch: ask a static job for a session (soft switch only)
+    JOINED = 4  # switch -> worker: the session every rank of the static job now uses
+    STALE = 5  # switch -> worker: the packet's session is not the job's
+    REFUSED = 6  # switch -> workers: ranks disagree on what the round sums
 
 
 class DropReason(IntEnum):
@@ -103,6 +152,12 @@ class DropReason(IntEnum):
     DUPLICATE = 5
     STALE = 6
     NO_ROUTE = 7
+    BAD_SESSION = 8
+    MISMATCH = 9
+
+
+#: The ``arrivals`` value of a row whose round was refused (a count is always < MAX_WORKERS).
+ROW_REFUSED = 0xFF
 
 
 class WireError(ValueError):
@@ -121,6 +176,9 @@ class Header(NamedTuple):
     round: int
     chunk: int
     count: int
+    format: int = 0
+    length: int = 0
+    session: int = 0
 
     def pack(self) -> bytes:
         return _HEADER.pack(
@@ -129,10 +187,12 @@ class Header(NamedTuple):
             self.job_id,
             (self.version << 15) | self.slot,
             self.exponent,
-            0,
+            self.format,
             self.round,
             self.count,
             self.chunk,
+            self.length,
+            self.session,
         )
 
 
@@ -140,12 +200,12 @@ def unpack_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> Heade
     """Decode the header at ``offset``; raises WireError if the buffer is too short."""
     if len(buf) - offset < HEADER_BYTES:
         raise WireError(f"truncated header: {len(buf) - offset} < {HEADER_BYTES} bytes")
-    msg_type, rank, job_id, vslot, exponent, _, round_, count, chunk = _HEADER.unpack_from(
-        buf, offset
-    )
+    (msg_type, rank, job_id, vslot, exponent, format_, round_, count, chunk, length,
+     session) = _HEADER.unpack_from(buf, offset)  # fmt: skip
     return Header(
-        msg_type, job_id, rank, vslot & 0x7FFF, vslot >> 15, exponent, round_, chunk, count
-    )
+        msg_type, job_id, rank, vslot & 0x7FFF, vslot >> 15, exponent, round_, chunk, count,
+        format_, length, session,
+    )  # fmt: skip
 
 
 def datagram_bytes(k: int) -> int:

@@ -89,17 +89,24 @@ def running_job(
     options: WorkerOptions | None = None,
     job_id: int = 1,
 ) -> Iterator[RunningJob]:
-    """A soft switch on loopback with one static job and ``world_size`` bound workers."""
+    """A soft switch on loopback with one job and ``world_size`` bound workers.
+
+    The job is installed as a controller admits one, session included, so the
+    communicators start without joining.
+    """
     socks = bound_udp_sockets(world_size)
     switch = SoftSwitch(k=k)
     endpoints = tuple(
         Member(rank, "127.0.0.1", sock.getsockname()[1]) for rank, sock in enumerate(socks)
     )
-    install_static_job(switch, Job(job_id, world_size, 0, slots, 1, endpoints))
+    session = wire.new_session()
+    install_static_job(switch, Job(job_id, world_size, 0, slots, session, endpoints))
     server = UdpSwitch(switch, ("127.0.0.1", 0), faults).start()
     options = options or WorkerOptions(k=k, timeout=20.0)
     comms = [
-        SwitchCommunicator(JobBinding(job_id, r, world_size, slots, server.address), options, s)
+        SwitchCommunicator(
+            JobBinding(job_id, r, world_size, slots, server.address, session), options, s
+        )
         for r, s in enumerate(socks)
     ]
     try:

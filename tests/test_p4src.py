@@ -39,6 +39,9 @@ def test_constants_match_the_python_side() -> None:
     assert defines["UDP_PORT_MAX"] == wire.UDP_PORT_MAX
     assert defines["MSG_DATA"] == wire.MsgType.DATA
     assert defines["MSG_RESULT"] == wire.MsgType.RESULT
+    assert defines["MSG_STALE"] == wire.MsgType.STALE
+    assert defines["MSG_REFUSED"] == wire.MsgType.REFUSED
+    assert defines["ROW_REFUSED"] == wire.ROW_REFUSED
     assert defines["SR_HEADER_BYTES"] == wire.HEADER_BYTES
     assert defines["K"] in wire.SUPPORTED_K
 

@@ -10,10 +10,12 @@ import pytest
 from controller.jobs import Job, Member, replica_id
 from emulation.softswitch.pipeline import DropReason, JobStat, Packet, SoftSwitch, ipv4_checksum
 from emulation.softswitch.static import install_static_job
+from emulation.softswitch.tables import ActionCall
 from switchreduce import wire
 
 K = 64
 SWITCH = ("127.0.0.1", wire.DEFAULT_SWITCH_PORT)
+SESSION = 0x5E55_1011_0000_0001
 
 
 def worker_address(rank: int) -> tuple[str, int]:
@@ -23,7 +25,7 @@ def worker_address(rank: int) -> tuple[str, int]:
 def make_switch(world_size: int = 3, slots: int = 4, job_id: int = 1) -> SoftSwitch:
     switch = SoftSwitch(k=K)
     endpoints = tuple(Member(r, *worker_address(r)) for r in range(world_size))
-    install_static_job(switch, Job(job_id, world_size, 0, slots, 1, endpoints))
+    install_static_job(switch, Job(job_id, world_size, 0, slots, SESSION, endpoints))
     return switch
 
 
@@ -37,10 +39,14 @@ def send(
     job_id: int = 1,
     chunk: int = 0,
     source=None,
+    session: int = SESSION,
+    format_: int = 0,
+    length: int = K,
 ) -> list[Packet]:
     header = wire.Header(
-        wire.MsgType.DATA, job_id, rank, slot, round_ & 1, exponent, round_, chunk, K
-    )
+        wire.MsgType.DATA, job_id, rank, slot, round_ & 1, exponent, round_, chunk, K,
+        format_, length, session,
+    )  # fmt: skip
     payload = wire.encode(header, np.full(K, value, dtype=np.int32))
     pkt = switch.parser.parse_datagram(payload, source or worker_address(rank), SWITCH)
     return switch.process(pkt)
@@ -128,9 +134,9 @@ def test_a_new_job_on_used_slots_starts_clean_without_register_writes() -> None:
     ingress = switch.ingress
     ingress.jobs.delete((1,))
     endpoints = tuple(Member(r, *worker_address(r)) for r in range(2))
-    install_static_job(switch, Job(2, 2, 0, 4, 2, endpoints))
-    send(switch, 0, value=5, job_id=2)
-    assert (send(switch, 1, value=6, job_id=2)[0].elements == 11).all()
+    install_static_job(switch, Job(2, 2, 0, 4, SESSION + 1, endpoints))
+    send(switch, 0, value=5, job_id=2, session=SESSION + 1)
+    assert (send(switch, 1, value=6, job_id=2, session=SESSION + 1)[0].elements == 11).all()
 
 
 @pytest.mark.parametrize(
@@ -176,9 +182,9 @@ def test_raw_frames_parse_and_results_deparse_with_valid_checksums() -> None:
     switch = SoftSwitch(k=K)
     install_static_job(
         switch,
-        Job(1, 1, 0, 4, 1, (Member(0, "10.0.0.1", 40000, mac=0x020000000001, port=1),)),
+        Job(1, 1, 0, 4, SESSION, (Member(0, "10.0.0.1", 40000, mac=0x020000000001, port=1),)),
     )
-    header = wire.Header(wire.MsgType.DATA, 1, 0, 0, 0, 0, 1, 0, K)
+    header = wire.Header(wire.MsgType.DATA, 1, 0, 0, 0, 0, 1, 0, K, session=SESSION)
     frame = bytes(
         Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:fe")
         / IP(src="10.0.0.1", dst="10.0.0.254")
@@ -194,3 +200,45 @@ def test_raw_frames_parse_and_results_deparse_with_valid_checksums() -> None:
     ip_header[10:12] = b"\x00\x00"
     assert result[IP].chksum == ipv4_checksum(ip_header)
     assert np.array_equal(wire.decode_elements(bytes(result[UDP].payload), K), np.arange(K))
+
+
+def test_a_packet_of_another_session_is_answered_stale_and_counted() -> None:
+    switch = make_switch(world_size=2)
+    out = send(switch, 0, value=7, session=SESSION ^ 1)
+    assert [p.header.msg_type for p in out] == [wire.MsgType.STALE]
+    assert out[0].header.session == SESSION ^ 1  # an echo: only its sender's session is in it
+    assert (out[0].udp_dport, out[0].egress_port) == (worker_address(0)[1], 0)
+    assert drops(switch, DropReason.BAD_SESSION) == 1
+    # the stale packet left nothing behind: the real round sums only the session's packets
+    send(switch, 0, value=1)
+    assert (send(switch, 1, value=2)[0].elements == 3).all()
+
+
+@pytest.mark.parametrize(
+    "disagreement", [{"format_": wire.encode_format("float32", 32)}, {"length": K + 1}]
+)
+def test_ranks_that_disagree_on_what_they_sum_get_the_round_refused(disagreement: dict) -> None:
+    switch = make_switch(world_size=3)
+    assert send(switch, 0, value=1) == []
+    refused = send(switch, 1, value=1, **disagreement)
+    assert sorted(p.udp_dport for p in refused) == [50000, 50001, 50002]  # every rank hears it
+    assert {p.header.msg_type for p in refused} == {wire.MsgType.REFUSED}
+    assert refused[0].header.rank == 1  # names the rank that disagreed
+    # whatever arrives for the round later is refused too, and no sum ever leaves
+    for rank in (2, 0, 1):
+        out = send(switch, rank, value=1)
+        assert [p.header.msg_type for p in out] == [wire.MsgType.REFUSED]
+    assert drops(switch, DropReason.MISMATCH) == 4
+    assert switch.ingress.job_stats[JobStat.RESULTS].packets[1] == 0
+
+
+def test_a_new_session_on_a_completed_slot_starts_clean() -> None:
+    """A rerun whose rounds restart at 1 must not be answered with the previous run's sums."""
+    switch = make_switch(world_size=2)
+    send(switch, 0, value=1)
+    assert (send(switch, 1, value=2)[0].elements == 3).all()
+    ingress = switch.ingress
+    session = SESSION + 7
+    ingress.jobs.modify((1,), ActionCall("SwitchReduceIngress.set_job", (2, 0, 4, 1, session)))
+    assert send(switch, 0, value=10, session=session) == []  # new data, not a retransmission
+    assert (send(switch, 1, value=20, session=session)[0].elements == 30).all()

@@ -20,6 +20,9 @@ headers = st.builds(
     round=st.integers(0, 0xFFFF),
     chunk=st.integers(0, 0xFFFFFFFF),
     count=st.integers(0, 0xFFFF),
+    format=st.integers(0, 0xFF),
+    length=st.integers(0, wire.MAX_LENGTH),
+    session=st.integers(0, (1 << 64) - 1),
 )
 
 

@@ -54,7 +54,10 @@ def check_finite(values: np.ndarray) -> None:
 
 def block_exponents(blocks: np.ndarray) -> np.ndarray:
     """Exponent byte per row of ``blocks`` (shape (B, K)): e + bias, or 0 for all-zero rows."""
-    peak = np.abs(blocks).max(axis=1).astype(np.float64) if blocks.size else np.zeros(len(blocks))
+    if not blocks.size:
+        return np.zeros(len(blocks), dtype=np.uint8)
+    # max(max, -min) rather than max(abs): no temporary the size of the tensor
+    peak = np.maximum(blocks.max(axis=1), -blocks.min(axis=1)).astype(np.float64)
     _, exp = np.frexp(peak)  # peak = mant * 2**exp with mant in [0.5, 1), so peak < 2**exp
     exp = np.maximum(exp, EXPONENT_MIN)
     return np.where(peak > 0, exp + EXPONENT_BIAS, EXPONENT_NONE).astype(np.uint8)

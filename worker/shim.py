@@ -25,7 +25,6 @@ outstanding use are duplicates and are ignored.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import socket
 import time
@@ -35,8 +34,10 @@ import numpy as np
 
 from switchreduce import wire
 from worker import quantize as q
+from worker.errors import MismatchError, SessionEndedError, SwitchTimeoutError, WorkerError
 
 _PRIME = -1  # chunk index of a slot's priming use (carries only an exponent)
+_JOIN_RETRY = 0.2  # seconds between JOINs while the other ranks come up
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class WorkerOptions:
     k: int = wire.DEFAULT_K
     #: Fixed-point precision of float tensors (worker.quantize); every rank must agree.
     precision_bits: int = q.MAX_BITS
-    #: Seconds without any new result after which allreduce raises TimeoutError.
+    #: Seconds without any new result (or JOIN answer) after which SwitchTimeoutError is raised.
     timeout: float = 10.0
     #: Bounds of the adaptive retransmission timeout, in seconds.
     min_rto: float = 0.05
@@ -75,6 +76,9 @@ class JobBinding:
     world_size: int
     slot_count: int
     switch: tuple[str, int]
+    #: The session the controller admitted the job with; None for a job installed on the
+    #: switch's command line, whose ranks ask the switch for one (JOIN) when they start.
+    session: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.world_size <= wire.MAX_WORKERS:
@@ -116,22 +120,41 @@ class _SlotUse:
 
 @dataclass
 class _Transfer:
-    """State of one allreduce call."""
+    """State of one allreduce call.
 
-    blocks: np.ndarray  # (C, K) input, zero-padded
+    The input is read chunk by chunk as packets are built and each result is
+    written straight into ``out``, so a call holds no copy of the tensor
+    besides its result.
+    """
+
+    flat: np.ndarray  # the input, flat: float32 or int32
+    out: np.ndarray  # the result, flat, same dtype
+    chunks: int
     scaled: bool  # float: quantized per block; int32: sent as is
-    prescaled: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    format: int  # the header's format byte
+    peak_level: float = 0.0  # worker.quantize's m, for float tensors
     local_exp: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     global_exp: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
-    sums: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))
     uses: dict[int, _SlotUse] = field(default_factory=dict)
     timers: list[tuple[float, int, int]] = field(default_factory=list)
     next_timer: int = 0  # unique across all uses and resends of the transfer
-    length: int = 0
+
+
+class _Rejoin(Exception):
+    """The switch answered STALE before this session produced any result: join again."""
+
+
+#: Tensor types summed through the float32 path and returned in their own type.
+_VIA_FLOAT32 = ("bfloat16", "float16")
 
 
 class SwitchCommunicator:
-    """One rank's endpoint of a job: ``allreduce`` returns the sum over all ranks."""
+    """One rank's endpoint of a job: ``allreduce`` returns the sum over all ranks.
+
+    A job installed on the switch's command line has no controller to hand
+    out sessions, so the communicator asks the switch for one (JOIN) when it
+    starts; a controller's binding carries its session already.
+    """
 
     def __init__(
         self,
@@ -144,23 +167,31 @@ class SwitchCommunicator:
         self.options = options or WorkerOptions()
         self.stats = WorkerStats()
         self.sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        if sock is None:
-            self.sock.bind(bind)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            self.sock.setsockopt(socket.SOL_SOCKET, opt, self.options.socket_buffer)
-        self.switch = (socket.gethostbyname(binding.switch[0]), binding.switch[1])
-        # Connected: the kernel drops datagrams from anyone but the switch, and send() is
-        # cheaper than sendto(). It also lets us ask for the path MTU.
-        self.sock.connect(self.switch)
-        _check_path_mtu(self.sock, self.options.k)
-        # Non-blocking: a socket timeout would poll before every call.
-        self.sock.setblocking(False)
-        self._rounds = [0] * binding.slot_count  # last round used, per slot
-        self._srtt: float | None = None
-        self._rttvar = 0.0
-        self._datagram_bytes = wire.datagram_bytes(self.options.k)
-        self._buf = bytearray(self._datagram_bytes + 1)  # one spare byte exposes oversize
-        self._zero_payload = bytes(self.options.k * wire.ELEMENT_BYTES)
+        try:
+            if sock is None:
+                self.sock.bind(bind)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                self.sock.setsockopt(socket.SOL_SOCKET, opt, self.options.socket_buffer)
+            self.switch = (socket.gethostbyname(binding.switch[0]), binding.switch[1])
+            # Connected: the kernel drops datagrams from anyone but the switch, and send() is
+            # cheaper than sendto(). It also lets us ask for the path MTU.
+            self.sock.connect(self.switch)
+            _check_path_mtu(self.sock, self.options.k)
+            # Non-blocking: a socket timeout would poll before every call.
+            self.sock.setblocking(False)
+            self._datagram_bytes = wire.datagram_bytes(self.options.k)
+            self._buf = bytearray(self._datagram_bytes + 1)  # one spare byte exposes oversize
+            self._zero_payload = bytes(self.options.k * wire.ELEMENT_BYTES)
+            self._nonce = wire.new_session()  # names this communicator in its JOINs
+            self._rounds = [0] * binding.slot_count  # last round used, per slot
+            self._results_in_session = 0
+            self._broken: WorkerError | None = None
+            self._srtt: float | None = None
+            self._rttvar = 0.0
+            self.session = binding.session if binding.session is not None else self._join()
+        except BaseException:
+            self.sock.close()
+            raise
 
     @property
     def address(self) -> tuple[str, int]:
@@ -178,65 +209,166 @@ class SwitchCommunicator:
     def allreduce(self, tensor):
         """Sum of ``tensor`` over all ranks, same type, shape and dtype.
 
-        Accepts numpy arrays and torch tensors of float32 or int32, of any
-        length. int32 sums are exact (wrapping modulo 2**32 like the switch's
-        adders); float32 sums are within the bound in :mod:`worker.quantize`.
-        Raises TimeoutError naming the missing chunks if the job stalls.
+        Accepts numpy arrays and torch tensors of float32, int32, float16 and
+        (torch) bfloat16, of any length below 2**32. int32 sums are exact
+        (wrapping modulo 2**32 like the switch's adders); float sums are
+        within the bound in :mod:`worker.quantize` (float16 and bfloat16 are
+        summed as float32 and rounded back). Raises SwitchTimeoutError naming
+        the missing chunks if the job stalls, SessionEndedError if another run
+        of the job took the switch, MismatchError if the ranks disagree on
+        what they sum; after any of these the communicator is unusable.
         """
         if _is_torch(tensor):
             import torch
 
-            result = self._allreduce_array(tensor.detach().cpu().contiguous().numpy())
-            return torch.from_numpy(result).to(tensor.device)
-        return self._allreduce_array(np.asarray(tensor))
+            source = tensor.detach()
+            dtype_name = str(source.dtype).removeprefix("torch.")
+            if dtype_name in _VIA_FLOAT32:
+                source = source.float()
+            result = self._allreduce_array(source.cpu().contiguous().numpy(), dtype_name)
+            return torch.from_numpy(result).to(device=tensor.device, dtype=tensor.dtype)
+        array = np.asarray(tensor)
+        if array.dtype == np.float16:
+            return self._allreduce_array(array.astype(np.float32), "float16").astype(np.float16)
+        return self._allreduce_array(array, array.dtype.name)
 
-    def _allreduce_array(self, array: np.ndarray) -> np.ndarray:
+    def _allreduce_array(self, array: np.ndarray, dtype_name: str) -> np.ndarray:
         if array.dtype not in (np.float32, np.int32):
-            raise TypeError(f"allreduce supports float32 and int32 tensors, got {array.dtype}")
+            raise TypeError(
+                f"allreduce supports float32, int32, float16 and bfloat16 tensors, got {dtype_name}"
+            )
+        if array.size > wire.MAX_LENGTH:
+            raise ValueError(f"allreduce sums at most {wire.MAX_LENGTH} elements, got {array.size}")
+        if self._broken is not None:
+            raise type(self._broken)(f"this communicator failed before: {self._broken}")
         q.check_finite(array)
         flat = array.reshape(-1)
         if flat.size == 0:
             return array.copy()
+        scaled = array.dtype == np.float32
+        bits = self.options.precision_bits if scaled else q.MAX_BITS
+        while True:
+            xfer = self._new_transfer(flat, scaled, wire.encode_format(dtype_name, bits))
+            try:
+                self._run(xfer)
+                break
+            except _Rejoin:
+                self.session = self._join()
+            except WorkerError as exc:
+                self._broken = exc
+                raise
+        return xfer.out.reshape(array.shape)
+
+    def _new_transfer(self, flat: np.ndarray, scaled: bool, format_: int) -> _Transfer:
         k = self.options.k
         chunks = -(-flat.size // k)
-        blocks = np.zeros((chunks, k), dtype=array.dtype)
-        blocks.reshape(-1)[: flat.size] = flat
-        xfer = _Transfer(blocks, scaled=array.dtype == np.float32, length=flat.size)
-        xfer.sums = np.zeros((chunks, k), dtype=np.int32)
-        if xfer.scaled:
-            xfer.prescaled = q.prescale(
-                blocks, self.binding.world_size, self.options.precision_bits
-            )
-            xfer.local_exp = q.block_exponents(blocks)
+        xfer = _Transfer(flat, np.empty_like(flat), chunks, scaled, format_)
+        if scaled:
+            bits = self.options.precision_bits
+            xfer.peak_level = float(q.peak_level(self.binding.world_size, bits))
+            full = flat.size // k
+            xfer.local_exp = np.empty(chunks, dtype=np.uint8)
+            xfer.local_exp[:full] = q.block_exponents(flat[: full * k].reshape(full, k))
+            if chunks > full:
+                xfer.local_exp[full:] = q.block_exponents(flat[full * k :].reshape(1, -1))
             xfer.global_exp = np.zeros(chunks, dtype=np.uint8)
-        self._run(xfer)
-        if xfer.scaled:
-            out = q.dequantize(
-                xfer.sums, xfer.global_exp, self.binding.world_size, self.options.precision_bits
-            )
-        else:
-            out = xfer.sums
-        return out.reshape(-1)[: flat.size].reshape(array.shape)
+        return xfer
+
+    # -- session ------------------------------------------------------------------
+
+    def _join(self) -> int:
+        """Ask the switch for the static job's session; every rank of the job gets the same.
+
+        JOIN carries this communicator's nonce; the switch answers once every
+        rank has joined (docs/protocol.md, Sessions).
+        """
+        b = self.binding
+        request = (
+            wire.Header(
+                wire.MsgType.JOIN, b.job_id, b.rank, 0, 0, 0, 0, 0, 0, session=self._nonce
+            ).pack()
+            + self._zero_payload
+        )
+        self._drain()
+        deadline = time.monotonic() + self.options.timeout
+        next_send = 0.0
+        last_error: OSError | None = None
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                cause = f" (last socket error: {last_error})" if last_error else ""
+                raise SwitchTimeoutError(
+                    f"job {b.job_id} rank {b.rank}: switch {self.switch[0]}:{self.switch[1]} "
+                    f"did not answer JOIN within {self.options.timeout}s{cause} (are all "
+                    f"{b.world_size} ranks running, and does the switch hold job {b.job_id}?)"
+                )
+            if now >= next_send:
+                last_error = self._send_bytes(request) or last_error
+                next_send = now + _JOIN_RETRY
+            hdr = self._receive()
+            if hdr is None or hdr.msg_type != wire.MsgType.JOINED or hdr.job_id != b.job_id:
+                continue
+            if (hdr.chunk, hdr.length) != (b.slot_count, b.world_size):
+                raise WorkerError(
+                    f"job {b.job_id} rank {b.rank}: switch {self.switch[0]}:{self.switch[1]} "
+                    f"holds the job with {hdr.chunk} slots and world size {hdr.length}, this "
+                    f"rank was given {b.slot_count} slots and world size {b.world_size}"
+                )
+            self._rounds = [0] * b.slot_count
+            self._results_in_session = 0
+            return hdr.session
+
+    def _drain(self) -> None:
+        """Discard whatever waits in the socket (answers meant for an earlier communicator)."""
+        while True:
+            try:
+                self.sock.recv_into(self._buf)
+            except (BlockingIOError, ConnectionRefusedError):
+                return
+
+    def _receive(self) -> wire.Header | None:
+        """The header of the next datagram of the right size, or None (after a short wait)."""
+        try:
+            nbytes = self.sock.recv_into(self._buf)
+        except BlockingIOError:
+            time.sleep(self.options.coalesce)
+            return None
+        except ConnectionRefusedError:  # ICMP port unreachable: the switch is not there (yet)
+            time.sleep(self.options.coalesce)
+            return None
+        self.stats.packets_received += 1
+        self.stats.bytes_received += nbytes
+        if nbytes != self._datagram_bytes:
+            self.stats.duplicates += 1
+            return None
+        return wire.unpack_header(self._buf)
+
+    def _send_bytes(self, packet: bytes) -> OSError | None:
+        """Send one datagram; a full buffer or an unreachable switch is a loss (returned)."""
+        try:
+            self.sock.send(packet)
+        except BlockingIOError:
+            return None  # buffer full: lost; the timer resends it
+        except OSError as exc:  # e.g. ICMP port unreachable while the switch restarts
+            return exc
+        self.stats.packets_sent += 1
+        self.stats.bytes_sent += len(packet)
+        return None
 
     # -- window ---------------------------------------------------------------
 
     def _run(self, xfer: _Transfer) -> None:
-        slots = min(self.binding.slot_count, len(xfer.blocks))
+        slots = min(self.binding.slot_count, xfer.chunks)
         for slot in range(slots):
             self._send(xfer, slot, _PRIME if xfer.scaled else slot)
         last_progress = time.monotonic()
-        sock, buf, coalesce = self.sock, self._buf, self.options.coalesce
         while xfer.uses:
-            try:
-                nbytes = sock.recv_into(buf)
-            except BlockingIOError:
-                nbytes = 0
-                time.sleep(coalesce)
+            hdr = self._receive()
             now = time.monotonic()
-            if nbytes and self._on_result(xfer, buf, nbytes, now):
+            if hdr is not None and self._on_answer(xfer, hdr, now):
                 last_progress = now
             elif now - last_progress > self.options.timeout:
-                raise TimeoutError(self._stall_message(xfer))
+                raise SwitchTimeoutError(self._stall_message(xfer))
             self._retransmit_expired(xfer, now)
 
     def _send(self, xfer: _Transfer, slot: int, chunk: int) -> None:
@@ -247,58 +379,53 @@ class SwitchCommunicator:
             exponent, count, payload, wire_chunk = xfer.local_exp[slot], 0, self._zero_payload, slot
         else:
             ahead = chunk + slots
-            exponent = xfer.local_exp[ahead] if xfer.scaled and ahead < len(xfer.blocks) else 0
-            count = min(k, xfer.length - chunk * k)
+            exponent = xfer.local_exp[ahead] if xfer.scaled and ahead < xfer.chunks else 0
+            values = xfer.flat[chunk * k : (chunk + 1) * k]
+            count = values.size
             if xfer.scaled:
-                values = q.quantize_block(xfer.prescaled[chunk], xfer.global_exp[chunk])
-            else:
-                values = xfer.blocks[chunk]
-            payload, wire_chunk = values.astype(wire.ELEMENT_DTYPE).tobytes(), chunk
+                values = q.quantize_block(
+                    values.astype(np.float64) * xfer.peak_level, xfer.global_exp[chunk]
+                )
+            payload = values.astype(wire.ELEMENT_DTYPE).tobytes()
+            if count < k:
+                payload += self._zero_payload[count * wire.ELEMENT_BYTES :]
+            wire_chunk = chunk
         header = wire.Header(
-            wire.MsgType.DATA,
-            b.job_id,
-            b.rank,
-            slot,
-            round_ & 1,
-            int(exponent),
-            round_,
-            wire_chunk,
-            count,
-        )
+            wire.MsgType.DATA, b.job_id, b.rank, slot, round_ & 1, int(exponent), round_,
+            wire_chunk, count, xfer.format, xfer.flat.size, self.session,
+        )  # fmt: skip
         use = _SlotUse(chunk, wire_chunk, round_, count, header.pack() + payload)
         xfer.uses[slot] = use
         self._transmit(xfer, slot, use)
 
     def _transmit(self, xfer: _Transfer, slot: int, use: _SlotUse) -> None:
-        with contextlib.suppress(BlockingIOError):  # buffer full: lost; the timer resends it
-            self.sock.send(use.packet)
+        self._send_bytes(use.packet)
         use.sent_at = time.monotonic()
         xfer.next_timer += 1
         use.timer = xfer.next_timer
         rto = min(self._rto() * (1 << use.retries), self.options.max_rto)
         heapq.heappush(xfer.timers, (use.sent_at + rto, slot, use.timer))
-        self.stats.packets_sent += 1
-        self.stats.bytes_sent += len(use.packet)
 
-    def _on_result(self, xfer: _Transfer, buf: bytearray, nbytes: int, now: float) -> bool:
-        """Take a result if it completes an outstanding use; True if it did."""
-        self.stats.packets_received += 1
-        self.stats.bytes_received += nbytes
-        if nbytes != self._datagram_bytes:
-            self.stats.duplicates += 1
-            return False
-        hdr = wire.unpack_header(buf)
+    def _on_answer(self, xfer: _Transfer, hdr: wire.Header, now: float) -> bool:
+        """Take the switch's answer if it concerns an outstanding use; True on progress."""
         use = xfer.uses.get(hdr.slot)
         if (
             use is None
-            or hdr.msg_type != wire.MsgType.RESULT
             or hdr.job_id != self.binding.job_id
+            or hdr.session != self.session  # a forger's packet echoed, or an older run's
             or hdr.round != use.round
             or hdr.chunk != use.wire_chunk
-            or hdr.count != use.count
         ):
             self.stats.duplicates += 1
             return False
+        if hdr.msg_type == wire.MsgType.STALE:
+            self._session_ended()
+        if hdr.msg_type == wire.MsgType.REFUSED:
+            raise MismatchError(self._mismatch_message(xfer, hdr))
+        if hdr.msg_type != wire.MsgType.RESULT or hdr.count != use.count:
+            self.stats.duplicates += 1
+            return False
+        self._results_in_session += 1
         if use.retries == 0:
             self._sample_rtt(now - use.sent_at)
         slots = self.binding.slot_count
@@ -306,15 +433,53 @@ class SwitchCommunicator:
             xfer.global_exp[hdr.slot] = hdr.exponent
             self._send(xfer, hdr.slot, hdr.slot)
             return True
-        xfer.sums[use.chunk] = wire.decode_elements(buf, self.options.k)
+        self._store(xfer, use.chunk, hdr.count)
         ahead = use.chunk + slots
-        if ahead < len(xfer.blocks):
+        if ahead < xfer.chunks:
             if xfer.scaled:
                 xfer.global_exp[ahead] = hdr.exponent
             self._send(xfer, hdr.slot, ahead)
         else:
             del xfer.uses[hdr.slot]
         return True
+
+    def _store(self, xfer: _Transfer, chunk: int, count: int) -> None:
+        """Write the result waiting in the receive buffer into the output."""
+        sums = wire.decode_elements(self._buf, self.options.k)[:count]
+        lo = chunk * self.options.k
+        if xfer.scaled:
+            exponent = xfer.global_exp[chunk : chunk + 1]
+            bits = self.options.precision_bits
+            xfer.out[lo : lo + count] = q.dequantize(
+                sums[None, :], exponent, self.binding.world_size, bits
+            )[0]
+        else:
+            xfer.out[lo : lo + count] = sums
+
+    def _session_ended(self) -> None:
+        """STALE echoing our own session: the switch has moved on to another run of the job."""
+        b = self.binding
+        if b.session is None and self._results_in_session == 0:
+            raise _Rejoin  # the session never carried a sum: a join raced another; join again
+        raise SessionEndedError(
+            f"job {b.job_id} rank {b.rank}: switch {self.switch[0]}:{self.switch[1]} no longer "
+            f"takes this run's session {self.session:#018x}: another run of job {b.job_id} has "
+            f"started (or the job was re-admitted); this run's allreduce cannot finish"
+        )
+
+    def _mismatch_message(self, xfer: _Transfer, hdr: wire.Header) -> str:
+        b = self.binding
+        mine = f"{wire.describe_format(xfer.format)}[{xfer.flat.size}]"
+        if hdr.rank == b.rank:
+            other = "another rank sums something else"
+        else:
+            theirs = f"{wire.describe_format(hdr.format)}[{hdr.length}]"
+            other = f"rank {hdr.rank} sums {theirs}"
+        return (
+            f"job {b.job_id} rank {b.rank}: the switch refused the allreduce: ranks disagree on "
+            f"what they sum ({other}, this rank {mine}); every rank must pass the same dtype, "
+            f"length and precision"
+        )
 
     def _retransmit_expired(self, xfer: _Transfer, now: float) -> None:
         timers = xfer.timers
@@ -349,14 +514,14 @@ class SwitchCommunicator:
         return (
             f"job {b.job_id} rank {b.rank}: no result from switch {self.switch[0]}:"
             f"{self.switch[1]} for {self.options.timeout}s; {missing.size} of "
-            f"{len(xfer.blocks)} chunks missing: {_ranges(missing)} "
+            f"{xfer.chunks} chunks missing: {_ranges(missing)} "
             f"(are all {b.world_size} ranks running?)"
         )
 
 
 def _received_mask(xfer: _Transfer, slot_count: int) -> np.ndarray:
     """Chunks whose result has arrived: in each slot, those before its outstanding use."""
-    done = np.ones(len(xfer.blocks), dtype=bool)
+    done = np.ones(xfer.chunks, dtype=bool)
     for slot, use in xfer.uses.items():
         first = slot if use.chunk == _PRIME else use.chunk
         done[first::slot_count] = False

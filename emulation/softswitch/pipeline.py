@@ -10,15 +10,17 @@ so one control plane drives both. The flow is v1model's::
 Aggregation follows SwitchML (NSDI'21, Algorithm 2) with two shadow copies
 (versions) of every slot, made robust to arbitrarily delayed packets. Per
 slot and version (a "row") the switch keeps the round it holds, a worker
-bitmap, an arrival count (mod world size), the max exponent and K running
-sums. A packet of a newer round than its row holds starts the round (it
-writes); one of the row's round adds, unless its worker's bit is already set:
-then it is a retransmission, answered with the stored result if the round is
-complete and dropped otherwise; one of an older round is stale and dropped.
-The n-th arrival multicasts the result to the job. ``slot_generation``
-records which admission of a job last used a slot, so a new job starts from
-clean state without the control plane ever writing a register (P4Runtime on
-BMv2 cannot).
+bitmap, an arrival count (mod world size), the max exponent, what the round
+sums (format and length) and K running sums. A packet of a newer round than
+its row holds starts the round (it writes); one of the row's round adds,
+unless its worker's bit is already set: then it is a retransmission, answered
+with the stored result if the round is complete and dropped otherwise; one of
+an older round is stale and dropped. The n-th arrival multicasts the result
+to the job. A packet whose session is not its job's is answered STALE; one
+that disagrees with its round's format or length makes the switch refuse the
+round (REFUSED to every rank). ``slot_session`` records which session last
+used a slot, so a new run starts from clean state without the control plane
+ever writing a register (P4Runtime on BMv2 cannot).
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ class SwitchReduceIngress:
             (
                 Action(
                     "SwitchReduceIngress.set_job",
-                    ("world_size", "slot_base", "slot_count", "mcast_grp", "generation"),
+                    ("world_size", "slot_base", "slot_count", "mcast_grp", "session"),
                 ),
                 Action("NoAction"),
             ),
@@ -198,11 +200,13 @@ class SwitchReduceIngress:
             ActionCall("NoAction"),
         )
         rows = 2 * pool_size
-        self.slot_generation = Register(p + "slot_generation", pool_size, 32)
+        self.slot_session = Register(p + "slot_session", pool_size, 64)
         self.round = Register(p + "round", rows, 16)
         self.bitmap = Register(p + "bitmap", rows, 32)
         self.arrivals = Register(p + "arrivals", rows, 8)
         self.exponent = Register(p + "exponent", rows, 8)
+        self.row_format = Register(p + "row_format", rows, 8)
+        self.row_length = Register(p + "row_length", rows, 32)
         #: The P4 register ``value``: cell row * K + i holds element i of the row's sums.
         self.value = Register(p + "value", rows * k, 32, columns=k)
         self.drops = Counter(p + "drops", len(DropReason))
@@ -227,7 +231,7 @@ class SwitchReduceIngress:
         hit, job = self.jobs.lookup((hdr.job_id,))
         if not hit:
             return self.drop(pkt, DropReason.UNKNOWN_JOB), 0
-        world_size, slot_base, slot_count, mcast_grp, generation = job.args
+        world_size, slot_base, slot_count, mcast_grp, session = job.args
         if hdr.rank >= world_size:
             return self.drop(pkt, DropReason.RANK_OUT_OF_RANGE), 0
         if hdr.slot >= slot_count:
@@ -237,7 +241,10 @@ class SwitchReduceIngress:
         )
         if not bound:
             return self.drop(pkt, DropReason.UNBOUND_WORKER), 0
-        return self._aggregate(pkt, hdr, world_size, slot_base + hdr.slot, mcast_grp, generation)
+        if hdr.session != session:  # another run's packet, or a guess: tell the sender
+            self.drop(pkt, DropReason.BAD_SESSION)
+            return self._reply(pkt, hdr, wire.MsgType.STALE), 0
+        return self._aggregate(pkt, hdr, world_size, slot_base + hdr.slot, mcast_grp, session)
 
     def _aggregate(
         self,
@@ -246,18 +253,21 @@ class SwitchReduceIngress:
         world_size: int,
         index: int,
         mcast_grp: int,
-        generation: int,
+        session: int,
     ) -> tuple[Verdict, int]:
         row = 2 * index + hdr.version
         bitmap, arrivals, exponent = self.bitmap.cells, self.arrivals.cells, self.exponent.cells
         rounds = self.round.cells
-        if self.slot_generation.cells[index] != generation:  # first use by this admission
-            self.slot_generation.cells[index] = generation
+        if self.slot_session.cells[index] != session:  # the session's first use of the slot
+            self.slot_session.cells[index] = session
             rounds[row] = rounds[row ^ 1] = (hdr.round - 1) & 0xFFFF  # so this round is new
         ahead = (hdr.round - rounds[row]) & 0xFFFF  # serial-number order, as TCP's
         bit = 1 << hdr.rank
         if ahead >= 0x8000:
             return self.drop(pkt, DropReason.STALE), 0  # an older round, delayed in the network
+        if ahead == 0 and arrivals[row] == wire.ROW_REFUSED:  # the round was refused
+            self.drop(pkt, DropReason.MISMATCH)
+            return self._reply(pkt, hdr, wire.MsgType.REFUSED), 0
         if ahead == 0 and bitmap[row] & bit:
             if arrivals[row] != 0:
                 return self.drop(pkt, DropReason.DUPLICATE), 0
@@ -265,12 +275,21 @@ class SwitchReduceIngress:
             self.job_stats[JobStat.RETRANSMIT_REPLIES].count(hdr.job_id, len(pkt.raw))
             pkt.egress_port = pkt.ingress_port
             return Verdict.UNICAST, 0
+        if ahead == 0 and (
+            self.row_format.cells[row] != hdr.format or self.row_length.cells[row] != hdr.length
+        ):  # ranks disagree on what they sum: no rank may take this round's sums
+            arrivals[row] = wire.ROW_REFUSED
+            self.drop(pkt, DropReason.MISMATCH)
+            self._reply(pkt, hdr, wire.MsgType.REFUSED)
+            return Verdict.MULTICAST, mcast_grp
         if ahead:  # the first packet of a new round writes
             rounds[row] = hdr.round
             bitmap[row] = bit
             count = 0
             self.value.cells[row] = pkt.elements
             exponent[row] = hdr.exponent
+            self.row_format.cells[row] = hdr.format
+            self.row_length.cells[row] = hdr.length
         else:  # later ones add
             bitmap[row] |= bit
             count = arrivals[row]
@@ -287,11 +306,16 @@ class SwitchReduceIngress:
 
     def _make_result(self, pkt: Packet, hdr: wire.Header, row: int) -> None:
         """Turn the packet into the slot's result, addressed back to where it came from."""
+        swap_addresses(pkt)
         pkt.header = hdr._replace(msg_type=wire.MsgType.RESULT, exponent=self.exponent.cells[row])
         pkt.elements = self.value.cells[row].copy()  # the next use of the slot overwrites the row
-        pkt.eth_src, pkt.eth_dst = pkt.eth_dst, pkt.eth_src
-        pkt.ip_src, pkt.ip_dst = pkt.ip_dst, pkt.ip_src
-        pkt.udp_sport, pkt.udp_dport = pkt.udp_dport, pkt.udp_sport
+
+    def _reply(self, pkt: Packet, hdr: wire.Header, kind: wire.MsgType) -> Verdict:
+        """Echo the packet back to its sender as ``kind`` (its own header and payload)."""
+        swap_addresses(pkt)
+        pkt.header = hdr._replace(msg_type=kind)
+        pkt.egress_port = pkt.ingress_port
+        return Verdict.UNICAST
 
     def _forward(self, pkt: Packet) -> tuple[Verdict, int]:
         hit, call = self.forward.lookup((pkt.eth_dst,))
@@ -299,6 +323,13 @@ class SwitchReduceIngress:
             return self.drop(pkt, DropReason.NO_ROUTE), 0
         pkt.egress_port = call.args[0]
         return Verdict.UNICAST, 0
+
+
+def swap_addresses(pkt: Packet) -> None:
+    """Address a packet back to where it came from (MACs, IPv4 addresses, UDP ports)."""
+    pkt.eth_src, pkt.eth_dst = pkt.eth_dst, pkt.eth_src
+    pkt.ip_src, pkt.ip_dst = pkt.ip_dst, pkt.ip_src
+    pkt.udp_sport, pkt.udp_dport = pkt.udp_dport, pkt.udp_sport
 
 
 class PacketReplicationEngine:
@@ -338,7 +369,8 @@ class SwitchReduceEgress:
 class SwitchReduceDeparser:
     """Emits UDP payloads (UDP mode) or frames (raw mode).
 
-    A result frame is the received frame with the fields the pipeline changed
+    A frame the switch answers with (RESULT, STALE, REFUSED) is the received
+    frame with the fields the pipeline changed
     written back, as a P4 deparser emits it: addresses, UDP ports, a zero UDP
     checksum, the IPv4 checksum recomputed, the header and the sums.
     """
@@ -348,7 +380,7 @@ class SwitchReduceDeparser:
         return pkt.header.pack() + pkt.elements.astype(wire.ELEMENT_DTYPE).tobytes()
 
     def frame(self, pkt: Packet) -> bytes:
-        if pkt.header is None or pkt.header.msg_type != wire.MsgType.RESULT:
+        if pkt.header is None or pkt.header.msg_type == wire.MsgType.DATA:
             return pkt.raw  # forwarded traffic leaves as it came
         out = bytearray(pkt.raw)
         struct.pack_into(
@@ -404,7 +436,14 @@ class SoftSwitch:
         verdict, group = self.ingress.apply(pkt)
         if verdict == Verdict.DROP:
             return []
-        out = [pkt] if verdict == Verdict.UNICAST else self.pre.replicate(pkt, group)
+        if verdict == Verdict.UNICAST:
+            self.egress.apply(pkt)
+            return [pkt]
+        return self.multicast(pkt, group)
+
+    def multicast(self, pkt: Packet, group: int) -> list[Packet]:
+        """One copy of ``pkt`` per replica of ``group``, each through egress."""
+        out = self.pre.replicate(pkt, group)
         for copy in out:
             self.egress.apply(copy)
         return out

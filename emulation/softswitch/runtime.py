@@ -19,6 +19,7 @@ from typing import Any
 
 from emulation.softswitch.faults import FaultInjector, FaultSpec
 from emulation.softswitch.pipeline import DropReason, Packet, SoftSwitch
+from emulation.softswitch.static import StaticJob
 
 _COALESCE = 0.0002  # seconds to sleep when every port is empty
 _LINK_GONE = (errno.ENETDOWN, errno.ENXIO, errno.ENODEV)
@@ -49,6 +50,8 @@ class SwitchRuntime(ABC):
             self._poller.register(sock, select.POLLIN)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Jobs from the command line: their JOINs go to the CPU, as packet-ins would.
+        self.static_jobs: list[StaticJob] = []
 
     @abstractmethod
     def receive(self, port: int, sock: socket.socket) -> Received | None:
@@ -109,7 +112,9 @@ class SwitchRuntime(ABC):
                         self.transmit(held)
 
     def _process(self, item: Received) -> None:
-        for out in self.switch.process(self.parse(item)):
+        pkt = self.parse(item)
+        cpu = next((job for job in self.static_jobs if job.handles(pkt)), None)
+        for out in cpu.join(pkt) if cpu else self.switch.process(pkt):
             for emitted in self.egress_faults.admit(self.emit(out)):
                 self.transmit(emitted)
 

@@ -4,17 +4,26 @@ Until a controller programs the switch over P4Runtime, ``switchreduce
 switch`` takes one job's membership from its command line and applies the
 very entries the controller would write (``controller.jobs.job_entries``)
 straight to the soft switch's tables.
+
+With no controller to admit each run of such a job, its ranks ask the
+switch for a session (JOIN) and :class:`StaticJob`, the job's control plane
+inside the switch process, hands one out when every rank has asked: a
+switch's CPU answering packets punted to it, as a P4 switch's controller
+answers packet-ins (docs/protocol.md, Sessions).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 from controller.connection import TableEntry
 from controller.forwarding import forward_entry, parse_mac
 from controller.jobs import Job, Member, job_entries
-from emulation.softswitch.pipeline import JobStat, SoftSwitch
+from emulation.softswitch.pipeline import JobStat, Packet, SoftSwitch, swap_addresses
 from emulation.softswitch.tables import ActionCall
+from switchreduce import wire
+from switchreduce.wire import DropReason
 
 
 def parse_member(spec: str) -> Member:
@@ -40,7 +49,11 @@ def apply_entry(switch: SoftSwitch, entry: TableEntry) -> None:
     table = switch.tables()[entry.table]
     key = tuple(entry.match[field] for field in table.key_fields)
     params = table.action(entry.action).params
-    table.insert(key, ActionCall(entry.action, tuple(entry.params[p] for p in params)))
+    call = ActionCall(entry.action, tuple(entry.params[p] for p in params))
+    if table.lookup(key)[0]:
+        table.modify(key, call)
+    else:
+        table.insert(key, call)
 
 
 def install_static_job(switch: SoftSwitch, job: Job) -> None:
@@ -62,3 +75,69 @@ def install_forwarding(switch: SoftSwitch, routes: dict[int, int]) -> None:
     """One ``forward`` entry per host: destination MAC -> switch port."""
     for mac, port in routes.items():
         apply_entry(switch, forward_entry(mac, port))
+
+
+class StaticJob:
+    """The control plane of one job installed from the command line: it hands out sessions.
+
+    Each communicator JOINs with a random nonce of its own (in the header's
+    session field). When every rank has joined, the job gets a fresh session
+    (``wire.new_session``), written to its ``jobs`` entry, and every rank is
+    told it (JOINED, multicast). A JOIN with a nonce this rank has not used
+    starts a new run: the ``jobs`` entry loses its session at once, so the
+    previous run's ranks are answered STALE instead of mixing with the new
+    one. A repeated JOIN is answered again (its JOINED was lost) or waits.
+    """
+
+    def __init__(self, switch: SoftSwitch, job: Job) -> None:
+        self.switch = switch
+        self.job = dataclasses.replace(job, session=0)  # no session until every rank joins
+        install_static_job(switch, self.job)
+        self.nonces: dict[int, int] = {}  # rank -> nonce of its latest communicator
+        self.complete = False
+
+    def handles(self, pkt: Packet) -> bool:
+        hdr = pkt.header
+        return hdr is not None and hdr.msg_type == wire.MsgType.JOIN and hdr.job_id == self.job.job_id
+
+    def join(self, pkt: Packet) -> list[Packet]:
+        """The packets a JOIN makes the switch send (after the pipeline's admission checks)."""
+        ingress, hdr = self.switch.ingress, pkt.header
+        if pkt.elements is None or pkt.udp_length != ingress.udp_length:
+            ingress.drop(pkt, DropReason.BAD_HEADER)
+            return []
+        if hdr.rank >= self.job.world_size:
+            ingress.drop(pkt, DropReason.RANK_OUT_OF_RANGE)
+            return []
+        key = (hdr.job_id, hdr.rank, pkt.ingress_port, pkt.ip_src, pkt.udp_sport)
+        if not ingress.workers.lookup(key)[0]:
+            ingress.drop(pkt, DropReason.UNBOUND_WORKER)
+            return []
+        if self.nonces.get(hdr.rank) == hdr.session:  # this communicator asked before
+            return [self._joined(pkt)] if self.complete else []
+        if self.complete or hdr.rank in self.nonces:  # a new run of the job begins
+            self._set_session(0)
+            self.nonces, self.complete = {}, False
+        self.nonces[hdr.rank] = hdr.session
+        if len(self.nonces) < self.job.world_size:
+            return []
+        self.complete = True
+        self._set_session(wire.new_session())
+        return self.switch.multicast(self._joined(pkt), self.job.job_id)
+
+    def _set_session(self, session: int) -> None:
+        self.job = dataclasses.replace(self.job, session=session)
+        entries, _ = job_entries(self.job)
+        apply_entry(self.switch, entries[0])  # the jobs entry comes first
+
+    def _joined(self, pkt: Packet) -> Packet:
+        """JOINED for the sender: the session, the job's slot count and world size."""
+        swap_addresses(pkt)
+        pkt.header = pkt.header._replace(
+            msg_type=wire.MsgType.JOINED,
+            session=self.job.session,
+            chunk=self.job.slot_count,
+            length=self.job.world_size,
+        )
+        pkt.egress_port = pkt.ingress_port
+        return pkt

@@ -19,7 +19,9 @@
 
 #define MSG_DATA 1
 #define MSG_RESULT 2
-#define SR_HEADER_BYTES 16
+#define MSG_STALE 5
+#define MSG_REFUSED 6
+#define SR_HEADER_BYTES 28
 #define SR_UDP_LENGTH (8 + SR_HEADER_BYTES + 4 * K)
 
 /* Index of the drops counter, one per reason (DropReason in the soft switch). */
@@ -31,6 +33,11 @@
 #define DROP_DUPLICATE 5
 #define DROP_STALE 6
 #define DROP_NO_ROUTE 7
-#define NUM_DROP_REASONS 8
+#define DROP_BAD_SESSION 8
+#define DROP_MISMATCH 9
+#define NUM_DROP_REASONS 10
+
+/* The arrivals value of a row whose round was refused (counts stay below 32). */
+#define ROW_REFUSED 0xFF
 
 #endif

@@ -37,10 +37,12 @@ header switchreduce_h {
     bit<1>  version;
     bit<15> slot;
     bit<8>  exponent;
-    bit<8>  reserved;
+    bit<8>  format;
     bit<16> round;
     bit<16> count;
     bit<32> chunk;
+    bit<32> length;
+    bit<64> session;
 }
 
 header element_h {
@@ -60,7 +62,7 @@ struct metadata_t {
     bit<16> slot_base;
     bit<16> slot_count;
     bit<16> mcast_grp;
-    bit<32> generation;
+    bit<64> session;
     bit<32> value_base;   /* row * K: first cell of the row in the value register */
     bit<32> keep;         /* all ones to add to the stored sums, zero to overwrite them */
 }

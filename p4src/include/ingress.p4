@@ -19,12 +19,14 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
     @id(3) counter(MAX_JOBS, CounterType.packets_and_bytes) results;
     @id(4) counter(MAX_JOBS, CounterType.packets_and_bytes) retransmit_replies;
 
-    @id(1) register<bit<32>>(POOL_SIZE) slot_generation;  /* admission that last used the slot */
+    @id(1) register<bit<64>>(POOL_SIZE) slot_session;     /* session that last used the slot */
     @id(2) register<bit<16>>(ROWS) round;                 /* round each row holds */
     @id(3) register<bit<32>>(ROWS) bitmap;                /* ranks that contributed to it */
     @id(4) register<bit<8>>(ROWS) arrivals;               /* contributions mod world size */
     @id(5) register<bit<8>>(ROWS) exponent;               /* max exponent byte */
     @id(6) register<bit<32>>(ROWS * K) value;             /* the sums: row * K + element */
+    @id(7) register<bit<8>>(ROWS) row_format;             /* what the round sums: format */
+    @id(8) register<bit<32>>(ROWS) row_length;            /* ... and tensor length */
 
     bit<32> stored;
 
@@ -34,12 +36,12 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
     }
 
     @id(2) action set_job(bit<8> world_size, bit<16> slot_base, bit<16> slot_count,
-                   bit<16> mcast_grp, bit<32> generation) {
+                   bit<16> mcast_grp, bit<64> session) {
         meta.world_size = world_size;
         meta.slot_base = slot_base;
         meta.slot_count = slot_count;
         meta.mcast_grp = mcast_grp;
-        meta.generation = generation;
+        meta.session = session;
     }
 
     @id(1) table jobs {
@@ -75,9 +77,9 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
         size = 1024;
     }
 
-    /* Turn the packet into a result, addressed back to where it came from. */
-    @id(5) action make_result() {
-        hdr.sr.msg_type = MSG_RESULT;
+    /* Turn the packet into an answer of the given kind, addressed back to where it came from. */
+    @id(5) action make_reply(bit<8> kind) {
+        hdr.sr.msg_type = kind;
         bit<48> mac = hdr.ethernet.dst_addr;
         hdr.ethernet.dst_addr = hdr.ethernet.src_addr;
         hdr.ethernet.src_addr = mac;
@@ -116,17 +118,22 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
             drop(DROP_SLOT_OUT_OF_RANGE);
         } else if (!workers.apply().hit) {
             drop(DROP_UNBOUND_WORKER);
+        } else if (hdr.sr.session != meta.session) {
+            /* Another run's packet, or a guess: tell the sender. */
+            drops.count(DROP_BAD_SESSION);
+            make_reply(MSG_STALE);
+            standard_metadata.egress_spec = standard_metadata.ingress_port;
         } else {
             bit<32> index = (bit<32>)(meta.slot_base + (bit<16>)hdr.sr.slot);
             bit<32> row = (index << 1) | (bit<32>)hdr.sr.version;
             meta.value_base = row * K;
 
-            /* A new admission on this slot: make its first round look new in both copies. */
-            bit<32> generation;
-            slot_generation.read(generation, index);
+            /* A new session on this slot: make its first round look new in both copies. */
+            bit<64> owner;
+            slot_session.read(owner, index);
             bit<16> row_round;
-            if (generation != meta.generation) {
-                slot_generation.write(index, meta.generation);
+            if (owner != meta.session) {
+                slot_session.write(index, meta.session);
                 row_round = hdr.sr.round - 1;
                 round.write(index << 1, row_round);
                 round.write((index << 1) | 1, row_round);
@@ -139,9 +146,17 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
             bitmap.read(ranks, row);
             bit<8> count;
             arrivals.read(count, row);
+            bit<8> round_format;
+            row_format.read(round_format, row);
+            bit<32> round_length;
+            row_length.read(round_length, row);
 
             if (ahead >= 0x8000) {
                 drop(DROP_STALE);  /* an older round, delayed in the network */
+            } else if (ahead == 0 && count == ROW_REFUSED) {
+                drops.count(DROP_MISMATCH);  /* the round was refused: say so again */
+                make_reply(MSG_REFUSED);
+                standard_metadata.egress_spec = standard_metadata.ingress_port;
             } else if (ahead == 0 && (ranks & rank_bit) != 0) {
                 if (count != 0) {
                     drop(DROP_DUPLICATE);
@@ -149,14 +164,23 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                     /* Complete: the worker lost the result. Send it again, to it alone. */
                     read_sums();
                     exponent.read(hdr.sr.exponent, row);
-                    make_result();
+                    make_reply(MSG_RESULT);
                     retransmit_replies.count((bit<32>)hdr.sr.job_id);
                     standard_metadata.egress_spec = standard_metadata.ingress_port;
                 }
+            } else if (ahead == 0 && (round_format != hdr.sr.format
+                                      || round_length != hdr.sr.length)) {
+                /* Ranks disagree on what they sum: no rank may take this round's sums. */
+                arrivals.write(row, ROW_REFUSED);
+                drops.count(DROP_MISMATCH);
+                make_reply(MSG_REFUSED);
+                standard_metadata.mcast_grp = meta.mcast_grp;
             } else {
                 bit<8> max_exponent;
                 if (ahead != 0) {  /* the first packet of a new round writes */
                     round.write(row, hdr.sr.round);
+                    row_format.write(row, hdr.sr.format);
+                    row_length.write(row, hdr.sr.length);
                     ranks = rank_bit;
                     count = 0;
                     meta.keep = 0;
@@ -182,7 +206,7 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                     mark_to_drop(standard_metadata);  /* consumed: it lives on in the registers */
                 } else {
                     hdr.sr.exponent = max_exponent;
-                    make_result();
+                    make_reply(MSG_RESULT);
                     results.count((bit<32>)hdr.sr.job_id);
                     standard_metadata.mcast_grp = meta.mcast_grp;
                 }

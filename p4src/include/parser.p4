@@ -41,7 +41,7 @@ control SwitchReduceVerifyChecksum(inout headers_t hdr, inout metadata_t meta) {
 control SwitchReduceComputeChecksum(inout headers_t hdr, inout metadata_t meta) {
     apply {
         update_checksum(
-            hdr.sr.isValid() && hdr.sr.msg_type == MSG_RESULT,  /* forwarded packets pass untouched */
+            hdr.sr.isValid() && hdr.sr.msg_type != MSG_DATA,  /* forwarded packets pass untouched */
             { hdr.ipv4.version, hdr.ipv4.ihl, hdr.ipv4.diffserv, hdr.ipv4.total_len,
               hdr.ipv4.identification, hdr.ipv4.flags, hdr.ipv4.frag_offset, hdr.ipv4.ttl,
               hdr.ipv4.protocol, hdr.ipv4.src_addr, hdr.ipv4.dst_addr },
