@@ -82,7 +82,7 @@ def test_torch_tensors_come_back_as_torch_tensors(job_factory) -> None:
 
 
 def test_unsupported_dtype_is_rejected(job_factory) -> None:
-    with job_factory(1, k=K) as job, pytest.raises(TypeError, match="float32, int32, float16 and bfloat16"):
+    with job_factory(1, k=K) as job, pytest.raises(TypeError, match="float16 and bfloat16"):
         job.comms[0].allreduce(np.zeros(10, dtype=np.float64))
 
 

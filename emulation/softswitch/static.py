@@ -98,7 +98,9 @@ class StaticJob:
 
     def handles(self, pkt: Packet) -> bool:
         hdr = pkt.header
-        return hdr is not None and hdr.msg_type == wire.MsgType.JOIN and hdr.job_id == self.job.job_id
+        return (
+            hdr is not None and hdr.msg_type == wire.MsgType.JOIN and hdr.job_id == self.job.job_id
+        )
 
     def join(self, pkt: Packet) -> list[Packet]:
         """The packets a JOIN makes the switch send (after the pipeline's admission checks)."""
