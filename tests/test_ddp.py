@@ -36,6 +36,7 @@ def test_ddp_gradients_through_the_switch_are_the_average(job_factory, tmp_path)
                     str(switch_port),
                     str(ports[rank]),
                     str(tmp_path / f"grad{rank}.npy"),
+                    str(job.comms[rank].session),
                 ],
                 env=env,
                 stderr=subprocess.PIPE,

@@ -27,10 +27,10 @@ def gradients(model: torch.nn.Module) -> np.ndarray:
 
 
 def main() -> None:
-    rank, world_size, store, switch_port, bind_port, out = sys.argv[1:7]
+    rank, world_size, store, switch_port, bind_port, out, session = sys.argv[1:8]
     rank, world_size = int(rank), int(world_size)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    binding = JobBinding(1, rank, world_size, 16, ("127.0.0.1", int(switch_port)))
+    binding = JobBinding(1, rank, world_size, 16, ("127.0.0.1", int(switch_port)), int(session))
     with SwitchCommunicator(
         binding, WorkerOptions(k=256, timeout=20), bind=("127.0.0.1", int(bind_port))
     ) as comm:
