@@ -41,6 +41,7 @@ K = 64
 SWITCH_MAC, SWITCH_IP = 0x0200000000FE, "10.0.0.254"
 PORTS = (1, 2, 3)
 THRIFT_PORT = 9090
+SESSION = 0xC0FFEE_0000_5E55
 
 
 def host_mac(port: int) -> int:
@@ -57,7 +58,7 @@ def _configured_switch() -> SoftSwitch:
     workers = tuple(
         Member(port - 1, host_ip(port), 40000, mac=host_mac(port), port=port) for port in PORTS
     )
-    install_static_job(switch, Job(1, len(PORTS), 0, 8, 1, workers))
+    install_static_job(switch, Job(1, len(PORTS), 0, 8, SESSION, workers))
     install_forwarding(switch, {host_mac(port): port for port in PORTS})
     return switch
 
@@ -106,13 +107,15 @@ def _frame(
 
 
 def _traffic() -> list[tuple[int, bytes]]:
-    """(ingress port, frame): a round, a retransmission, a duplicate, a stale packet, and
-    one packet for every drop reason, plus forwarded traffic."""
+    """(ingress port, frame): a round, a retransmission, a duplicate, a stale packet, another
+    session's packet, rounds refused for a disagreement, one packet for every drop reason,
+    plus forwarded traffic."""
 
     def data(rank: int, round_: int = 1, slot: int = 0, **changes) -> wire.Header:
         header = wire.Header(
-            wire.MsgType.DATA, 1, rank, slot, round_ & 1, 120 + rank, round_, slot, K
-        )
+            wire.MsgType.DATA, 1, rank, slot, round_ & 1, 120 + rank, round_, slot, K,
+            wire.encode_format("float32", 32), 10 * K, SESSION,
+        )  # fmt: skip
         return header._replace(**changes)
 
     out = []
@@ -125,10 +128,17 @@ def _traffic() -> list[tuple[int, bytes]]:
     out.append((3, _frame(3, data(2, round_=2), values=7)))  # round 2 completes
     out.append((1, _frame(1, data(0, round_=3))))  # round 3 takes round 1's copy
     out.append((2, _frame(2, data(1, round_=1))))  # ... so round 1 is now stale
+    out.append((1, _frame(1, data(0, slot=1, session=SESSION ^ 1))))  # another session: STALE
+    out.append((1, _frame(1, data(0, slot=2))))  # slot 2: rank 1 disagrees on the dtype ...
+    out.append((2, _frame(2, data(1, slot=2, format=wire.encode_format("int32", 32)))))
+    out.append((3, _frame(3, data(2, slot=2))))  # ... so the round is refused to every rank
+    out.append((1, _frame(1, data(0, slot=2))))  # ... even to a retransmission
+    out.append((1, _frame(1, data(0, slot=3))))  # slot 3: rank 2 disagrees on the length
+    out.append((3, _frame(3, data(2, slot=3, length=10 * K + 1))))
     out.append((1, _frame(1, data(0, job_id=9))))  # unknown job
     out.append((1, _frame(1, data(5))))  # rank out of range
     out.append((1, _frame(1, data(0, slot=8))))  # slot out of range
-    out.append((1, _frame(1, data(0, slot=3), udp_sport=5555)))  # unbound source port
+    out.append((1, _frame(1, data(0, slot=5), udp_sport=5555)))  # unbound source port
     out.append((1, _frame(1, data(0), payload=data(0).pack()[:10])))  # truncated header
     out.append((1, _frame(1, payload=wire.encode(data(0, count=K + 1), np.zeros(K)))))
     out.append((1, _frame(1, payload=wire.encode(data(0, slot=4), np.zeros(K)) + b"xx")))
