@@ -80,28 +80,26 @@ def scales(exponents: np.ndarray, world_size: int, bits: int = MAX_BITS) -> np.n
     return np.ldexp(float(peak_level(world_size, bits)), -e)
 
 
-def prescale(blocks: np.ndarray, world_size: int, bits: int = MAX_BITS) -> np.ndarray:
-    """``x * m`` in float64, the exponent-independent half of quantization.
+def quantize_block(
+    block: np.ndarray, exponent: int, world_size: int, bits: int = MAX_BITS
+) -> np.ndarray:
+    """int32 fixed point of one block for its agreed exponent byte.
 
-    Scaling by the power of two ``2**-e`` afterwards is exact in float64, so
-    ``quantize_block(prescale(x)[c], e)`` equals ``quantize(x, e)[c]`` bit for
-    bit; the worker prescales a whole tensor at once and finishes each block
-    when its exponent arrives.
+    ``x * (m / 2**e)`` is one rounding of the exact product (``m / 2**e`` is
+    exact in float64), so this equals the matching row of :func:`quantize`
+    bit for bit; the worker quantizes each block as its exponent arrives.
     """
-    return blocks.astype(np.float64) * float(peak_level(world_size, bits))
-
-
-def quantize_block(prescaled: np.ndarray, exponent: int) -> np.ndarray:
-    """int32 fixed point of one prescaled block for its agreed exponent byte."""
-    return np.rint(prescaled * math.ldexp(1.0, EXPONENT_BIAS - int(exponent))).astype(np.int32)
+    scale = math.ldexp(float(peak_level(world_size, bits)), EXPONENT_BIAS - int(exponent))
+    scaled = np.multiply(block, scale, dtype=np.float64)
+    return np.rint(scaled, out=scaled).astype(np.int32)
 
 
 def quantize(
     blocks: np.ndarray, exponents: np.ndarray, world_size: int, bits: int = MAX_BITS
 ) -> np.ndarray:
     """int32 fixed point of ``blocks`` (shape (B, K)) for agreed exponent bytes (shape (B,))."""
-    powers = np.ldexp(1.0, EXPONENT_BIAS - np.asarray(exponents, dtype=np.int32))
-    return np.rint(prescale(blocks, world_size, bits) * powers[:, None]).astype(np.int32)
+    scaled = blocks.astype(np.float64) * scales(exponents, world_size, bits)[:, None]
+    return np.rint(scaled).astype(np.int32)
 
 
 def dequantize(

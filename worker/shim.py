@@ -132,7 +132,6 @@ class _Transfer:
     chunks: int
     scaled: bool  # float: quantized per block; int32: sent as is
     format: int  # the header's format byte
-    peak_level: float = 0.0  # worker.quantize's m, for float tensors
     local_exp: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     global_exp: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     uses: dict[int, _SlotUse] = field(default_factory=dict)
@@ -264,8 +263,6 @@ class SwitchCommunicator:
         chunks = -(-flat.size // k)
         xfer = _Transfer(flat, np.empty_like(flat), chunks, scaled, format_)
         if scaled:
-            bits = self.options.precision_bits
-            xfer.peak_level = float(q.peak_level(self.binding.world_size, bits))
             full = flat.size // k
             xfer.local_exp = np.empty(chunks, dtype=np.uint8)
             xfer.local_exp[:full] = q.block_exponents(flat[: full * k].reshape(full, k))
@@ -384,7 +381,7 @@ class SwitchCommunicator:
             count = values.size
             if xfer.scaled:
                 values = q.quantize_block(
-                    values.astype(np.float64) * xfer.peak_level, xfer.global_exp[chunk]
+                    values, xfer.global_exp[chunk], b.world_size, self.options.precision_bits
                 )
             payload = values.astype(wire.ELEMENT_DTYPE).tobytes()
             if count < k:
