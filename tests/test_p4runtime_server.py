@@ -49,7 +49,7 @@ def test_shell_inserts_reads_and_deletes_table_entries(programmable_switch, tmp_
         te = sh.TableEntry("SwitchReduceIngress.jobs")(action="SwitchReduceIngress.set_job")
         te.match["hdr.sr.job_id"] = "7"
         for name, value in (("world_size", 4), ("slot_base", 128), ("slot_count", 64),
-                            ("mcast_grp", 7), ("generation", 3)):
+                            ("mcast_grp", 7), ("session", 3)):
             te.action[name] = str(value)
         te.insert()
         read = list(sh.TableEntry("SwitchReduceIngress.jobs").read())
@@ -202,6 +202,7 @@ def test_a_p4info_for_another_k_is_refused(programmable_switch) -> None:
         with pytest.raises(grpc.RpcError) as refused:
             stub.SetForwardingPipelineConfig(_pipeline_request(election_low=1, p4info=info))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "another K" in refused.value.details()
+        details = refused.value.details()
+        assert "compiled for K=64" in details and "runs K=256" in details
     finally:
         session.close.set()

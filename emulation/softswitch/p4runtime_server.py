@@ -55,6 +55,20 @@ def _in_switch(objects: dict, name: str, kind: str):
     return found
 
 
+def _check_k(cells: int, switch: SoftSwitch) -> None:
+    """The P4Info's ``value`` register (rows x K cells) must be this switch's: a controller
+    holding another K's P4Info would size packets this switch drops."""
+    rows = 2 * switch.ingress.pool_size
+    if cells == rows * switch.k:
+        return
+    compiled = f"K={cells // rows}" if cells % rows == 0 else f"another pool than {rows} rows"
+    raise P4RuntimeError(
+        code_pb2.INVALID_ARGUMENT,
+        f"the P4Info is compiled for {compiled} (its value register has {cells} cells), "
+        f"this soft switch runs K={switch.k}",
+    )
+
+
 class _Pipeline:
     """The P4Info pushed by the controller, resolved against the soft switch's objects."""
 
@@ -82,13 +96,7 @@ class _Pipeline:
             )
         for register in info.registers:
             if register.preamble.name == "SwitchReduceIngress.value":
-                expected = 2 * switch.ingress.pool_size * switch.k
-                if register.size != expected:
-                    raise P4RuntimeError(
-                        code_pb2.INVALID_ARGUMENT,
-                        f"the P4Info's value register has {register.size} cells, this switch "
-                        f"{expected}: compiled for another K than the switch's K={switch.k}",
-                    )
+                _check_k(register.size, switch)
 
     def table(self, table_id: int) -> tuple[ExactTable, p4info_pb2.Table]:
         found = self.tables.get(table_id)
