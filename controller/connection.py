@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +50,33 @@ def decode_value(data: bytes) -> int:
     return int.from_bytes(data, "big")
 
 
+def p4info_size(p4info: p4info_pb2.P4Info, name: str) -> int:
+    """Cells of the counter or register ``name``, or entries of the table ``name``, as compiled."""
+    for item in (*p4info.counters, *p4info.registers, *p4info.tables):
+        if item.preamble.name == name:
+            return item.size
+    raise KeyError(f"no counter, register or table {name!r} in the P4Info")
+
+
+#: Reconnect within a second once a restarted switch listens again (gRPC's default backoff
+#: grows to two minutes).
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
 class SwitchConnection:
-    """A primary P4Runtime session with one switch; use as a context manager."""
+    """A P4Runtime session with one switch; use as a context manager.
+
+    As primary (the default) it holds the arbitration stream open and may
+    write; when that stream ends without ``close`` (the switch died or
+    restarted), ``lost`` is set and ``on_lost`` called, since the switch
+    has forgotten this controller. ``primary=False`` opens no stream: a
+    reader, which P4Runtime lets read beside the primary without taking
+    its place.
+    """
 
     def __init__(
         self,
@@ -60,22 +85,30 @@ class SwitchConnection:
         election_id: int = 1,
         p4info: p4info_pb2.P4Info | None = None,
         timeout: float = 5.0,
+        *,
+        primary: bool = True,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         self.address = address
         self.device_id = device_id
         self.election_id = election_id
         self.timeout = timeout
         self.p4info = p4info or load_p4info()
+        self.lost = threading.Event()
+        self._on_lost = on_lost
+        self._closing = False
         self._names = _NameIndex(self.p4info)
-        self._channel = grpc.insecure_channel(address)
+        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._stub = p4runtime_pb2_grpc.P4RuntimeStub(self._channel)
         self._requests: queue.Queue = queue.Queue()
         self._stream = None
-        self._arbitrate()
+        self._connect()
+        if primary:
+            self._arbitrate()
 
     # -- session -------------------------------------------------------------------
 
-    def _arbitrate(self) -> None:
+    def _connect(self) -> None:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=self.timeout)
         except grpc.FutureTimeoutError:
@@ -83,6 +116,8 @@ class SwitchConnection:
             raise SwitchUnavailableError(
                 f"no P4Runtime server answers at {self.address} within {self.timeout}s"
             ) from None
+
+    def _arbitrate(self) -> None:
         request = p4runtime_pb2.StreamMessageRequest()
         request.arbitration.device_id = self.device_id
         request.arbitration.election_id.low = self.election_id
@@ -112,8 +147,13 @@ class SwitchConnection:
                     replies.put(reply)
         except grpc.RpcError as exc:
             replies.put(exc)
+        if not self._closing:
+            self.lost.set()
+            if self._on_lost is not None:
+                self._on_lost()
 
     def close(self) -> None:
+        self._closing = True
         self._requests.put(None)  # ends the request iterator, closing the stream
         self._channel.close()
 
@@ -139,15 +179,16 @@ class SwitchConnection:
         self._call(self._stub.SetForwardingPipelineConfig, request)
 
     def size_of(self, name: str) -> int:
-        """Cells of the counter or register ``name``, as compiled into the program."""
-        for item in (*self.p4info.counters, *self.p4info.registers):
-            if item.preamble.name == name:
-                return item.size
-        raise KeyError(f"no counter or register {name!r} in the P4Info")
+        """Cells (or table entries) of ``name``, as compiled into the program."""
+        return p4info_size(self.p4info, name)
 
     def installed_p4info(self) -> p4info_pb2.P4Info | None:
         """The P4Info the switch runs now, or None if it has no pipeline yet."""
-        request = p4runtime_pb2.GetForwardingPipelineConfigRequest(device_id=self.device_id)
+        request = p4runtime_pb2.GetForwardingPipelineConfigRequest(
+            device_id=self.device_id,
+            # not BMv2's JSON, which is megabytes for a large K: this is polled
+            response_type=p4runtime_pb2.GetForwardingPipelineConfigRequest.P4INFO_AND_COOKIE,
+        )
         try:
             response = self._stub.GetForwardingPipelineConfig(request, timeout=self.timeout)
         except grpc.RpcError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from google.rpc import code_pb2
 from p4.v1 import p4runtime_pb2
@@ -16,7 +18,7 @@ JOB = TableEntry(
     "SwitchReduceIngress.jobs",
     {"hdr.sr.job_id": 3},
     "SwitchReduceIngress.set_job",
-    {"world_size": 2, "slot_base": 0, "slot_count": 8, "mcast_grp": 3, "generation": 1},
+    {"world_size": 2, "slot_base": 0, "slot_count": 8, "mcast_grp": 3, "session": 1},
 )
 
 
@@ -76,3 +78,31 @@ def test_a_lower_election_id_is_not_primary(programmable_switch) -> None:
 def test_a_switch_that_does_not_answer_is_reported() -> None:
     with pytest.raises(SwitchUnavailableError, match="no P4Runtime server"):
         SwitchConnection(f"127.0.0.1:{free_tcp_port()}", timeout=0.5)
+
+
+def test_a_reader_reads_beside_the_primary_without_taking_its_place(programmable_switch) -> None:
+    address = programmable_switch.p4runtime
+    with SwitchConnection(address, election_id=5) as primary:
+        primary.push_pipeline()
+        primary.insert(JOB)
+        with SwitchConnection(address, primary=False) as reader:
+            assert reader.read_table("SwitchReduceIngress.jobs") == [JOB]
+        primary.delete(JOB)  # still primary
+
+
+def test_a_switch_that_goes_away_is_noticed_at_once() -> None:
+    """The arbitration stream breaks: the controller learns without waiting for a call."""
+    address = f"127.0.0.1:{free_tcp_port()}"
+    server = serve(SoftSwitch(k=256), address)
+    noticed = threading.Event()
+    with SwitchConnection(address, on_lost=noticed.set) as conn:
+        assert not conn.lost.is_set()
+        server.stop(grace=None)
+        assert noticed.wait(5) and conn.lost.is_set()
+    closed = threading.Event()
+    server = serve(SoftSwitch(k=256), address)
+    try:
+        SwitchConnection(address, on_lost=closed.set).close()
+        assert not closed.wait(0.5)  # closing it ourselves is not losing the switch
+    finally:
+        server.stop(grace=None)
