@@ -1,4 +1,8 @@
-"""Errors raised by the controller package."""
+"""Errors raised by the controller package.
+
+The registration API answers each with its own HTTP status (controller/api.py),
+so a worker learns whether to fix its request, wait, or give up.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,14 @@ class ControllerError(Exception):
 
 class AdmissionError(ControllerError, ValueError):
     """A job cannot be admitted (or released) as asked; nothing was left on the switch."""
+
+
+class CapacityError(AdmissionError):
+    """The switch has no room for the job now (slots, jobs); it may have later."""
+
+
+class UnknownJobError(AdmissionError):
+    """The job is not admitted (never was, or was released)."""
 
 
 class SwitchUnavailableError(ControllerError):

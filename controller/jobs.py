@@ -11,13 +11,24 @@ jobs apply it directly.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from dataclasses import dataclass
 
+from google.rpc import code_pb2
+from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2
 
-from controller.connection import SwitchConnection, TableEntry
-from controller.errors import AdmissionError, WriteError
+from controller.connection import SwitchConnection, TableEntry, p4info_size
+from controller.errors import (
+    AdmissionError,
+    CapacityError,
+    ControllerError,
+    UnknownJobError,
+    WriteError,
+)
 from switchreduce import wire
+
+log = logging.getLogger(__name__)
 
 #: The largest job id whose replica ids (job * MAX_WORKERS + rank) fit egress_rid's 16 bits.
 MAX_REPLICA_JOB_ID = (0xFFFF - (wire.MAX_WORKERS - 1)) // wire.MAX_WORKERS
@@ -58,6 +69,49 @@ class Job:
             raise AdmissionError(
                 f"job {self.job_id} needs ranks 0..{self.world_size - 1} once each, got {ranks}"
             )
+
+
+#: The tables whose entries belong to jobs (the ``forward`` table belongs to the hosts).
+JOB_TABLES = (
+    "SwitchReduceIngress.jobs",
+    "SwitchReduceIngress.workers",
+    "SwitchReduceEgress.result_rewrite",
+)
+
+_INSERT, _MODIFY, _DELETE = (
+    p4runtime_pb2.Update.INSERT,
+    p4runtime_pb2.Update.MODIFY,
+    p4runtime_pb2.Update.DELETE,
+)
+
+
+@dataclass(frozen=True)
+class ProgramSizes:
+    """What the compiled program has room for, read from its P4Info.
+
+    Never from constants, which could drift from the P4 source; and known
+    before connecting, so a controller can refuse options that cannot fit.
+    """
+
+    #: Slots in the pool that jobs' ranges are cut from.
+    pool: int
+    #: Job ids run 1..max_job_id: the per-job counters' cells, and replica ids' 16 bits.
+    max_job_id: int
+    #: Entries of the ``jobs`` table: jobs that can run at once.
+    max_jobs: int
+    #: Elements per packet: the ``value`` register holds K per row, two rows per slot.
+    k: int
+
+    @classmethod
+    def of(cls, p4info: p4info_pb2.P4Info) -> ProgramSizes:
+        pool = p4info_size(p4info, "SwitchReduceIngress.slot_session")
+        counted = p4info_size(p4info, "SwitchReduceIngress.aggregated")
+        return cls(
+            pool=pool,
+            max_job_id=min(counted - 1, MAX_REPLICA_JOB_ID),
+            max_jobs=p4info_size(p4info, "SwitchReduceIngress.jobs"),
+            k=p4info_size(p4info, "SwitchReduceIngress.value") // (2 * pool),
+        )
 
 
 def replica_id(job_id: int, rank: int) -> int:
@@ -110,7 +164,8 @@ class SlotPool:
         self.size = size
         self.used: dict[int, int] = {}  # base -> count
 
-    def allocate(self, count: int) -> int:
+    def _first_fit(self, count: int) -> int:
+        """The base of the first free range of ``count`` slots; CapacityError if none is."""
         base = 0
         for used_base, used_count in sorted(self.used.items()):
             if used_base - base >= count:
@@ -118,10 +173,19 @@ class SlotPool:
             base = max(base, used_base + used_count)
         if base + count > self.size:
             free = self.size - sum(self.used.values())
-            raise AdmissionError(
+            raise CapacityError(
                 f"slot pool exhausted: {count} slots wanted, {free} of {self.size} free"
                 + (" but fragmented" if free >= count else "")
+                + "; retry when a job ends"
             )
+        return base
+
+    def check(self, count: int) -> None:
+        """Raise CapacityError now if ``count`` slots would not fit."""
+        self._first_fit(count)
+
+    def allocate(self, count: int) -> int:
+        base = self._first_fit(count)
         self.used[base] = count
         return base
 
@@ -129,18 +193,42 @@ class SlotPool:
         self.used.pop(base, None)
 
 
+def _key(entry: TableEntry) -> tuple:
+    """What names an entry in its table: the table and the match."""
+    return entry.table, tuple(sorted(entry.match.items()))
+
+
 class JobTable:
-    """The jobs admitted on one switch, kept in the switch's tables and mirrored here."""
+    """The jobs admitted on one switch, kept in the switch's tables and mirrored here.
+
+    This mirror is the truth the controller restores: after the switch (or
+    the connection to it) restarts, ``reinstall`` makes the switch hold
+    exactly these jobs again, with their sessions. A job that cannot be
+    written back stays here, marked in ``lost`` with why, until it is released.
+    """
 
     def __init__(self, conn: SwitchConnection) -> None:
         self.conn = conn
-        # The program's sizes, from its P4Info: slots in the pool, and job ids it counts.
-        self.pool = SlotPool(conn.size_of("SwitchReduceIngress.slot_session"))
-        self.max_job_id = conn.size_of("SwitchReduceIngress.aggregated") - 1
+        self.sizes = ProgramSizes.of(conn.p4info)
+        self.pool = SlotPool(self.sizes.pool)
+        self.max_job_id = self.sizes.max_job_id
         self.jobs: dict[int, Job] = {}
+        #: Jobs held here that the switch does not hold (re-installing failed): job id -> why.
+        self.lost: dict[int, str] = {}
+        #: A release could not reach the switch: its entries may linger until ``reinstall``.
+        self.dirty = False
+
+    def check_capacity(self, slot_count: int) -> None:
+        """Raise CapacityError if a job of ``slot_count`` slots could not be admitted now."""
+        if len(self.jobs) >= self.sizes.max_jobs:
+            raise CapacityError(
+                f"too many jobs: the switch's jobs table holds {self.sizes.max_jobs}, all in use; "
+                "retry when a job ends"
+            )
+        self.pool.check(slot_count)
 
     def admit(self, job_id: int, members: list[Member], slot_count: int) -> Job:
-        """Install a job; on any refusal nothing of it stays on the switch."""
+        """Install a job with a fresh session; on any failure nothing of it stays on the switch."""
         if job_id in self.jobs:
             raise AdmissionError(f"job {job_id} is already admitted")
         if not 1 <= job_id <= self.max_job_id:
@@ -149,40 +237,68 @@ class JobTable:
             )
         if not 1 <= slot_count <= wire.MAX_SLOTS:
             raise AdmissionError(f"slot count must be 1..{wire.MAX_SLOTS}, got {slot_count}")
-        world_size = len(members)
+        self.check_capacity(slot_count)
         base = self.pool.allocate(slot_count)
         try:
-            job = Job(job_id, world_size, base, slot_count, wire.new_session(), tuple(members))
+            job = Job(job_id, len(members), base, slot_count, wire.new_session(), tuple(members))
             entries, group = job_entries(job)
-            self._write_all(p4runtime_pb2.Update.INSERT, entries, group)
+            self._write_each([(_INSERT, item) for item in [*entries, group]])
+        except WriteError as exc:
+            self.pool.release(base)
+            if any(code == code_pb2.RESOURCE_EXHAUSTED for code, _ in exc.failures):
+                raise CapacityError(f"the switch's tables are full: {exc}") from None
+            raise
         except BaseException:
             self.pool.release(base)
             raise
         self.jobs[job_id] = job
         return job
 
-    def release(self, job_id: int) -> None:
+    def release(self, job_id: int) -> Job:
+        """Remove the job from the switch and from here; returns it.
+
+        A lost job has nothing on the switch to delete. If the deletes fail
+        (the switch is unreachable, say), the job is forgotten here all the
+        same, so that its id and slots are free, and ``dirty`` set, so that
+        the next ``reinstall`` deletes what it left.
+        """
         job = self.jobs.get(job_id)
         if job is None:
-            raise AdmissionError(f"job {job_id} is not admitted")
-        entries, group = job_entries(job)
-        self.conn.write([(p4runtime_pb2.Update.DELETE, item) for item in [*entries, group]])
+            raise UnknownJobError(f"job {job_id} is not admitted")
+        if job_id not in self.lost:
+            entries, group = job_entries(job)
+            try:
+                self.conn.write([(_DELETE, item) for item in [*entries, group]])
+            except ControllerError as exc:
+                log.warning("job %d: deleting its entries failed (%s); they go when the switch "
+                            "is reconciled", job_id, exc)  # fmt: skip
+                self.dirty = True
         self.pool.release(job.slot_base)
         del self.jobs[job_id]
+        self.lost.pop(job_id, None)
+        return job
 
-    def _write_all(self, kind: int, entries: list[TableEntry], group) -> None:
-        """Write the job's state one update at a time, undoing what went in if one fails."""
+    def _write_each(self, updates: list[tuple[int, TableEntry | tuple]]) -> None:
+        """Write updates one at a time; if one fails (for any reason), delete what this
+        call inserted, so nothing is left half-written, and re-raise."""
         done = []
         try:
-            for item in [*entries, group]:
+            for kind, item in updates:
                 self.conn.write([(kind, item)])
-                done.append(item)
-        except WriteError:
-            self.conn.write([(p4runtime_pb2.Update.DELETE, item) for item in reversed(done)])
+                done.append((kind, item))
+        except BaseException:
+            undo = [(_DELETE, item) for kind, item in reversed(done) if kind == _INSERT]
+            if undo:
+                try:
+                    self.conn.write(undo)
+                except ControllerError as exc:  # the switch went away mid-write
+                    log.warning("could not undo a partial write (%s); reinstall will", exc)
+                    self.dirty = True
             raise
 
     def recover(self) -> None:
-        """Rebuild this table from what the switch holds (a restarted controller)."""
+        """Adopt the jobs the switch holds (a restarted controller), then repair what is
+        incomplete: a job whose ranks cannot all be read back is removed."""
         workers = self.conn.read_table("SwitchReduceIngress.workers")
         rewrites = {
             e.match["standard_metadata.egress_rid"]: e
@@ -195,17 +311,68 @@ class JobTable:
                 if w.match["hdr.sr.job_id"] != job_id:
                     continue
                 rank = w.match["hdr.sr.rank"]
+                rewrite = rewrites.get(replica_id(job_id, rank))
                 members.append(
                     Member(
                         rank,
                         str(ipaddress.IPv4Address(w.match["hdr.ipv4.src_addr"])),
                         w.match["hdr.udp.src_port"],
-                        rewrites[replica_id(job_id, rank)].params["mac"],
+                        rewrite.params["mac"] if rewrite else 0,
                         w.match["standard_metadata.ingress_port"],
                     )
                 )
             p = entry.params
-            job = Job(job_id, p["world_size"], p["slot_base"], p["slot_count"], p["session"],
-                      tuple(members))  # fmt: skip
+            try:
+                job = Job(job_id, p["world_size"], p["slot_base"], p["slot_count"],
+                          p["session"], tuple(members))  # fmt: skip
+            except AdmissionError as exc:
+                log.warning("job %d on the switch is incomplete (%s): removing it", job_id, exc)
+                continue
             self.jobs[job_id] = job
             self.pool.used[job.slot_base] = job.slot_count
+        self.reinstall()
+
+    def reinstall(self) -> None:
+        """Make the switch hold exactly the jobs held here, with their sessions.
+
+        After the switch restarted (empty) this installs every job again; after
+        a connection blip (the switch kept its state) it writes nothing. Entries
+        of jobs not held here (released while the switch was unreachable) are
+        deleted. A job the switch refuses is marked lost, with why; the switch
+        becoming unreachable meanwhile raises, to be retried whole.
+        """
+        installed = {_key(e): e for table in JOB_TABLES for e in self.conn.read_table(table)}
+        groups = self.conn.read_multicast_groups()
+        wanted: set[tuple] = set()
+        plans: dict[int, list] = {}
+        for job in self.jobs.values():
+            entries, (group_id, replicas) = job_entries(job)
+            plan = []
+            for entry in entries:
+                wanted.add(_key(entry))
+                have = installed.get(_key(entry))
+                if have is None:
+                    plan.append((_INSERT, entry))
+                elif have != entry:
+                    plan.append((_MODIFY, entry))
+            if group_id not in groups:
+                plan.append((_INSERT, (group_id, replicas)))
+            elif sorted(groups[group_id]) != sorted(replicas):
+                plan.append((_MODIFY, (group_id, replicas)))
+            plans[job.job_id] = plan
+        stale = [(_DELETE, e) for key, e in installed.items() if key not in wanted]
+        stale += [(_DELETE, (gid, [])) for gid in groups if gid not in self.jobs]
+        if stale:
+            try:
+                self.conn.write(stale)
+            except WriteError as exc:  # they block only their own job ids: say which, go on
+                log.warning("could not delete entries of jobs no longer held: %s", exc)
+        self.dirty = False
+        for job_id, plan in plans.items():
+            try:
+                self._write_each(plan)
+            except WriteError as exc:
+                self.lost[job_id] = f"the switch refused to re-install it: {exc}"
+                log.error("job %d lost: %s", job_id, self.lost[job_id])
+            else:
+                self.lost.pop(job_id, None)

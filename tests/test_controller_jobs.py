@@ -7,10 +7,11 @@ import threading
 
 import numpy as np
 import pytest
+from p4.v1 import p4runtime_pb2
 
 from controller.connection import SwitchConnection, TableEntry
-from controller.errors import AdmissionError, WriteError
-from controller.jobs import JobTable, Member, replica_id
+from controller.errors import AdmissionError, CapacityError, WriteError
+from controller.jobs import JOB_TABLES, JobTable, Member, job_entries, replica_id
 from emulation.softswitch.pipeline import DropReason, JobStat
 from switchreduce import wire
 from tests.helpers.net import bound_udp_sockets
@@ -24,12 +25,13 @@ def _members(socks: list[socket.socket]) -> list[Member]:
     return [Member(r, "127.0.0.1", s.getsockname()[1]) for r, s in enumerate(socks)]
 
 
-def _run_jobs(socks: dict, inputs: dict, data_address) -> tuple[list, dict]:
+def _run_jobs(socks: dict, inputs: dict, jobs: JobTable, data_address) -> tuple[list, dict]:
     """Start every rank of every job in a thread; returns (threads, results by (job, rank))."""
     results: dict[tuple[int, int], np.ndarray] = {}
 
     def run(job_id: int, rank: int) -> None:
-        binding = JobBinding(job_id, rank, len(socks[job_id]), 32, data_address)
+        session = jobs.jobs[job_id].session
+        binding = JobBinding(job_id, rank, len(socks[job_id]), 32, data_address, session)
         comm = SwitchCommunicator(binding, WorkerOptions(k=K, timeout=20), socks[job_id][rank])
         results[job_id, rank] = comm.allreduce(inputs[job_id][rank])
 
@@ -51,7 +53,7 @@ def test_two_concurrent_jobs_are_exact_and_disjoint(programmable_switch) -> None
     assert a.slot_base + a.slot_count <= b.slot_base or b.slot_base + b.slot_count <= a.slot_base
     inputs = {job_id: [synthetic_tensor(job_id, r, 100_000, "float32") for r in range(len(s))]
               for job_id, s in socks.items()}  # fmt: skip
-    threads, results = _run_jobs(socks, inputs, data_address)
+    threads, results = _run_jobs(socks, inputs, jobs, data_address)
     for t in threads:
         t.join()
     for (job_id, _), result in results.items():
@@ -114,6 +116,75 @@ def test_a_refused_write_rolls_back_what_went_in(programmable_switch) -> None:
     assert not soft.ingress.jobs.entries and not soft.ingress.workers.entries
 
 
+def test_any_failure_mid_admission_leaves_nothing(programmable_switch) -> None:
+    """Not only a refusal by the switch: here the jobs entry is written, then a port that
+    cannot be encoded fails the workers entry in this process."""
+    soft, address = programmable_switch.switch, programmable_switch.p4runtime
+    with SwitchConnection(address) as conn:
+        conn.push_pipeline()
+        jobs = JobTable(conn)
+        with pytest.raises(OverflowError):
+            jobs.admit(2, [Member(0, "127.0.0.1", -1)], 8)
+        assert jobs.jobs == {} and jobs.pool.used == {}
+        assert all(not table.entries for table in soft.tables().values())
+        jobs.admit(2, [Member(0, "127.0.0.1", 40000)], 8)  # the id is not blocked
+
+
+def test_full_switch_tables_are_a_capacity_refusal(programmable_switch) -> None:
+    soft, address = programmable_switch.switch, programmable_switch.p4runtime
+    soft.ingress.workers.size = 2  # a smaller switch: room for two ranks
+    with SwitchConnection(address) as conn:
+        conn.push_pipeline()
+        jobs = JobTable(conn)
+        jobs.admit(1, _members(bound_udp_sockets(1)), 8)
+        with pytest.raises(CapacityError, match="tables are full"):
+            jobs.admit(2, _members(bound_udp_sockets(2)), 8)
+        assert list(jobs.jobs) == [1] and list(soft.ingress.jobs.entries) == [(1,)]
+
+
+def _installed(conn: SwitchConnection) -> tuple:
+    return (*(sorted(map(repr, conn.read_table(t))) for t in JOB_TABLES),
+            conn.read_multicast_groups())  # fmt: skip
+
+
+def test_reinstall_repairs_the_switch_and_removes_what_no_job_holds(programmable_switch) -> None:
+    address = programmable_switch.p4runtime
+    with SwitchConnection(address) as conn:
+        conn.push_pipeline()
+        jobs = JobTable(conn)
+        job = jobs.admit(5, _members(bound_udp_sockets(2)), 8)
+        expected = _installed(conn)
+        entries, group = job_entries(job)
+        conn.write([(p4runtime_pb2.Update.DELETE, item) for item in (entries[1], group)])
+        stray = TableEntry(entries[0].table, {"hdr.sr.job_id": 9}, entries[0].action,
+                           {**entries[0].params, "mcast_grp": 9})  # fmt: skip
+        conn.insert(stray)
+        jobs.reinstall()
+        assert _installed(conn) == expected and jobs.lost == {}
+        jobs.reinstall()  # nothing to do: nothing written
+        assert _installed(conn) == expected
+
+
+def test_a_job_the_switch_refuses_to_reinstall_is_lost_and_leaves_nothing(
+    programmable_switch,
+) -> None:
+    soft, address = programmable_switch.switch, programmable_switch.p4runtime
+    with SwitchConnection(address) as conn:
+        conn.push_pipeline()
+        jobs = JobTable(conn)
+        jobs.admit(5, _members(bound_udp_sockets(1)), 8)
+        jobs.admit(6, _members(bound_udp_sockets(2)), 8)
+        for table in soft.tables().values():  # the switch restarted, smaller
+            table.entries.clear()
+        soft.pre.groups.clear()
+        soft.ingress.workers.size = 2
+        jobs.reinstall()
+        assert list(jobs.lost) == [6] and "RESOURCE_EXHAUSTED" in jobs.lost[6]
+        assert list(soft.ingress.jobs.entries) == [(5,)]  # job 6: nothing half-written
+        jobs.release(6)  # nothing to delete on the switch
+        assert jobs.lost == {} and sorted(jobs.jobs) == [5]
+
+
 def test_a_restarted_controller_recovers_the_jobs_and_carries_on(programmable_switch) -> None:
     address = programmable_switch.p4runtime
     with SwitchConnection(address) as conn:
@@ -126,7 +197,7 @@ def test_a_restarted_controller_recovers_the_jobs_and_carries_on(programmable_sw
         assert after.jobs == {7: first}
         second = after.admit(8, _members(bound_udp_sockets(2)), 64)
     assert second.slot_base >= first.slot_base + first.slot_count
-    assert second.generation > first.generation
+    assert second.session != first.session  # each admission its own
 
 
 def test_jobs_survive_a_controller_restart_and_a_spoofer_mid_transfer(programmable_switch) -> None:
@@ -141,7 +212,7 @@ def test_jobs_survive_a_controller_restart_and_a_spoofer_mid_transfer(programmab
             jobs.admit(job_id, _members(s), 32)
     inputs = {job_id: [synthetic_tensor(job_id, r, 400_000, "int32") for r in range(len(s))]
               for job_id, s in socks.items()}  # fmt: skip
-    threads, results = _run_jobs(socks, inputs, data_address)
+    threads, results = _run_jobs(socks, inputs, jobs, data_address)
     spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     forged = wire.encode(
         wire.Header(wire.MsgType.DATA, 3, 0, 0, 1, 0, 1, 0, K), np.full(K, 10**6, dtype=np.int32)
