@@ -81,7 +81,8 @@ def train(
             sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
             sock.bind(bind)
             sw = config.switch
-            binding = join(
+            # entered before the communicator, so it outlives it: a rank leaves once done
+            membership = join(
                 sock,
                 job_id,
                 rank,
@@ -92,13 +93,14 @@ def train(
                 controller=controller,
                 timeout=t.timeout * 4,
             )
+            stack.enter_context(membership)
             options = WorkerOptions(
                 k=sw.k,
                 timeout=t.timeout,
                 precision_bits=sw.precision_bits,
                 min_rto=sw.min_rto_ms / 1000,
             )
-            comm = stack.enter_context(SwitchCommunicator(binding, options, sock))
+            comm = stack.enter_context(SwitchCommunicator(membership.binding, options, sock))
             ddp.register_comm_hook(comm, switch_allreduce_hook)
         optimizer = build_optimizer(config.optimizer, ddp.parameters())
         _loop(config, backend, rank, world_size, ddp, optimizer, data, out, comm, interface)

@@ -210,7 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds a job's ranks have to all register",
     )
+    ctl.add_argument(
+        "--lease",
+        type=float,
+        default=30.0,
+        help="seconds a job lives without a renewal from its ranks (they renew every third)",
+    )
     _add_job_args(ctl)
+    ctl.set_defaults(k=None)  # the P4Info's
 
     topo = sub.add_parser("topo", help="a Mininet star of worker hosts around a switch (root)")
     topo.add_argument("--workers", type=int, default=4)
@@ -329,34 +336,67 @@ def run_switch(args: argparse.Namespace) -> int:
 
 
 def run_controller(args: argparse.Namespace) -> int:
-    from controller.api import Registry, make_server
-    from controller.connection import SwitchConnection, load_p4info
-    from controller.forwarding import install_routes, parse_mac
-    from controller.jobs import JobTable
+    import logging
 
-    p4info = load_p4info(args.p4info) if args.p4info else None
-    conn = SwitchConnection(args.p4runtime, args.device_id, args.election_id, p4info)
-    jobs = JobTable(conn)
-    if conn.installed_p4info() == conn.p4info:
-        jobs.recover()  # a restarted controller: the switch keeps running its jobs
-        print(f"recovered jobs {sorted(jobs.jobs)} from the switch", flush=True)
-    else:
+    from controller.api import Registry, make_server
+    from controller.connection import load_p4info
+    from controller.errors import ControllerError
+    from controller.forwarding import parse_mac
+    from controller.jobs import ProgramSizes
+    from controller.supervisor import SwitchSupervisor
+
+    def refuse(problem: str) -> SystemExit:
+        return SystemExit(f"switchreduce controller: {problem}")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        p4info = load_p4info(args.p4info) if args.p4info else load_p4info()
+        sizes = ProgramSizes.of(p4info)
         config = Path(args.device_config).read_bytes() if args.device_config else b""
-        conn.push_pipeline(config)
+    except (OSError, KeyError, ValueError) as exc:  # ParseError is a ValueError
+        raise refuse(f"cannot use the program's files: {exc}") from None
+    most_slots = min(sizes.pool, wire.MAX_SLOTS)
+    if not 1 <= args.slots <= most_slots:
+        raise refuse(f"--slots must be 1..{most_slots} (the program's slot pool has "
+                     f"{sizes.pool}), got {args.slots}")  # fmt: skip
+    if args.k is None:
+        args.k = sizes.k
+    elif args.k != sizes.k:
+        raise refuse(f"--k {args.k}, but the P4Info is compiled for K={sizes.k}")
+    if not args.lease > 0:
+        raise refuse(f"--lease must be positive seconds, got {args.lease}")
+    if not args.register_timeout > 0:
+        raise refuse(f"--register-timeout must be positive seconds, got {args.register_timeout}")
     data_host, data_port = args.data_plane
     attachments = dict(_pair(spec, str, _attachment) for spec in args.host) or None
     routes = dict(_pair(spec, parse_mac, int) for spec in args.route)
     routes.update((attachments or {}).values())
-    install_routes(conn, routes)
-    registry = Registry(jobs, args.k, args.slots, f"{data_host}:{data_port}",
-                        timeout=args.register_timeout, attachments=attachments)  # fmt: skip
-    server = make_server(registry, args.listen)
+    supervisor = SwitchSupervisor(args.p4runtime, p4info, device_id=args.device_id,
+                                  election_id=args.election_id, device_config=config,
+                                  routes=routes)  # fmt: skip
+    try:
+        recovered = supervisor.start()
+    except ControllerError as exc:
+        raise refuse(str(exc)) from None
+    if recovered:  # a restarted controller: the switch kept running its jobs
+        logging.info("recovered jobs %s from the switch; their leases start now", recovered)
+    registry = Registry(supervisor, args.k, args.slots, f"{data_host}:{data_port}",
+                        lease=args.lease, timeout=args.register_timeout,
+                        attachments=attachments)  # fmt: skip
+    try:
+        server = make_server(registry, args.listen)
+    except OSError as exc:
+        raise refuse(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc}") from None
+    stop = threading.Event()
+    threading.Thread(target=supervisor.watch, args=(stop,), daemon=True).start()
+    threading.Thread(target=registry.run_reaper, args=(stop,), daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"controller http://{server.server_address[0]}:{server.server_address[1]}", flush=True)
     signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=server.shutdown).start())
     server.serve_forever()
+    stop.set()
     server.server_close()
-    conn.close()
+    supervisor.jobs.conn.close()
     return 0
 
 
@@ -470,13 +510,14 @@ def _allreduce_backend(args: argparse.Namespace):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(args.bind)
         try:
-            binding = join(sock, args.job, args.rank, args.world_size, args.k,
-                           switch=args.switch, slots=args.slots, controller=args.controller,
-                           timeout=args.timeout * 6)  # fmt: skip
+            membership = join(sock, args.job, args.rank, args.world_size, args.k,
+                              switch=args.switch, slots=args.slots, controller=args.controller,
+                              timeout=args.timeout * 6)  # fmt: skip
         except WorkerError as exc:
             raise SystemExit(f"switchreduce worker: {exc}") from None
-        with SwitchCommunicator(binding, WorkerOptions(k=args.k, timeout=args.timeout),
-                                sock) as comm:  # fmt: skip
+        with membership, SwitchCommunicator(membership.binding,
+                                            WorkerOptions(k=args.k, timeout=args.timeout),
+                                            sock) as comm:  # fmt: skip
             yield comm.allreduce, comm.stats
         return
     from datetime import timedelta

@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 
 from controller.api import Registry, make_server
-from controller.connection import SwitchConnection
-from controller.jobs import JobTable
+from controller.connection import load_p4info
+from controller.supervisor import SwitchSupervisor
 from tests.helpers.net import bound_udp_sockets
 from worker.reference import check, synthetic_tensor
 from worker.registration import RegistrationError, register
@@ -22,16 +22,16 @@ K = 256
 
 @pytest.fixture
 def controller(programmable_switch):
-    """A connection to the switch, a registry and its HTTP API; yields (URL, switch)."""
-    conn = SwitchConnection(programmable_switch.p4runtime)
-    conn.push_pipeline()
+    """The switch supervised, a registry and its HTTP API; yields (URL, switch)."""
+    supervisor = SwitchSupervisor(programmable_switch.p4runtime, load_p4info())
+    supervisor.start()
     host, port = programmable_switch.data_plane
-    registry = Registry(JobTable(conn), K, 16, f"{host}:{port}", timeout=3.0)
+    registry = Registry(supervisor, K, 16, f"{host}:{port}", timeout=3.0)
     http = make_server(registry, ("127.0.0.1", 0))
     threading.Thread(target=http.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{http.server_address[1]}", programmable_switch.switch
     http.shutdown()
-    conn.close()
+    supervisor.jobs.conn.close()
 
 
 def test_registered_workers_allreduce_exactly_and_the_job_is_released(controller) -> None:
@@ -39,12 +39,14 @@ def test_registered_workers_allreduce_exactly_and_the_job_is_released(controller
     world_size = 3
     inputs = [synthetic_tensor(9, r, 50_000, "float32") for r in range(world_size)]
     results = {}
+    memberships = []  # kept open: the job runs until the operator ends it
 
     def rank(r: int) -> None:
         sock = bound_udp_sockets(1)[0]
-        binding = register(url, 11, r, world_size, sock, K)
-        with SwitchCommunicator(binding, WorkerOptions(k=K, timeout=20), sock) as comm:
+        membership = register(url, 11, r, world_size, sock, K)
+        with SwitchCommunicator(membership.binding, WorkerOptions(k=K, timeout=20), sock) as comm:
             results[r] = comm.allreduce(inputs[r])
+        memberships.append(membership)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
     for t in threads:
@@ -90,7 +92,7 @@ def test_a_taken_rank_and_a_disagreeing_world_size_are_conflicts(controller) -> 
 
 def test_bad_registrations_are_refused(controller) -> None:
     url, soft = controller
-    with pytest.raises(RegistrationError, match="rank 5 out of range"):
+    with pytest.raises(RegistrationError, match=r"rank: must be 0\.\.1 for world size 2, got 5"):
         register(url, 13, 5, 2, bound_udp_sockets(1)[0], K)
     with pytest.raises(RegistrationError, match="switch runs K=256"):
         register(url, 14, 0, 1, bound_udp_sockets(1)[0], 64)

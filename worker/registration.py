@@ -1,57 +1,155 @@
 """Joining a job through the controller's registration API (controller/api.py).
 
-The worker binds its socket first, so it can tell the controller the exact
-address the switch must accept its packets from; the answer says where the
-switch is and how many slots the job has.
+The worker first asks the controller where the switch's data plane is and
+connects its socket there, so the kernel picks the source address its
+packets will carry (a socket bound to 0.0.0.0 has none until then); that
+address is what it registers, and what the switch then accepts. The
+answer says how many slots the job has and its session.
+
+A :class:`Membership` holds the rank's place in the job until ``close``:
+a daemon thread renews the job's lease, so the controller releases the job
+if every rank dies; ``close`` tells the controller the rank is done, and
+the last rank out releases the job, so the same job id can run again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
+import threading
 import urllib.error
 import urllib.request
 
 from worker.errors import WorkerError
 from worker.shim import JobBinding
 
+log = logging.getLogger(__name__)
+
 
 class RegistrationError(WorkerError):
-    """The controller refused the registration, or could not be reached."""
+    """The controller refused a request (``status`` is its HTTP status) or could not be
+    reached (``status`` is None)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def join(sock: socket.socket, job_id: int, rank: int, world_size: int, k: int, *,
-         switch: tuple[str, int] | None = None, slots: int | None = None,
-         controller: str | None = None, timeout: float = 60.0) -> JobBinding:  # fmt: skip
-    """This rank's binding: from the controller, or for a job installed statically at ``switch``
-    with ``slots`` slots."""
-    if controller is not None:
-        return register(controller, job_id, rank, world_size, sock, k, timeout)
-    if switch is None or slots is None:
-        raise WorkerError("give the switch's HOST:PORT and slot count, or a controller URL")
-    return JobBinding(job_id, rank, world_size, slots, switch)
-
-
-def register(controller: str, job_id: int, rank: int, world_size: int, sock: socket.socket,
-             k: int, timeout: float = 60.0) -> JobBinding:  # fmt: skip
-    """Register this rank's address for ``job_id``; returns once every rank has registered."""
-    ip, udp_port = sock.getsockname()
-    body = json.dumps(
-        {"rank": rank, "world_size": world_size, "ip": ip, "udp_port": udp_port, "k": k}
-    )
+def _call(controller: str, method: str, path: str, body: dict | None = None,
+          timeout: float = 10.0) -> dict:  # fmt: skip
+    """One JSON request to the controller; its JSON answer."""
     request = urllib.request.Request(
-        f"{controller.rstrip('/')}/v1/jobs/{job_id}/workers", data=body.encode(), method="POST",
+        f"{controller.rstrip('/')}{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )  # fmt: skip
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            answer = json.load(response)
+            return json.load(response)
     except urllib.error.HTTPError as exc:
-        reason = json.loads(exc.read() or b"{}").get("error", exc.reason)
-        raise RegistrationError(
-            f"controller refused rank {rank} of job {job_id}: {reason}"
-        ) from None
+        try:
+            reason = json.loads(exc.read() or b"{}").get("error", exc.reason)
+        except ValueError:
+            reason = exc.reason
+        raise RegistrationError(str(reason), exc.code) from None
     except OSError as exc:
         raise RegistrationError(f"controller {controller} unreachable: {exc}") from None
+
+
+class Membership:
+    """This rank's place in a job: its ``binding``, kept until ``close`` (or the end of a
+    ``with`` block).
+
+    For a controller's job a daemon thread renews the lease every lease/3
+    seconds; a controller that is briefly unreachable (restarting) is
+    retried, a refusal (the job was released) ends the renewals with a
+    warning. A static job (no controller) has nothing to keep.
+    """
+
+    def __init__(self, binding: JobBinding, controller: str | None = None,
+                 lease: float | None = None) -> None:  # fmt: skip
+        self.binding = binding
+        self.controller = controller
+        self.lease = lease
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if controller is not None and lease is not None:
+            self._thread = threading.Thread(
+                target=self._renew,
+                daemon=True,
+                name=f"lease-job{binding.job_id}-rank{binding.rank}",
+            )
+            self._thread.start()
+
+    def _path(self, tail: str) -> str:
+        return f"/v1/jobs/{self.binding.job_id}/{tail}"
+
+    def _renew(self) -> None:
+        interval = self.lease / 3
+        while not self._stop.wait(interval):
+            try:
+                _call(self.controller, "POST", self._path("lease"),
+                      {"session": self.binding.session}, timeout=self.lease)  # fmt: skip
+            except RegistrationError as exc:
+                if exc.status is None:
+                    continue  # the controller is restarting: it recovers the job, try again
+                log.warning("job %d rank %d: the controller ended the job's lease: %s",
+                            self.binding.job_id, self.binding.rank, exc)  # fmt: skip
+                return
+
+    def close(self) -> None:
+        """Stop renewing and tell the controller this rank is done (best effort: if the
+        controller cannot be told, the lease ends the job)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        try:
+            _call(self.controller, "DELETE", self._path(f"workers/{self.binding.rank}"),
+                  {"session": self.binding.session})  # fmt: skip
+        except RegistrationError as exc:
+            log.warning("job %d rank %d: could not leave the job: %s",
+                        self.binding.job_id, self.binding.rank, exc)  # fmt: skip
+
+    def __enter__(self) -> Membership:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def join(sock: socket.socket, job_id: int, rank: int, world_size: int, k: int, *,
+         switch: tuple[str, int] | None = None, slots: int | None = None,
+         controller: str | None = None, timeout: float = 60.0) -> Membership:  # fmt: skip
+    """This rank's membership: from the controller, or for a job installed statically at
+    ``switch`` with ``slots`` slots."""
+    if controller is not None:
+        return register(controller, job_id, rank, world_size, sock, k, timeout)
+    if switch is None or slots is None:
+        raise WorkerError("give the switch's HOST:PORT and slot count, or a controller URL")
+    return Membership(JobBinding(job_id, rank, world_size, slots, switch))
+
+
+def register(controller: str, job_id: int, rank: int, world_size: int, sock: socket.socket,
+             k: int, timeout: float = 60.0) -> Membership:  # fmt: skip
+    """Register this rank's address for ``job_id``; returns once every rank has registered."""
+    what = f"rank {rank} of job {job_id}"
+    try:
+        info = _call(controller, "GET", "/v1/switch", timeout=timeout)
+        host, _, port = info["data_plane"].rpartition(":")
+        sock.connect((host, int(port)))  # the kernel picks the source address now
+        ip, udp_port = sock.getsockname()
+        answer = _call(controller, "POST", f"/v1/jobs/{job_id}/workers",
+                       {"rank": rank, "world_size": world_size, "ip": ip,
+                        "udp_port": udp_port, "k": k}, timeout=timeout)  # fmt: skip
+    except RegistrationError as exc:
+        refused = "controller refused " if exc.status is not None else ""
+        raise RegistrationError(f"{refused}{what}: {exc}", exc.status) from None
+    except OSError as exc:
+        raise RegistrationError(f"{what}: cannot reach the switch's data plane: {exc}") from None
     host, _, port = answer["switch"].rpartition(":")
-    return JobBinding(job_id, rank, world_size, answer["slot_count"], (host, int(port)))
+    binding = JobBinding(job_id, rank, world_size, answer["slot_count"], (host, int(port)),
+                         session=answer["session"])  # fmt: skip
+    return Membership(binding, controller, answer["lease"])
