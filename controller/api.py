@@ -491,9 +491,13 @@ def make_server(registry: Registry, address: tuple[str, int]) -> ThreadingHTTPSe
 
         def _handle(self, method: str) -> None:
             try:
-                self._reply(HTTPStatus.OK, self._route(method, urlsplit(self.path).path))
+                status, body = HTTPStatus.OK, self._route(method, urlsplit(self.path).path)
             except Exception as exc:
-                self._reply(*_error_reply(exc))
+                status, body = _error_reply(exc)
+            try:
+                self._reply(status, body)
+            except OSError as exc:  # the client went away (a worker killed while it waited)
+                log.info("could not answer %s %s: %s", method, self.path, exc)
 
         def _route(self, method: str, path: str) -> dict:
             if method == "GET" and _JOBS.match(path):

@@ -43,6 +43,7 @@ def controller(tmp_path_factory) -> ControllerProcess:
     yield ctl
     ctl.stop()
     switch.stop()
+    assert "Traceback" not in ctl.log.read_text()  # every failure was an answer or a log line
 
 
 class Ranks:
