@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from switchreduce.cli import cli_command
@@ -360,3 +361,31 @@ def test_a_restarted_controller_recovers_the_jobs_and_their_leases(tmp_path) -> 
         first.stop()
         switch.stop()
         sock.close()
+
+
+@pytest.mark.parametrize("kill", [True, False], ids=["kill-9", "clean"])
+def test_a_new_int32_job_after_a_controller_restart_sums_its_own_data(tmp_path, kill) -> None:
+    """Issue 8's second reproduction: release a job, restart the controller, admit a job of
+    the same shape on the same slots: it once got the same generation and the old sums."""
+    switch = SwitchProcess(tmp_path).start()
+    first = ControllerProcess(switch, tmp_path, "--slots", "4", "--lease", str(LEASE)).start()
+    second = ControllerProcess(switch, tmp_path, "--slots", "4", "--lease", str(LEASE))
+    second.listen, second.url = first.listen, first.url
+    elements = 4 * 3 * K  # every slot used three times
+    try:
+        sums = []
+        for controller, values in ((first, (1, 2)), (second, (10, 20))):
+            if controller is second:
+                first.stop(kill=kill)
+                second.start()
+            ranks = Ranks(controller.url, JOB, 2)
+            inputs = [np.full(elements, v, np.int32) for v in values]
+            sums.append(ranks._each(lambda r, ranks=ranks, inputs=inputs:
+                                    ranks.comms[r].allreduce(inputs[r])))  # fmt: skip
+            ranks.close()  # both ranks leave: the job is released
+            assert controller.jobs()["jobs"] == []
+        assert all((s == 3).all() for s in sums[0]) and all((s == 30).all() for s in sums[1])
+    finally:
+        second.stop()
+        first.stop()
+        switch.stop()
