@@ -304,6 +304,8 @@ def test_a_forged_source_without_the_session_cannot_inject() -> None:
                        + (8 + len(payload)).to_bytes(2, "big") + b"\0\0")  # fmt: skip
                 forger.sendto(udp + payload, (switch_host, 0))
                 sent += 1
+                if sent % 100 == 0:
+                    time.sleep(0.005)  # at a pace the switch keeps up with: each one counted
 
         thread = threading.Thread(target=forge)
         thread.start()

@@ -1,0 +1,324 @@
+"""The worker's protocol as a state machine without I/O: the specification of the window.
+
+A :class:`Transfer` is one allreduce call. It is given datagrams and the
+time, and it returns the datagrams to send; it never touches a socket or a
+clock. The socket driver (:mod:`worker.shim`) is a thin loop around it, the
+deterministic tests (tests/test_window.py) connect several transfers to the
+pure switch pipeline through a seeded lossy network in virtual time, and a
+faster engine must do exactly what it does.
+
+The rules (docs/protocol.md):
+
+- Chunk ``c`` travels in slot ``c % S``; a slot carries one packet at a
+  time, and its result releases the slot's next chunk (SwitchML's
+  self-clocking window). Each use of a slot has the next round, counted
+  across calls (``rounds``, owned by the caller), identical on every rank.
+- A float tensor's chunk is quantized with the exponent the switch agreed on
+  (max over ranks). The exponent of chunk ``c + S`` rides in chunk ``c``'s
+  packet; the first chunk of each slot is preceded by a priming use
+  (``count = 0``) that carries its exponent. int32 needs none of that.
+- A use whose result does not come back within the retransmission timeout
+  (:class:`RoundTrip`, doubled per retry, capped) is sent again unchanged.
+- An answer counts only if it echoes an outstanding use: job, session,
+  slot, round and chunk. STALE for our session raises :class:`StaleSession`
+  (the caller decides: join again, or stop); REFUSED raises MismatchError.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from switchreduce import wire
+from worker import quantize as q
+from worker.errors import MismatchError
+
+PRIME = -1  # chunk index of a slot's priming use (carries only an exponent)
+#: Seconds between JOINs while the other ranks of a static job come up.
+JOIN_RETRY = 0.2
+
+
+class StaleSession(Exception):
+    """The switch answered STALE for this transfer's session: another run holds the job."""
+
+
+@dataclass
+class WindowStats:
+    """What the protocol did, over a communicator's lifetime."""
+
+    retransmissions: int = 0
+    timeouts: int = 0
+    duplicates: int = 0
+
+
+@dataclass
+class RoundTrip:
+    """RFC 6298's retransmission timeout; Karn's rule: no samples from resent uses."""
+
+    min_rto: float
+    max_rto: float
+    srtt: float | None = None
+    rttvar: float = 0.0
+
+    def sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+
+    def rto(self, retries: int = 0) -> float:
+        """The timeout of a use resent ``retries`` times (doubled per retry, capped)."""
+        if self.srtt is None:
+            base = self.min_rto * 10  # no sample yet: be patient, as TCP's initial RTO is
+        else:
+            base = min(max(self.srtt + 4 * self.rttvar, self.min_rto), self.max_rto)
+        return min(base * (1 << retries), self.max_rto)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a transfer must know of its job and of the rank it runs on."""
+
+    job_id: int
+    rank: int
+    world_size: int
+    slot_count: int
+    k: int
+    session: int
+    precision_bits: int = q.MAX_BITS
+
+
+@dataclass
+class _SlotUse:
+    """The one packet a slot has in flight."""
+
+    chunk: int  # index into the tensor's chunks, or PRIME
+    wire_chunk: int  # what the header's chunk field says (the slot, for a priming use)
+    round: int
+    count: int
+    packet: bytes
+    sent_at: float = 0.0
+    retries: int = 0
+    timer: int = 0  # token of the pending timer entry; older entries are stale
+
+
+@dataclass
+class Transfer:
+    """One allreduce call: feed it answers and the time, send what it returns.
+
+    The input is read chunk by chunk as packets are built and each result is
+    written straight into ``out``, so a call holds no copy of the tensor
+    besides its result.
+    """
+
+    job: Job
+    flat: np.ndarray  # the input, flat: float32 or int32
+    format: int  # the header's format byte
+    rounds: list[int]  # last round used per slot: the caller's, kept across calls
+    rtt: RoundTrip
+    stats: WindowStats
+    out: np.ndarray = field(init=False)
+    chunks: int = field(init=False)
+    scaled: bool = field(init=False)  # float: quantized per block; int32: sent as is
+    results: int = 0  # results taken (a session that carried one is a real run)
+    progress_at: float = 0.0  # when the last result came
+    _local_exp: np.ndarray = field(init=False)
+    _global_exp: np.ndarray = field(init=False)
+    _uses: dict[int, _SlotUse] = field(default_factory=dict)
+    _timers: list[tuple[float, int, int]] = field(default_factory=list)
+    _next_timer: int = 0  # unique across all uses and resends of the transfer
+
+    def __post_init__(self) -> None:
+        k = self.job.k
+        self.chunks = -(-self.flat.size // k)
+        self.scaled = self.flat.dtype == np.float32
+        self.out = np.empty_like(self.flat)
+        self._local_exp = np.zeros(self.chunks, dtype=np.uint8)
+        self._global_exp = np.zeros(self.chunks, dtype=np.uint8)
+        if self.scaled:
+            full = self.flat.size // k
+            self._local_exp[:full] = q.block_exponents(self.flat[: full * k].reshape(full, k))
+            if self.chunks > full:
+                self._local_exp[full:] = q.block_exponents(self.flat[full * k :].reshape(1, -1))
+        self._zero_payload = bytes(k * wire.ELEMENT_BYTES)
+        self._datagram_bytes = wire.datagram_bytes(k)
+
+    @property
+    def done(self) -> bool:
+        return not self._uses
+
+    def start(self, now: float) -> list[bytes]:
+        """The first use of every slot the tensor needs (a priming use for floats)."""
+        self.progress_at = now
+        slots = min(self.job.slot_count, self.chunks)
+        return [self._send(slot, PRIME if self.scaled else slot, now) for slot in range(slots)]
+
+    def receive(self, datagram: bytes | bytearray | memoryview, now: float) -> list[bytes]:
+        """Take a datagram from the switch; what to send in answer (the slot's next use)."""
+        if len(datagram) != self._datagram_bytes:
+            self.stats.duplicates += 1
+            return []
+        hdr = wire.unpack_header(datagram)
+        use = self._uses.get(hdr.slot)
+        if (
+            use is None
+            or hdr.job_id != self.job.job_id
+            or hdr.session != self.job.session  # a forger's packet echoed, or an older run's
+            or hdr.round != use.round
+            or hdr.chunk != use.wire_chunk
+        ):
+            self.stats.duplicates += 1
+            return []
+        if hdr.msg_type == wire.MsgType.STALE:
+            raise StaleSession
+        if hdr.msg_type == wire.MsgType.REFUSED:
+            raise MismatchError(self._mismatch_message(hdr))
+        if hdr.msg_type != wire.MsgType.RESULT or hdr.count != use.count:
+            self.stats.duplicates += 1
+            return []
+        self.results += 1
+        self.progress_at = now
+        if use.retries == 0:
+            self.rtt.sample(now - use.sent_at)
+        if use.chunk == PRIME:
+            self._global_exp[hdr.slot] = hdr.exponent
+            return [self._send(hdr.slot, hdr.slot, now)]
+        self._store(use.chunk, hdr.count, datagram)
+        ahead = use.chunk + self.job.slot_count
+        if ahead >= self.chunks:
+            del self._uses[hdr.slot]
+            return []
+        if self.scaled:
+            self._global_exp[ahead] = hdr.exponent
+        return [self._send(hdr.slot, ahead, now)]
+
+    def expire(self, now: float) -> list[bytes]:
+        """The uses whose timeout has passed, resent unchanged."""
+        resend = []
+        while self._timers and self._timers[0][0] <= now:
+            _, slot, token = heapq.heappop(self._timers)
+            use = self._uses.get(slot)
+            if use is None or use.timer != token:
+                continue  # answered, or already resent
+            use.retries += 1
+            self.stats.timeouts += 1
+            self.stats.retransmissions += 1
+            self._arm(slot, use, now)
+            resend.append(use.packet)
+        return resend
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`expire` may next have something to resend (None when nothing is out)."""
+        while self._timers:
+            _, slot, token = self._timers[0]
+            use = self._uses.get(slot)
+            if use is not None and use.timer == token:
+                return self._timers[0][0]
+            heapq.heappop(self._timers)
+        return None
+
+    def missing(self) -> np.ndarray:
+        """Indices of the chunks whose result has not arrived."""
+        done = np.ones(self.chunks, dtype=bool)
+        for slot, use in self._uses.items():
+            first = slot if use.chunk == PRIME else use.chunk
+            done[first :: self.job.slot_count] = False
+        return np.flatnonzero(~done)
+
+    def _send(self, slot: int, chunk: int, now: float) -> bytes:
+        """Start the next use of ``slot``: its packet carries ``chunk`` (or primes it)."""
+        job, k = self.job, self.job.k
+        round_ = self.rounds[slot] = (self.rounds[slot] + 1) & 0xFFFF
+        if chunk == PRIME:
+            exponent, count, payload = self._local_exp[slot], 0, self._zero_payload
+            wire_chunk = slot
+        else:
+            ahead = chunk + job.slot_count
+            exponent = self._local_exp[ahead] if self.scaled and ahead < self.chunks else 0
+            values = self.flat[chunk * k : (chunk + 1) * k]
+            count = values.size
+            if self.scaled:
+                values = q.quantize_block(
+                    values, self._global_exp[chunk], job.world_size, job.precision_bits
+                )
+            payload = values.astype(wire.ELEMENT_DTYPE).tobytes()
+            if count < k:
+                payload += self._zero_payload[count * wire.ELEMENT_BYTES :]
+            wire_chunk = chunk
+        header = wire.Header(
+            wire.MsgType.DATA, job.job_id, job.rank, slot, round_ & 1, int(exponent), round_,
+            wire_chunk, count, self.format, self.flat.size, job.session,
+        )  # fmt: skip
+        use = _SlotUse(chunk, wire_chunk, round_, count, header.pack() + payload)
+        self._uses[slot] = use
+        self._arm(slot, use, now)
+        return use.packet
+
+    def _arm(self, slot: int, use: _SlotUse, now: float) -> None:
+        use.sent_at = now
+        self._next_timer += 1
+        use.timer = self._next_timer
+        heapq.heappush(self._timers, (now + self.rtt.rto(use.retries), slot, use.timer))
+
+    def _store(self, chunk: int, count: int, datagram: bytes | bytearray | memoryview) -> None:
+        """Write a result's sums into the output."""
+        sums = wire.decode_elements(datagram, self.job.k)[:count]
+        lo = chunk * self.job.k
+        if self.scaled:
+            exponent = self._global_exp[chunk : chunk + 1]
+            job = self.job
+            self.out[lo : lo + count] = q.dequantize(
+                sums[None, :], exponent, job.world_size, job.precision_bits
+            )[0]
+        else:
+            self.out[lo : lo + count] = sums
+
+    def _mismatch_message(self, hdr: wire.Header) -> str:
+        job = self.job
+        mine = f"{wire.describe_format(self.format)}[{self.flat.size}]"
+        if hdr.rank == job.rank:
+            other = "another rank sums something else"
+        else:
+            other = f"rank {hdr.rank} sums {wire.describe_format(hdr.format)}[{hdr.length}]"
+        return (
+            f"job {job.job_id} rank {job.rank}: the switch refused the allreduce: ranks disagree "
+            f"on what they sum ({other}, this rank {mine}); every rank must pass the same "
+            f"dtype, length and precision"
+        )
+
+
+@dataclass
+class Join:
+    """A static job's JOIN: ask the switch for the session until it answers.
+
+    ``nonce`` names the communicator; the switch answers JOINED when every
+    rank has joined, with the session, its slot count and world size.
+    """
+
+    job_id: int
+    rank: int
+    k: int
+    nonce: int
+    next_send: float = 0.0
+
+    def expire(self, now: float) -> list[bytes]:
+        """The JOIN, again if its answer has not come within JOIN_RETRY."""
+        if now < self.next_send:
+            return []
+        self.next_send = now + JOIN_RETRY
+        header = wire.Header(
+            wire.MsgType.JOIN, self.job_id, self.rank, 0, 0, 0, 0, 0, 0, session=self.nonce
+        )
+        return [header.pack() + bytes(self.k * wire.ELEMENT_BYTES)]
+
+    def receive(self, datagram: bytes | bytearray | memoryview) -> wire.Header | None:
+        """The JOINED header if the datagram is one for this job, else None."""
+        if len(datagram) != wire.datagram_bytes(self.k):
+            return None
+        hdr = wire.unpack_header(datagram)
+        if hdr.msg_type != wire.MsgType.JOINED or hdr.job_id != self.job_id:
+            return None
+        return hdr
