@@ -1,8 +1,9 @@
 """One rank of a training run: ``switchreduce train`` (what torchrun or the runner starts).
 
-The model is wrapped in DistributedDataParallel. With ``--backend switch``
-the gradient buckets are summed in the switch by worker.ddp's hook; with
-``--backend gloo`` DDP's own allreduce runs, as the baseline. gloo does the
+The model is wrapped in DistributedDataParallel and the backend named by
+``--backend`` (worker.backends) attaches to it: the switch's sums the
+gradient buckets through worker.ddp's hook; gloo's leaves DDP's own
+allreduce, the baseline. gloo does the
 bootstrap in both cases (``init_method="env://"``: RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT, as torchrun sets them).
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from contextlib import ExitStack
@@ -29,9 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from experiments.config import ExperimentConfig
 from experiments.workloads import Dataset, build_model, build_optimizer, load_dataset
-from worker.ddp import switch_allreduce_hook
-from worker.registration import join
-from worker.shim import SwitchCommunicator, WorkerOptions
+from worker.backends import Backend, GroupOptions, open_backend
 
 PROGRESS = "progress "
 
@@ -76,34 +74,16 @@ def train(
         data = load_dataset(config.data, t.seed)
         model = build_model(config.model, data.classes)
         ddp = DistributedDataParallel(model)
-        comm = None
-        if backend == "switch":
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-            sock.bind(bind)
-            sw = config.switch
-            # entered before the communicator, so it outlives it: a rank leaves once done
-            membership = join(
-                sock,
-                job_id,
-                rank,
-                world_size,
-                sw.k,
-                switch=switch,
-                slots=sw.slots,
-                controller=controller,
-                timeout=t.timeout * 4,
-            )
-            stack.enter_context(membership)
-            options = WorkerOptions(
-                k=sw.k,
-                timeout=t.timeout,
-                precision_bits=sw.precision_bits,
-                min_rto=sw.min_rto_ms / 1000,
-            )
-            comm = stack.enter_context(SwitchCommunicator(membership.binding, options, sock))
-            ddp.register_comm_hook(comm, switch_allreduce_hook)
+        sw = config.switch
+        group = GroupOptions(
+            rank=rank, world_size=world_size, timeout=t.timeout, job_id=job_id, k=sw.k,
+            slots=sw.slots, switch=switch, controller=controller, bind=bind,
+            precision_bits=sw.precision_bits, min_rto=sw.min_rto_ms / 1000,
+        )  # fmt: skip
+        chosen = stack.enter_context(open_backend(backend, group))
+        chosen.attach(ddp)
         optimizer = build_optimizer(config.optimizer, ddp.parameters())
-        _loop(config, backend, rank, world_size, ddp, optimizer, data, out, comm, interface)
+        _loop(config, backend, rank, world_size, ddp, optimizer, data, out, chosen, interface)
 
 
 def _loop(
@@ -115,7 +95,7 @@ def _loop(
     optimizer: torch.optim.Optimizer,
     data: Dataset,
     out: Path,
-    comm: SwitchCommunicator | None,
+    chosen: Backend,
     interface: str | None,
 ) -> None:
     """The training iterations, timed from a common start; one metrics record each."""
@@ -126,8 +106,8 @@ def _loop(
     generator = torch.Generator().manual_seed(t.seed * 1000 + rank)
     order = torch.randperm(len(y), generator=generator)
     cursor, elapsed = 0, 0.0
-    sent = _bytes_sent(comm, interface)
-    retransmissions = comm.stats.retransmissions if comm else 0
+    sent = _bytes_sent(chosen, interface)
+    retransmissions = chosen.retransmissions
     loss_fn = torch.nn.CrossEntropyLoss()
     progress_every = max(1, t.iterations // 20)
     dist.barrier()  # start together: what is timed is training, not start-up
@@ -153,12 +133,12 @@ def _loop(
                 "seconds": seconds,
                 "elapsed": elapsed,
             }
-            now_sent = _bytes_sent(comm, interface)
+            now_sent = _bytes_sent(chosen, interface)
             record["bytes_sent"] = None if now_sent is None else now_sent - sent
             sent = now_sent
-            if comm is not None:
-                record["retransmissions"] = comm.stats.retransmissions - retransmissions
-                retransmissions = comm.stats.retransmissions
+            if retransmissions is not None:
+                record["retransmissions"] = chosen.retransmissions - retransmissions
+                retransmissions = chosen.retransmissions
             if iteration % t.eval_every == 0 or iteration == t.iterations:
                 record.update(_evaluate(ddp.module, data, loss_fn))
             metrics.write(json.dumps(record) + "\n")
@@ -167,12 +147,12 @@ def _loop(
     dist.barrier()
 
 
-def _bytes_sent(comm: SwitchCommunicator | None, interface: str | None) -> int | None:
-    """The interface's count where the rank has one to itself (Mininet); else the shim's own
-    count of UDP payload bytes; unknown for gloo on a shared loopback."""
+def _bytes_sent(chosen: Backend, interface: str | None) -> int | None:
+    """The interface's count where the rank has one to itself (Mininet); else the backend's
+    own count of payload bytes (the switch's); unknown for gloo on a shared loopback."""
     if interface is not None:
         return interface_tx_bytes(interface)
-    return comm.stats.bytes_sent if comm is not None else None
+    return chosen.bytes_sent
 
 
 def _evaluate(model: torch.nn.Module, data: Dataset, loss_fn: torch.nn.Module) -> dict:

@@ -15,14 +15,13 @@ import argparse
 import json
 import resource
 import signal
-import socket
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from switchreduce import wire
+from worker.backends import BACKENDS
 
 
 def cli_command(*args: str) -> list[str]:
@@ -133,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run one rank of a synthetic allreduce")
     worker.add_argument(
         "--backend",
-        choices=("switch", "gloo"),
+        choices=sorted(BACKENDS),
         default="switch",
         help="sum through the switch, or with torch.distributed's gloo (baseline)",
     )
@@ -251,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="one rank of a training run (torchrun sets RANK etc.)")
     train.add_argument("config", type=Path)
-    train.add_argument("--backend", choices=("switch", "gloo"), default="switch")
+    train.add_argument("--backend", choices=sorted(BACKENDS), default="switch")
     train.add_argument("--switch", type=_address, help="switch HOST:PORT (a static job)")
     train.add_argument("--controller", help="register with this controller URL instead")
     train.add_argument("--bind", type=_address, default=("0.0.0.0", 0), help="local HOST:PORT")
@@ -466,18 +465,32 @@ def _pair(spec: str, parse_key, parse_value) -> tuple:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from worker.backends import GroupOptions, open_backend
+    from worker.errors import WorkerError
     from worker.reference import check, synthetic_tensor
 
+    if args.backend == "gloo" and args.master is None:
+        raise SystemExit("switchreduce worker: --master HOST:PORT is required with gloo")
     data = synthetic_tensor(args.seed, args.rank, args.elements, args.dtype)
-    with _allreduce_backend(args) as (allreduce, stats):
+    options = GroupOptions(
+        rank=args.rank, world_size=args.world_size, timeout=args.timeout, job_id=args.job,
+        k=args.k, slots=args.slots, switch=args.switch, controller=args.controller,
+        bind=args.bind, master=args.master,
+    )  # fmt: skip
+    try:
+        backend = open_backend(args.backend, options)
+    except WorkerError as exc:
+        raise SystemExit(f"switchreduce worker: {exc}") from None
+    with backend:
         if args.wait_for_go:
             print("ready", flush=True)
             sys.stdin.readline()
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = allreduce(data)
+        result = backend.allreduce(data)
         seconds = time.perf_counter() - start
         cpu_seconds = time.process_time() - cpu_start
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        stats = backend.stats()
     inputs = [
         synthetic_tensor(args.seed, r, args.elements, args.dtype) for r in range(args.world_size)
     ]
@@ -493,63 +506,10 @@ def run_worker(args: argparse.Namespace) -> int:
         "exact": verdict.exact if through_switch else None,
         "within_bound": verdict.within_bound if through_switch else None,
         "max_abs_error": verdict.max_abs_error,
-        **vars(stats),
+        **stats,
     }
     print(json.dumps(report), flush=True)
     return 0 if not through_switch or (verdict.exact and verdict.within_bound) else 1
-
-
-@contextmanager
-def _allreduce_backend(args: argparse.Namespace):
-    """(allreduce function, stats object) for the chosen backend, torn down on exit."""
-    if args.backend == "switch":
-        from worker.errors import WorkerError
-        from worker.registration import join
-        from worker.shim import SwitchCommunicator, WorkerOptions
-
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(args.bind)
-        try:
-            membership = join(sock, args.job, args.rank, args.world_size, args.k,
-                              switch=args.switch, slots=args.slots, controller=args.controller,
-                              timeout=args.timeout * 6)  # fmt: skip
-        except WorkerError as exc:
-            raise SystemExit(f"switchreduce worker: {exc}") from None
-        with membership, SwitchCommunicator(membership.binding,
-                                            WorkerOptions(k=args.k, timeout=args.timeout),
-                                            sock) as comm:  # fmt: skip
-            yield comm.allreduce, comm.stats
-        return
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
-    if args.master is None:
-        raise SystemExit("switchreduce worker: --master HOST:PORT is required with gloo")
-    host, port = args.master
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://{host}:{port}",
-        rank=args.rank,
-        world_size=args.world_size,
-        timeout=timedelta(seconds=args.timeout),
-    )
-
-    def allreduce(values):
-        tensor = torch.from_numpy(values.copy())
-        dist.barrier()  # start together: measure the allreduce, not the stragglers
-        dist.all_reduce(tensor)
-        return tensor.numpy()
-
-    try:
-        yield allreduce, _NoStats()
-    finally:
-        dist.destroy_process_group()
-
-
-class _NoStats:
-    """gloo keeps no packet statistics."""
 
 
 def main(argv: list[str] | None = None) -> int:

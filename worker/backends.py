@@ -1,0 +1,194 @@
+"""Allreduce backends by name: the switch, gloo, and whatever plugs in later.
+
+As in ray.util.collective, a backend is a class registered under a name;
+the worker CLI, training and the bench open one by name and use it through
+:class:`Backend` alone. A new backend (another transport, a compressed
+baseline) is a subclass with ``@register``; nothing that uses backends
+changes.
+"""
+
+from __future__ import annotations
+
+import socket
+from abc import ABC, abstractmethod
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ClassVar
+
+import numpy as np
+
+from switchreduce import wire
+from worker import quantize as q
+from worker.registration import join
+from worker.shim import SwitchCommunicator, WorkerOptions
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    """Who this rank is and how to reach its peers, for any backend."""
+
+    rank: int
+    world_size: int
+    timeout: float = 10.0
+    #: The switch backend: the job, and either the switch (a static job) or a controller.
+    job_id: int = 1
+    k: int = wire.DEFAULT_K
+    slots: int = 64
+    switch: tuple[str, int] | None = None
+    controller: str | None = None
+    bind: tuple[str, int] = ("0.0.0.0", 0)
+    precision_bits: int = q.MAX_BITS
+    min_rto: float = 0.05
+    #: gloo: rank 0's HOST:PORT; None when torch.distributed is set up already (torchrun).
+    master: tuple[str, int] | None = None
+
+
+class Backend(ABC):
+    """One rank's allreduce; use as a context manager (``close`` tears it down)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def allreduce(self, array: np.ndarray) -> np.ndarray:
+        """The sum over all ranks of a numpy array, same shape and dtype."""
+
+    @abstractmethod
+    def attach(self, ddp: Any) -> None:
+        """Make ``ddp`` (DistributedDataParallel) sum its gradients through this backend."""
+
+    def stats(self) -> dict[str, int]:
+        """Packet statistics, where the backend keeps any."""
+        return {}
+
+    @property
+    def bytes_sent(self) -> int | None:
+        """Payload bytes this rank has sent, where the backend counts them."""
+        return None
+
+    @property
+    def retransmissions(self) -> int | None:
+        return None
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the backend holds."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def open_backend(name: str, options: GroupOptions) -> Backend:
+    """The backend registered as ``name``, set up for this rank."""
+    try:
+        cls = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"no allreduce backend {name!r}; there are {sorted(BACKENDS)}") from None
+    return cls(options)  # type: ignore[call-arg]
+
+
+@register
+class SwitchBackend(Backend):
+    """Sums through the switch: joins the job (controller or static), then streams."""
+
+    name = "switch"
+
+    def __init__(self, options: GroupOptions) -> None:
+        self._stack = ExitStack()
+        try:
+            sock = self._stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            sock.bind(options.bind)
+            o = options
+            # entered before the communicator, so it outlives it: a rank leaves once done
+            membership = self._stack.enter_context(
+                join(sock, o.job_id, o.rank, o.world_size, o.k, switch=o.switch, slots=o.slots,
+                     controller=o.controller, timeout=o.timeout * 6)
+            )  # fmt: skip
+            worker_options = WorkerOptions(
+                k=o.k, timeout=o.timeout, precision_bits=o.precision_bits, min_rto=o.min_rto
+            )
+            self.comm = self._stack.enter_context(
+                SwitchCommunicator(membership.binding, worker_options, sock)
+            )
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def allreduce(self, array: np.ndarray) -> np.ndarray:
+        return self.comm.allreduce(array)
+
+    def attach(self, ddp: Any) -> None:
+        from worker.ddp import switch_allreduce_hook  # loads torch, which the CLI's worker need not
+
+        ddp.register_comm_hook(self.comm, switch_allreduce_hook)
+
+    def stats(self) -> dict[str, int]:
+        return dict(vars(self.comm.stats))
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.comm.stats.bytes_sent
+
+    @property
+    def retransmissions(self) -> int:
+        return self.comm.stats.retransmissions
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@register
+class GlooBackend(Backend):
+    """torch.distributed's gloo allreduce (a ring): the baseline a user already has.
+
+    With ``master`` it sets up its own process group (and tears it down);
+    without, it uses the one torch.distributed already has (torchrun's).
+    DDP's own allreduce is gloo's, so :meth:`attach` has nothing to do.
+    """
+
+    name = "gloo"
+
+    def __init__(self, options: GroupOptions) -> None:
+        import torch.distributed as dist
+
+        self._owns_group = options.master is not None
+        if self._owns_group:
+            host, port = options.master  # type: ignore[misc]
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://{host}:{port}",
+                rank=options.rank,
+                world_size=options.world_size,
+                timeout=timedelta(seconds=options.timeout),
+            )
+
+    def attach(self, ddp: Any) -> None:
+        """Nothing to do: DDP's own allreduce is gloo's."""
+
+    def allreduce(self, array: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.from_numpy(array.copy())
+        dist.barrier()  # start together, as a switch round does: time the sum, not stragglers
+        dist.all_reduce(tensor)
+        return tensor.numpy()
+
+    def close(self) -> None:
+        if self._owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._owns_group = False
