@@ -22,18 +22,24 @@ from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 P4INFO = Path(__file__).resolve().parent.parent / "p4src" / "switchreduce.p4info.txtpb"
 
 
-def _shell(address: str, tmp_path: Path, body: str) -> subprocess.CompletedProcess:
+def _shell(
+    address: str, tmp_path: Path, body: str, push: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``body`` in p4runtime-shell; ``push`` a new pipeline first (which empties the switch,
+    as on BMv2) or use the one the switch runs."""
     device_config = tmp_path / "device_config.json"
     device_config.write_text("{}")  # the soft switch has no device config to load
+    config = f"sh.FwdPipeConfig({str(P4INFO)!r}, {str(device_config)!r})" if push else "None"
     script = (
         textwrap.dedent(f"""
         import p4runtime_sh.shell as sh
         from p4runtime_sh.p4runtime import P4RuntimeWriteException
         sh.setup(device_id=0, grpc_addr={address!r}, election_id=(0, 1), verbose=False,
-                 config=sh.FwdPipeConfig({str(P4INFO)!r}, {str(device_config)!r}))
+                 config={config})
+        try:
     """)
-        + textwrap.dedent(body)
-        + "\nsh.teardown()\n"
+        + textwrap.indent(textwrap.dedent(body), "    ")
+        + "\nfinally:\n    sh.teardown()\n"
     )
     return subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
@@ -71,6 +77,7 @@ def test_shell_inserts_reads_and_deletes_table_entries(programmable_switch, tmp_
         te.match["hdr.sr.job_id"] = "7"
         te.delete()
     """,
+        push=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert switch.ingress.jobs.entries == {}
@@ -80,7 +87,6 @@ def test_shell_writes_and_reads_multicast_groups_and_counters(
     programmable_switch, tmp_path
 ) -> None:
     switch, address = programmable_switch.switch, programmable_switch.p4runtime
-    switch.ingress.drops.count(3, 100)
     done = _shell(
         address,
         tmp_path,
@@ -89,14 +95,23 @@ def test_shell_writes_and_reads_multicast_groups_and_counters(
         group.insert()
         read = list(sh.MulticastGroupEntry(5).read())
         print("replicas", sorted((r.egress_port, r.instance) for r in read[0].replicas))
+    """,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "replicas [(1, 161), (2, 162)]" in done.stdout, done.stdout
+    switch.ingress.drops.count(3, 100)  # after the push: a new pipeline starts at zero
+    done = _shell(
+        address,
+        tmp_path,
+        """
         for entry in sh.CounterEntry("SwitchReduceIngress.drops").read():
             if entry.index == 3:
                 print("drops", entry.packet_count, entry.byte_count)
         sh.MulticastGroupEntry(5).delete()
     """,
+        push=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "replicas [(1, 161), (2, 162)]" in done.stdout, done.stdout
     assert "drops 1 100" in done.stdout, done.stdout
     assert switch.pre.groups == {}
 
