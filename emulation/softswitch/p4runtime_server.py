@@ -167,8 +167,8 @@ class _State:
     tables: dict[str, ExactTable]
     counters: dict[str, Counter]
     groups: dict[int, Replicas]
-    #: session id -> (packet_length_bytes, replicas); class_of_service is always 0 (PI).
-    clone_sessions: dict[int, tuple[int, Replicas]] = field(default_factory=dict)
+    #: session id -> replicas; class_of_service and packet_length_bytes are always 0 (as on BMv2).
+    clone_sessions: dict[int, Replicas] = field(default_factory=dict)
     #: (table, key; None for the default entry) -> (controller_metadata, metadata), if set.
     metadata: dict[tuple[str, tuple[int, ...] | None], tuple[int, bytes]] = field(
         default_factory=dict
@@ -674,7 +674,12 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
         replicas = _replicas(clone.replicas)
         if clone.class_of_service:
             raise P4RuntimeError(code_pb2.UNIMPLEMENTED, "COS for clone sessions not supported yet")
-        sessions[sid] = (clone.packet_length_bytes, replicas)
+        if clone.packet_length_bytes:
+            raise P4RuntimeError(
+                code_pb2.UNKNOWN,
+                "Error when creating clone session in target: BMv2 does not truncate clones",
+            )
+        sessions[sid] = replicas
 
     # -- read --------------------------------------------------------------------
 
@@ -779,8 +784,7 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
             found = p4runtime_pb2.Entity()
             clone = found.packet_replication_engine_entry.clone_session_entry
             clone.session_id = found_id
-            clone.packet_length_bytes, replicas = sessions[found_id]
-            _add_replicas(clone.replicas, replicas)
+            _add_replicas(clone.replicas, sessions[found_id])
             yield found
 
 
