@@ -28,12 +28,22 @@ from emulation.softswitch.static import (
 )
 from switchreduce import wire
 
+
+def _cli_runs() -> bool:
+    """simple_switch_CLI is a Python script: it needs a python3 on PATH with Thrift."""
+    if shutil.which("simple_switch") is None or shutil.which("simple_switch_CLI") is None:
+        return False
+    probe = subprocess.run(["simple_switch_CLI", "--help"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
 pytestmark = [
     pytest.mark.requires_root,
     pytest.mark.requires_p4c,
     pytest.mark.skipif(
-        shutil.which("simple_switch") is None or shutil.which("simple_switch_CLI") is None,
-        reason="simple_switch and simple_switch_CLI not on PATH",
+        not _cli_runs(),
+        reason="simple_switch and a simple_switch_CLI that runs (its python3 needs thrift) "
+        "not on PATH",
     ),
 ]
 
