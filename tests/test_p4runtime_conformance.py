@@ -433,6 +433,18 @@ def primary_changes(c: Client) -> None:
     c.expect(c.push(election=1), "PERMISSION_DENIED")
 
 
+def too_many_streams(c: Client) -> None:
+    """PI serves 16 streams a device; the next is ended with RESOURCE_EXHAUSTED."""
+    streams = []
+    for election in range(16, 0, -1):  # one at a time: each first hears of itself
+        streams.append(c.stream(election))
+        c.expect(streams[-1].next(), "OK 16" if election == 16 else "ALREADY_EXISTS 16")
+    c.expect(c.stream(17).next(), "ended RESOURCE_EXHAUSTED")
+    streams[0].close()
+    c.expect(streams[1].next(), "OK 15")  # the primary's place is free
+    c.expect(c.stream(17).next(), "OK 17")
+
+
 def who_may_write(c: Client) -> None:
     """With no stream open a call without an election id goes through and one with an id is
     refused; once a stream is open only the primary's id is taken (PI: pi_server's Write)."""
@@ -553,9 +565,9 @@ def pipeline_parts(c: Client) -> None:
 
 SCENARIOS: list[Callable[[Client], None]] = [
     reads_by_key, default_entry, counter_writes, counter_indices, clone_sessions,
-    duplicate_election_id, primary_changes, who_may_write, new_pipeline_starts_empty,
-    saved_pipeline, atomic_writes, priority_on_exact_match, entry_metadata, other_refusals,
-    pipeline_parts,
+    duplicate_election_id, primary_changes, too_many_streams, who_may_write,
+    new_pipeline_starts_empty, saved_pipeline, atomic_writes, priority_on_exact_match,
+    entry_metadata, other_refusals, pipeline_parts,
 ]  # fmt: skip
 
 

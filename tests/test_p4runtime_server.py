@@ -1,7 +1,10 @@
 """The soft switch's P4Runtime server, driven by unmodified p4runtime-shell and raw gRPC.
 
 p4runtime-shell keeps one global client per process, so each scenario runs
-in a subprocess of its own against a server in this process.
+in a subprocess of its own against a server in this process. The raw gRPC
+tests check what BMv2 cannot be compared on: the soft switch's data plane,
+and the answers where it follows the P4Runtime spec rather than PI (the
+answers both give are in test_p4runtime_conformance.py).
 """
 
 from __future__ import annotations
@@ -9,15 +12,30 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from threading import Event
 
 import grpc
+import numpy as np
 import pytest
-from google.rpc import code_pb2, status_pb2
-from p4.config.v1 import p4info_pb2
-from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
+
+from controller.jobs import Job, Member
+from emulation.softswitch.pipeline import SoftSwitch
+from emulation.softswitch.static import install_static_job
+from emulation.softswitch.tables import ActionCall, Register
+from tests.test_p4runtime_conformance import (
+    NO_ACTION,
+    SET_JOB,
+    Client,
+    Set,
+    Target,
+    Update,
+    primary,
+    soft_switch,
+    texts,
+    update,
+)
 
 P4INFO = Path(__file__).resolve().parent.parent / "p4src" / "switchreduce.p4info.txtpb"
 
@@ -116,108 +134,121 @@ def test_shell_writes_and_reads_multicast_groups_and_counters(
     assert switch.pre.groups == {}
 
 
-def _stub(address: str):
-    return p4runtime_pb2_grpc.P4RuntimeStub(grpc.insecure_channel(address))
-
-
-@dataclass
-class _Session:
-    """An open StreamChannel: the arbitration reply, kept open until ``close`` is set."""
-
-    stream: object
-    reply: p4runtime_pb2.StreamMessageResponse
-    close: Event
-
-
-def _arbitrate(stub, election_low: int) -> _Session:
-    """Claim primaryship with ``election_low``; the stream must stay referenced to stay open."""
-    request = p4runtime_pb2.StreamMessageRequest()
-    request.arbitration.device_id = 0
-    request.arbitration.election_id.low = election_low
-    close = Event()
-
-    def requests():
-        yield request
-        close.wait()
-
-    stream = stub.StreamChannel(requests())
-    return _Session(stream, next(stream), close)
-
-
-def _pipeline_request(
-    election_low: int, p4info: p4info_pb2.P4Info | None = None
-) -> p4runtime_pb2.SetForwardingPipelineConfigRequest:
-    request = p4runtime_pb2.SetForwardingPipelineConfigRequest(
-        device_id=0, action=p4runtime_pb2.SetForwardingPipelineConfigRequest.VERIFY_AND_COMMIT
-    )
-    request.election_id.low = election_low
-    request.config.p4info.CopyFrom(p4info or _p4info())
-    return request
-
-
-def _p4info() -> p4info_pb2.P4Info:
-    from google.protobuf import text_format
-
-    return text_format.Parse(P4INFO.read_text(), p4info_pb2.P4Info())
-
-
-def test_only_the_primary_may_write(programmable_switch) -> None:
-    address = programmable_switch.p4runtime
-    primary, backup = _stub(address), _stub(address)
-    first = _arbitrate(primary, election_low=10)
-    assert first.reply.arbitration.status.code == code_pb2.OK
-    second = _arbitrate(backup, election_low=5)
-    assert second.reply.arbitration.status.code == code_pb2.ALREADY_EXISTS
+@contextmanager
+def _session(target: Target) -> Iterator[Client]:
+    """A client that is primary (election id 1) and has pushed the program."""
+    client = Client(target)
     try:
-        with pytest.raises(grpc.RpcError) as denied:
-            backup.SetForwardingPipelineConfig(_pipeline_request(election_low=5))
-        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        primary.SetForwardingPipelineConfig(_pipeline_request(election_low=10))
+        primary(client)
+        yield client
     finally:
-        first.close.set()
-        second.close.set()
+        client.close()
 
 
-def test_a_bad_batch_reports_one_error_per_update(programmable_switch) -> None:
-    address = programmable_switch.p4runtime
-    stub = _stub(address)
-    session = _arbitrate(stub, election_low=1)
-    try:
-        stub.SetForwardingPipelineConfig(_pipeline_request(election_low=1))
-        group = p4runtime_pb2.Update(type=p4runtime_pb2.Update.INSERT)
-        group.entity.packet_replication_engine_entry.multicast_group_entry.multicast_group_id = 9
-        missing = p4runtime_pb2.Update(type=p4runtime_pb2.Update.DELETE)
-        missing.entity.packet_replication_engine_entry.multicast_group_entry.multicast_group_id = 8
-        write = p4runtime_pb2.WriteRequest(device_id=0, updates=[group, missing])
-        write.election_id.low = 1
-        with pytest.raises(grpc.RpcError) as failed:
-            stub.Write(write)
-        assert failed.value.code() == grpc.StatusCode.UNKNOWN
-        trailer = dict(failed.value.trailing_metadata())["grpc-status-details-bin"]
-        status = status_pb2.Status.FromString(trailer)
-        errors = []
-        for detail in status.details:
-            error = p4runtime_pb2.Error()
-            detail.Unpack(error)
-            errors.append(error.canonical_code)
-        assert errors == [code_pb2.OK, code_pb2.NOT_FOUND]
-    finally:
-        session.close.set()
+def test_a_bad_batch_reports_one_error_per_update() -> None:
+    with soft_switch() as target, _session(target) as c:
+        group, missing = c.group(9, (1, 1)), c.group(8)
+        assert c.write(update(Update.INSERT, group), update(Update.DELETE, missing)) == (
+            "UNKNOWN [OK, NOT_FOUND]"
+        )
 
 
-def test_a_p4info_for_another_k_is_refused(programmable_switch) -> None:
-    switch, address = programmable_switch.switch, programmable_switch.p4runtime
-    stub = _stub(address)
-    session = _arbitrate(stub, election_low=1)
-    try:
-        info = _p4info()
-        for register in info.registers:
+def test_a_p4info_for_another_k_is_refused() -> None:
+    with soft_switch() as target, _session(target) as c:
+        request = Set(device_id=0, action=Set.VERIFY_AND_COMMIT)
+        request.election_id.low = 1
+        request.config.p4info.CopyFrom(target.p4info)
+        for register in request.config.p4info.registers:
             if register.preamble.name == "SwitchReduceIngress.value":
-                register.size = 2 * switch.ingress.pool_size * 64
+                register.size = 2 * target.switch.ingress.pool_size * 64
         with pytest.raises(grpc.RpcError) as refused:
-            stub.SetForwardingPipelineConfig(_pipeline_request(election_low=1, p4info=info))
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        details = refused.value.details()
-        assert "compiled for K=64" in details and "runs K=256" in details
-    finally:
-        session.close.set()
+            c.stub.SetForwardingPipelineConfig(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = refused.value.details()
+    assert "compiled for K=64" in details and "runs K=256" in details
+
+
+def test_an_unknown_device_id_is_not_found() -> None:
+    """The spec's answer. PI takes any device id for a device without a pipeline: BMv2
+    answers FAILED_PRECONDITION to Read and Get, PERMISSION_DENIED to Write, and takes the
+    stream."""
+    with soft_switch() as target, _session(target) as c:
+        assert c.read(c.jobs(), device_id=3) == ("NOT_FOUND", [])
+        assert c.get_pipeline(device_id=3) == "NOT_FOUND"
+        assert c.write(update(Update.INSERT, c.job(7)), device_id=3) == "NOT_FOUND"
+        assert c.push(device_id=3) == "NOT_FOUND"
+        assert c.stream(2, device_id=3).next() == "ended NOT_FOUND"
+        assert c.read(c.jobs()) == ("OK", [])  # device 0 is untouched
+
+
+def _registers(switch: SoftSwitch) -> list[Register]:
+    return [r for r in vars(switch.ingress).values() if isinstance(r, Register)]
+
+
+def test_a_pushed_pipeline_starts_the_data_plane_empty() -> None:
+    """Whatever the switch held, installed or counted, a VERIFY_AND_COMMIT starts it as the
+    program was built, as BMv2 loading a program does: registers at zero too."""
+    with soft_switch() as target, _session(target) as c:
+        switch = target.switch
+        set_job = c.default(
+            SET_JOB, world_size=3, slot_base=0, slot_count=8, mcast_grp=1, session=1
+        )
+        assert c.write(update(Update.INSERT, c.job(7)), update(Update.MODIFY, set_job)) == "OK"
+        install_static_job(switch, Job(2, 1, 0, 8, 5, (Member(0, "127.0.0.1", 40000),)))
+        switch.ingress.drops.count(3, 100)
+        for register in _registers(switch):
+            register.cells[0] = 1
+        assert c.push() == "OK"
+        assert all(not t.entries for t in switch.tables().values())
+        assert switch.ingress.jobs.default_action == ActionCall(NO_ACTION)
+        assert switch.pre.groups == {} and switch.ingress.drops.packets[3] == 0
+        assert not any(np.any(register.cells) for register in _registers(switch))
+
+
+def test_a_default_entry_reset_reaches_the_data_plane() -> None:
+    with soft_switch() as target, _session(target) as c:
+        set_job = c.default(
+            SET_JOB, world_size=3, slot_base=0, slot_count=8, mcast_grp=1, session=1
+        )
+        assert c.write(update(Update.MODIFY, set_job)) == "OK"
+        jobs = target.switch.ingress.jobs
+        assert jobs.default_action == ActionCall(SET_JOB, (3, 0, 8, 1, 1))
+        assert c.write(update(Update.MODIFY, c.default())) == "OK"
+        assert jobs.default_action == ActionCall(NO_ACTION)
+
+
+def test_a_saved_pipeline_reaches_the_data_plane_only_on_commit() -> None:
+    """Packets meet the running state until COMMIT (BMv2 swaps a loaded program in then).
+    COMMIT answers as the spec says: NOT_FOUND with nothing saved, INVALID_ARGUMENT with a
+    config; BMv2 answers UNKNOWN to the first and ignores the config."""
+    with soft_switch() as target, _session(target) as c:
+        jobs = target.switch.ingress.jobs
+        assert c.write(update(Update.INSERT, c.job(7))) == "OK"
+        assert c.push(Set.VERIFY_AND_SAVE) == "OK"
+        assert c.write(update(Update.INSERT, c.job(8))) == "OK"
+        assert list(jobs.entries) == [(7,)]
+        assert c.push(Set.COMMIT, config=True) == "INVALID_ARGUMENT"
+        assert c.push(Set.COMMIT, config=False) == "OK"
+        assert list(jobs.entries) == [(8,)]
+        assert c.push(Set.COMMIT, config=False) == "NOT_FOUND"
+
+
+def test_reconcile_keeps_the_state() -> None:
+    """RECONCILE_AND_COMMIT as the spec says. PI replays what it read as INSERTs, counters
+    included, which it refuses: BMv2 answers UNKNOWN for this program."""
+    with soft_switch() as target, _session(target) as c:
+        kept = [c.job(7, controller_metadata=3), c.group(5, (1, 1)), c.clone(5, (1, 1))]
+        assert c.write(*(update(Update.INSERT, e) for e in kept)) == "OK"
+        assert c.push(Set.RECONCILE_AND_COMMIT) == "OK"
+        assert c.read(c.jobs(), c.group(0), c.clone(0)) == ("OK", texts(*kept))
+        assert list(target.switch.ingress.jobs.entries) == [(7,)]
+
+
+def test_a_full_table_is_resource_exhausted() -> None:
+    """The spec's answer, which the controller reads as a capacity refusal; BMv2 answers
+    UNKNOWN."""
+    with soft_switch() as target, _session(target) as c:
+        target.switch.ingress.jobs.size = 1
+        assert c.write(update(Update.INSERT, c.job(7)), update(Update.INSERT, c.job(8))) == (
+            "UNKNOWN [OK, RESOURCE_EXHAUSTED]"
+        )
