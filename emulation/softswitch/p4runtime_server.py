@@ -23,13 +23,16 @@ included, so a controller tested here meets the same answers on BMv2:
   returns that entry or nothing; a default entry MODIFY without an action
   goes back to the program's default action.
 
-Where the spec and PI disagree this follows the spec in three places: an
-unknown device id is NOT_FOUND (PI takes any id for a device with no
-pipeline: FAILED_PRECONDITION), COMMIT with nothing saved is NOT_FOUND (BMv2:
-UNKNOWN) and a full table is RESOURCE_EXHAUSTED (BMv2: UNKNOWN), which the
-controller reads as a capacity refusal. The soft switch has no CPU port and
-its program does not clone: PacketOut is dropped, and clone sessions are
-state that Reads return.
+Where the spec and PI disagree this follows the spec: an unknown device id
+is NOT_FOUND (PI takes any id for a device without a pipeline: Read and Get
+answer FAILED_PRECONDITION, Write PERMISSION_DENIED, and the stream is
+taken); COMMIT is NOT_FOUND with nothing saved and INVALID_ARGUMENT with a
+config (BMv2: UNKNOWN, and the config ignored); RECONCILE_AND_COMMIT keeps
+the state (PI replays it as INSERTs, counters included, which it refuses:
+UNKNOWN for this program); a full table is RESOURCE_EXHAUSTED (BMv2:
+UNKNOWN), which the controller reads as a capacity refusal. The soft switch
+has no CPU port and its program does not clone: PacketOut is dropped, and
+clone sessions are state that Reads return.
 """
 
 from __future__ import annotations
