@@ -218,11 +218,12 @@ class SwitchReduceIngress:
 
     def apply(self, pkt: Packet) -> tuple[Verdict, int]:
         """(verdict, multicast group) for one packet; rewrites ``pkt`` for results."""
-        hdr = pkt.header
+        hdr, elements = pkt.header, pkt.elements
         if not pkt.aggregation:
             return self._forward(pkt)
         if (
-            pkt.elements is None
+            hdr is None  # the parser sets the header whenever it sets the elements
+            or elements is None
             or pkt.udp_length != self.udp_length
             or hdr.msg_type != wire.MsgType.DATA
             or hdr.count > self.k
@@ -244,12 +245,14 @@ class SwitchReduceIngress:
         if hdr.session != session:  # another run's packet, or a guess: tell the sender
             self.drop(pkt, DropReason.BAD_SESSION)
             return self._reply(pkt, hdr, wire.MsgType.STALE), 0
-        return self._aggregate(pkt, hdr, world_size, slot_base + hdr.slot, mcast_grp, session)
+        index = slot_base + hdr.slot
+        return self._aggregate(pkt, hdr, elements, world_size, index, mcast_grp, session)
 
     def _aggregate(
         self,
         pkt: Packet,
         hdr: wire.Header,
+        elements: np.ndarray,
         world_size: int,
         index: int,
         mcast_grp: int,
@@ -286,14 +289,14 @@ class SwitchReduceIngress:
             rounds[row] = hdr.round
             bitmap[row] = bit
             count = 0
-            self.value.cells[row] = pkt.elements
+            self.value.rows[row] = elements
             exponent[row] = hdr.exponent
             self.row_format.cells[row] = hdr.format
             self.row_length.cells[row] = hdr.length
         else:  # later ones add
             bitmap[row] |= bit
             count = arrivals[row]
-            self.value.cells[row] += pkt.elements  # wraps modulo 2**32, as bit<32> does
+            self.value.rows[row] += elements  # wraps modulo 2**32, as bit<32> does
             exponent[row] = max(exponent[row], hdr.exponent)
         count = 0 if count + 1 == world_size else count + 1
         arrivals[row] = count
@@ -308,7 +311,7 @@ class SwitchReduceIngress:
         """Turn the packet into the slot's result, addressed back to where it came from."""
         swap_addresses(pkt)
         pkt.header = hdr._replace(msg_type=wire.MsgType.RESULT, exponent=self.exponent.cells[row])
-        pkt.elements = self.value.cells[row].copy()  # the next use of the slot overwrites the row
+        pkt.elements = self.value.rows[row].copy()  # the next use of the slot overwrites the row
 
     def _reply(self, pkt: Packet, hdr: wire.Header, kind: wire.MsgType) -> Verdict:
         """Echo the packet back to its sender as ``kind`` (its own header and payload)."""
@@ -377,6 +380,9 @@ class SwitchReduceDeparser:
 
     @staticmethod
     def datagram(pkt: Packet) -> bytes:
+        """The UDP payload of a packet the pipeline answers with (it has a header and sums)."""
+        if pkt.header is None or pkt.elements is None:
+            raise ValueError("only a parsed aggregation packet can be deparsed")
         return pkt.header.pack() + pkt.elements.astype(wire.ELEMENT_DTYPE).tobytes()
 
     def frame(self, pkt: Packet) -> bytes:

@@ -105,7 +105,7 @@ class StaticJob:
     def join(self, pkt: Packet) -> list[Packet]:
         """The packets a JOIN makes the switch send (after the pipeline's admission checks)."""
         ingress, hdr = self.switch.ingress, pkt.header
-        if pkt.elements is None or pkt.udp_length != ingress.udp_length:
+        if hdr is None or pkt.elements is None or pkt.udp_length != ingress.udp_length:
             ingress.drop(pkt, DropReason.BAD_HEADER)
             return []
         if hdr.rank >= self.job.world_size:
@@ -116,7 +116,7 @@ class StaticJob:
             ingress.drop(pkt, DropReason.UNBOUND_WORKER)
             return []
         if self.nonces.get(hdr.rank) == hdr.session:  # this communicator asked before
-            return [self._joined(pkt)] if self.complete else []
+            return [self._joined(pkt, hdr)] if self.complete else []
         if self.complete or hdr.rank in self.nonces:  # a new run of the job begins
             self._set_session(0)
             self.nonces, self.complete = {}, False
@@ -125,17 +125,17 @@ class StaticJob:
             return []
         self.complete = True
         self._set_session(wire.new_session())
-        return self.switch.multicast(self._joined(pkt), self.job.job_id)
+        return self.switch.multicast(self._joined(pkt, hdr), self.job.job_id)
 
     def _set_session(self, session: int) -> None:
         self.job = dataclasses.replace(self.job, session=session)
         entries, _ = job_entries(self.job)
         apply_entry(self.switch, entries[0])  # the jobs entry comes first
 
-    def _joined(self, pkt: Packet) -> Packet:
+    def _joined(self, pkt: Packet, hdr: wire.Header) -> Packet:
         """JOINED for the sender: the session, the job's slot count and world size."""
         swap_addresses(pkt)
-        pkt.header = pkt.header._replace(
+        pkt.header = hdr._replace(
             msg_type=wire.MsgType.JOINED,
             session=self.job.session,
             chunk=self.job.slot_count,

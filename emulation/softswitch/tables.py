@@ -103,10 +103,18 @@ class Register:
     columns: int = 1
 
     def __post_init__(self) -> None:
+        self.cells: list[int] | np.ndarray
         if self.columns > 1:
             self.cells = np.zeros((self.size // self.columns, self.columns), dtype=np.int32)
         else:
             self.cells = [0] * self.size
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The cells of a register with ``columns > 1``, one array row per register row."""
+        if not isinstance(self.cells, np.ndarray):
+            raise TypeError(f"{self.name} has one column: its cells are a list, not rows")
+        return self.cells
 
 
 @dataclass
