@@ -257,6 +257,8 @@ class Registry:
         if pending.error is not None:
             raise pending.error
         job = pending.job
+        if job is None:  # admission sets one of the two before ``done``
+            raise RuntimeError(f"job {reg.job_id} ended admission with neither job nor error")
         return {
             "job_id": job.job_id,
             "rank": member.rank,
@@ -405,9 +407,9 @@ class Registry:
         drops = None
         if problem is None:
             try:
-                for record in records:
+                for job, record in zip(held, records, strict=True):
                     record["packets"] = {
-                        name: conn.read_counter(f"SwitchReduceIngress.{name}", record["job_id"])[0]
+                        name: conn.read_counter(f"SwitchReduceIngress.{name}", job.job_id)[0]
                         for name in ("aggregated", "results", "retransmit_replies")
                     }
                 drops = {
@@ -420,7 +422,7 @@ class Registry:
                 for record in records:
                     record["packets"] = None
                 self.supervisor.suspect()
-        out = {"switch": "available" if problem is None else "unavailable"}
+        out: dict[str, object] = {"switch": "available" if problem is None else "unavailable"}
         if problem is not None:
             out["switch_error"] = problem
         out.update(jobs=records, pending=pending, drops=drops)

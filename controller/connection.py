@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,12 @@ class TableEntry:
     match: dict[str, int]
     action: str
     params: dict[str, int]
+
+
+#: A multicast group: its id and its replicas, each (egress port, instance).
+MulticastGroup = tuple[int, list[tuple[int, int]]]
+#: One write: the P4Runtime Update type (INSERT, MODIFY, DELETE) and what it writes.
+Update = tuple[int, TableEntry | MulticastGroup]
 
 
 def encode_value(value: int) -> bytes:
@@ -101,7 +107,6 @@ class SwitchConnection:
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._stub = p4runtime_pb2_grpc.P4RuntimeStub(self._channel)
         self._requests: queue.Queue = queue.Queue()
-        self._stream = None
         self._connect()
         if primary:
             self._arbitrate()
@@ -122,9 +127,9 @@ class SwitchConnection:
         request.arbitration.device_id = self.device_id
         request.arbitration.election_id.low = self.election_id
         self._requests.put(request)
-        self._stream = self._stub.StreamChannel(iter(self._requests.get, None))
+        stream = self._stub.StreamChannel(iter(self._requests.get, None))
         replies: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read_stream, args=(replies,), daemon=True).start()
+        threading.Thread(target=self._read_stream, args=(stream, replies), daemon=True).start()
         try:
             reply = replies.get(timeout=self.timeout)
         except queue.Empty:
@@ -140,9 +145,9 @@ class SwitchConnection:
                 f"controller is primary"
             )
 
-    def _read_stream(self, replies: queue.Queue) -> None:
+    def _read_stream(self, stream: Iterator, replies: queue.Queue) -> None:
         try:
-            for reply in self._stream:
+            for reply in stream:
                 if reply.HasField("arbitration"):
                     replies.put(reply)
         except grpc.RpcError as exc:
@@ -199,7 +204,7 @@ class SwitchConnection:
 
     # -- writes --------------------------------------------------------------------
 
-    def write(self, updates: list[tuple[int, TableEntry | tuple[int, list]]]) -> None:
+    def write(self, updates: Sequence[Update]) -> None:
         """Apply updates in one batch: (Update type, TableEntry or (group id, replicas))."""
         request = self._request(p4runtime_pb2.WriteRequest())
         for kind, item in updates:

@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from google.rpc import code_pb2
 from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2
 
-from controller.connection import SwitchConnection, TableEntry, p4info_size
+from controller.connection import (
+    MulticastGroup,
+    SwitchConnection,
+    TableEntry,
+    Update,
+    p4info_size,
+)
 from controller.errors import (
     AdmissionError,
     CapacityError,
@@ -119,7 +126,7 @@ def replica_id(job_id: int, rank: int) -> int:
     return job_id * wire.MAX_WORKERS + rank
 
 
-def job_entries(job: Job) -> tuple[list[TableEntry], tuple[int, list[tuple[int, int]]]]:
+def job_entries(job: Job) -> tuple[list[TableEntry], MulticastGroup]:
     """The table entries and the multicast group (id, replicas) that admit ``job``."""
     entries = [
         TableEntry(
@@ -155,6 +162,13 @@ def job_entries(job: Job) -> tuple[list[TableEntry], tuple[int, list[tuple[int, 
         )
         replicas.append((m.port, rid))
     return entries, (job.job_id, replicas)
+
+
+def _job_updates(kind: int, job: Job) -> list[Update]:
+    """An update of ``kind`` for each of the job's table entries, then for its group."""
+    entries, group = job_entries(job)
+    items: list[TableEntry | MulticastGroup] = [*entries, group]
+    return [(kind, item) for item in items]
 
 
 class SlotPool:
@@ -241,8 +255,7 @@ class JobTable:
         base = self.pool.allocate(slot_count)
         try:
             job = Job(job_id, len(members), base, slot_count, wire.new_session(), tuple(members))
-            entries, group = job_entries(job)
-            self._write_each([(_INSERT, item) for item in [*entries, group]])
+            self._write_each(_job_updates(_INSERT, job))
         except WriteError as exc:
             self.pool.release(base)
             if any(code == code_pb2.RESOURCE_EXHAUSTED for code, _ in exc.failures):
@@ -266,9 +279,8 @@ class JobTable:
         if job is None:
             raise UnknownJobError(f"job {job_id} is not admitted")
         if job_id not in self.lost:
-            entries, group = job_entries(job)
             try:
-                self.conn.write([(_DELETE, item) for item in [*entries, group]])
+                self.conn.write(_job_updates(_DELETE, job))
             except ControllerError as exc:
                 log.warning("job %d: deleting its entries failed (%s); they go when the switch "
                             "is reconciled", job_id, exc)  # fmt: skip
@@ -278,10 +290,10 @@ class JobTable:
         self.lost.pop(job_id, None)
         return job
 
-    def _write_each(self, updates: list[tuple[int, TableEntry | tuple]]) -> None:
+    def _write_each(self, updates: Sequence[Update]) -> None:
         """Write updates one at a time; if one fails (for any reason), delete what this
         call inserted, so nothing is left half-written, and re-raise."""
-        done = []
+        done: list[Update] = []
         try:
             for kind, item in updates:
                 self.conn.write([(kind, item)])
@@ -344,10 +356,10 @@ class JobTable:
         installed = {_key(e): e for table in JOB_TABLES for e in self.conn.read_table(table)}
         groups = self.conn.read_multicast_groups()
         wanted: set[tuple] = set()
-        plans: dict[int, list] = {}
+        plans: dict[int, list[Update]] = {}
         for job in self.jobs.values():
             entries, (group_id, replicas) = job_entries(job)
-            plan = []
+            plan: list[Update] = []
             for entry in entries:
                 wanted.add(_key(entry))
                 have = installed.get(_key(entry))
@@ -360,7 +372,7 @@ class JobTable:
             elif sorted(groups[group_id]) != sorted(replicas):
                 plan.append((_MODIFY, (group_id, replicas)))
             plans[job.job_id] = plan
-        stale = [(_DELETE, e) for key, e in installed.items() if key not in wanted]
+        stale: list[Update] = [(_DELETE, e) for key, e in installed.items() if key not in wanted]
         stale += [(_DELETE, (gid, [])) for gid in groups if gid not in self.jobs]
         if stale:
             try:

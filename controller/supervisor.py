@@ -54,10 +54,17 @@ class SwitchSupervisor:
         self.timeout = timeout
         self.poll = poll
         self.lock = threading.RLock()
-        self.jobs: JobTable | None = None
+        self._jobs: JobTable | None = None
         #: Why the switch cannot be used now; None while it can.
         self.problem: str | None = None
         self._wake = threading.Event()
+
+    @property
+    def jobs(self) -> JobTable:
+        """The admitted jobs, on the current connection (from ``start`` on)."""
+        if self._jobs is None:
+            raise RuntimeError("the supervisor has no job table before start()")
+        return self._jobs
 
     @property
     def available(self) -> bool:
@@ -73,16 +80,16 @@ class SwitchSupervisor:
         a controller without its switch has nothing to do."""
         conn = self._connect()
         try:
-            self.jobs = JobTable(conn)
+            self._jobs = jobs = JobTable(conn)
             if conn.installed_p4info() == self.p4info:
-                self.jobs.recover()
+                jobs.recover()
             else:
                 conn.push_pipeline(self.device_config)
             install_routes(conn, self.routes)
         except BaseException:
             conn.close()
             raise
-        return sorted(self.jobs.jobs)
+        return sorted(jobs.jobs)
 
     def suspect(self) -> None:
         """A call failed as if the switch were gone: check now rather than at the next poll."""
