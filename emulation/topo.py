@@ -17,6 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emulation.bmv2 import (
     SIMPLE_SWITCH_GRPC,
@@ -27,7 +28,10 @@ from emulation.bmv2 import (
 )
 from emulation.errors import EmulationError
 from switchreduce import wire
-from switchreduce.cli import cli_command
+from switchreduce.cli import cli_command, piped
+
+if TYPE_CHECKING:
+    from mininet.net import Mininet  # imported where used: a Debian package, maybe absent
 
 SWITCH_IP = "10.0.0.254"
 SWITCH_MAC = "02:00:00:00:00:fe"
@@ -108,8 +112,8 @@ class TopoOptions:
     def uses_controller(self) -> bool:
         return self.controller or self.switch == "bmv2"
 
-    def link_params(self) -> dict:
-        params = {}
+    def link_params(self) -> dict[str, float | str]:
+        params: dict[str, float | str] = {}
         if self.bw is not None:
             params["bw"] = self.bw
         if self.delay_ms is not None:
@@ -158,7 +162,7 @@ class Emulation:
 
     def __init__(self, options: TopoOptions) -> None:
         self.options = options
-        self.net = None
+        self._net: Mininet | None = None
         self.controller: subprocess.Popen | None = None
         self.program: CompiledProgram | None = None
 
@@ -191,7 +195,7 @@ class Emulation:
                     self.addLink(host, switch, port2=port, **options.link_params())
 
         switch_cls = _switch_node(options)
-        self.net = Mininet(
+        self._net = net = Mininet(
             topo=Star(),
             switch=switch_cls,
             controller=None,
@@ -201,8 +205,8 @@ class Emulation:
             build=False,
         )
         try:
-            self.net.build()
-            for host in self.net.hosts:
+            net.build()
+            for host in net.hosts:
                 host.cmd("sysctl -qw net.ipv6.conf.all.disable_ipv6=1")
                 for intf in host.intfList():
                     _quiet_interface(host, intf.name)
@@ -215,7 +219,7 @@ class Emulation:
                     f"ip neigh replace {SWITCH_IP} lladdr {SWITCH_MAC} "
                     f"dev {host.defaultIntf().name} nud permanent"
                 )
-            self.net.start()
+            net.start()
             if options.uses_controller:
                 self.controller = self._start_controller()
         except BaseException:
@@ -227,9 +231,16 @@ class Emulation:
         if self.controller is not None:
             _stop(self.controller)
             self.controller = None
-        if self.net is not None:
-            self.net.stop()
-            self.net = None
+        if self._net is not None:
+            self._net.stop()
+            self._net = None
+
+    @property
+    def net(self) -> Mininet:
+        """The running network (inside the ``with`` block)."""
+        if self._net is None:
+            raise EmulationError("the emulation is not running: enter its with block first")
+        return self._net
 
     @property
     def hosts(self) -> list:
@@ -312,12 +323,14 @@ class Emulation:
     def release(procs: list[subprocess.Popen]) -> None:
         """Wait until every worker is ready (registered, with a controller), then start them."""
         for proc in procs:
-            if proc.stdout.readline().strip() != "ready":
+            if piped(proc.stdout).readline().strip() != "ready":
                 _kill_all(procs)
-                raise EmulationError(f"a worker failed to start: {proc.stderr.read()[-2000:]}")
+                error = piped(proc.stderr).read()[-2000:]
+                raise EmulationError(f"a worker failed to start: {error}")
         for proc in procs:
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
+            stdin = piped(proc.stdin)
+            stdin.write("go\n")
+            stdin.flush()
 
     @staticmethod
     def reports(procs: list[subprocess.Popen], timeout: float = 30.0) -> list[dict]:
@@ -385,7 +398,7 @@ def _switch_node(options: TopoOptions):
         def __init__(self, name: str, **params) -> None:
             params["inNamespace"] = True
             super().__init__(name, **params)
-            self.proc = None
+            self.proc: subprocess.Popen | None = None
             self.log_path = options.run_dir / f"{name}.log"
 
         def start(self, controllers) -> None:
@@ -394,7 +407,7 @@ def _switch_node(options: TopoOptions):
                 _quiet_interface(self, name)
             self.log = self.log_path.open("w")
             self.proc = self.popen(self.command(ports), stdout=self.log, stderr=subprocess.STDOUT)
-            self.wait_until_serving()
+            self.wait_until_serving(self.proc)
 
         def stop(self, deleteIntfs: bool = True) -> None:
             if self.proc is not None:
@@ -408,8 +421,8 @@ def _switch_node(options: TopoOptions):
                     *(f"--raw={port}={name}" for port, name in sorted(ports.items())),
                     *_switch_args(options)]  # fmt: skip
 
-        def wait_until_serving(self) -> None:
-            _wait_for(self.proc, self.log_path, "serving", f"soft switch {self.name}")
+        def wait_until_serving(self, proc: subprocess.Popen) -> None:
+            _wait_for(proc, self.log_path, "serving", f"soft switch {self.name}")
 
         def report(self) -> dict:
             """The switch's counters, printed as its last line when it stops."""
@@ -425,7 +438,7 @@ def _switch_node(options: TopoOptions):
                     *(arg for i in interfaces for arg in ("-i", i)),
                     "--", "--grpc-server-addr", address]  # fmt: skip
 
-        def wait_until_serving(self) -> None:
-            wait_for_p4runtime(self.proc, _p4runtime_socket(options), self.log_path)
+        def wait_until_serving(self, proc: subprocess.Popen) -> None:
+            wait_for_p4runtime(proc, _p4runtime_socket(options), self.log_path)
 
     return BMv2SwitchNode if options.switch == "bmv2" else SoftSwitchNode

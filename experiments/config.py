@@ -213,7 +213,7 @@ class ExperimentConfig:
         sub = getattr(self, section, None) if section in sections else None
         if not dataclasses.is_dataclass(sub):
             raise ConfigError(f"sweep.parameter: {parameter!r} is not section.key")
-        raw = {**_plain(self), section: {**_plain(sub), key: value}}
+        raw = {**_table(self), section: {**_table(sub), key: value}}
         raw.pop("sweep", None)
         return from_dict(raw)
 
@@ -276,7 +276,7 @@ def _coerce(value: object, hint: object, key: str) -> object:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{key}.")
     if origin is tuple:
         if not isinstance(value, list | tuple):
@@ -289,7 +289,7 @@ def _coerce(value: object, hint: object, key: str) -> object:
         return float(value)
     if hint in (int, str, bool) and type(value) is hint:
         return value
-    raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+    raise ConfigError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
 def _plain(obj: object) -> object:
@@ -299,6 +299,14 @@ def _plain(obj: object) -> object:
     if isinstance(obj, tuple):
         return [_plain(v) for v in obj]
     return obj
+
+
+def _table(obj: object) -> dict[str, object]:
+    """A dataclass instance as ``_plain`` lays it out: a dict of its fields."""
+    plain = _plain(obj)
+    if not isinstance(plain, dict):
+        raise TypeError(f"not a dataclass instance: {obj!r}")
+    return plain
 
 
 def _label(value: object) -> str:

@@ -33,7 +33,7 @@ from experiments import report
 from experiments.config import ExperimentConfig
 from experiments.errors import ExperimentError
 from experiments.train import PROGRESS
-from switchreduce.cli import cli_command
+from switchreduce.cli import cli_command, piped
 from switchreduce.ports import free_tcp_port, free_udp_ports
 
 BACKENDS = ("switch", "gloo")
@@ -88,7 +88,7 @@ class Cluster(abc.ABC):
         """Run one backend's training to the end, relaying rank 0's progress to ``show``."""
         procs = self.start_ranks(backend, config_path)
         try:
-            for line in procs[0].stdout:
+            for line in piped(procs[0].stdout):
                 if line.startswith(PROGRESS):
                     show(backend, json.loads(line[len(PROGRESS) :]))
             deadline = time.monotonic() + self.config.train.timeout * 4 + 30
@@ -221,7 +221,7 @@ def run_experiment(
     rows = []
     sweep = config.sweep
     # The gloo baseline does not depend on the switch's settings: run it once.
-    switch_only = bool(sweep) and sweep.parameter.startswith("switch.")
+    switch_only = sweep is not None and sweep.parameter.startswith("switch.")
     for i, (label, variant) in enumerate(config.variants()):
         out = run_dir / label if label else run_dir
         baseline = variant.train.baseline and not (switch_only and i > 0)

@@ -134,10 +134,10 @@ def _loop(
                 "elapsed": elapsed,
             }
             now_sent = _bytes_sent(chosen, interface)
-            record["bytes_sent"] = None if now_sent is None else now_sent - sent
+            record["bytes_sent"] = _since(now_sent, sent)
             sent = now_sent
             if retransmissions is not None:
-                record["retransmissions"] = chosen.retransmissions - retransmissions
+                record["retransmissions"] = _since(chosen.retransmissions, retransmissions)
                 retransmissions = chosen.retransmissions
             if iteration % t.eval_every == 0 or iteration == t.iterations:
                 record.update(_evaluate(ddp.module, data, loss_fn))
@@ -145,6 +145,11 @@ def _loop(
             if rank == 0 and (iteration % progress_every == 0 or "accuracy" in record):
                 print(PROGRESS + json.dumps(record), flush=True)
     dist.barrier()
+
+
+def _since(now: int | None, before: int | None) -> int | None:
+    """How much a count grew, or None where it is not known."""
+    return None if now is None or before is None else now - before
 
 
 def _bytes_sent(chosen: Backend, interface: str | None) -> int | None:

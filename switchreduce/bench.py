@@ -15,7 +15,7 @@ import subprocess
 from emulation.softswitch.faults import FaultSpec
 from emulation.softswitch.process import LoopbackSwitch
 from switchreduce import wire
-from switchreduce.cli import cli_command
+from switchreduce.cli import cli_command, piped
 from switchreduce.ports import free_udp_ports
 
 
@@ -65,11 +65,12 @@ def run_allreduce_bench(args: argparse.Namespace) -> int:
             for rank, port in enumerate(ports)
         ]
         for w in workers:
-            if w.stdout.readline().strip() != "ready":
+            if piped(w.stdout).readline().strip() != "ready":
                 raise RuntimeError("a worker failed to start")
         for w in workers:
-            w.stdin.write("go\n")
-            w.stdin.flush()
+            stdin = piped(w.stdin)
+            stdin.write("go\n")
+            stdin.flush()
         reports = []
         for w in workers:
             out, _ = w.communicate()

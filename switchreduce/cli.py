@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO, AnyStr
 
 from switchreduce import wire
 from worker.backends import BACKENDS
@@ -27,6 +28,13 @@ from worker.backends import BACKENDS
 def cli_command(*args: str) -> list[str]:
     """The command line that runs ``switchreduce ARGS...`` with this interpreter."""
     return [sys.executable, "-m", "switchreduce.cli", *args]
+
+
+def piped(stream: IO[AnyStr] | None) -> IO[AnyStr]:
+    """A child's stdin, stdout or stderr, which is there when it was started with PIPE."""
+    if stream is None:
+        raise ValueError("the process was started without this stream piped")
+    return stream
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -294,6 +302,7 @@ def run_switch(args: argparse.Namespace) -> int:
     from emulation.softswitch.faults import FaultSpec
     from emulation.softswitch.pipeline import SoftSwitch
     from emulation.softswitch.raw import RawSwitch
+    from emulation.softswitch.runtime import SwitchRuntime
     from emulation.softswitch.static import StaticJob, install_forwarding, parse_member
     from emulation.softswitch.udp import UdpSwitch
 
@@ -314,6 +323,7 @@ def run_switch(args: argparse.Namespace) -> int:
         grpc_server = serve(switch, args.p4runtime, args.device_id)
         print(f"p4runtime {args.p4runtime}", flush=True)
     faults = FaultSpec(args.loss, args.duplicate, args.reorder, args.seed)
+    server: SwitchRuntime
     if args.raw:
         routes = dict(_pair(spec, parse_mac, int) for spec in args.route)
         install_forwarding(switch, routes)
@@ -390,7 +400,8 @@ def run_controller(args: argparse.Namespace) -> int:
     threading.Thread(target=supervisor.watch, args=(stop,), daemon=True).start()
     threading.Thread(target=registry.run_reaper, args=(stop,), daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    print(f"controller http://{server.server_address[0]}:{server.server_address[1]}", flush=True)
+    host, port = server.socket.getsockname()[:2]
+    print(f"controller http://{host}:{port}", flush=True)
     signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=server.shutdown).start())
     server.serve_forever()
     stop.set()

@@ -175,7 +175,7 @@ class Header(NamedTuple):
     exponent: int
     round: int
     chunk: int
-    count: int
+    count: int  # type: ignore[assignment]  # the protocol's name; hides tuple.count, unused
     format: int = 0
     length: int = 0
     session: int = 0

@@ -35,11 +35,11 @@ class Check:
 def reference_sum(inputs: list[np.ndarray], k: int, bits: int = q.MAX_BITS) -> np.ndarray:
     """What the switch must return: the integer sum, or the dequantized fixed-point sum."""
     if inputs[0].dtype == np.int32:
-        return np.sum(inputs, axis=0, dtype=np.int64).astype(np.int32)
+        return np.stack(inputs).sum(axis=0, dtype=np.int64).astype(np.int32)
     n = len(inputs)
     blocks = [_blocks(x, k) for x in inputs]
     exps = np.max([q.block_exponents(b) for b in blocks], axis=0)
-    total = np.sum([q.quantize(b, exps, n, bits) for b in blocks], axis=0, dtype=np.int64)
+    total = np.stack([q.quantize(b, exps, n, bits) for b in blocks]).sum(axis=0, dtype=np.int64)
     assert np.abs(total).max(initial=0) <= q.INT32_MAX, "quantizer overflowed int32"
     return q.dequantize(total.astype(np.int32), exps, n, bits).reshape(-1)[: inputs[0].size]
 

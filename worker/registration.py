@@ -77,6 +77,7 @@ class Membership:
         if controller is not None and lease is not None:
             self._thread = threading.Thread(
                 target=self._renew,
+                args=(controller, lease),
                 daemon=True,
                 name=f"lease-job{binding.job_id}-rank{binding.rank}",
             )
@@ -85,12 +86,11 @@ class Membership:
     def _path(self, tail: str) -> str:
         return f"/v1/jobs/{self.binding.job_id}/{tail}"
 
-    def _renew(self) -> None:
-        interval = self.lease / 3
-        while not self._stop.wait(interval):
+    def _renew(self, controller: str, lease: float) -> None:
+        while not self._stop.wait(lease / 3):
             try:
-                _call(self.controller, "POST", self._path("lease"),
-                      {"session": self.binding.session}, timeout=self.lease)  # fmt: skip
+                _call(controller, "POST", self._path("lease"),
+                      {"session": self.binding.session}, timeout=lease)  # fmt: skip
             except RegistrationError as exc:
                 if exc.status is None:
                     continue  # the controller is restarting: it recovers the job, try again
@@ -101,7 +101,7 @@ class Membership:
     def close(self) -> None:
         """Stop renewing and tell the controller this rank is done (best effort: if the
         controller cannot be told, the lease ends the job)."""
-        if self._thread is None:
+        if self._thread is None or self.controller is None:  # a static job: nothing to tell
             return
         self._stop.set()
         self._thread.join()

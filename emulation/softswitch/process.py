@@ -14,7 +14,7 @@ import subprocess
 
 from emulation.errors import EmulationError
 from emulation.softswitch.faults import FaultSpec
-from switchreduce.cli import cli_command
+from switchreduce.cli import cli_command, piped
 
 
 class LoopbackSwitch:
@@ -46,7 +46,7 @@ class LoopbackSwitch:
             self.command, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )  # fmt: skip
-        ready = self.proc.stdout.readline().split()
+        ready = piped(self.proc.stdout).readline().split()
         if not ready or ready[0] != "listening":
             self.__exit__()
             raise EmulationError(f"the soft switch did not start (said {ready!r})")
