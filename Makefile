@@ -8,7 +8,7 @@ DEBIAN_PKGS   := python3-venv python3-pip mininet bridge-utils ethtool iputils-p
 P4C           ?= p4c-bm2-ss
 P4_K          := 64 256 1024
 
-.PHONY: run bench test test-long lint p4 topo system-deps clean
+.PHONY: run bench test test-fast test-long lint p4 topo system-deps clean
 
 # The headline experiment: 4 workers train on digits through the switch and with gloo
 # (Mininet with 20 Mbit/s links when root, loopback otherwise); summary and plots in runs/.
@@ -25,6 +25,10 @@ topo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The unit tier: tests marked fast need no processes, namespaces or network (seconds).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m fast
 
 # The README's long commands as written: whole experiments, Mininet benchmarks (root).
 test-long: $(STAMP)

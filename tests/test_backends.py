@@ -13,12 +13,14 @@ from switchreduce.ports import free_tcp_port
 from worker.backends import BACKENDS, Backend, GroupOptions, open_backend, register
 
 
+@pytest.mark.fast
 def test_switch_and_gloo_are_registered_and_an_unknown_name_says_what_there_is() -> None:
     assert {"switch", "gloo"} <= set(BACKENDS)
     with pytest.raises(ValueError, match=r"no allreduce backend 'mpi'; there are \['gloo'"):
         open_backend("mpi", GroupOptions(rank=0, world_size=1))
 
 
+@pytest.mark.fast
 def test_a_new_backend_plugs_in_by_name() -> None:
     @register
     class Alone(Backend):

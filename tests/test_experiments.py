@@ -25,6 +25,7 @@ def _quiet(backend: str, record: dict) -> None:
     pass
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_shipped_config_is_valid_and_replays_from_its_resolved_form(path, tmp_path) -> None:
     config = load(path)
@@ -34,6 +35,7 @@ def test_every_shipped_config_is_valid_and_replays_from_its_resolved_form(path, 
     assert all(variant.sweep is None for _, variant in config.variants())
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -56,6 +58,7 @@ def test_bad_configs_are_rejected_naming_the_key(raw: dict, message: str) -> Non
         from_dict(raw)
 
 
+@pytest.mark.fast
 def test_a_config_file_error_names_the_file(tmp_path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[model]\nname = 'resnet'\n")
@@ -63,6 +66,7 @@ def test_a_config_file_error_names_the_file(tmp_path) -> None:
         load(path)
 
 
+@pytest.mark.fast
 def test_a_sweep_expands_into_valid_variants() -> None:
     config = from_dict({"sweep": {"parameter": "switch.precision_bits", "values": [12, 32]}})
     variants = config.variants()

@@ -141,6 +141,7 @@ def test_k_larger_than_the_path_mtu_is_refused() -> None:
         subprocess.run(["ip", "netns", "del", ns], check=True)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("binding", "message"),
     [
@@ -190,6 +191,7 @@ def test_bench_reports_every_field_and_an_exact_result() -> None:
     assert report["packets"] > 2 * 100000 / wire.DEFAULT_K
 
 
+@pytest.mark.fast
 def test_worker_options_are_validated() -> None:
     with pytest.raises(ValueError, match="min_rto"):
         WorkerOptions(min_rto=2.0, max_rto=1.0)

@@ -28,6 +28,7 @@ def _control(name: str) -> str:
     return text[text.index(f"control {name}") :]
 
 
+@pytest.mark.fast
 def test_constants_match_the_python_side() -> None:
     defines = _defines()
     for reason in DropReason:
@@ -46,12 +47,14 @@ def test_constants_match_the_python_side() -> None:
     assert defines["K"] in wire.SUPPORTED_K
 
 
+@pytest.mark.fast
 def test_aggregation_header_matches_the_wire_format() -> None:
     body = re.search(r"header switchreduce_h \{(.*?)\}", SOURCES["headers.p4"], re.S).group(1)
     fields = [(name, int(width)) for width, name in re.findall(r"bit<(\d+)>\s+(\w+);", body)]
     assert fields == list(wire.HEADER_FIELDS)
 
 
+@pytest.mark.fast
 def test_tables_keys_and_actions_match_the_soft_switch() -> None:
     switch = SoftSwitch(k=64)
     for full_name, table in switch.tables().items():
@@ -70,6 +73,7 @@ def test_tables_keys_and_actions_match_the_soft_switch() -> None:
             assert params == action.params, action.name
 
 
+@pytest.mark.fast
 def test_registers_and_counters_match_the_soft_switch() -> None:
     switch = SoftSwitch(k=64)
     ingress = _control("SwitchReduceIngress")

@@ -13,6 +13,8 @@ from emulation.softswitch.static import install_static_job
 from emulation.softswitch.tables import ActionCall
 from switchreduce import wire
 
+pytestmark = pytest.mark.fast
+
 K = 64
 SWITCH = ("127.0.0.1", wire.DEFAULT_SWITCH_PORT)
 SESSION = 0x5E55_1011_0000_0001

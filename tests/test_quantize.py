@@ -11,6 +11,8 @@ from hypothesis.extra import numpy as hnp
 from worker import quantize as q
 from worker.errors import NonFiniteError
 
+pytestmark = pytest.mark.fast
+
 K = 64
 
 finite_float32 = st.floats(width=32, allow_nan=False, allow_infinity=False)

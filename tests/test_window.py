@@ -25,6 +25,8 @@ from worker.errors import MismatchError
 from worker.reference import reference_sum, synthetic_tensor
 from worker.window import Job, RoundTrip, StaleSession, Transfer, WindowStats
 
+pytestmark = pytest.mark.fast
+
 K = 64
 SESSION = 0x5E55_0000_0000_0042
 SWITCH = ("127.0.0.1", wire.DEFAULT_SWITCH_PORT)

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from switchreduce import wire
 
+pytestmark = pytest.mark.fast
+
 headers = st.builds(
     wire.Header,
     msg_type=st.sampled_from(list(wire.MsgType)),
