@@ -158,8 +158,9 @@ def parse_registration(job_text: str, body: dict, k: int, max_job_id: int) -> Re
     world_size = _integer(body, "world_size", 1, wire.MAX_WORKERS)
     rank = _integer(body, "rank", 0, (1 << 8) - 1)
     if rank >= world_size:
-        raise BadRequest("rank", f"must be 0..{world_size - 1} for world size {world_size}, "
-                                 f"got {rank}")  # fmt: skip
+        raise BadRequest(
+            "rank", f"must be 0..{world_size - 1} for world size {world_size}, got {rank}"
+        )
     ip = _ipv4(body, "ip")
     udp_port = _integer(body, "udp_port", 1, 0xFFFF)
     mac = _integer(body, "mac", 0, (1 << 48) - 1, default=0)
@@ -193,9 +194,17 @@ class Registry:
     """Collects ranks into jobs, admits each job when it is complete, and ends it when its
     ranks leave or stop renewing its lease."""
 
-    def __init__(self, supervisor: SwitchSupervisor, k: int, slot_count: int, data_plane: str,
-                 *, lease: float = 30.0, timeout: float = 30.0,
-                 attachments: dict[str, tuple[int, int]] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        supervisor: SwitchSupervisor,
+        k: int,
+        slot_count: int,
+        data_plane: str,
+        *,
+        lease: float = 30.0,
+        timeout: float = 30.0,
+        attachments: dict[str, tuple[int, int]] | None = None,
+    ) -> None:
         self.supervisor = supervisor
         #: Where each host is attached (IP -> (MAC, switch port)): workers cannot know it.
         self.attachments = attachments
@@ -243,8 +252,9 @@ class Registry:
                 jobs.check_capacity(self.slot_count)  # now, not once every rank has waited
                 pending = _Pending(reg.world_size)
             elif pending.world_size != reg.world_size:
-                raise Conflict(f"job {reg.job_id} has world size {pending.world_size}, "
-                               f"not {reg.world_size}")  # fmt: skip
+                raise Conflict(
+                    f"job {reg.job_id} has world size {pending.world_size}, not {reg.world_size}"
+                )
             if member.rank in pending.members:
                 raise Conflict(f"rank {member.rank} of job {reg.job_id} is already registered")
             pending.members[member.rank] = member
@@ -284,8 +294,10 @@ class Registry:
         if lease is None:
             return f"job {job_id} is already running"
         left = max(0.0, lease.deadline - time.monotonic())
-        return (f"job {job_id} is already running (ranks {sorted(lease.ranks)} have not left; "
-                f"its lease ends in {left:.0f} s unless they renew it)")  # fmt: skip
+        return (
+            f"job {job_id} is already running (ranks {sorted(lease.ranks)} have not left; "
+            f"its lease ends in {left:.0f} s unless they renew it)"
+        )
 
     def _admit(self, job_id: int, pending: _Pending) -> None:
         """Admit a complete job (under the lock) and wake its ranks."""
@@ -300,8 +312,13 @@ class Registry:
         else:
             job = pending.job
             self._leases[job_id] = _Lease(time.monotonic() + self.lease, set(range(job.world_size)))
-            log.info("job %d admitted: %d ranks, slots %d..%d", job_id, job.world_size,
-                     job.slot_base, job.slot_base + job.slot_count - 1)  # fmt: skip
+            log.info(
+                "job %d admitted: %d ranks, slots %d..%d",
+                job_id,
+                job.world_size,
+                job.slot_base,
+                job.slot_base + job.slot_count - 1,
+            )
         pending.done.set()
 
     def _withdraw(self, job_id: int, rank: int, pending: _Pending) -> None:
@@ -313,8 +330,7 @@ class Registry:
             if not pending.members and self._pending.get(job_id) is pending:
                 del self._pending[job_id]
             missing = sorted(set(range(pending.world_size)) - set(pending.members) - {rank})
-        raise TimeoutError(f"job {job_id}: ranks {missing} did not register in "
-                           f"{self.timeout:g} s")  # fmt: skip
+        raise TimeoutError(f"job {job_id}: ranks {missing} did not register in {self.timeout:g} s")
 
     def _job(self, job_id: int, session: int) -> Job:
         """The running job ``job_id``, if ``session`` is its session (under the lock)."""
@@ -344,8 +360,12 @@ class Registry:
             lease.ranks.discard(rank)
             if not lease.ranks:
                 self._release(job_id, "its ranks left")
-        return {"job_id": job_id, "rank": rank, "released": not lease.ranks,
-                "remaining": sorted(lease.ranks)}  # fmt: skip
+        return {
+            "job_id": job_id,
+            "rank": rank,
+            "released": not lease.ranks,
+            "remaining": sorted(lease.ranks),
+        }
 
     def release(self, job_id: int) -> None:
         with self.lock:
@@ -364,8 +384,11 @@ class Registry:
             expired = sorted(j for j, lease in self._leases.items() if lease.deadline <= now)
             for job_id in expired:
                 ranks = sorted(self._leases[job_id].ranks)
-                self._release(job_id, f"its lease expired: no rank renewed it for "
-                                      f"{self.lease:g} s (ranks {ranks} never left)")  # fmt: skip
+                self._release(
+                    job_id,
+                    f"its lease expired: no rank renewed it for "
+                    f"{self.lease:g} s (ranks {ranks} never left)",
+                )
         return expired
 
     def run_reaper(self, stop: threading.Event) -> None:

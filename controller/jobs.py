@@ -133,24 +133,32 @@ def job_entries(job: Job) -> tuple[list[TableEntry], MulticastGroup]:
             "SwitchReduceIngress.jobs",
             {"hdr.sr.job_id": job.job_id},
             "SwitchReduceIngress.set_job",
-            {"world_size": job.world_size, "slot_base": job.slot_base,
-             "slot_count": job.slot_count, "mcast_grp": job.job_id,
-             "session": job.session},
+            {
+                "world_size": job.world_size,
+                "slot_base": job.slot_base,
+                "slot_count": job.slot_count,
+                "mcast_grp": job.job_id,
+                "session": job.session,
+            },
         )
-    ]  # fmt: skip
+    ]
     replicas = []
     for m in sorted(job.members, key=lambda m: m.rank):
         ip = int(ipaddress.IPv4Address(m.ip))
         entries.append(
             TableEntry(
                 "SwitchReduceIngress.workers",
-                {"hdr.sr.job_id": job.job_id, "hdr.sr.rank": m.rank,
-                 "standard_metadata.ingress_port": m.port, "hdr.ipv4.src_addr": ip,
-                 "hdr.udp.src_port": m.udp_port},
+                {
+                    "hdr.sr.job_id": job.job_id,
+                    "hdr.sr.rank": m.rank,
+                    "standard_metadata.ingress_port": m.port,
+                    "hdr.ipv4.src_addr": ip,
+                    "hdr.udp.src_port": m.udp_port,
+                },
                 "SwitchReduceIngress.admit_worker",
                 {},
             )
-        )  # fmt: skip
+        )
         rid = replica_id(job.job_id, m.rank)
         entries.append(
             TableEntry(
@@ -282,8 +290,12 @@ class JobTable:
             try:
                 self.conn.write(_job_updates(_DELETE, job))
             except ControllerError as exc:
-                log.warning("job %d: deleting its entries failed (%s); they go when the switch "
-                            "is reconciled", job_id, exc)  # fmt: skip
+                log.warning(
+                    "job %d: deleting its entries failed (%s); they go when the switch "
+                    "is reconciled",
+                    job_id,
+                    exc,
+                )
                 self.dirty = True
         self.pool.release(job.slot_base)
         del self.jobs[job_id]
@@ -335,8 +347,14 @@ class JobTable:
                 )
             p = entry.params
             try:
-                job = Job(job_id, p["world_size"], p["slot_base"], p["slot_count"],
-                          p["session"], tuple(members))  # fmt: skip
+                job = Job(
+                    job_id,
+                    p["world_size"],
+                    p["slot_base"],
+                    p["slot_count"],
+                    p["session"],
+                    tuple(members),
+                )
             except AdmissionError as exc:
                 log.warning("job %d on the switch is incomplete (%s): removing it", job_id, exc)
                 continue

@@ -71,8 +71,14 @@ class SwitchSupervisor:
         return self.problem is None
 
     def _connect(self) -> SwitchConnection:
-        return SwitchConnection(self.address, self.device_id, self.election_id, self.p4info,
-                                self.timeout, on_lost=self._wake.set)  # fmt: skip
+        return SwitchConnection(
+            self.address,
+            self.device_id,
+            self.election_id,
+            self.p4info,
+            self.timeout,
+            on_lost=self._wake.set,
+        )
 
     def start(self) -> list[int]:
         """Connect and program the switch, or adopt the jobs it runs if it already runs this
@@ -150,10 +156,13 @@ class SwitchSupervisor:
             self._still_unavailable(str(exc))
             return
         lost = sorted(self.jobs.lost)
-        log.info("switch %s is back: %s, forwarding and jobs %s in place%s", self.address,
-                 "pipeline pushed" if pushed else "it kept its pipeline",
-                 sorted(set(self.jobs.jobs) - set(lost)),
-                 f", jobs {lost} lost" if lost else "")  # fmt: skip
+        log.info(
+            "switch %s is back: %s, forwarding and jobs %s in place%s",
+            self.address,
+            "pipeline pushed" if pushed else "it kept its pipeline",
+            sorted(set(self.jobs.jobs) - set(lost)),
+            f", jobs {lost} lost" if lost else "",
+        )
 
     def _still_unavailable(self, problem: str) -> None:
         if problem != self.problem:

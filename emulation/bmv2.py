@@ -33,8 +33,9 @@ class CompiledProgram:
 def compile_program(out_dir: Path, k: int) -> CompiledProgram:
     """p4src/switchreduce.p4 for K elements per packet, into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    program = CompiledProgram(out_dir / f"switchreduce_k{k}.json",
-                              out_dir / f"switchreduce_k{k}.p4info.txtpb")  # fmt: skip
+    program = CompiledProgram(
+        out_dir / f"switchreduce_k{k}.json", out_dir / f"switchreduce_k{k}.p4info.txtpb"
+    )
     result = subprocess.run(
         [P4C, "--arch", "v1model", f"-DK={k}", "-o", str(program.bmv2_json),
          "--p4runtime-files", str(program.p4info), str(P4_SOURCE)],

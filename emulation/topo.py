@@ -292,17 +292,24 @@ class Emulation:
         for rank, host in enumerate(hosts):
             cmd = [
                 *cli_command("worker", "--backend", backend),
-                *self.switch_args(), "--master", f"{hosts[0].IP()}:{GLOO_PORT}",
+                *self.switch_args(),
+                *("--master", f"{hosts[0].IP()}:{GLOO_PORT}"),
                 *("--bind", f"{host.IP()}:{WORKER_UDP_PORT}"),
                 *("--job", str(job_id), "--rank", str(rank), "--world-size", str(len(hosts))),
                 *("--k", str(options.k), "--slots", str(options.slots)),
                 *("--elements", str(elements), "--dtype", dtype, "--seed", str(seed)),
                 *("--timeout", str(timeout), "--wait-for-go"),
-            ]  # fmt: skip
+            ]
             procs.append(
-                self.popen(host, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-            )  # fmt: skip
+                self.popen(
+                    host,
+                    cmd,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
         return procs
 
     def switch_args(self) -> list[str]:
@@ -315,8 +322,7 @@ class Emulation:
     def popen(host, cmd: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
         """Start ``cmd`` on ``host`` with gloo bound to the host's interface (it would bind
         the machine's hostname address otherwise, unreachable from the namespace)."""
-        env = dict(os.environ if env is None else env,
-                   GLOO_SOCKET_IFNAME=host.defaultIntf().name)  # fmt: skip
+        env = dict(os.environ if env is None else env, GLOO_SOCKET_IFNAME=host.defaultIntf().name)
         return host.popen(cmd, env=env, **kwargs)
 
     @staticmethod
@@ -347,8 +353,14 @@ class Emulation:
         finally:
             _kill_all(procs)
 
-    def allreduce(self, elements: int, dtype: str = "float32", timeout: float = 30.0,
-                  seed: int = 0, backend: str = "switch") -> list[dict]:  # fmt: skip
+    def allreduce(
+        self,
+        elements: int,
+        dtype: str = "float32",
+        timeout: float = 30.0,
+        seed: int = 0,
+        backend: str = "switch",
+    ) -> list[dict]:
         """One job over all worker hosts; every rank's report."""
         procs = self.start_workers(elements, dtype, timeout, seed, backend)
         self.release(procs)
@@ -417,9 +429,11 @@ def _switch_node(options: TopoOptions):
 
     class SoftSwitchNode(SwitchNode):
         def command(self, ports: dict[int, str]) -> list[str]:
-            return [*cli_command("switch"),
-                    *(f"--raw={port}={name}" for port, name in sorted(ports.items())),
-                    *_switch_args(options)]  # fmt: skip
+            return [
+                *cli_command("switch"),
+                *(f"--raw={port}={name}" for port, name in sorted(ports.items())),
+                *_switch_args(options),
+            ]
 
         def wait_until_serving(self, proc: subprocess.Popen) -> None:
             _wait_for(proc, self.log_path, "serving", f"soft switch {self.name}")

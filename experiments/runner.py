@@ -75,8 +75,13 @@ class Cluster(abc.ABC):
         procs = []
         with ExitStack() as stack:
             for rank in range(n):
-                env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(n),
-                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))  # fmt: skip
+                env = dict(
+                    os.environ,
+                    RANK=str(rank),
+                    WORLD_SIZE=str(n),
+                    MASTER_ADDR=master_addr,
+                    MASTER_PORT=str(master_port),
+                )
                 cmd = cli_command("train", str(config_path), "--backend", backend,
                                "--out", str(self.run_dir), *self.rank_args(rank))  # fmt: skip
                 log = stack.enter_context((self.logs / f"{backend}-rank{rank}.log").open("w"))
@@ -231,10 +236,12 @@ def run_experiment(
         if sweep:
             value = label.partition("=")[2]
             rows += [
-                {sweep.parameter: "any" if row["backend"] == "gloo" and switch_only else value,
-                 **row}
+                {
+                    sweep.parameter: "any" if row["backend"] == "gloo" and switch_only else value,
+                    **row,
+                }
                 for row in variant_rows
-            ]  # fmt: skip
+            ]
         else:
             rows += variant_rows
     if sweep:

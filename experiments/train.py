@@ -76,10 +76,18 @@ def train(
         ddp = DistributedDataParallel(model)
         sw = config.switch
         group = GroupOptions(
-            rank=rank, world_size=world_size, timeout=t.timeout, job_id=job_id, k=sw.k,
-            slots=sw.slots, switch=switch, controller=controller, bind=bind,
-            precision_bits=sw.precision_bits, min_rto=sw.min_rto_ms / 1000,
-        )  # fmt: skip
+            rank=rank,
+            world_size=world_size,
+            timeout=t.timeout,
+            job_id=job_id,
+            k=sw.k,
+            slots=sw.slots,
+            switch=switch,
+            controller=controller,
+            bind=bind,
+            precision_bits=sw.precision_bits,
+            min_rto=sw.min_rto_ms / 1000,
+        )
         chosen = stack.enter_context(open_backend(backend, group))
         chosen.attach(ddp)
         optimizer = build_optimizer(config.optimizer, ddp.parameters())

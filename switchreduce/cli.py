@@ -251,8 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_args(topo)
     topo.set_defaults(k=wire.MAX_K_STANDARD_MTU, slots=None)  # slots: per switch node
 
-    run = sub.add_parser("run", help="replay an experiment config: train through the switch "
-                         "and with gloo, write metrics, a summary and plots")  # fmt: skip
+    run = sub.add_parser(
+        "run",
+        help="replay an experiment config: train through the switch "
+        "and with gloo, write metrics, a summary and plots",
+    )
     run.add_argument("config", type=Path, help="experiments/configs/*.toml, or a run's config.json")
     run.add_argument("--runs", type=Path, default=Path("runs"), help="where run directories go")
 
@@ -366,8 +369,10 @@ def run_controller(args: argparse.Namespace) -> int:
         raise refuse(f"cannot use the program's files: {exc}") from None
     most_slots = min(sizes.pool, wire.MAX_SLOTS)
     if not 1 <= args.slots <= most_slots:
-        raise refuse(f"--slots must be 1..{most_slots} (the program's slot pool has "
-                     f"{sizes.pool}), got {args.slots}")  # fmt: skip
+        raise refuse(
+            f"--slots must be 1..{most_slots} (the program's slot pool has "
+            f"{sizes.pool}), got {args.slots}"
+        )
     if args.k is None:
         args.k = sizes.k
     elif args.k != sizes.k:
@@ -380,18 +385,29 @@ def run_controller(args: argparse.Namespace) -> int:
     attachments = dict(_pair(spec, str, _attachment) for spec in args.host) or None
     routes = dict(_pair(spec, parse_mac, int) for spec in args.route)
     routes.update((attachments or {}).values())
-    supervisor = SwitchSupervisor(args.p4runtime, p4info, device_id=args.device_id,
-                                  election_id=args.election_id, device_config=config,
-                                  routes=routes)  # fmt: skip
+    supervisor = SwitchSupervisor(
+        args.p4runtime,
+        p4info,
+        device_id=args.device_id,
+        election_id=args.election_id,
+        device_config=config,
+        routes=routes,
+    )
     try:
         recovered = supervisor.start()
     except ControllerError as exc:
         raise refuse(str(exc)) from None
     if recovered:  # a restarted controller: the switch kept running its jobs
         logging.info("recovered jobs %s from the switch; their leases start now", recovered)
-    registry = Registry(supervisor, args.k, args.slots, f"{data_host}:{data_port}",
-                        lease=args.lease, timeout=args.register_timeout,
-                        attachments=attachments)  # fmt: skip
+    registry = Registry(
+        supervisor,
+        args.k,
+        args.slots,
+        f"{data_host}:{data_port}",
+        lease=args.lease,
+        timeout=args.register_timeout,
+        attachments=attachments,
+    )
     try:
         server = make_server(registry, args.listen)
     except OSError as exc:
@@ -484,10 +500,17 @@ def run_worker(args: argparse.Namespace) -> int:
         raise SystemExit("switchreduce worker: --master HOST:PORT is required with gloo")
     data = synthetic_tensor(args.seed, args.rank, args.elements, args.dtype)
     options = GroupOptions(
-        rank=args.rank, world_size=args.world_size, timeout=args.timeout, job_id=args.job,
-        k=args.k, slots=args.slots, switch=args.switch, controller=args.controller,
-        bind=args.bind, master=args.master,
-    )  # fmt: skip
+        rank=args.rank,
+        world_size=args.world_size,
+        timeout=args.timeout,
+        job_id=args.job,
+        k=args.k,
+        slots=args.slots,
+        switch=args.switch,
+        controller=args.controller,
+        bind=args.bind,
+        master=args.master,
+    )
     try:
         backend = open_backend(args.backend, options)
     except WorkerError as exc:

@@ -200,12 +200,23 @@ def unpack_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> Heade
     """Decode the header at ``offset``; raises WireError if the buffer is too short."""
     if len(buf) - offset < HEADER_BYTES:
         raise WireError(f"truncated header: {len(buf) - offset} < {HEADER_BYTES} bytes")
-    (msg_type, rank, job_id, vslot, exponent, format_, round_, count, chunk, length,
-     session) = _HEADER.unpack_from(buf, offset)  # fmt: skip
+    (msg_type, rank, job_id, vslot, exponent, format_, round_, count, chunk, length, session) = (
+        _HEADER.unpack_from(buf, offset)
+    )
     return Header(
-        msg_type, job_id, rank, vslot & 0x7FFF, vslot >> 15, exponent, round_, chunk, count,
-        format_, length, session,
-    )  # fmt: skip
+        msg_type,
+        job_id,
+        rank,
+        vslot & 0x7FFF,
+        vslot >> 15,
+        exponent,
+        round_,
+        chunk,
+        count,
+        format_,
+        length,
+        session,
+    )
 
 
 def datagram_bytes(k: int) -> int:

@@ -123,9 +123,19 @@ def _traffic() -> list[tuple[int, bytes]]:
 
     def data(rank: int, round_: int = 1, slot: int = 0, **changes) -> wire.Header:
         header = wire.Header(
-            wire.MsgType.DATA, 1, rank, slot, round_ & 1, 120 + rank, round_, slot, K,
-            wire.encode_format("float32", 32), 10 * K, SESSION,
-        )  # fmt: skip
+            wire.MsgType.DATA,
+            job_id=1,
+            rank=rank,
+            slot=slot,
+            version=round_ & 1,
+            exponent=120 + rank,
+            round=round_,
+            chunk=slot,
+            count=K,
+            format=wire.encode_format("float32", 32),
+            length=10 * K,
+            session=SESSION,
+        )
         return header._replace(**changes)
 
     out = []
@@ -190,8 +200,9 @@ def bmv2(tmp_path):
             for where in ([], ["ip", "netns", "exec", ns]):
                 name = outside if not where else inside
                 _run(*where, "ip", "link", "set", name, "up")
-                subprocess.run([*where, "ethtool", "-K", name, "tx", "off", "rx", "off"],
-                               capture_output=True)  # fmt: skip
+                subprocess.run(
+                    [*where, "ethtool", "-K", name, "tx", "off", "rx", "off"], capture_output=True
+                )
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
             sock.bind((outside, 0))
             sock.setblocking(False)
@@ -230,10 +241,14 @@ def bmv2(tmp_path):
             ).stdout
 
         deadline = time.monotonic() + 20
-        while subprocess.run(
-            ["ip", "netns", "exec", ns, "simple_switch_CLI", "--thrift-port", str(THRIFT_PORT)],
-            input="", capture_output=True,
-        ).returncode != 0:  # fmt: skip
+        while (
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "simple_switch_CLI", "--thrift-port", str(THRIFT_PORT)],
+                input="",
+                capture_output=True,
+            ).returncode
+            != 0
+        ):
             assert proc.poll() is None, f"simple_switch exited:\n{log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, "simple_switch did not start"
             time.sleep(0.2)

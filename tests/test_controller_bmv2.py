@@ -110,10 +110,12 @@ def test_bad_requests_and_refused_writes_leave_nothing_on_bmv2(bmv2, program) ->
         jobs = JobTable(conn)
         with pytest.raises(AdmissionError, match="slot pool exhausted"):
             jobs.admit(1, _members(2), 5000)
-        squatter = TableEntry("SwitchReduceEgress.result_rewrite",
-                              {"standard_metadata.egress_rid": replica_id(2, 1)},
-                              "SwitchReduceEgress.rewrite_destination",
-                              {"mac": 0, "ip": 1, "udp_port": 1})  # fmt: skip
+        squatter = TableEntry(
+            "SwitchReduceEgress.result_rewrite",
+            {"standard_metadata.egress_rid": replica_id(2, 1)},
+            "SwitchReduceEgress.rewrite_destination",
+            {"mac": 0, "ip": 1, "udp_port": 1},
+        )
         conn.insert(squatter)
         with pytest.raises(WriteError, match="ALREADY_EXISTS"):
             jobs.admit(2, _members(2), 8)

@@ -35,8 +35,9 @@ def _run_jobs(socks: dict, inputs: dict, jobs: JobTable, data_address) -> tuple[
         comm = SwitchCommunicator(binding, WorkerOptions(k=K, timeout=20), socks[job_id][rank])
         results[job_id, rank] = comm.allreduce(inputs[job_id][rank])
 
-    threads = [threading.Thread(target=run, args=(j, r)) for j, s in socks.items()
-               for r in range(len(s))]  # fmt: skip
+    threads = [
+        threading.Thread(target=run, args=(j, r)) for j, s in socks.items() for r in range(len(s))
+    ]
     for t in threads:
         t.start()
     return threads, results
@@ -51,8 +52,10 @@ def test_two_concurrent_jobs_are_exact_and_disjoint(programmable_switch) -> None
         admitted = {job_id: jobs.admit(job_id, _members(s), 32) for job_id, s in socks.items()}
     a, b = admitted[3], admitted[4]
     assert a.slot_base + a.slot_count <= b.slot_base or b.slot_base + b.slot_count <= a.slot_base
-    inputs = {job_id: [synthetic_tensor(job_id, r, 100_000, "float32") for r in range(len(s))]
-              for job_id, s in socks.items()}  # fmt: skip
+    inputs = {
+        job_id: [synthetic_tensor(job_id, r, 100_000, "float32") for r in range(len(s))]
+        for job_id, s in socks.items()
+    }
     threads, results = _run_jobs(socks, inputs, jobs, data_address)
     for t in threads:
         t.join()
@@ -101,10 +104,12 @@ def test_a_refused_write_rolls_back_what_went_in(programmable_switch) -> None:
     with SwitchConnection(address) as conn:
         conn.push_pipeline()
         # Someone else holds the replica id rank 1 of job 2 needs: the admission must fail.
-        squatter = TableEntry("SwitchReduceEgress.result_rewrite",
-                              {"standard_metadata.egress_rid": replica_id(2, 1)},
-                              "SwitchReduceEgress.rewrite_destination",
-                              {"mac": 0, "ip": 1, "udp_port": 1})  # fmt: skip
+        squatter = TableEntry(
+            "SwitchReduceEgress.result_rewrite",
+            {"standard_metadata.egress_rid": replica_id(2, 1)},
+            "SwitchReduceEgress.rewrite_destination",
+            {"mac": 0, "ip": 1, "udp_port": 1},
+        )
         conn.insert(squatter)
         jobs = JobTable(conn)
         with pytest.raises(WriteError, match="ALREADY_EXISTS"):
@@ -143,8 +148,10 @@ def test_full_switch_tables_are_a_capacity_refusal(programmable_switch) -> None:
 
 
 def _installed(conn: SwitchConnection) -> tuple:
-    return (*(sorted(map(repr, conn.read_table(t))) for t in JOB_TABLES),
-            conn.read_multicast_groups())  # fmt: skip
+    return (
+        *(sorted(map(repr, conn.read_table(t))) for t in JOB_TABLES),
+        conn.read_multicast_groups(),
+    )
 
 
 def test_reinstall_repairs_the_switch_and_removes_what_no_job_holds(programmable_switch) -> None:
@@ -156,8 +163,12 @@ def test_reinstall_repairs_the_switch_and_removes_what_no_job_holds(programmable
         expected = _installed(conn)
         entries, group = job_entries(job)
         conn.write([(p4runtime_pb2.Update.DELETE, item) for item in (entries[1], group)])
-        stray = TableEntry(entries[0].table, {"hdr.sr.job_id": 9}, entries[0].action,
-                           {**entries[0].params, "mcast_grp": 9})  # fmt: skip
+        stray = TableEntry(
+            entries[0].table,
+            {"hdr.sr.job_id": 9},
+            entries[0].action,
+            {**entries[0].params, "mcast_grp": 9},
+        )
         conn.insert(stray)
         jobs.reinstall()
         assert _installed(conn) == expected and jobs.lost == {}
@@ -210,8 +221,10 @@ def test_jobs_survive_a_controller_restart_and_a_spoofer_mid_transfer(programmab
         jobs = JobTable(conn)
         for job_id, s in socks.items():
             jobs.admit(job_id, _members(s), 32)
-    inputs = {job_id: [synthetic_tensor(job_id, r, 400_000, "int32") for r in range(len(s))]
-              for job_id, s in socks.items()}  # fmt: skip
+    inputs = {
+        job_id: [synthetic_tensor(job_id, r, 400_000, "int32") for r in range(len(s))]
+        for job_id, s in socks.items()
+    }
     threads, results = _run_jobs(socks, inputs, jobs, data_address)
     spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     forged = wire.encode(

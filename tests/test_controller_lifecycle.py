@@ -36,8 +36,9 @@ def controller(tmp_path_factory) -> ControllerProcess:
     log_dir = tmp_path_factory.mktemp("controller")
     switch = SwitchProcess(log_dir).start()
     try:
-        ctl = ControllerProcess(switch, log_dir, "--slots", str(SLOTS), "--lease", str(LEASE),
-                                "--register-timeout", "3").start()  # fmt: skip
+        ctl = ControllerProcess(
+            switch, log_dir, "--slots", str(SLOTS), "--lease", str(LEASE), "--register-timeout", "3"
+        ).start()
     except BaseException:
         switch.stop()
         raise
@@ -135,8 +136,9 @@ BAD_REGISTRATIONS = {
 }
 
 
-@pytest.mark.parametrize(("field", "job_id", "body"), BAD_REGISTRATIONS.values(),
-                         ids=BAD_REGISTRATIONS.keys())  # fmt: skip
+@pytest.mark.parametrize(
+    ("field", "job_id", "body"), BAD_REGISTRATIONS.values(), ids=BAD_REGISTRATIONS.keys()
+)
 def test_a_bad_field_is_refused_at_once_naming_it_and_leaves_nothing(
     controller, field, job_id, body
 ) -> None:
@@ -179,7 +181,9 @@ def test_renewals_and_leaving_need_the_jobs_session(controller) -> None:
     assert controller.request("POST", "/v1/jobs/25/lease", {"session": session})[0] == 404
     assert controller.request("POST", "/v1/jobs/24/lease", {"session": "x"})[0] == 400
     assert controller.request("POST", "/v1/jobs/24/lease", {"session": session}) == (
-        200, {"job_id": 24, "lease": LEASE})  # fmt: skip
+        200,
+        {"job_id": 24, "lease": LEASE},
+    )
     (job,) = controller.jobs()["jobs"]
     assert "session" not in str(job)  # a job's secret is told to its ranks only
     ranks.memberships[0].close()
@@ -196,8 +200,15 @@ def _readme_workers(controller: ControllerProcess, job_id: int, *extra: str) -> 
             "worker", "--controller", controller.url, "--job", str(job_id), "--rank", str(rank),
             "--world-size", "2", "--k", str(K), "--elements", "20000", *extra,
         )  # fmt: skip
-        workers.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True))  # fmt: skip
+        workers.append(
+            subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return workers
 
 
@@ -291,8 +302,9 @@ class _Watcher(threading.Thread):
 
 def test_the_controller_reprograms_a_restarted_switch(tmp_path) -> None:
     switch = SwitchProcess(tmp_path).start()
-    controller = ControllerProcess(switch, tmp_path, "--slots", "32", "--lease", "10",
-                                   "--route", "02:00:00:00:00:01=1").start()  # fmt: skip
+    controller = ControllerProcess(
+        switch, tmp_path, "--slots", "32", "--lease", "10", "--route", "02:00:00:00:00:01=1"
+    ).start()
     watcher = _Watcher(controller)
     try:
         old = Ranks(controller.url, 8, 2)
@@ -349,8 +361,9 @@ def test_a_restarted_controller_recovers_the_jobs_and_their_leases(tmp_path) -> 
         second.start()
         assert "recovered jobs [10, 11] from the switch" in second.log.read_text()
         assert sorted(job["job_id"] for job in second.jobs()["jobs"]) == [10, 11]
-        second.wait_for(lambda answer: [j["job_id"] for j in answer["jobs"]] == [10],
-                        timeout=LEASE + 3)  # fmt: skip
+        second.wait_for(
+            lambda answer: [j["job_id"] for j in answer["jobs"]] == [10], timeout=LEASE + 3
+        )
         assert "job 11 released: its lease expired" in second.log.read_text()
         alive.allreduce_exactly(seed=4)
         alive.close()  # leaves with the session the new controller read from the switch
@@ -380,8 +393,11 @@ def test_a_new_int32_job_after_a_controller_restart_sums_its_own_data(tmp_path, 
                 second.start()
             ranks = Ranks(controller.url, JOB, 2)
             inputs = [np.full(elements, v, np.int32) for v in values]
-            sums.append(ranks._each(lambda r, ranks=ranks, inputs=inputs:
-                                    ranks.comms[r].allreduce(inputs[r])))  # fmt: skip
+            sums.append(
+                ranks._each(
+                    lambda r, ranks=ranks, inputs=inputs: ranks.comms[r].allreduce(inputs[r])
+                )
+            )
             ranks.close()  # both ranks leave: the job is released
             assert controller.jobs()["jobs"] == []
         assert all((s == 3).all() for s in sums[0]) and all((s == 30).all() for s in sums[1])

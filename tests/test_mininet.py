@@ -90,10 +90,11 @@ def test_link_loss_without_netem_is_an_error_not_a_silent_no_op(tmp_path, no_lef
         ("soft", 20.0, 500_000, 64),
         # BMv2 takes ~2,800 aggregation packets/s here: slower links, so they are the limit;
         # a window the size of the bandwidth-delay product (more slots only queue at the link)
-        pytest.param("bmv2", 1.0, 50_000, 4,
-                     marks=[pytest.mark.requires_bmv2, pytest.mark.requires_p4c]),
+        pytest.param(
+            "bmv2", 1.0, 50_000, 4, marks=[pytest.mark.requires_bmv2, pytest.mark.requires_p4c]
+        ),
     ],
-)  # fmt: skip
+)
 def test_time_on_slow_links_is_what_the_bytes_on_the_wire_predict(
     switch, bw, elements, slots, tmp_path, no_leftovers
 ) -> None:
@@ -168,9 +169,19 @@ def test_a_controller_runs_two_jobs_while_a_host_forges_packets(
         job4 = emu.start_workers(elements, dtype="int32", hosts=hosts[3:7], job_id=4, seed=1)
         Emulation.release(job3 + job4)  # both jobs admitted and running
         running = _controller_view(hosts[0])
-        forger = hosts[7].popen([sys.executable, "-c", SPOOF.format(
-            k=options.k, ip=hosts[7].IP(), count=300, switch=SWITCH_IP,
-            port=wire.DEFAULT_SWITCH_PORT)])  # fmt: skip
+        forger = hosts[7].popen(
+            [
+                sys.executable,
+                "-c",
+                SPOOF.format(
+                    k=options.k,
+                    ip=hosts[7].IP(),
+                    count=300,
+                    switch=SWITCH_IP,
+                    port=wire.DEFAULT_SWITCH_PORT,
+                ),
+            ]
+        )
         reports = Emulation.reports(job3 + job4)
         assert forger.wait(timeout=30) == 0
         view = _controller_view(hosts[0])

@@ -46,9 +46,19 @@ def send(
     length: int = K,
 ) -> list[Packet]:
     header = wire.Header(
-        wire.MsgType.DATA, job_id, rank, slot, round_ & 1, exponent, round_, chunk, K,
-        format_, length, session,
-    )  # fmt: skip
+        wire.MsgType.DATA,
+        job_id,
+        rank,
+        slot,
+        round_ & 1,
+        exponent,
+        round_,
+        chunk,
+        K,
+        format_,
+        length,
+        session,
+    )
     payload = wire.encode(header, np.full(K, value, dtype=np.int32))
     pkt = switch.parser.parse_datagram(payload, source or worker_address(rank), SWITCH)
     return switch.process(pkt)

@@ -57,16 +57,21 @@ def server(command: str) -> Iterator[subprocess.Popen]:
     """A README server line, running until the block is done; fails if it never gets ready."""
     words = shlex.split(command)
     proc = subprocess.Popen(
-        words, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        words,
+        cwd=ROOT,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-    )  # fmt: skip
+    )
     try:
         ready = READY[words[1]]
         while True:
             line = proc.stdout.readline()
             assert line, f"{command!r} exited: {proc.stderr.read()[-2000:]}"
-            if line.split()[0] in ready and (words[1] != "switch" or "--p4runtime" not in words
-                                             or line.startswith("listening")):  # fmt: skip
+            if line.split()[0] in ready and (
+                words[1] != "switch" or "--p4runtime" not in words or line.startswith("listening")
+            ):
                 break
         yield proc
     finally:
@@ -170,7 +175,12 @@ def test_long_readme_command_runs_as_written(command: str) -> None:
     if "bmv2" in command and not shutil.which("simple_switch_grpc"):
         pytest.skip("simple_switch_grpc not on PATH")
     result = subprocess.run(
-        ["bash", "-c", command], cwd=ROOT, env=environment(), stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
+        ["bash", "-c", command],
+        cwd=ROOT,
+        env=environment(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, f"{command!r}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"

@@ -151,9 +151,10 @@ def settle(cluster: Cluster, ranks: list[Rank], deadline: float) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("controlled", "seed"), [(False, 1), (False, 2), (True, 1), (True, 2)],
+    ("controlled", "seed"),
+    [(False, 1), (False, 2), (True, 1), (True, 2)],
     ids=["static-1", "static-2", "controller-1", "controller-2"],
-)  # fmt: skip
+)
 def test_kills_and_restarts_in_any_order_never_give_a_wrong_sum_or_a_hang(
     controlled: bool, seed: int, tmp_path: Path
 ) -> None:

@@ -296,12 +296,24 @@ def test_a_forged_source_without_the_session_cannot_inject() -> None:
             rng = np.random.default_rng(0)
             while not stop.is_set() and sent < 20_000:
                 header = wire.Header(
-                    wire.MsgType.DATA, 1, 0, int(rng.integers(8)), 1, 0, 1, 0, K,
+                    wire.MsgType.DATA,
+                    job_id=1,
+                    rank=0,
+                    slot=int(rng.integers(8)),
+                    version=1,
+                    exponent=0,
+                    round=1,
+                    chunk=0,
+                    count=K,
                     session=int(rng.integers(1 << 62)),
-                )  # fmt: skip
+                )
                 payload = wire.encode(header, np.full(K, 1_000_000, np.int32))
-                udp = (ports[0].to_bytes(2, "big") + switch_port.to_bytes(2, "big")
-                       + (8 + len(payload)).to_bytes(2, "big") + b"\0\0")  # fmt: skip
+                udp = (
+                    ports[0].to_bytes(2, "big")
+                    + switch_port.to_bytes(2, "big")
+                    + (8 + len(payload)).to_bytes(2, "big")
+                    + b"\0\0"
+                )
                 forger.sendto(udp + payload, (switch_host, 0))
                 sent += 1
                 if sent % 100 == 0:

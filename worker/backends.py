@@ -113,9 +113,18 @@ class SwitchBackend(Backend):
             o = options
             # entered before the communicator, so it outlives it: a rank leaves once done
             membership = self._stack.enter_context(
-                join(sock, o.job_id, o.rank, o.world_size, o.k, switch=o.switch, slots=o.slots,
-                     controller=o.controller, timeout=o.timeout * 6)
-            )  # fmt: skip
+                join(
+                    sock,
+                    o.job_id,
+                    o.rank,
+                    o.world_size,
+                    o.k,
+                    switch=o.switch,
+                    slots=o.slots,
+                    controller=o.controller,
+                    timeout=o.timeout * 6,
+                )
+            )
             worker_options = WorkerOptions(
                 k=o.k, timeout=o.timeout, precision_bits=o.precision_bits, min_rto=o.min_rto
             )

@@ -36,14 +36,16 @@ class RegistrationError(WorkerError):
         self.status = status
 
 
-def _call(controller: str, method: str, path: str, body: dict | None = None,
-          timeout: float = 10.0) -> dict:  # fmt: skip
+def _call(
+    controller: str, method: str, path: str, body: dict | None = None, timeout: float = 10.0
+) -> dict:
     """One JSON request to the controller; its JSON answer."""
     request = urllib.request.Request(
-        f"{controller.rstrip('/')}{path}", method=method,
+        f"{controller.rstrip('/')}{path}",
+        method=method,
         data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
-    )  # fmt: skip
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.load(response)
@@ -67,8 +69,9 @@ class Membership:
     warning. A static job (no controller) has nothing to keep.
     """
 
-    def __init__(self, binding: JobBinding, controller: str | None = None,
-                 lease: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, binding: JobBinding, controller: str | None = None, lease: float | None = None
+    ) -> None:
         self.binding = binding
         self.controller = controller
         self.lease = lease
@@ -89,13 +92,22 @@ class Membership:
     def _renew(self, controller: str, lease: float) -> None:
         while not self._stop.wait(lease / 3):
             try:
-                _call(controller, "POST", self._path("lease"),
-                      {"session": self.binding.session}, timeout=lease)  # fmt: skip
+                _call(
+                    controller,
+                    "POST",
+                    self._path("lease"),
+                    {"session": self.binding.session},
+                    timeout=lease,
+                )
             except RegistrationError as exc:
                 if exc.status is None:
                     continue  # the controller is restarting: it recovers the job, try again
-                log.warning("job %d rank %d: the controller ended the job's lease: %s",
-                            self.binding.job_id, self.binding.rank, exc)  # fmt: skip
+                log.warning(
+                    "job %d rank %d: the controller ended the job's lease: %s",
+                    self.binding.job_id,
+                    self.binding.rank,
+                    exc,
+                )
                 return
 
     def close(self) -> None:
@@ -107,11 +119,19 @@ class Membership:
         self._thread.join()
         self._thread = None
         try:
-            _call(self.controller, "DELETE", self._path(f"workers/{self.binding.rank}"),
-                  {"session": self.binding.session})  # fmt: skip
+            _call(
+                self.controller,
+                "DELETE",
+                self._path(f"workers/{self.binding.rank}"),
+                {"session": self.binding.session},
+            )
         except RegistrationError as exc:
-            log.warning("job %d rank %d: could not leave the job: %s",
-                        self.binding.job_id, self.binding.rank, exc)  # fmt: skip
+            log.warning(
+                "job %d rank %d: could not leave the job: %s",
+                self.binding.job_id,
+                self.binding.rank,
+                exc,
+            )
 
     def __enter__(self) -> Membership:
         return self
@@ -120,9 +140,18 @@ class Membership:
         self.close()
 
 
-def join(sock: socket.socket, job_id: int, rank: int, world_size: int, k: int, *,
-         switch: tuple[str, int] | None = None, slots: int | None = None,
-         controller: str | None = None, timeout: float = 60.0) -> Membership:  # fmt: skip
+def join(
+    sock: socket.socket,
+    job_id: int,
+    rank: int,
+    world_size: int,
+    k: int,
+    *,
+    switch: tuple[str, int] | None = None,
+    slots: int | None = None,
+    controller: str | None = None,
+    timeout: float = 60.0,
+) -> Membership:
     """This rank's membership: from the controller, or for a job installed statically at
     ``switch`` with ``slots`` slots."""
     if controller is not None:
@@ -132,8 +161,15 @@ def join(sock: socket.socket, job_id: int, rank: int, world_size: int, k: int, *
     return Membership(JobBinding(job_id, rank, world_size, slots, switch))
 
 
-def register(controller: str, job_id: int, rank: int, world_size: int, sock: socket.socket,
-             k: int, timeout: float = 60.0) -> Membership:  # fmt: skip
+def register(
+    controller: str,
+    job_id: int,
+    rank: int,
+    world_size: int,
+    sock: socket.socket,
+    k: int,
+    timeout: float = 60.0,
+) -> Membership:
     """Register this rank's address for ``job_id``; returns once every rank has registered."""
     what = f"rank {rank} of job {job_id}"
     try:
@@ -141,15 +177,20 @@ def register(controller: str, job_id: int, rank: int, world_size: int, sock: soc
         host, _, port = info["data_plane"].rpartition(":")
         sock.connect((host, int(port)))  # the kernel picks the source address now
         ip, udp_port = sock.getsockname()
-        answer = _call(controller, "POST", f"/v1/jobs/{job_id}/workers",
-                       {"rank": rank, "world_size": world_size, "ip": ip,
-                        "udp_port": udp_port, "k": k}, timeout=timeout)  # fmt: skip
+        answer = _call(
+            controller,
+            "POST",
+            f"/v1/jobs/{job_id}/workers",
+            {"rank": rank, "world_size": world_size, "ip": ip, "udp_port": udp_port, "k": k},
+            timeout=timeout,
+        )
     except RegistrationError as exc:
         refused = "controller refused " if exc.status is not None else ""
         raise RegistrationError(f"{refused}{what}: {exc}", exc.status) from None
     except OSError as exc:
         raise RegistrationError(f"{what}: cannot reach the switch's data plane: {exc}") from None
     host, _, port = answer["switch"].rpartition(":")
-    binding = JobBinding(job_id, rank, world_size, answer["slot_count"], (host, int(port)),
-                         session=answer["session"])  # fmt: skip
+    binding = JobBinding(
+        job_id, rank, world_size, answer["slot_count"], (host, int(port)), session=answer["session"]
+    )
     return Membership(binding, controller, answer["lease"])

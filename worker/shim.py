@@ -185,10 +185,18 @@ class SwitchCommunicator:
         bits = self.options.precision_bits if array.dtype == np.float32 else q.MAX_BITS
         while True:
             b = self.binding
-            job = Job(b.job_id, b.rank, b.world_size, b.slot_count, self.options.k,
-                      self.session, self.options.precision_bits)  # fmt: skip
-            xfer = Transfer(job, flat, wire.encode_format(dtype_name, bits), self._rounds,
-                            self._rtt, self.stats)  # fmt: skip
+            job = Job(
+                b.job_id,
+                b.rank,
+                b.world_size,
+                b.slot_count,
+                self.options.k,
+                self.session,
+                self.options.precision_bits,
+            )
+            xfer = Transfer(
+                job, flat, wire.encode_format(dtype_name, bits), self._rounds, self._rtt, self.stats
+            )
             try:
                 self._run(xfer)
                 break

@@ -249,9 +249,19 @@ class Transfer:
                 payload += self._zero_payload[count * wire.ELEMENT_BYTES :]
             wire_chunk = chunk
         header = wire.Header(
-            wire.MsgType.DATA, job.job_id, job.rank, slot, round_ & 1, int(exponent), round_,
-            wire_chunk, count, self.format, self.flat.size, job.session,
-        )  # fmt: skip
+            wire.MsgType.DATA,
+            job.job_id,
+            job.rank,
+            slot,
+            round_ & 1,
+            int(exponent),
+            round_,
+            wire_chunk,
+            count,
+            self.format,
+            self.flat.size,
+            job.session,
+        )
         use = _SlotUse(chunk, wire_chunk, round_, count, header.pack() + payload)
         self._uses[slot] = use
         self._arm(slot, use, now)

@@ -43,9 +43,12 @@ class LoopbackSwitch:
 
     def __enter__(self) -> LoopbackSwitch:
         self.proc = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+            self.command,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )  # fmt: skip
+        )
         ready = piped(self.proc.stdout).readline().split()
         if not ready or ready[0] != "listening":
             self.__exit__()

@@ -40,9 +40,16 @@ def communicator(stack: ExitStack, args: list[str]) -> tuple[SwitchCommunicator,
         sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         sock.bind(("127.0.0.1", 0))
         membership = stack.enter_context(
-            join(sock, 1, int(rank), int(world_size), int(k), controller=controller,
-                 timeout=float(timeout))
-        )  # fmt: skip
+            join(
+                sock,
+                1,
+                int(rank),
+                int(world_size),
+                int(k),
+                controller=controller,
+                timeout=float(timeout),
+            )
+        )
         options = WorkerOptions(k=int(k), timeout=float(timeout))
         comm = SwitchCommunicator(membership.binding, options, sock)
     else:
