@@ -136,6 +136,10 @@ class SwitchSupervisor:
     def _reconnect(self) -> None:
         """One attempt: connect, take arbitration, push, re-install. On failure the reason
         is kept in ``problem`` and the next wake-up tries again."""
+        with self.lock:
+            # First: a switch still holding our old stream refuses a second one with the same
+            # election id (INVALID_ARGUMENT, as PI does), so the new one would never get in.
+            self.jobs.conn.close()
         try:
             conn = self._connect()
         except ControllerError as exc:
@@ -143,8 +147,7 @@ class SwitchSupervisor:
             return
         try:
             with self.lock:
-                old, self.jobs.conn = self.jobs.conn, conn
-                old.close()
+                self.jobs.conn = conn
                 pushed = conn.installed_p4info() != self.p4info
                 if pushed:
                     conn.push_pipeline(self.device_config)
