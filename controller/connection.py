@@ -269,7 +269,7 @@ class SwitchConnection:
 def _rpc_error(address: str, exc: grpc.RpcError) -> Exception:
     """A WriteError with every failed update's code and message, or the plain RPC error."""
     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return SwitchUnavailableError(f"{address}: {exc.details()}")
+        return SwitchUnavailableError(f"switch {address} unavailable: {exc.details()}")
     if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
         return NotPrimaryError(f"{address}: {exc.details()}")
     failures = []
