@@ -329,12 +329,21 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
 
     # -- arbitration -------------------------------------------------------------
 
+    @property
+    def _loaded(self) -> _Pipeline:
+        """The pipeline the switch runs; Write and Read refuse to start without one."""
+        if self.pipeline is None:
+            raise P4RuntimeError(code_pb2.FAILED_PRECONDITION, _NO_PIPELINE)
+        return self.pipeline
+
     def _primary(self) -> _Stream | None:
         return max(self._streams, key=lambda s: s.election_id, default=None)
 
     def _notify(self, stream: _Stream) -> None:
         """Tell ``stream`` the primary's election id and whether it is the primary."""
         primary = self._primary()
+        if primary is None:
+            return  # no stream left to tell
         response = p4runtime_pb2.StreamMessageResponse()
         update = response.arbitration
         update.device_id = self.device_id
@@ -460,7 +469,7 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
                 raise _invalid("COMMIT takes no config: it commits the saved one")
             if not self._pending:
                 raise P4RuntimeError(code_pb2.NOT_FOUND, "no saved config: VERIFY_AND_SAVE first")
-            self._realize(self.pipeline)
+            self._realize(self._loaded)
         elif action == SetPipeline.RECONCILE_AND_COMMIT:
             if self._running is None:
                 switch = self.switch
@@ -587,7 +596,7 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
             raise P4RuntimeError(code_pb2.UNIMPLEMENTED, f"writing {kind} is not supported")
 
     def _write_table_entry(self, kind: int, entry: p4runtime_pb2.TableEntry) -> None:
-        pipeline = self.pipeline
+        pipeline = self._loaded
         table, info = pipeline.table(entry.table_id)
         if entry.HasField("time_since_last_hit"):
             raise _invalid("has_time_since_last_hit must not be set in WriteRequest")
@@ -607,12 +616,14 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
         try:
             if key is None:
                 table.set_default(call or self._defaults[table.name])
+            elif kind == Update.DELETE:
+                table.delete(key)
+            elif call is None:  # unreachable: a keyed INSERT or MODIFY was refused without one
+                raise _invalid("'action' field must be set for non-default entries")
             elif kind == Update.INSERT:
                 table.insert(key, call)
-            elif kind == Update.MODIFY:
-                table.modify(key, call)
             else:
-                table.delete(key)
+                table.modify(key, call)
         except TableError as exc:
             raise P4RuntimeError(_TABLE_ERROR_CODES[exc.code], str(exc)) from None
         metadata = pipeline.state.metadata
@@ -622,7 +633,7 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
             metadata.pop((table.name, key), None)
 
     def _write_counter(self, kind: int, entry: p4runtime_pb2.CounterEntry) -> None:
-        counter = self.pipeline.counter(entry.counter_id)
+        counter = self._loaded.counter(entry.counter_id)
         if not entry.HasField("index"):
             raise P4RuntimeError(
                 code_pb2.UNIMPLEMENTED, "Wildcard write is not supported for indirect counters yet"
@@ -649,7 +660,7 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
         if gid >= RESERVED_GROUPS:
             raise P4RuntimeError(code_pb2.OUT_OF_RANGE, "Group id value is too high")
         _update_type(kind, (Update.INSERT, Update.MODIFY, Update.DELETE))
-        groups = self.pipeline.state.groups
+        groups = self._loaded.state.groups
         if kind == Update.INSERT and gid in groups:
             raise P4RuntimeError(code_pb2.ALREADY_EXISTS, f"Multicast group {gid} already exists")
         if kind != Update.INSERT and gid not in groups:
@@ -666,7 +677,7 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
         _update_type(kind, (Update.INSERT, Update.MODIFY, Update.DELETE))
         if sid >= CLONE_SESSIONS:
             raise _invalid("Clone session id out-of-range")
-        sessions = self.pipeline.state.clone_sessions
+        sessions = self._loaded.state.clone_sessions
         if kind == Update.INSERT and sid in sessions:
             raise P4RuntimeError(code_pb2.ALREADY_EXISTS, "Clone session id already exists")
         if kind != Update.INSERT and sid not in sessions:
@@ -724,7 +735,7 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
     def _read_table_entries(
         self, wanted: p4runtime_pb2.TableEntry
     ) -> Iterator[p4runtime_pb2.Entity]:
-        pipeline = self.pipeline
+        pipeline = self._loaded
         for table_id in [wanted.table_id] if wanted.table_id else list(pipeline.tables):
             table, info = pipeline.table(table_id)
             if wanted.HasField("time_since_last_hit"):
@@ -733,14 +744,14 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
                 yield pipeline.entry(table_id, None, table.default_action)
             elif wanted.match:  # one entry: that key's, if there is one
                 key = pipeline.key(info, wanted)
-                if key in table.entries:
+                if key is not None and key in table.entries:
                     yield pipeline.entry(table_id, key, table.entries[key])
             else:
                 for key, call in list(table.entries.items()):
                     yield pipeline.entry(table_id, key, call)
 
     def _read_counters(self, wanted: p4runtime_pb2.CounterEntry) -> Iterator[p4runtime_pb2.Entity]:
-        pipeline = self.pipeline
+        pipeline = self._loaded
         for counter_id in [wanted.counter_id] if wanted.counter_id else list(pipeline.counters):
             counter = pipeline.counter(counter_id)
             indices: Iterable[int] = range(counter.size)
@@ -769,7 +780,7 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
     def _read_groups(self, gid: int) -> Iterator[p4runtime_pb2.Entity]:
         if gid >= RESERVED_GROUPS:
             raise P4RuntimeError(code_pb2.OUT_OF_RANGE, "Group id value is too high")
-        groups = self.pipeline.state.groups
+        groups = self._loaded.state.groups
         if gid and gid not in groups:
             raise P4RuntimeError(code_pb2.NOT_FOUND, f"Multicast group {gid} does not exist")
         for found_id in [gid] if gid else sorted(groups):
@@ -780,7 +791,7 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
             yield found
 
     def _read_clone_sessions(self, sid: int) -> Iterator[p4runtime_pb2.Entity]:
-        sessions = self.pipeline.state.clone_sessions
+        sessions = self._loaded.state.clone_sessions
         if sid and sid not in sessions:
             raise P4RuntimeError(code_pb2.NOT_FOUND, "Clone session id does not exist")
         for found_id in [sid] if sid else sorted(sessions):
