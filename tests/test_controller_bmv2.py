@@ -6,17 +6,15 @@ Everything is observed over P4Runtime, the way the controller sees any switch
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from controller.connection import SwitchConnection, TableEntry, load_p4info
 from controller.errors import AdmissionError, WriteError
 from controller.forwarding import FORWARD_TABLE, install_routes
 from controller.jobs import JobTable, Member, job_entries, replica_id
-from emulation.bmv2 import SIMPLE_SWITCH_GRPC, compile_program, wait_for_p4runtime
+from emulation.bmv2 import compile_program
 from switchreduce import wire
-from switchreduce.ports import free_tcp_port
+from tests.helpers.bmv2 import simple_switch_grpc
 
 pytestmark = [pytest.mark.requires_bmv2, pytest.mark.requires_p4c]
 
@@ -35,21 +33,9 @@ def program(tmp_path_factory):
 
 @pytest.fixture
 def bmv2(program, tmp_path):
-    """A fresh simple_switch_grpc with no program yet; yields (address, its connection)."""
-    address = f"127.0.0.1:{free_tcp_port()}"
-    log = tmp_path / "bmv2.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [SIMPLE_SWITCH_GRPC, "--device-id", "0", "--no-p4", "--thrift-port",
-             str(free_tcp_port()), "--", "--grpc-server-addr", address],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        wait_for_p4runtime(proc, address, log)
+    """A fresh simple_switch_grpc with no program yet; yields its P4Runtime address."""
+    with simple_switch_grpc(tmp_path / "bmv2.log") as address:
         yield address
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _connect(address: str, program, election_id: int = 1) -> SwitchConnection:

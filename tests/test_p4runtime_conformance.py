@@ -11,7 +11,6 @@ servers and compares every answer.
 from __future__ import annotations
 
 import queue
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,10 +25,11 @@ from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
 from controller.connection import encode_value, load_p4info
-from emulation.bmv2 import SIMPLE_SWITCH_GRPC, compile_program, wait_for_p4runtime
+from emulation.bmv2 import compile_program
 from emulation.softswitch.p4runtime_server import CLONE_SESSIONS, RESERVED_GROUPS, serve
 from emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.ports import free_tcp_port
+from tests.helpers.bmv2 import simple_switch_grpc
 
 K = 256
 JOBS, SET_JOB, NO_ACTION = "SwitchReduceIngress.jobs", "SwitchReduceIngress.set_job", "NoAction"
@@ -65,19 +65,8 @@ def soft_switch() -> Iterator[Target]:
 @contextmanager
 def bmv2_switch(program, log: Path) -> Iterator[Target]:
     """A fresh simple_switch_grpc with no program, on loopback; stopped by its PID."""
-    address = f"127.0.0.1:{free_tcp_port()}"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [SIMPLE_SWITCH_GRPC, "--device-id", "0", "--no-p4", "--thrift-port",
-             str(free_tcp_port()), "--", "--grpc-server-addr", address],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        wait_for_p4runtime(proc, address, log)
+    with simple_switch_grpc(log) as address:
         yield Target(address, load_p4info(program.p4info), program.bmv2_json.read_bytes())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _sorted_replicas(entity: p4runtime_pb2.Entity) -> p4runtime_pb2.Entity:
