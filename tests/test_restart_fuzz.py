@@ -110,9 +110,13 @@ class Cluster:
         )
 
     def settled(self) -> None:
-        """A controller's job ends once its ranks are gone: left, or their lease expired."""
+        """A controller's job ends once its ranks are gone (left, or their lease expired), and
+        a restarted switch is back once the controller has re-programmed it."""
         if self.controlled:
-            self.controller.wait_for(lambda view: not view["jobs"], timeout=LEASE + 10)
+            self.controller.wait_for(
+                lambda view: not view["jobs"] and view["switch"] == "available",
+                timeout=LEASE + 10,
+            )
 
     def stop(self) -> None:
         if self.static_switch is not None and self.static_switch.poll() is None:
@@ -146,6 +150,7 @@ def settle(cluster: Cluster, ranks: list[Rank], deadline: float) -> list[str]:
             assert error["error"] in DOCUMENTED, (error, cluster.log)
             assert "job 1" in error["message"], error
             outcomes.append(error["error"])
+            cluster.log.append(f"{error['error']}: {error['message']}")
     cluster.settled()
     return outcomes
 
@@ -188,6 +193,7 @@ def test_kills_and_restarts_in_any_order_never_give_a_wrong_sum_or_a_hang(
             cluster.log.append(f"run {run} outcomes: {outcomes}")
         # After all that, a clean run of the same job works and is exact.
         ranks = [cluster.start_rank(r, seed, 10) for r in range(WORLD_SIZE)]
-        assert settle(cluster, ranks, time.monotonic() + 60) == ["finished"] * WORLD_SIZE
+        outcomes = settle(cluster, ranks, time.monotonic() + 60)
+        assert outcomes == ["finished"] * WORLD_SIZE, cluster.log[-8:]
     finally:
         cluster.stop()
