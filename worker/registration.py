@@ -14,6 +14,7 @@ the last rank out releases the job, so the same job id can run again.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import socket
@@ -52,10 +53,11 @@ def _call(
     except urllib.error.HTTPError as exc:
         try:
             reason = json.loads(exc.read() or b"{}").get("error", exc.reason)
-        except ValueError:
+        except (ValueError, OSError, http.client.HTTPException):  # no readable body
             reason = exc.reason
         raise RegistrationError(str(reason), exc.code) from None
-    except OSError as exc:
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        # refused, reset, or an answer cut short (a controller restarting mid-reply)
         raise RegistrationError(f"controller {controller} unreachable: {exc}") from None
 
 
