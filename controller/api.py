@@ -46,7 +46,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from controller.errors import (
+from switchreduce import wire
+from switchreduce.controller.errors import (
     AdmissionError,
     CapacityError,
     ControllerError,
@@ -55,9 +56,8 @@ from controller.errors import (
     UnknownJobError,
     WriteError,
 )
-from controller.jobs import Job, Member, replica_id
-from controller.supervisor import SwitchSupervisor
-from switchreduce import wire
+from switchreduce.controller.jobs import Job, Member, replica_id
+from switchreduce.controller.supervisor import SwitchSupervisor
 from switchreduce.wire import DropReason
 
 log = logging.getLogger(__name__)

@@ -22,12 +22,11 @@ from google.rpc import code_pb2, status_pb2
 from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
-from controller.errors import NotPrimaryError, SwitchUnavailableError, WriteError
+from switchreduce.controller.errors import NotPrimaryError, SwitchUnavailableError, WriteError
+from switchreduce.p4program import P4INFO
 
-P4INFO_PATH = Path(__file__).resolve().parent.parent / "p4src" / "switchreduce.p4info.txtpb"
 
-
-def load_p4info(path: Path = P4INFO_PATH) -> p4info_pb2.P4Info:
+def load_p4info(path: Path = P4INFO) -> p4info_pb2.P4Info:
     return text_format.Parse(Path(path).read_text(), p4info_pb2.P4Info())
 
 

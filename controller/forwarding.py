@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from p4.v1 import p4runtime_pb2
 
-from controller.connection import SwitchConnection, TableEntry
+from switchreduce.controller.connection import SwitchConnection, TableEntry
 
 FORWARD_TABLE = "SwitchReduceIngress.forward"
 

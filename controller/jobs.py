@@ -19,21 +19,21 @@ from google.rpc import code_pb2
 from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2
 
-from controller.connection import (
+from switchreduce import wire
+from switchreduce.controller.connection import (
     MulticastGroup,
     SwitchConnection,
     TableEntry,
     Update,
     p4info_size,
 )
-from controller.errors import (
+from switchreduce.controller.errors import (
     AdmissionError,
     CapacityError,
     ControllerError,
     UnknownJobError,
     WriteError,
 )
-from switchreduce import wire
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ import threading
 
 from p4.config.v1 import p4info_pb2
 
-from controller.connection import SwitchConnection
-from controller.errors import ControllerError
-from controller.forwarding import install_routes
-from controller.jobs import JobTable
+from switchreduce.controller.connection import SwitchConnection
+from switchreduce.controller.errors import ControllerError
+from switchreduce.controller.forwarding import install_routes
+from switchreduce.controller.jobs import JobTable
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from emulation.errors import EmulationError
+from switchreduce.emulation.errors import EmulationError
+from switchreduce.p4program import P4_SOURCE
 
-P4_SOURCE = Path(__file__).resolve().parent.parent / "p4src" / "switchreduce.p4"
 P4C = "p4c-bm2-ss"
 SIMPLE_SWITCH_GRPC = "simple_switch_grpc"
 

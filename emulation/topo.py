@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from emulation.bmv2 import (
+from switchreduce import wire
+from switchreduce.emulation.bmv2 import (
     SIMPLE_SWITCH_GRPC,
     CompiledProgram,
     bmv2_available,
     compile_program,
     wait_for_p4runtime,
 )
-from emulation.errors import EmulationError
-from switchreduce import wire
-from switchreduce.cli import cli_command, piped
+from switchreduce.emulation.errors import EmulationError
+from switchreduce.launch import cli_command, piped
 
 if TYPE_CHECKING:
     from mininet.net import Mininet  # imported where used: a Debian package, maybe absent

@@ -27,9 +27,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.errors import ConfigError
 from switchreduce import wire
-from worker import quantize
+from switchreduce.experiments.errors import ConfigError
+from switchreduce.worker import quantize
 
 
 @dataclass(frozen=True)

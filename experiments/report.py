@@ -20,7 +20,7 @@ import json
 import statistics
 from pathlib import Path
 
-from experiments.train import metrics_path
+from switchreduce.experiments.records import metrics_path
 
 SUMMARY_FIELDS = (
     "backend",

@@ -26,14 +26,14 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from emulation.errors import EmulationError
-from emulation.softswitch.faults import FaultSpec
-from emulation.softswitch.process import LoopbackSwitch
-from experiments import report
-from experiments.config import ExperimentConfig
-from experiments.errors import ExperimentError
-from experiments.train import PROGRESS
-from switchreduce.cli import cli_command, piped
+from switchreduce.emulation.errors import EmulationError
+from switchreduce.emulation.softswitch.faults import FaultSpec
+from switchreduce.emulation.softswitch.process import LoopbackSwitch
+from switchreduce.experiments import report
+from switchreduce.experiments.config import ExperimentConfig
+from switchreduce.experiments.errors import ExperimentError
+from switchreduce.experiments.records import PROGRESS
+from switchreduce.launch import cli_command, piped
 from switchreduce.ports import free_tcp_port, free_udp_ports
 
 BACKENDS = ("switch", "gloo")
@@ -164,7 +164,7 @@ class MininetCluster(Cluster):
     """A Mininet star (emulation.topo) with the switch node; the ranks on its hosts (root)."""
 
     def __enter__(self) -> MininetCluster:
-        from emulation.topo import Emulation, TopoOptions
+        from switchreduce.emulation.topo import Emulation, TopoOptions
 
         super().__enter__()
         topo, sw = self.config.topology, self.config.switch
@@ -195,7 +195,7 @@ class MininetCluster(Cluster):
         return self.emulation.hosts[0].IP(), self.gloo_port
 
     def rank_args(self, rank: int) -> list[str]:
-        from emulation.topo import WORKER_UDP_PORT
+        from switchreduce.emulation.topo import WORKER_UDP_PORT
 
         host = self.emulation.hosts[rank]
         return ["--bind", f"{host.IP()}:{WORKER_UDP_PORT}", *self.emulation.switch_args(),

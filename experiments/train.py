@@ -27,15 +27,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from experiments.config import ExperimentConfig
-from experiments.workloads import Dataset, build_model, build_optimizer, load_dataset
-from worker.backends import Backend, GroupOptions, open_backend
-
-PROGRESS = "progress "
-
-
-def metrics_path(out: Path, backend: str, rank: int) -> Path:
-    return out / f"metrics-{backend}-rank{rank}.jsonl"
+from switchreduce.experiments.config import ExperimentConfig
+from switchreduce.experiments.records import PROGRESS, metrics_path
+from switchreduce.experiments.workloads import Dataset, build_model, build_optimizer, load_dataset
+from switchreduce.worker.backends import Backend, GroupOptions, open_backend
 
 
 def interface_tx_bytes(name: str) -> int:

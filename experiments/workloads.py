@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from experiments.config import DataConfig, ModelConfig, OptimizerConfig
+from switchreduce.experiments.config import DataConfig, ModelConfig, OptimizerConfig
 
 
 @dataclass(frozen=True)

@@ -19,22 +19,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, AnyStr
 
 from switchreduce import wire
-from worker.backends import BACKENDS
-
-
-def cli_command(*args: str) -> list[str]:
-    """The command line that runs ``switchreduce ARGS...`` with this interpreter."""
-    return [sys.executable, "-m", "switchreduce.cli", *args]
-
-
-def piped(stream: IO[AnyStr] | None) -> IO[AnyStr]:
-    """A child's stdin, stdout or stderr, which is there when it was started with PIPE."""
-    if stream is None:
-        raise ValueError("the process was started without this stream piped")
-    return stream
+from switchreduce.worker.backends import BACKENDS
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -300,14 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_switch(args: argparse.Namespace) -> int:
-    from controller.forwarding import parse_mac
-    from controller.jobs import Job
-    from emulation.softswitch.faults import FaultSpec
-    from emulation.softswitch.pipeline import SoftSwitch
-    from emulation.softswitch.raw import RawSwitch
-    from emulation.softswitch.runtime import SwitchRuntime
-    from emulation.softswitch.static import StaticJob, install_forwarding, parse_member
-    from emulation.softswitch.udp import UdpSwitch
+    from switchreduce.controller.forwarding import parse_mac
+    from switchreduce.controller.jobs import Job
+    from switchreduce.emulation.softswitch.faults import FaultSpec
+    from switchreduce.emulation.softswitch.pipeline import SoftSwitch
+    from switchreduce.emulation.softswitch.raw import RawSwitch
+    from switchreduce.emulation.softswitch.runtime import SwitchRuntime
+    from switchreduce.emulation.softswitch.static import StaticJob, install_forwarding, parse_member
+    from switchreduce.emulation.softswitch.udp import UdpSwitch
 
     if args.world_size is None and args.p4runtime is None:
         raise SystemExit(
@@ -321,7 +308,7 @@ def run_switch(args: argparse.Namespace) -> int:
         job = Job(args.job, args.world_size, args.slot_base, args.slots, 0, members)
         static_jobs.append(StaticJob(switch, job))
     if args.p4runtime is not None:
-        from emulation.softswitch.p4runtime_server import serve
+        from switchreduce.emulation.softswitch.p4runtime_server import serve
 
         grpc_server = serve(switch, args.p4runtime, args.device_id)
         print(f"p4runtime {args.p4runtime}", flush=True)
@@ -350,12 +337,12 @@ def run_switch(args: argparse.Namespace) -> int:
 def run_controller(args: argparse.Namespace) -> int:
     import logging
 
-    from controller.api import Registry, make_server
-    from controller.connection import load_p4info
-    from controller.errors import ControllerError
-    from controller.forwarding import parse_mac
-    from controller.jobs import ProgramSizes
-    from controller.supervisor import SwitchSupervisor
+    from switchreduce.controller.api import Registry, make_server
+    from switchreduce.controller.connection import load_p4info
+    from switchreduce.controller.errors import ControllerError
+    from switchreduce.controller.forwarding import parse_mac
+    from switchreduce.controller.jobs import ProgramSizes
+    from switchreduce.controller.supervisor import SwitchSupervisor
 
     def refuse(problem: str) -> SystemExit:
         return SystemExit(f"switchreduce controller: {problem}")
@@ -427,9 +414,9 @@ def run_controller(args: argparse.Namespace) -> int:
 
 
 def run_topo(args: argparse.Namespace) -> int:
-    from emulation.bmv2 import bmv2_available
-    from emulation.errors import EmulationError
-    from emulation.topo import DEFAULT_SLOTS, Emulation, TopoOptions
+    from switchreduce.emulation.bmv2 import bmv2_available
+    from switchreduce.emulation.errors import EmulationError
+    from switchreduce.emulation.topo import DEFAULT_SLOTS, Emulation, TopoOptions
 
     if args.switch is None:
         if bmv2_available():
@@ -474,7 +461,7 @@ def run_topo(args: argparse.Namespace) -> int:
 
 def _attachment(text: str) -> tuple[int, int]:
     """``MAC@PORT`` -> (MAC as an integer, switch port)."""
-    from controller.forwarding import parse_mac
+    from switchreduce.controller.forwarding import parse_mac
 
     mac, _, port = text.partition("@")
     return parse_mac(mac), int(port)
@@ -492,9 +479,9 @@ def _pair(spec: str, parse_key, parse_value) -> tuple:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from worker.backends import GroupOptions, open_backend
-    from worker.errors import WorkerError
-    from worker.reference import check, synthetic_tensor
+    from switchreduce.worker.backends import GroupOptions, open_backend
+    from switchreduce.worker.errors import WorkerError
+    from switchreduce.worker.reference import check, synthetic_tensor
 
     if args.backend == "gloo" and args.master is None:
         raise SystemExit("switchreduce worker: --master HOST:PORT is required with gloo")
@@ -557,16 +544,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "controller":
         return run_controller(args)
     if args.command in ("train", "run"):
-        from experiments import runner, train
-        from experiments.config import load
-        from experiments.errors import ConfigError
+        from switchreduce.experiments import runner, train
+        from switchreduce.experiments.config import load
+        from switchreduce.experiments.errors import ConfigError
 
         try:
             config = load(args.config)
         except ConfigError as exc:
             raise SystemExit(f"switchreduce {args.command}: {exc}") from None
         return (train if args.command == "train" else runner).main(args, config)
-    from switchreduce.bench import run_allreduce_bench
+    from switchreduce.experiments.bench import run_allreduce_bench
 
     return run_allreduce_bench(args)
 

@@ -11,17 +11,17 @@ from dataclasses import dataclass
 
 import pytest
 
-from controller.jobs import Job, Member
-from emulation.softswitch.faults import FaultSpec
-from emulation.softswitch.p4runtime_server import serve
-from emulation.softswitch.pipeline import SoftSwitch
-from emulation.softswitch.static import install_static_job
-from emulation.softswitch.udp import UdpSwitch
-from emulation.topo import netem_available
 from switchreduce import wire
+from switchreduce.controller.jobs import Job, Member
+from switchreduce.emulation.softswitch.faults import FaultSpec
+from switchreduce.emulation.softswitch.p4runtime_server import serve
+from switchreduce.emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.emulation.softswitch.static import install_static_job
+from switchreduce.emulation.softswitch.udp import UdpSwitch
+from switchreduce.emulation.topo import netem_available
 from switchreduce.ports import free_tcp_port
+from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
-from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
 _NEEDS = {
     "requires_root": (lambda: os.geteuid() == 0, "needs root"),

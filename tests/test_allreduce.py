@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from emulation.softswitch.faults import FaultSpec
-from worker.errors import NonFiniteError
-from worker.reference import check, reference_sum, synthetic_tensor
-from worker.shim import WorkerOptions
+from switchreduce.emulation.softswitch.faults import FaultSpec
+from switchreduce.worker.errors import NonFiniteError
+from switchreduce.worker.reference import check, reference_sum, synthetic_tensor
+from switchreduce.worker.shim import WorkerOptions
 
 K = 256
 

@@ -8,9 +8,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from switchreduce.cli import cli_command
+from switchreduce.launch import cli_command
 from switchreduce.ports import free_tcp_port
-from worker.backends import BACKENDS, Backend, GroupOptions, open_backend, register
+from switchreduce.worker.backends import BACKENDS, Backend, GroupOptions, open_backend, register
 
 
 @pytest.mark.fast

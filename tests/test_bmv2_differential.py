@@ -19,14 +19,14 @@ import time
 import numpy as np
 import pytest
 
-from controller.jobs import Job, Member
-from emulation.bmv2 import compile_program
-from emulation.softswitch.pipeline import DropReason, JobStat, SoftSwitch
-from emulation.softswitch.static import (
+from switchreduce import wire
+from switchreduce.controller.jobs import Job, Member
+from switchreduce.emulation.bmv2 import compile_program
+from switchreduce.emulation.softswitch.pipeline import DropReason, JobStat, SoftSwitch
+from switchreduce.emulation.softswitch.static import (
     install_forwarding,
     install_static_job,
 )
-from switchreduce import wire
 
 
 def _cli_runs() -> bool:

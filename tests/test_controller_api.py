@@ -9,13 +9,13 @@ import urllib.request
 
 import pytest
 
-from controller.api import Registry, make_server
-from controller.connection import load_p4info
-from controller.supervisor import SwitchSupervisor
+from switchreduce.controller.api import Registry, make_server
+from switchreduce.controller.connection import load_p4info
+from switchreduce.controller.supervisor import SwitchSupervisor
+from switchreduce.worker.reference import check, synthetic_tensor
+from switchreduce.worker.registration import RegistrationError, register
+from switchreduce.worker.shim import SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
-from worker.reference import check, synthetic_tensor
-from worker.registration import RegistrationError, register
-from worker.shim import SwitchCommunicator, WorkerOptions
 
 K = 256
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from controller.connection import SwitchConnection, TableEntry, load_p4info
-from controller.errors import AdmissionError, WriteError
-from controller.forwarding import FORWARD_TABLE, install_routes
-from controller.jobs import JobTable, Member, job_entries, replica_id
-from emulation.bmv2 import compile_program
 from switchreduce import wire
+from switchreduce.controller.connection import SwitchConnection, TableEntry, load_p4info
+from switchreduce.controller.errors import AdmissionError, WriteError
+from switchreduce.controller.forwarding import FORWARD_TABLE, install_routes
+from switchreduce.controller.jobs import JobTable, Member, job_entries, replica_id
+from switchreduce.emulation.bmv2 import compile_program
 from tests.helpers.bmv2 import simple_switch_grpc
 
 pytestmark = [pytest.mark.requires_bmv2, pytest.mark.requires_p4c]

@@ -8,10 +8,10 @@ import pytest
 from google.rpc import code_pb2
 from p4.v1 import p4runtime_pb2
 
-from controller.connection import SwitchConnection, TableEntry
-from controller.errors import NotPrimaryError, SwitchUnavailableError, WriteError
-from emulation.softswitch.p4runtime_server import serve
-from emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.controller.connection import SwitchConnection, TableEntry
+from switchreduce.controller.errors import NotPrimaryError, SwitchUnavailableError, WriteError
+from switchreduce.emulation.softswitch.p4runtime_server import serve
+from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.ports import free_tcp_port
 
 JOB = TableEntry(

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from p4.v1 import p4runtime_pb2
 
-from controller.connection import SwitchConnection, TableEntry
-from controller.errors import AdmissionError, CapacityError, WriteError
-from controller.jobs import JOB_TABLES, JobTable, Member, job_entries, replica_id
-from emulation.softswitch.pipeline import DropReason, JobStat
 from switchreduce import wire
+from switchreduce.controller.connection import SwitchConnection, TableEntry
+from switchreduce.controller.errors import AdmissionError, CapacityError, WriteError
+from switchreduce.controller.jobs import JOB_TABLES, JobTable, Member, job_entries, replica_id
+from switchreduce.emulation.softswitch.pipeline import DropReason, JobStat
+from switchreduce.worker.reference import check, synthetic_tensor
+from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
-from worker.reference import check, synthetic_tensor
-from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
 K = 256
 

@@ -16,13 +16,13 @@ import time
 import numpy as np
 import pytest
 
-from switchreduce.cli import cli_command
+from switchreduce.launch import cli_command
 from switchreduce.ports import free_tcp_port
+from switchreduce.worker.reference import check, synthetic_tensor
+from switchreduce.worker.registration import Membership, register
+from switchreduce.worker.shim import SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
 from tests.helpers.processes import ControllerProcess, SwitchProcess
-from worker.reference import check, synthetic_tensor
-from worker.registration import Membership, register
-from worker.shim import SwitchCommunicator, WorkerOptions
 
 K = 256
 LEASE = 2.0

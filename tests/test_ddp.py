@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emulation.softswitch.pipeline import JobStat
+from switchreduce.emulation.softswitch.pipeline import JobStat
+from switchreduce.worker import quantize as q
 from tests.helpers.ddp_rank import gradients, model_and_batch
-from worker import quantize as q
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "ddp_rank.py"
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from emulation.softswitch.pipeline import JobStat
-from experiments.config import ExperimentConfig, from_dict, load
-from experiments.errors import ConfigError, ExperimentError
-from experiments.runner import run_experiment
-from experiments.workloads import build_model
-from switchreduce.cli import cli_command
+from switchreduce.emulation.softswitch.pipeline import JobStat
+from switchreduce.experiments.config import ExperimentConfig, from_dict, load
+from switchreduce.experiments.errors import ConfigError, ExperimentError
+from switchreduce.experiments.runner import run_experiment
+from switchreduce.experiments.workloads import build_model
+from switchreduce.launch import cli_command
 from switchreduce.ports import free_tcp_port
 
 CONFIGS = sorted((Path(__file__).parents[1] / "experiments" / "configs").glob("*.toml"))

@@ -14,12 +14,12 @@ import time
 import numpy as np
 import pytest
 
-from emulation.softswitch.process import LoopbackSwitch
 from switchreduce import wire
-from switchreduce.cli import cli_command
+from switchreduce.emulation.softswitch.process import LoopbackSwitch
+from switchreduce.launch import cli_command
 from switchreduce.ports import free_udp_ports
-from worker.reference import check, synthetic_tensor
-from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
+from switchreduce.worker.reference import check, synthetic_tensor
+from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
 K = 256
 

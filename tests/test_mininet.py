@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from emulation.errors import EmulationError
-from emulation.topo import (
+from switchreduce import wire
+from switchreduce.emulation.errors import EmulationError
+from switchreduce.emulation.topo import (
     CONTROLLER_HTTP_PORT,
     CONTROLLER_IP,
     SWITCH_IP,
@@ -17,7 +18,6 @@ from emulation.topo import (
     TopoOptions,
     netem_available,
 )
-from switchreduce import wire
 
 pytestmark = pytest.mark.requires_root
 

@@ -24,10 +24,14 @@ from google.rpc import code_pb2, status_pb2
 from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
-from controller.connection import encode_value, load_p4info
-from emulation.bmv2 import compile_program
-from emulation.softswitch.p4runtime_server import CLONE_SESSIONS, RESERVED_GROUPS, serve
-from emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.controller.connection import encode_value, load_p4info
+from switchreduce.emulation.bmv2 import compile_program
+from switchreduce.emulation.softswitch.p4runtime_server import (
+    CLONE_SESSIONS,
+    RESERVED_GROUPS,
+    serve,
+)
+from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.ports import free_tcp_port
 from tests.helpers.bmv2 import simple_switch_grpc
 

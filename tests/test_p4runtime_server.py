@@ -20,10 +20,11 @@ import grpc
 import numpy as np
 import pytest
 
-from controller.jobs import Job, Member
-from emulation.softswitch.pipeline import SoftSwitch
-from emulation.softswitch.static import install_static_job
-from emulation.softswitch.tables import ActionCall, Register
+from switchreduce.controller.jobs import Job, Member
+from switchreduce.emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.emulation.softswitch.static import install_static_job
+from switchreduce.emulation.softswitch.tables import ActionCall, Register
+from switchreduce.p4program import P4INFO
 from tests.test_p4runtime_conformance import (
     NO_ACTION,
     SET_JOB,
@@ -36,8 +37,6 @@ from tests.test_p4runtime_conformance import (
     texts,
     update,
 )
-
-P4INFO = Path(__file__).resolve().parent.parent / "p4src" / "switchreduce.p4info.txtpb"
 
 
 def _shell(

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from emulation.bmv2 import compile_program
-from emulation.softswitch.pipeline import MAX_JOBS, POOL_SIZE, DropReason, SoftSwitch
 from switchreduce import wire
+from switchreduce.emulation.bmv2 import compile_program
+from switchreduce.emulation.softswitch.pipeline import MAX_JOBS, POOL_SIZE, DropReason, SoftSwitch
+from switchreduce.p4program import SOURCE_DIR
 
-P4SRC = Path(__file__).resolve().parent.parent / "p4src"
+P4SRC = SOURCE_DIR
 SOURCES = {path.name: path.read_text() for path in (P4SRC / "include").glob("*.p4")}
 
 

@@ -7,11 +7,17 @@ import ipaddress
 import numpy as np
 import pytest
 
-from controller.jobs import Job, Member, replica_id
-from emulation.softswitch.pipeline import DropReason, JobStat, Packet, SoftSwitch, ipv4_checksum
-from emulation.softswitch.static import install_static_job
-from emulation.softswitch.tables import ActionCall
 from switchreduce import wire
+from switchreduce.controller.jobs import Job, Member, replica_id
+from switchreduce.emulation.softswitch.pipeline import (
+    DropReason,
+    JobStat,
+    Packet,
+    SoftSwitch,
+    ipv4_checksum,
+)
+from switchreduce.emulation.softswitch.static import install_static_job
+from switchreduce.emulation.softswitch.tables import ActionCall
 
 pytestmark = pytest.mark.fast
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from worker import quantize as q
-from worker.errors import NonFiniteError
+from switchreduce.worker import quantize as q
+from switchreduce.worker.errors import NonFiniteError
 
 pytestmark = pytest.mark.fast
 

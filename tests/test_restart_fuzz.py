@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from switchreduce.cli import cli_command
+from switchreduce.launch import cli_command
 from switchreduce.ports import free_udp_ports
 from tests.helpers.processes import ControllerProcess, SwitchProcess
 

@@ -20,17 +20,22 @@ import numpy as np
 import pytest
 import torch
 
-from controller.jobs import Job, Member
-from emulation.softswitch.pipeline import SoftSwitch
-from emulation.softswitch.static import StaticJob
-from emulation.softswitch.udp import UdpSwitch
 from switchreduce import wire
-from switchreduce.cli import cli_command
+from switchreduce.controller.jobs import Job, Member
+from switchreduce.emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.emulation.softswitch.static import StaticJob
+from switchreduce.emulation.softswitch.udp import UdpSwitch
+from switchreduce.launch import cli_command
 from switchreduce.ports import free_udp_ports
+from switchreduce.worker.errors import (
+    MismatchError,
+    SessionEndedError,
+    SwitchTimeoutError,
+    WorkerError,
+)
+from switchreduce.worker.reference import check, synthetic_tensor
+from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
-from worker.errors import MismatchError, SessionEndedError, SwitchTimeoutError, WorkerError
-from worker.reference import check, synthetic_tensor
-from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
 K = 64
 SLOTS = 4

@@ -16,14 +16,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.jobs import Job as JobEntry
-from controller.jobs import Member
-from emulation.softswitch.pipeline import SoftSwitch
-from emulation.softswitch.static import install_static_job
 from switchreduce import wire
-from worker.errors import MismatchError
-from worker.reference import reference_sum, synthetic_tensor
-from worker.window import Job, RoundTrip, StaleSession, Transfer, WindowStats
+from switchreduce.controller.jobs import Job as JobEntry
+from switchreduce.controller.jobs import Member
+from switchreduce.emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.emulation.softswitch.static import install_static_job
+from switchreduce.worker.errors import MismatchError
+from switchreduce.worker.reference import reference_sum, synthetic_tensor
+from switchreduce.worker.window import Job, RoundTrip, StaleSession, Transfer, WindowStats
 
 pytestmark = pytest.mark.fast
 

@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from switchreduce import wire
-from worker import quantize as q
-from worker.registration import join
-from worker.shim import SwitchCommunicator, WorkerOptions
+from switchreduce.worker import quantize as q
+from switchreduce.worker.registration import join
+from switchreduce.worker.shim import SwitchCommunicator, WorkerOptions
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,9 @@ class SwitchBackend(Backend):
         return self.comm.allreduce(array)
 
     def attach(self, ddp: Any) -> None:
-        from worker.ddp import switch_allreduce_hook  # loads torch, which the CLI's worker need not
+        from switchreduce.worker.ddp import (
+            switch_allreduce_hook,  # loads torch, which the CLI's worker need not
+        )
 
         ddp.register_comm_hook(self.comm, switch_allreduce_hook)
 

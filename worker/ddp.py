@@ -16,7 +16,7 @@ is what the switch's slot rounds rely on.
 import torch
 import torch.distributed as dist
 
-from worker.shim import SwitchCommunicator
+from switchreduce.worker.shim import SwitchCommunicator
 
 
 def switch_allreduce_hook(

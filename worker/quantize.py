@@ -32,7 +32,7 @@ import math
 import numpy as np
 
 from switchreduce.wire import EXPONENT_BIAS, EXPONENT_MIN, EXPONENT_NONE
-from worker.errors import NonFiniteError
+from switchreduce.worker.errors import NonFiniteError
 
 INT32_MAX = np.iinfo(np.int32).max
 #: The switch's adders are 32 bits wide; fewer bits only coarsen the grid.

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker import quantize as q
+from switchreduce.worker import quantize as q
 
 
 def synthetic_tensor(seed: int, rank: int, elements: int, dtype: str) -> np.ndarray:

@@ -22,8 +22,8 @@ import threading
 import urllib.error
 import urllib.request
 
-from worker.errors import WorkerError
-from worker.shim import JobBinding
+from switchreduce.worker.errors import WorkerError
+from switchreduce.worker.shim import JobBinding
 
 log = logging.getLogger(__name__)
 

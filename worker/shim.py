@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from switchreduce import wire
-from worker import quantize as q
-from worker.errors import SessionEndedError, SwitchTimeoutError, WorkerError
-from worker.window import Job, Join, RoundTrip, StaleSession, Transfer, WindowStats
+from switchreduce.worker import quantize as q
+from switchreduce.worker.errors import SessionEndedError, SwitchTimeoutError, WorkerError
+from switchreduce.worker.window import Job, Join, RoundTrip, StaleSession, Transfer, WindowStats
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from switchreduce import wire
-from worker import quantize as q
-from worker.errors import MismatchError
+from switchreduce.worker import quantize as q
+from switchreduce.worker.errors import MismatchError
 
 PRIME = -1  # chunk index of a slot's priming use (carries only an exponent)
 #: Seconds between JOINs while the other ranks of a static job come up.

@@ -50,10 +50,10 @@ from google.rpc import code_pb2, status_pb2
 from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
-from controller.connection import decode_value, encode_value
-from emulation.errors import TableError
-from emulation.softswitch.pipeline import SoftSwitch
-from emulation.softswitch.tables import ActionCall, Counter, ExactTable, Register
+from switchreduce.controller.connection import decode_value, encode_value
+from switchreduce.emulation.errors import TableError
+from switchreduce.emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.emulation.softswitch.tables import ActionCall, Counter, ExactTable, Register
 
 API_VERSION = "1.3.0"
 #: PI's limit on open arbitration streams per device.

@@ -33,8 +33,14 @@ from enum import IntEnum
 
 import numpy as np
 
-from emulation.softswitch.tables import Action, ActionCall, Counter, ExactTable, Register
 from switchreduce import wire
+from switchreduce.emulation.softswitch.tables import (
+    Action,
+    ActionCall,
+    Counter,
+    ExactTable,
+    Register,
+)
 from switchreduce.wire import DropReason
 
 #: Slots in the pool shared by all jobs (the P4 program's POOL_SIZE).

@@ -12,9 +12,9 @@ import json
 import os
 import subprocess
 
-from emulation.errors import EmulationError
-from emulation.softswitch.faults import FaultSpec
-from switchreduce.cli import cli_command, piped
+from switchreduce.emulation.errors import EmulationError
+from switchreduce.emulation.softswitch.faults import FaultSpec
+from switchreduce.launch import cli_command, piped
 
 
 class LoopbackSwitch:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import socket
 
-from emulation.softswitch.faults import FaultSpec
-from emulation.softswitch.pipeline import Packet, SoftSwitch
-from emulation.softswitch.runtime import Emitted, Received, SwitchRuntime
-from emulation.softswitch.udp import force_buffers
+from switchreduce.emulation.softswitch.faults import FaultSpec
+from switchreduce.emulation.softswitch.pipeline import Packet, SoftSwitch
+from switchreduce.emulation.softswitch.runtime import Emitted, Received, SwitchRuntime
+from switchreduce.emulation.softswitch.udp import force_buffers
 
 _ETH_P_ALL = 0x0003
 _PACKET_OUTGOING = 4  # what we sent ourselves, looped back to the socket: ignore

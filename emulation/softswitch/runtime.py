@@ -17,9 +17,9 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any
 
-from emulation.softswitch.faults import FaultInjector, FaultSpec
-from emulation.softswitch.pipeline import DropReason, Packet, SoftSwitch
-from emulation.softswitch.static import StaticJob
+from switchreduce.emulation.softswitch.faults import FaultInjector, FaultSpec
+from switchreduce.emulation.softswitch.pipeline import DropReason, Packet, SoftSwitch
+from switchreduce.emulation.softswitch.static import StaticJob
 
 _COALESCE = 0.0002  # seconds to sleep when every port is empty
 _LINK_GONE = (errno.ENETDOWN, errno.ENXIO, errno.ENODEV)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
-from controller.connection import TableEntry
-from controller.forwarding import forward_entry, parse_mac
-from controller.jobs import Job, Member, job_entries
-from emulation.softswitch.pipeline import JobStat, Packet, SoftSwitch, swap_addresses
-from emulation.softswitch.tables import ActionCall
 from switchreduce import wire
+from switchreduce.controller.connection import TableEntry
+from switchreduce.controller.forwarding import forward_entry, parse_mac
+from switchreduce.controller.jobs import Job, Member, job_entries
+from switchreduce.emulation.softswitch.pipeline import JobStat, Packet, SoftSwitch, swap_addresses
+from switchreduce.emulation.softswitch.tables import ActionCall
 from switchreduce.wire import DropReason
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emulation.errors import TableError
+from switchreduce.emulation.errors import TableError
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import socket
 
-from emulation.softswitch.faults import FaultSpec
-from emulation.softswitch.pipeline import Packet, SoftSwitch, SwitchReduceDeparser, int_to_ip
-from emulation.softswitch.runtime import Emitted, Received, SwitchRuntime
 from switchreduce import wire
+from switchreduce.emulation.softswitch.faults import FaultSpec
+from switchreduce.emulation.softswitch.pipeline import (
+    Packet,
+    SoftSwitch,
+    SwitchReduceDeparser,
+    int_to_ip,
+)
+from switchreduce.emulation.softswitch.runtime import Emitted, Received, SwitchRuntime
 
 
 def force_buffers(sock: socket.socket, size: int) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from emulation.bmv2 import SIMPLE_SWITCH_GRPC, wait_for_p4runtime
+from switchreduce.emulation.bmv2 import SIMPLE_SWITCH_GRPC, wait_for_p4runtime
 from switchreduce.ports import free_tcp_port
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from worker.ddp import switch_allreduce_hook
-from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
+from switchreduce.worker.ddp import switch_allreduce_hook
+from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
 
 def model_and_batch(rank: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

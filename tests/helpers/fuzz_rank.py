@@ -20,9 +20,9 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from worker.errors import WorkerError
-from worker.registration import join
-from worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
+from switchreduce.worker.errors import WorkerError
+from switchreduce.worker.registration import join
+from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 
 
 def call_inputs(seed: int, call: int, world_size: int) -> list[np.ndarray]:

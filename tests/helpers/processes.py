@@ -13,9 +13,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from controller.connection import SwitchConnection
-from controller.jobs import JOB_TABLES
-from switchreduce.cli import cli_command
+from switchreduce.controller.connection import SwitchConnection
+from switchreduce.controller.jobs import JOB_TABLES
+from switchreduce.launch import cli_command
 from switchreduce.ports import free_tcp_port, free_udp_ports
 
 

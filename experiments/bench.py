@@ -12,10 +12,10 @@ import json
 import os
 import subprocess
 
-from emulation.softswitch.faults import FaultSpec
-from emulation.softswitch.process import LoopbackSwitch
 from switchreduce import wire
-from switchreduce.cli import cli_command, piped
+from switchreduce.emulation.softswitch.faults import FaultSpec
+from switchreduce.emulation.softswitch.process import LoopbackSwitch
+from switchreduce.launch import cli_command, piped
 from switchreduce.ports import free_udp_ports
 
 
@@ -25,7 +25,7 @@ def run_allreduce_bench(args: argparse.Namespace) -> int:
     if args.k is None:
         args.k = wire.DEFAULT_K
     if args.slots is None:
-        from emulation.topo import DEFAULT_SLOTS
+        from switchreduce.emulation.topo import DEFAULT_SLOTS
 
         args.slots = DEFAULT_SLOTS["soft"]
     n = args.workers
@@ -105,8 +105,8 @@ def run_allreduce_bench(args: argparse.Namespace) -> int:
 
 def run_mininet_bench(args: argparse.Namespace) -> int:
     """The same tensor through the switch, then through gloo, between the same Mininet hosts."""
-    from emulation.errors import EmulationError
-    from emulation.topo import DEFAULT_SLOTS, Emulation, TopoOptions
+    from switchreduce.emulation.errors import EmulationError
+    from switchreduce.emulation.topo import DEFAULT_SLOTS, Emulation, TopoOptions
 
     n = args.workers
     if args.slots is None:
