@@ -9,127 +9,27 @@ ones (whole experiments, Mininet benchmarks) under the ``long`` marker
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shlex
 import shutil
 import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
-#: What a server prints when it is ready (the first word of its first line).
-READY = {"switch": ("listening", "p4runtime", "serving"), "controller": ("controller",)}
+from tests.helpers.readme import README, ROOT, Shell, commands_in, section
 
-
-def commands_in(text: str) -> list[str]:
-    """The command lines of the sh blocks in ``text``: continuations joined, comments gone."""
-    commands = []
-    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"\s+#.*$", "", line).strip()
-            if line and not line.startswith("#"):
-                commands.append(re.sub(r"\s+", " ", line))
-    return commands
-
-
-def section(title: str) -> list[str]:
-    """The command lines of one README section (up to the next ## heading), in order."""
-    start = README.index(f"\n## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return commands_in(README[start : end if end > 0 else None])
-
-
-def environment() -> dict[str, str]:
-    """The README assumes `make`'s venv: its bin first on PATH, run from the checkout."""
-    bin_dir = str(Path(sys.executable).parent)
-    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
-
-
-@contextmanager
-def server(command: str) -> Iterator[subprocess.Popen]:
-    """A README server line, running until the block is done; fails if it never gets ready."""
-    words = shlex.split(command)
-    proc = subprocess.Popen(
-        words,
-        cwd=ROOT,
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        ready = READY[words[1]]
-        while True:
-            line = proc.stdout.readline()
-            assert line, f"{command!r} exited: {proc.stderr.read()[-2000:]}"
-            if line.split()[0] in ready and (
-                words[1] != "switch" or "--p4runtime" not in words or line.startswith("listening")
-            ):
-                break
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def run_together(commands: list[str], timeout: float = 120) -> list[str]:
-    """Start every line at once (the ranks of a job), wait for all; each one's stdout."""
-    procs = [
-        subprocess.Popen(
-            command,
-            shell=True,
-            cwd=ROOT,
-            env=environment(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for command in commands
-    ]
-    outputs = []
-    for command, proc in zip(commands, procs, strict=True):
-        out, err = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, f"{command!r} failed:\n{err[-3000:]}"
-        outputs.append(out)
-    return outputs
-
-
-def exact_reports(outputs: list[str]) -> None:
-    for out in outputs:
-        report = json.loads(out.strip().splitlines()[-1])
-        assert report["exact"] and report["within_bound"], report
+SHELL = Shell()
 
 
 def test_the_static_job_commands_run_and_rerun_exactly() -> None:
-    switch, *workers = section("Running the parts yourself")
-    assert switch.startswith("switchreduce switch") and len(workers) == 2
-    with server(switch):
-        for _ in range(2):  # the same run again: a new session, exact again
-            exact_reports(run_together(workers))
+    SHELL.run_static_job()
 
 
 def test_the_controller_commands_and_torchrun_run_and_rerun() -> None:
     """ "With a controller" as written, then the training section's torchrun line, twice."""
-    switch, controller, *rest = section("With a controller")
-    workers = [c for c in rest if c.startswith("switchreduce worker")]
-    curls = [c for c in rest if c.startswith("curl")]
-    assert len(workers) == 2 and len(curls) == 2 and len(rest) == 4
     (torchrun,) = [c for c in section("Training and experiments") if c.startswith("torchrun")]
-    with server(switch), server(controller):
-        for _ in range(2):  # a finished job is released, so the same job id runs again
-            exact_reports(run_together(workers))
-        jobs, switch_view = (json.loads(out) for out in run_together(curls))
-        assert jobs["jobs"] == [] and jobs["switch"] == "available", jobs
-        assert switch_view["k"] == 256 and switch_view["data_plane"] == "127.0.0.1:48864"
+    with SHELL.controller_job():
         for _ in range(2):
-            (out,) = run_together([torchrun], timeout=300)
+            (out,) = SHELL.run_together([torchrun], timeout=300)
             assert '"iteration": 200' in out, out[-2000:]
 
 
@@ -177,7 +77,7 @@ def test_long_readme_command_runs_as_written(command: str) -> None:
     result = subprocess.run(
         ["bash", "-c", command],
         cwd=ROOT,
-        env=environment(),
+        env=SHELL.environment(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
