@@ -56,8 +56,9 @@ from switchreduce.controller.errors import (
     UnknownJobError,
     WriteError,
 )
-from switchreduce.controller.jobs import Job, Member, replica_id
 from switchreduce.controller.supervisor import SwitchSupervisor
+from switchreduce.p4runtime.jobs import Job, Member, replica_id
+from switchreduce.p4runtime.names import DROPS, JobStat
 from switchreduce.wire import DropReason
 
 log = logging.getLogger(__name__)
@@ -432,11 +433,11 @@ class Registry:
             try:
                 for job, record in zip(held, records, strict=True):
                     record["packets"] = {
-                        name: conn.read_counter(f"SwitchReduceIngress.{name}", job.job_id)[0]
-                        for name in ("aggregated", "results", "retransmit_replies")
+                        stat.alias: conn.read_counter(stat.counter, job.job_id)[0]
+                        for stat in JobStat
                     }
                 drops = {
-                    reason.name.lower(): conn.read_counter("SwitchReduceIngress.drops", reason)[0]
+                    reason.name.lower(): conn.read_counter(DROPS, reason)[0]
                     for reason in DropReason
                 }
             except Exception as exc:  # gone since the snapshot: say so, and have it checked

@@ -4,8 +4,8 @@ p4runtime-shell keeps a single global client per process; a controller that
 drives several switches needs one connection object each, so this talks to
 the p4runtime package's generated stubs directly. Tables, actions, match
 fields, parameters and counters are named as in the P4 program and resolved
-to ids through the P4Info, which is what makes the same controller code
-drive BMv2 and the soft switch.
+to ids through the P4Info (``switchreduce.p4runtime``), which is what makes
+the same controller code drive BMv2 and the soft switch.
 """
 
 from __future__ import annotations
@@ -13,55 +13,22 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
-from google.protobuf import text_format
 from google.rpc import code_pb2, status_pb2
 from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
 from switchreduce.controller.errors import NotPrimaryError, SwitchUnavailableError, WriteError
-from switchreduce.p4program import P4INFO
-
-
-def load_p4info(path: Path = P4INFO) -> p4info_pb2.P4Info:
-    return text_format.Parse(Path(path).read_text(), p4info_pb2.P4Info())
-
-
-@dataclass(frozen=True)
-class TableEntry:
-    """A table entry in P4 names: exact-match key values and an action with its arguments."""
-
-    table: str
-    match: dict[str, int]
-    action: str
-    params: dict[str, int]
-
-
-#: A multicast group: its id and its replicas, each (egress port, instance).
-MulticastGroup = tuple[int, list[tuple[int, int]]]
-#: One write: the P4Runtime Update type (INSERT, MODIFY, DELETE) and what it writes.
-Update = tuple[int, TableEntry | MulticastGroup]
-
-
-def encode_value(value: int) -> bytes:
-    """P4Runtime's canonical bytes: big-endian, no leading zero bytes (zero is one byte)."""
-    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
-
-
-def decode_value(data: bytes) -> int:
-    return int.from_bytes(data, "big")
-
-
-def p4info_size(p4info: p4info_pb2.P4Info, name: str) -> int:
-    """Cells of the counter or register ``name``, or entries of the table ``name``, as compiled."""
-    for item in (*p4info.counters, *p4info.registers, *p4info.tables):
-        if item.preamble.name == name:
-            return item.size
-    raise KeyError(f"no counter, register or table {name!r} in the P4Info")
-
+from switchreduce.p4runtime.entities import (
+    MulticastGroup,
+    Replica,
+    TableEntry,
+    Update,
+    UpdateKind,
+    encode_update,
+)
+from switchreduce.p4runtime.schema import P4Schema, load_p4info
 
 #: Reconnect within a second once a restarted switch listens again (gRPC's default backoff
 #: grows to two minutes).
@@ -98,11 +65,10 @@ class SwitchConnection:
         self.device_id = device_id
         self.election_id = election_id
         self.timeout = timeout
-        self.p4info = p4info or load_p4info()
+        self.schema = P4Schema(p4info or load_p4info())
         self.lost = threading.Event()
         self._on_lost = on_lost
         self._closing = False
-        self._names = _NameIndex(self.p4info)
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._stub = p4runtime_pb2_grpc.P4RuntimeStub(self._channel)
         self._requests: queue.Queue = queue.Queue()
@@ -167,6 +133,11 @@ class SwitchConnection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def p4info(self) -> p4info_pb2.P4Info:
+        """The P4Info this connection names things by, and pushes."""
+        return self.schema.p4info
+
     def _request(self, message):
         message.device_id = self.device_id
         message.election_id.low = self.election_id
@@ -181,10 +152,6 @@ class SwitchConnection:
         request.config.p4info.CopyFrom(self.p4info)
         request.config.p4_device_config = device_config
         self._call(self._stub.SetForwardingPipelineConfig, request)
-
-    def size_of(self, name: str) -> int:
-        """Cells (or table entries) of ``name``, as compiled into the program."""
-        return p4info_size(self.p4info, name)
 
     def installed_p4info(self) -> p4info_pb2.P4Info | None:
         """The P4Info the switch runs now, or None if it has no pipeline yet."""
@@ -204,25 +171,16 @@ class SwitchConnection:
     # -- writes --------------------------------------------------------------------
 
     def write(self, updates: Sequence[Update]) -> None:
-        """Apply updates in one batch: (Update type, TableEntry or (group id, replicas))."""
+        """Apply updates in one batch: (what to do, TableEntry or MulticastGroup)."""
         request = self._request(p4runtime_pb2.WriteRequest())
-        for kind, item in updates:
-            update = request.updates.add(type=kind)
-            if isinstance(item, TableEntry):
-                update.entity.table_entry.CopyFrom(self._names.table_entry(item))
-            else:
-                group_id, replicas = item
-                group = update.entity.packet_replication_engine_entry.multicast_group_entry
-                group.multicast_group_id = group_id
-                for port, instance in replicas:
-                    group.replicas.add(egress_port=port, instance=instance)
+        request.updates.extend(encode_update(self.schema, update) for update in updates)
         self._call(self._stub.Write, request)
 
     def insert(self, entry: TableEntry) -> None:
-        self.write([(p4runtime_pb2.Update.INSERT, entry)])
+        self.write([(UpdateKind.INSERT, entry)])
 
     def delete(self, entry: TableEntry) -> None:
-        self.write([(p4runtime_pb2.Update.DELETE, entry)])
+        self.write([(UpdateKind.DELETE, entry)])
 
     # -- reads ---------------------------------------------------------------------
 
@@ -236,22 +194,24 @@ class SwitchConnection:
 
     def read_table(self, table: str) -> list[TableEntry]:
         entity = p4runtime_pb2.Entity()
-        entity.table_entry.table_id = self._names.table_id(table)
-        return [self._names.from_table_entry(e.table_entry) for e in self._read(entity)]
+        entity.table_entry.table_id = self.schema.tables[table].id
+        return [TableEntry.decode(self.schema, e.table_entry) for e in self._read(entity)]
 
-    def read_multicast_groups(self) -> dict[int, list[tuple[int, int]]]:
+    def read_multicast_groups(self) -> dict[int, list[Replica]]:
         entity = p4runtime_pb2.Entity()
         entity.packet_replication_engine_entry.multicast_group_entry.multicast_group_id = 0
         groups = {}
         for found in self._read(entity):
-            group = found.packet_replication_engine_entry.multicast_group_entry
-            groups[group.multicast_group_id] = [(r.egress_port, r.instance) for r in group.replicas]
+            group = MulticastGroup.decode(
+                found.packet_replication_engine_entry.multicast_group_entry
+            )
+            groups[group.group_id] = group.replicas
         return groups
 
     def read_counter(self, counter: str, index: int) -> tuple[int, int]:
         """(packets, bytes) of one cell of an indexed counter."""
         entity = p4runtime_pb2.Entity()
-        entity.counter_entry.counter_id = self._names.counter_id(counter)
+        entity.counter_entry.counter_id = self.schema.counters[counter].id
         entity.counter_entry.index.index = index
         for found in self._read(entity):
             data = found.counter_entry.data
@@ -282,61 +242,3 @@ def _rpc_error(address: str, exc: grpc.RpcError) -> Exception:
     failed = [(code, msg) for code, msg in failures if code != code_pb2.OK]
     summary = "; ".join(f"{code_pb2.Code.Name(code)}: {msg}" for code, msg in failed)
     return WriteError(f"{address}: {summary or exc.details()}", failed)
-
-
-class _NameIndex:
-    """P4 names <-> P4Runtime ids, from the P4Info."""
-
-    def __init__(self, p4info: p4info_pb2.P4Info) -> None:
-        self.tables = {t.preamble.name: t for t in p4info.tables}
-        self.tables_by_id = {t.preamble.id: t for t in p4info.tables}
-        self.actions = {a.preamble.name: a for a in p4info.actions}
-        self.actions_by_id = {a.preamble.id: a for a in p4info.actions}
-        self.counters = {c.preamble.name: c.preamble.id for c in p4info.counters}
-
-    def table_id(self, name: str) -> int:
-        try:
-            return self.tables[name].preamble.id
-        except KeyError:
-            raise KeyError(f"no table {name!r} in the P4Info") from None
-
-    def counter_id(self, name: str) -> int:
-        try:
-            return self.counters[name]
-        except KeyError:
-            raise KeyError(f"no counter {name!r} in the P4Info") from None
-
-    def table_entry(self, entry: TableEntry) -> p4runtime_pb2.TableEntry:
-        table = self.tables.get(entry.table)
-        if table is None:
-            raise KeyError(f"no table {entry.table!r} in the P4Info")
-        out = p4runtime_pb2.TableEntry(table_id=table.preamble.id)
-        fields = {f.name: f for f in table.match_fields}
-        unknown = set(entry.match) - set(fields)
-        if unknown:
-            raise KeyError(f"{entry.table} has no match fields {sorted(unknown)}")
-        for name, value in entry.match.items():
-            match = out.match.add(field_id=fields[name].id)
-            match.exact.value = encode_value(value)
-        action = self.actions.get(entry.action)
-        if action is None:
-            raise KeyError(f"no action {entry.action!r} in the P4Info")
-        out.action.action.action_id = action.preamble.id
-        params = {p.name: p for p in action.params}
-        if set(entry.params) != set(params):
-            raise KeyError(f"{entry.action} takes {sorted(params)}, got {sorted(entry.params)}")
-        for name, value in entry.params.items():
-            out.action.action.params.add(param_id=params[name].id, value=encode_value(value))
-        return out
-
-    def from_table_entry(self, entry: p4runtime_pb2.TableEntry) -> TableEntry:
-        table = self.tables_by_id[entry.table_id]
-        fields = {f.id: f.name for f in table.match_fields}
-        action = self.actions_by_id[entry.action.action.action_id]
-        params = {p.id: p.name for p in action.params}
-        return TableEntry(
-            table.preamble.name,
-            {fields[m.field_id]: decode_value(m.exact.value) for m in entry.match},
-            action.preamble.name,
-            {params[p.param_id]: decode_value(p.value) for p in entry.action.action.params},
-        )

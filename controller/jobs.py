@@ -1,32 +1,22 @@
-"""Jobs -> tables: what the switch must hold for a job, and admitting jobs onto a switch.
+"""Admitting jobs onto a switch: slot ranges, rollback, recovery after a restart.
 
-A job owns a disjoint range of the switch's slot pool, a multicast group
-with one replica per rank, and per rank a ``workers`` binding (job, rank,
-ingress port, source address) and a ``result_rewrite`` entry for its
-replica. ``job_entries`` is the single description of that state; the
-controller writes it over P4Runtime, and the soft switch's command-line
-jobs apply it directly.
+What a job installs is ``switchreduce.p4runtime.jobs``'s (``job_entries``);
+this decides which jobs a switch runs and where in its slot pool, writes
+their entries over P4Runtime, and restores them when the switch or the
+controller restarts.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from google.rpc import code_pb2
 from p4.config.v1 import p4info_pb2
-from p4.v1 import p4runtime_pb2
 
 from switchreduce import wire
-from switchreduce.controller.connection import (
-    MulticastGroup,
-    SwitchConnection,
-    TableEntry,
-    Update,
-    p4info_size,
-)
+from switchreduce.controller.connection import SwitchConnection
 from switchreduce.controller.errors import (
     AdmissionError,
     CapacityError,
@@ -34,62 +24,27 @@ from switchreduce.controller.errors import (
     UnknownJobError,
     WriteError,
 )
+from switchreduce.p4runtime.entities import MulticastGroup, TableEntry, Update, UpdateKind
+from switchreduce.p4runtime.jobs import (
+    JOB_TABLES,
+    MAX_REPLICA_JOB_ID,
+    Job,
+    Member,
+    job_entries,
+    job_from_entries,
+)
+from switchreduce.p4runtime.names import (
+    JOBS,
+    RESULT_REWRITE,
+    SLOT_SESSION,
+    SR_JOB_ID,
+    VALUE,
+    WORKERS,
+    JobStat,
+)
+from switchreduce.p4runtime.schema import P4Schema
 
 log = logging.getLogger(__name__)
-
-#: The largest job id whose replica ids (job * MAX_WORKERS + rank) fit egress_rid's 16 bits.
-MAX_REPLICA_JOB_ID = (0xFFFF - (wire.MAX_WORKERS - 1)) // wire.MAX_WORKERS
-
-
-@dataclass(frozen=True)
-class Member:
-    """Where one rank sends from and receives results; port 0 for the soft switch's UDP mode."""
-
-    rank: int
-    ip: str
-    udp_port: int
-    mac: int = 0
-    port: int = 0
-
-
-@dataclass(frozen=True)
-class Job:
-    job_id: int
-    world_size: int
-    slot_base: int
-    slot_count: int
-    #: The run's session (wire.new_session): every packet carries it, the switch matches it.
-    session: int
-    members: tuple[Member, ...]
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.job_id <= MAX_REPLICA_JOB_ID:
-            raise AdmissionError(f"job id must be 1..{MAX_REPLICA_JOB_ID}, got {self.job_id}")
-        if self.world_size < 1:
-            raise AdmissionError(f"job {self.job_id} has no workers")
-        if self.world_size > wire.MAX_WORKERS:
-            raise AdmissionError(
-                f"world size {self.world_size} is above the {wire.MAX_WORKERS}-bit worker bitmap"
-            )
-        ranks = sorted(m.rank for m in self.members)
-        if ranks != list(range(self.world_size)):
-            raise AdmissionError(
-                f"job {self.job_id} needs ranks 0..{self.world_size - 1} once each, got {ranks}"
-            )
-
-
-#: The tables whose entries belong to jobs (the ``forward`` table belongs to the hosts).
-JOB_TABLES = (
-    "SwitchReduceIngress.jobs",
-    "SwitchReduceIngress.workers",
-    "SwitchReduceEgress.result_rewrite",
-)
-
-_INSERT, _MODIFY, _DELETE = (
-    p4runtime_pb2.Update.INSERT,
-    p4runtime_pb2.Update.MODIFY,
-    p4runtime_pb2.Update.DELETE,
-)
 
 
 @dataclass(frozen=True)
@@ -111,68 +66,18 @@ class ProgramSizes:
 
     @classmethod
     def of(cls, p4info: p4info_pb2.P4Info) -> ProgramSizes:
-        pool = p4info_size(p4info, "SwitchReduceIngress.slot_session")
-        counted = p4info_size(p4info, "SwitchReduceIngress.aggregated")
+        schema = P4Schema(p4info)
+        pool = schema.size(SLOT_SESSION.name)
+        counted = schema.size(JobStat.AGGREGATED.counter)
         return cls(
             pool=pool,
             max_job_id=min(counted - 1, MAX_REPLICA_JOB_ID),
-            max_jobs=p4info_size(p4info, "SwitchReduceIngress.jobs"),
-            k=p4info_size(p4info, "SwitchReduceIngress.value") // (2 * pool),
+            max_jobs=schema.size(JOBS.name),
+            k=schema.size(VALUE.name) // (2 * pool),
         )
 
 
-def replica_id(job_id: int, rank: int) -> int:
-    """The multicast replica id (egress_rid) naming one rank of one job; never 0."""
-    return job_id * wire.MAX_WORKERS + rank
-
-
-def job_entries(job: Job) -> tuple[list[TableEntry], MulticastGroup]:
-    """The table entries and the multicast group (id, replicas) that admit ``job``."""
-    entries = [
-        TableEntry(
-            "SwitchReduceIngress.jobs",
-            {"hdr.sr.job_id": job.job_id},
-            "SwitchReduceIngress.set_job",
-            {
-                "world_size": job.world_size,
-                "slot_base": job.slot_base,
-                "slot_count": job.slot_count,
-                "mcast_grp": job.job_id,
-                "session": job.session,
-            },
-        )
-    ]
-    replicas = []
-    for m in sorted(job.members, key=lambda m: m.rank):
-        ip = int(ipaddress.IPv4Address(m.ip))
-        entries.append(
-            TableEntry(
-                "SwitchReduceIngress.workers",
-                {
-                    "hdr.sr.job_id": job.job_id,
-                    "hdr.sr.rank": m.rank,
-                    "standard_metadata.ingress_port": m.port,
-                    "hdr.ipv4.src_addr": ip,
-                    "hdr.udp.src_port": m.udp_port,
-                },
-                "SwitchReduceIngress.admit_worker",
-                {},
-            )
-        )
-        rid = replica_id(job.job_id, m.rank)
-        entries.append(
-            TableEntry(
-                "SwitchReduceEgress.result_rewrite",
-                {"standard_metadata.egress_rid": rid},
-                "SwitchReduceEgress.rewrite_destination",
-                {"mac": m.mac, "ip": ip, "udp_port": m.udp_port},
-            )
-        )
-        replicas.append((m.port, rid))
-    return entries, (job.job_id, replicas)
-
-
-def _job_updates(kind: int, job: Job) -> list[Update]:
+def _job_updates(kind: UpdateKind, job: Job) -> list[Update]:
     """An update of ``kind`` for each of the job's table entries, then for its group."""
     entries, group = job_entries(job)
     items: list[TableEntry | MulticastGroup] = [*entries, group]
@@ -263,7 +168,11 @@ class JobTable:
         base = self.pool.allocate(slot_count)
         try:
             job = Job(job_id, len(members), base, slot_count, wire.new_session(), tuple(members))
-            self._write_each(_job_updates(_INSERT, job))
+        except ValueError as exc:  # not a job the switch can hold (its ranks, its size)
+            self.pool.release(base)
+            raise AdmissionError(str(exc)) from None
+        try:
+            self._write_each(_job_updates(UpdateKind.INSERT, job))
         except WriteError as exc:
             self.pool.release(base)
             if any(code == code_pb2.RESOURCE_EXHAUSTED for code, _ in exc.failures):
@@ -288,7 +197,7 @@ class JobTable:
             raise UnknownJobError(f"job {job_id} is not admitted")
         if job_id not in self.lost:
             try:
-                self.conn.write(_job_updates(_DELETE, job))
+                self.conn.write(_job_updates(UpdateKind.DELETE, job))
             except ControllerError as exc:
                 log.warning(
                     "job %d: deleting its entries failed (%s); they go when the switch "
@@ -311,7 +220,11 @@ class JobTable:
                 self.conn.write([(kind, item)])
                 done.append((kind, item))
         except BaseException:
-            undo = [(_DELETE, item) for kind, item in reversed(done) if kind == _INSERT]
+            undo: list[Update] = [
+                (UpdateKind.DELETE, item)
+                for kind, item in reversed(done)
+                if kind == UpdateKind.INSERT
+            ]
             if undo:
                 try:
                     self.conn.write(undo)
@@ -323,39 +236,13 @@ class JobTable:
     def recover(self) -> None:
         """Adopt the jobs the switch holds (a restarted controller), then repair what is
         incomplete: a job whose ranks cannot all be read back is removed."""
-        workers = self.conn.read_table("SwitchReduceIngress.workers")
-        rewrites = {
-            e.match["standard_metadata.egress_rid"]: e
-            for e in self.conn.read_table("SwitchReduceEgress.result_rewrite")
-        }
-        for entry in self.conn.read_table("SwitchReduceIngress.jobs"):
-            job_id = entry.match["hdr.sr.job_id"]
-            members = []
-            for w in workers:
-                if w.match["hdr.sr.job_id"] != job_id:
-                    continue
-                rank = w.match["hdr.sr.rank"]
-                rewrite = rewrites.get(replica_id(job_id, rank))
-                members.append(
-                    Member(
-                        rank,
-                        str(ipaddress.IPv4Address(w.match["hdr.ipv4.src_addr"])),
-                        w.match["hdr.udp.src_port"],
-                        rewrite.params["mac"] if rewrite else 0,
-                        w.match["standard_metadata.ingress_port"],
-                    )
-                )
-            p = entry.params
+        workers = self.conn.read_table(WORKERS.name)
+        rewrites = self.conn.read_table(RESULT_REWRITE.name)
+        for entry in self.conn.read_table(JOBS.name):
+            job_id = entry.match[SR_JOB_ID.name]
             try:
-                job = Job(
-                    job_id,
-                    p["world_size"],
-                    p["slot_base"],
-                    p["slot_count"],
-                    p["session"],
-                    tuple(members),
-                )
-            except AdmissionError as exc:
+                job = job_from_entries(entry, workers, rewrites)
+            except ValueError as exc:
                 log.warning("job %d on the switch is incomplete (%s): removing it", job_id, exc)
                 continue
             self.jobs[job_id] = job
@@ -376,22 +263,26 @@ class JobTable:
         wanted: set[tuple] = set()
         plans: dict[int, list[Update]] = {}
         for job in self.jobs.values():
-            entries, (group_id, replicas) = job_entries(job)
+            entries, group = job_entries(job)
             plan: list[Update] = []
             for entry in entries:
                 wanted.add(_key(entry))
                 have = installed.get(_key(entry))
                 if have is None:
-                    plan.append((_INSERT, entry))
+                    plan.append((UpdateKind.INSERT, entry))
                 elif have != entry:
-                    plan.append((_MODIFY, entry))
-            if group_id not in groups:
-                plan.append((_INSERT, (group_id, replicas)))
-            elif sorted(groups[group_id]) != sorted(replicas):
-                plan.append((_MODIFY, (group_id, replicas)))
+                    plan.append((UpdateKind.MODIFY, entry))
+            if group.group_id not in groups:
+                plan.append((UpdateKind.INSERT, group))
+            elif sorted(groups[group.group_id]) != sorted(group.replicas):
+                plan.append((UpdateKind.MODIFY, group))
             plans[job.job_id] = plan
-        stale: list[Update] = [(_DELETE, e) for key, e in installed.items() if key not in wanted]
-        stale += [(_DELETE, (gid, [])) for gid in groups if gid not in self.jobs]
+        stale: list[Update] = [
+            (UpdateKind.DELETE, e) for key, e in installed.items() if key not in wanted
+        ]
+        stale += [
+            (UpdateKind.DELETE, MulticastGroup(gid, [])) for gid in groups if gid not in self.jobs
+        ]
         if stale:
             try:
                 self.conn.write(stale)

@@ -287,14 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_switch(args: argparse.Namespace) -> int:
-    from switchreduce.controller.forwarding import parse_mac
-    from switchreduce.controller.jobs import Job
     from switchreduce.emulation.softswitch.faults import FaultSpec
     from switchreduce.emulation.softswitch.pipeline import SoftSwitch
     from switchreduce.emulation.softswitch.raw import RawSwitch
     from switchreduce.emulation.softswitch.runtime import SwitchRuntime
     from switchreduce.emulation.softswitch.static import StaticJob, install_forwarding, parse_member
     from switchreduce.emulation.softswitch.udp import UdpSwitch
+    from switchreduce.p4runtime.forwarding import parse_mac
+    from switchreduce.p4runtime.jobs import Job
 
     if args.world_size is None and args.p4runtime is None:
         raise SystemExit(
@@ -338,11 +338,11 @@ def run_controller(args: argparse.Namespace) -> int:
     import logging
 
     from switchreduce.controller.api import Registry, make_server
-    from switchreduce.controller.connection import load_p4info
     from switchreduce.controller.errors import ControllerError
-    from switchreduce.controller.forwarding import parse_mac
     from switchreduce.controller.jobs import ProgramSizes
     from switchreduce.controller.supervisor import SwitchSupervisor
+    from switchreduce.p4runtime.forwarding import parse_mac
+    from switchreduce.p4runtime.schema import load_p4info
 
     def refuse(problem: str) -> SystemExit:
         return SystemExit(f"switchreduce controller: {problem}")
@@ -461,7 +461,7 @@ def run_topo(args: argparse.Namespace) -> int:
 
 def _attachment(text: str) -> tuple[int, int]:
     """``MAC@PORT`` -> (MAC as an integer, switch port)."""
-    from switchreduce.controller.forwarding import parse_mac
+    from switchreduce.p4runtime.forwarding import parse_mac
 
     mac, _, port = text.partition("@")
     return parse_mac(mac), int(port)

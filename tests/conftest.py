@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import pytest
 
 from switchreduce import wire
-from switchreduce.controller.jobs import Job, Member
 from switchreduce.emulation.softswitch.faults import FaultSpec
 from switchreduce.emulation.softswitch.p4runtime_server import serve
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.emulation.softswitch.static import install_static_job
 from switchreduce.emulation.softswitch.udp import UdpSwitch
 from switchreduce.emulation.topo import netem_available
+from switchreduce.p4runtime.jobs import Job, Member
 from switchreduce.ports import free_tcp_port
 from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets

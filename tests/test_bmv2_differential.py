@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 
 from switchreduce import wire
-from switchreduce.controller.jobs import Job, Member
 from switchreduce.emulation.bmv2 import compile_program
-from switchreduce.emulation.softswitch.pipeline import DropReason, JobStat, SoftSwitch
+from switchreduce.emulation.softswitch.pipeline import DropReason, SoftSwitch
 from switchreduce.emulation.softswitch.static import (
     install_forwarding,
     install_static_job,
 )
+from switchreduce.p4runtime.jobs import Job, Member
+from switchreduce.p4runtime.names import JobStat
 
 
 def _cli_runs() -> bool:

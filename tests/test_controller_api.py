@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 
 from switchreduce.controller.api import Registry, make_server
-from switchreduce.controller.connection import load_p4info
 from switchreduce.controller.supervisor import SwitchSupervisor
+from switchreduce.p4runtime.schema import load_p4info
 from switchreduce.worker.reference import check, synthetic_tensor
 from switchreduce.worker.registration import RegistrationError, register
 from switchreduce.worker.shim import SwitchCommunicator, WorkerOptions

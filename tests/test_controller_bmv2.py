@@ -9,11 +9,15 @@ from __future__ import annotations
 import pytest
 
 from switchreduce import wire
-from switchreduce.controller.connection import SwitchConnection, TableEntry, load_p4info
+from switchreduce.controller.connection import SwitchConnection
 from switchreduce.controller.errors import AdmissionError, WriteError
-from switchreduce.controller.forwarding import FORWARD_TABLE, install_routes
-from switchreduce.controller.jobs import JobTable, Member, job_entries, replica_id
+from switchreduce.controller.forwarding import install_routes
+from switchreduce.controller.jobs import JobTable
 from switchreduce.emulation.bmv2 import compile_program
+from switchreduce.p4runtime.entities import TableEntry
+from switchreduce.p4runtime.jobs import Member, job_entries, replica_id
+from switchreduce.p4runtime.names import FORWARD
+from switchreduce.p4runtime.schema import load_p4info
 from tests.helpers.bmv2 import simple_switch_grpc
 
 pytestmark = [pytest.mark.requires_bmv2, pytest.mark.requires_p4c]
@@ -118,6 +122,6 @@ def test_forwarding_routes_are_installed_once(bmv2, program) -> None:
         install_routes(conn, {**routes, 0x020000000002: 3})  # a host moved: modified
         got = {
             e.match["hdr.ethernet.dst_addr"]: e.params["port"]
-            for e in conn.read_table(FORWARD_TABLE)
+            for e in conn.read_table(FORWARD.name)
         }
     assert got == {0x020000000001: 1, 0x020000000002: 3}

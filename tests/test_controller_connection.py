@@ -8,10 +8,11 @@ import pytest
 from google.rpc import code_pb2
 from p4.v1 import p4runtime_pb2
 
-from switchreduce.controller.connection import SwitchConnection, TableEntry
+from switchreduce.controller.connection import SwitchConnection
 from switchreduce.controller.errors import NotPrimaryError, SwitchUnavailableError, WriteError
 from switchreduce.emulation.softswitch.p4runtime_server import serve
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.p4runtime.entities import MulticastGroup, TableEntry
 from switchreduce.ports import free_tcp_port
 
 JOB = TableEntry(
@@ -29,7 +30,7 @@ def test_entries_and_groups_round_trip_by_p4_name(programmable_switch) -> None:
         conn.write(
             [
                 (p4runtime_pb2.Update.INSERT, JOB),
-                (p4runtime_pb2.Update.INSERT, (3, [(0, 96), (0, 97)])),
+                (p4runtime_pb2.Update.INSERT, MulticastGroup(3, [(0, 96), (0, 97)])),
             ]
         )
         assert conn.read_table("SwitchReduceIngress.jobs") == [JOB]

@@ -10,10 +10,13 @@ import pytest
 from p4.v1 import p4runtime_pb2
 
 from switchreduce import wire
-from switchreduce.controller.connection import SwitchConnection, TableEntry
+from switchreduce.controller.connection import SwitchConnection
 from switchreduce.controller.errors import AdmissionError, CapacityError, WriteError
-from switchreduce.controller.jobs import JOB_TABLES, JobTable, Member, job_entries, replica_id
-from switchreduce.emulation.softswitch.pipeline import DropReason, JobStat
+from switchreduce.controller.jobs import JobTable
+from switchreduce.emulation.softswitch.pipeline import DropReason
+from switchreduce.p4runtime.entities import TableEntry
+from switchreduce.p4runtime.jobs import JOB_TABLES, Member, job_entries, replica_id
+from switchreduce.p4runtime.names import JobStat
 from switchreduce.worker.reference import check, synthetic_tensor
 from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
@@ -128,7 +131,7 @@ def test_any_failure_mid_admission_leaves_nothing(programmable_switch) -> None:
     with SwitchConnection(address) as conn:
         conn.push_pipeline()
         jobs = JobTable(conn)
-        with pytest.raises(OverflowError):
+        with pytest.raises(ValueError, match="does not fit within 16 bits"):
             jobs.admit(2, [Member(0, "127.0.0.1", -1)], 8)
         assert jobs.jobs == {} and jobs.pool.used == {}
         assert all(not table.entries for table in soft.tables().values())

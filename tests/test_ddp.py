@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from switchreduce.emulation.softswitch.pipeline import JobStat
+from switchreduce.p4runtime.names import JobStat
 from switchreduce.worker import quantize as q
 from tests.helpers.ddp_rank import gradients, model_and_batch
 

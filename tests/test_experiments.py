@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from switchreduce.emulation.softswitch.pipeline import JobStat
 from switchreduce.experiments.config import ExperimentConfig, from_dict, load
 from switchreduce.experiments.errors import ConfigError, ExperimentError
 from switchreduce.experiments.runner import run_experiment
 from switchreduce.experiments.workloads import build_model
 from switchreduce.launch import cli_command
+from switchreduce.p4runtime.names import JobStat
 from switchreduce.ports import free_tcp_port
 
 CONFIGS = sorted((Path(__file__).parents[1] / "experiments" / "configs").glob("*.toml"))

@@ -24,7 +24,6 @@ from google.rpc import code_pb2, status_pb2
 from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
-from switchreduce.controller.connection import encode_value, load_p4info
 from switchreduce.emulation.bmv2 import compile_program
 from switchreduce.emulation.softswitch.p4runtime_server import (
     CLONE_SESSIONS,
@@ -32,16 +31,25 @@ from switchreduce.emulation.softswitch.p4runtime_server import (
     serve,
 )
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.p4runtime import names
+from switchreduce.p4runtime.entities import encode_value
+from switchreduce.p4runtime.schema import load_p4info
 from switchreduce.ports import free_tcp_port
 from tests.helpers.bmv2 import simple_switch_grpc
 
 K = 256
-JOBS, SET_JOB, NO_ACTION = "SwitchReduceIngress.jobs", "SwitchReduceIngress.set_job", "NoAction"
-DROPS = "SwitchReduceIngress.drops"
+JOBS, SET_JOB, NO_ACTION = names.JOBS.name, names.SET_JOB.name, names.NO_ACTION.name
+DROPS = names.DROPS
 Set = p4runtime_pb2.SetForwardingPipelineConfigRequest
 Get = p4runtime_pb2.GetForwardingPipelineConfigRequest
 Update = p4runtime_pb2.Update
 Write = p4runtime_pb2.WriteRequest
+
+
+def _unchecked(value: int) -> bytes:
+    """``value`` in P4Runtime's bytes however wide it is: a scenario may send one too wide for
+    its field, which the server must refuse."""
+    return encode_value(value, value.bit_length())
 
 
 @dataclass
@@ -237,7 +245,7 @@ class Client:
     def _action(self, out: p4runtime_pb2.Action, name: str, args: dict[str, int]) -> None:
         out.action_id = self.ids[name]
         for param, value in args.items():
-            out.params.add(param_id=self.params[name][param], value=encode_value(value))
+            out.params.add(param_id=self.params[name][param], value=_unchecked(value))
 
     def job(
         self, job_id: int, world_size: int | None = 2, *, priority: int = 0,
@@ -247,7 +255,7 @@ class Client:
         entity = p4runtime_pb2.Entity()
         entry = entity.table_entry
         entry.table_id = self.ids.get(table, 0x02FFFFFF)
-        entry.match.add(field_id=1).exact.value = encode_value(job_id)
+        entry.match.add(field_id=1).exact.value = _unchecked(job_id)
         entry.priority = priority
         entry.controller_metadata, entry.metadata = controller_metadata, metadata
         if world_size is not None:

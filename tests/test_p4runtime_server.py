@@ -20,11 +20,11 @@ import grpc
 import numpy as np
 import pytest
 
-from switchreduce.controller.jobs import Job, Member
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.emulation.softswitch.static import install_static_job
 from switchreduce.emulation.softswitch.tables import ActionCall, Register
 from switchreduce.p4program import P4INFO
+from switchreduce.p4runtime.jobs import Job, Member
 from tests.test_p4runtime_conformance import (
     NO_ACTION,
     SET_JOB,

@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 
 from switchreduce import wire
-from switchreduce.controller.jobs import Job, Member, replica_id
-from switchreduce.emulation.softswitch.pipeline import (
-    DropReason,
-    JobStat,
-    Packet,
-    SoftSwitch,
-    ipv4_checksum,
-)
+from switchreduce.emulation.softswitch.pipeline import DropReason, Packet, SoftSwitch, ipv4_checksum
 from switchreduce.emulation.softswitch.static import install_static_job
 from switchreduce.emulation.softswitch.tables import ActionCall
+from switchreduce.p4runtime.jobs import Job, Member, replica_id
+from switchreduce.p4runtime.names import JobStat
 
 pytestmark = pytest.mark.fast
 

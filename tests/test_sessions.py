@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from switchreduce import wire
-from switchreduce.controller.jobs import Job, Member
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.emulation.softswitch.static import StaticJob
 from switchreduce.emulation.softswitch.udp import UdpSwitch
 from switchreduce.launch import cli_command
+from switchreduce.p4runtime.jobs import Job, Member
 from switchreduce.ports import free_udp_ports
 from switchreduce.worker.errors import (
     MismatchError,

@@ -17,10 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from switchreduce import wire
-from switchreduce.controller.jobs import Job as JobEntry
-from switchreduce.controller.jobs import Member
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.emulation.softswitch.static import install_static_job
+from switchreduce.p4runtime.jobs import Job as JobEntry
+from switchreduce.p4runtime.jobs import Member
 from switchreduce.worker.errors import MismatchError
 from switchreduce.worker.reference import reference_sum, synthetic_tensor
 from switchreduce.worker.window import Job, RoundTrip, StaleSession, Transfer, WindowStats

@@ -47,13 +47,14 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, status_pb2
-from p4.config.v1 import p4info_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
-from switchreduce.controller.connection import decode_value, encode_value
 from switchreduce.emulation.errors import TableError
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.emulation.softswitch.tables import ActionCall, Counter, ExactTable, Register
+from switchreduce.p4runtime.entities import TableEntry, decode_value
+from switchreduce.p4runtime.names import VALUE
+from switchreduce.p4runtime.schema import P4Schema, P4Table
 
 API_VERSION = "1.3.0"
 #: PI's limit on open arbitration streams per device.
@@ -64,6 +65,8 @@ RESERVED_GROUPS = 1 << 15
 CLONE_SESSIONS = 32768
 #: The ``space`` PI gives each failed update's p4.v1.Error.
 ERROR_SPACE = "ALL-sswitch-p4org"
+#: A replica's port given as bytes is no wider than one given as ``egress_port`` (a uint32).
+_PORT_BITS = 32
 
 SetPipeline = p4runtime_pb2.SetForwardingPipelineConfigRequest
 GetPipeline = p4runtime_pb2.GetForwardingPipelineConfigRequest
@@ -116,10 +119,10 @@ def _check_k(cells: int, switch: SoftSwitch) -> None:
 
 def _fit(data: bytes, bitwidth: int, what: str) -> int:
     """A P4Runtime bytestring as an int: PI takes any length, but no bit past ``bitwidth``."""
-    value = decode_value(data)
-    if value >> bitwidth:
-        raise _invalid(f"{what}: {value} does not fit within {bitwidth} bits")
-    return value
+    try:
+        return decode_value(data, bitwidth)
+    except ValueError as exc:
+        raise _invalid(f"{what}: {exc}") from None
 
 
 def _update_type(kind: int, allowed: Iterable[int]) -> None:
@@ -136,7 +139,11 @@ def _replicas(replicas: Iterable[p4runtime_pb2.Replica]) -> Replicas:
         kind = replica.WhichOneof("port_kind")
         if kind is None:
             raise _invalid("Missing port in multicast group replica")
-        port = replica.egress_port if kind == "egress_port" else decode_value(replica.port)
+        port = (
+            replica.egress_port
+            if kind == "egress_port"
+            else _fit(replica.port, _PORT_BITS, "replica port")
+        )
         if (port, replica.instance) in out:
             raise _invalid("Duplicate replica in multicast group")
         out.append((port, replica.instance))
@@ -186,26 +193,23 @@ class _Pipeline:
     ) -> None:
         self.config = config
         self.state = state
-        info = config.p4info
-        self.tables: dict[int, tuple[ExactTable, p4info_pb2.Table]] = {}
-        self.actions: dict[int, p4info_pb2.Action] = {a.preamble.id: a for a in info.actions}
-        self.action_ids = {a.preamble.name: a.preamble.id for a in info.actions}
-        for table in info.tables:
-            soft = _in_switch(state.tables, table.preamble.name, "table")
+        self.schema = schema = P4Schema(config.p4info)
+        self.tables: dict[int, tuple[ExactTable, P4Table]] = {}
+        for table in schema.tables:
+            soft = _in_switch(state.tables, table.name, "table")
             keys = tuple(f.name for f in table.match_fields)
             if keys != soft.key_fields:
-                raise _invalid(f"{table.preamble.name}: P4Info keys {keys} != {soft.key_fields}")
-            self.tables[table.preamble.id] = (soft, table)
-        self.counters: dict[int, Counter] = {}
-        for counter in info.counters:
-            self.counters[counter.preamble.id] = _in_switch(
-                state.counters, counter.preamble.name, "counter"
-            )
-        for register in info.registers:
-            if register.preamble.name == "SwitchReduceIngress.value":
-                _check_k(register.size, switch)
+                raise _invalid(f"{table.name}: P4Info keys {keys} != {soft.key_fields}")
+            self.tables[table.id] = (soft, table)
+        self.counters: dict[int, Counter] = {
+            counter.id: _in_switch(state.counters, counter.name, "counter")
+            for counter in schema.counters
+        }
+        value = schema.registers.get(VALUE.name)
+        if value is not None:
+            _check_k(value.size, switch)
 
-    def table(self, table_id: int) -> tuple[ExactTable, p4info_pb2.Table]:
+    def table(self, table_id: int) -> tuple[ExactTable, P4Table]:
         found = self.tables.get(table_id)
         if found is None:
             raise _invalid(f"Invalid P4 id: no table {table_id}")
@@ -217,9 +221,7 @@ class _Pipeline:
             raise _invalid(f"Invalid P4 id: no counter {counter_id}")
         return found
 
-    def key(
-        self, info: p4info_pb2.Table, entry: p4runtime_pb2.TableEntry
-    ) -> tuple[int, ...] | None:
+    def key(self, info: P4Table, entry: p4runtime_pb2.TableEntry) -> tuple[int, ...] | None:
         """The entry's exact-match key, None for the default entry, refused where PI refuses it."""
         if entry.is_default_action:
             if entry.match:
@@ -244,42 +246,43 @@ class _Pipeline:
             raise _invalid("Non-zero priority for non-ternary match")
         return tuple(key)
 
-    def action_call(self, info: p4info_pb2.Table, action: p4runtime_pb2.TableAction) -> ActionCall:
+    def action_call(self, info: P4Table, action: p4runtime_pb2.TableAction) -> ActionCall:
         if action.WhichOneof("type") != "action":
             raise _invalid("Cannot provide indirect action for direct table")
-        spec = self.actions.get(action.action.action_id)
+        spec = self.schema.actions.get(action.action.action_id)
         if spec is None:
             raise _invalid(f"Invalid P4 id: no action {action.action.action_id}")
-        if spec.preamble.id not in {ref.id for ref in info.action_refs}:
-            raise _invalid(f"Invalid action for table: {spec.preamble.name}")
+        if spec.id not in info.action_ids:
+            raise _invalid(f"Invalid action for table: {spec.name}")
         params = {p.id: p for p in spec.params}
         given = {p.param_id: p.value for p in action.action.params}
         if len(action.action.params) != len(params) or len(given) != len(params):
-            raise _invalid(f"Unexpected number of action parameters for {spec.preamble.name}")
+            raise _invalid(f"Unexpected number of action parameters for {spec.name}")
         args = {}
         for param_id, value in given.items():
             param = params.get(param_id)
             if param is None:
                 raise _invalid(f"Unknown action parameter {param_id}")
             args[param_id] = _fit(value, param.bitwidth, param.name)
-        return ActionCall(spec.preamble.name, tuple(args[p.id] for p in spec.params))
+        return ActionCall(spec.name, tuple(args[p.id] for p in spec.params))
 
     def entry(
         self, table_id: int, key: tuple[int, ...] | None, call: ActionCall
     ) -> p4runtime_pb2.Entity:
+        """The entity a Read answers for one entry (``key`` None: the default entry)."""
         table, info = self.tables[table_id]
+        fields = [f.name for f in info.match_fields]
+        params = [p.name for p in self.schema.actions[call.name].params]
+        entry = TableEntry(
+            info.name,
+            dict(zip(fields, key, strict=True)) if key is not None else {},
+            call.name,
+            dict(zip(params, call.args, strict=True)),
+        )
         found = p4runtime_pb2.Entity()
         out = found.table_entry
-        out.table_id = table_id
-        if key is None:
-            out.is_default_action = True
-        else:
-            for field_info, value in zip(info.match_fields, key, strict=True):
-                out.match.add(field_id=field_info.id).exact.value = encode_value(value)
-        action_id = self.action_ids[call.name]
-        out.action.action.action_id = action_id
-        for param, value in zip(self.actions[action_id].params, call.args, strict=True):
-            out.action.action.params.add(param_id=param.id, value=encode_value(value))
+        out.CopyFrom(entry.encode(self.schema))
+        out.is_default_action = key is None
         out.controller_metadata, out.metadata = self.state.metadata.get((table.name, key), (0, b""))
         return found
 
@@ -511,9 +514,8 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
             counter.bytes[:] = state.counters[name].bytes
         switch.pre.groups.clear()
         switch.pre.groups.update(state.groups)
-        for register in vars(switch.ingress).values():
-            if isinstance(register, Register):
-                _zero(register)
+        for register in switch.registers().values():
+            _zero(register)
         self._running = _State(
             switch.tables(), switch.counters(), switch.pre.groups,
             state.clone_sessions, state.metadata,

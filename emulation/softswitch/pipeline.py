@@ -34,27 +34,14 @@ from enum import IntEnum
 import numpy as np
 
 from switchreduce import wire
-from switchreduce.emulation.softswitch.tables import (
-    Action,
-    ActionCall,
-    Counter,
-    ExactTable,
-    Register,
-)
+from switchreduce.emulation.softswitch.tables import Counter, ExactTable, Register
+from switchreduce.p4runtime import names
 from switchreduce.wire import DropReason
 
 #: Slots in the pool shared by all jobs (the P4 program's POOL_SIZE).
 POOL_SIZE = 4096
 #: Largest job id the per-job counters index.
 MAX_JOBS = 256
-
-
-class JobStat(IntEnum):
-    """Per-job counters, each a counter array indexed by job id."""
-
-    AGGREGATED = 0
-    RESULTS = 1
-    RETRANSMIT_REPLIES = 2
 
 
 @dataclass(slots=True)
@@ -172,51 +159,21 @@ class SwitchReduceIngress:
         self.k = k
         self.udp_length = wire.UDP_BYTES + wire.datagram_bytes(k)
         self.pool_size = pool_size
-        p = "SwitchReduceIngress."
-        self.jobs = ExactTable(
-            p + "jobs",
-            ("hdr.sr.job_id",),
-            (
-                Action(
-                    "SwitchReduceIngress.set_job",
-                    ("world_size", "slot_base", "slot_count", "mcast_grp", "session"),
-                ),
-                Action("NoAction"),
-            ),
-            ActionCall("NoAction"),
-            size=MAX_JOBS,
-        )
-        self.workers = ExactTable(
-            p + "workers",
-            (
-                "hdr.sr.job_id",
-                "hdr.sr.rank",
-                "standard_metadata.ingress_port",
-                "hdr.ipv4.src_addr",
-                "hdr.udp.src_port",
-            ),
-            (Action("SwitchReduceIngress.admit_worker"), Action("NoAction")),
-            ActionCall("NoAction"),
-            size=MAX_JOBS * wire.MAX_WORKERS,
-        )
-        self.forward = ExactTable(
-            p + "forward",
-            ("hdr.ethernet.dst_addr",),
-            (Action("SwitchReduceIngress.set_egress_port", ("port",)), Action("NoAction")),
-            ActionCall("NoAction"),
-        )
+        self.jobs = ExactTable(names.JOBS, MAX_JOBS)
+        self.workers = ExactTable(names.WORKERS, MAX_JOBS * wire.MAX_WORKERS)
+        self.forward = ExactTable(names.FORWARD)
         rows = 2 * pool_size
-        self.slot_session = Register(p + "slot_session", pool_size, 64)
-        self.round = Register(p + "round", rows, 16)
-        self.bitmap = Register(p + "bitmap", rows, 32)
-        self.arrivals = Register(p + "arrivals", rows, 8)
-        self.exponent = Register(p + "exponent", rows, 8)
-        self.row_format = Register(p + "row_format", rows, 8)
-        self.row_length = Register(p + "row_length", rows, 32)
+        self.slot_session = Register(names.SLOT_SESSION, pool_size)
+        self.round = Register(names.ROUND, rows)
+        self.bitmap = Register(names.BITMAP, rows)
+        self.arrivals = Register(names.ARRIVALS, rows)
+        self.exponent = Register(names.EXPONENT, rows)
+        self.row_format = Register(names.ROW_FORMAT, rows)
+        self.row_length = Register(names.ROW_LENGTH, rows)
         #: The P4 register ``value``: cell row * K + i holds element i of the row's sums.
-        self.value = Register(p + "value", rows * k, 32, columns=k)
-        self.drops = Counter(p + "drops", len(DropReason))
-        self.job_stats = {stat: Counter(p + stat.name.lower(), MAX_JOBS) for stat in JobStat}
+        self.value = Register(names.VALUE, rows * k, columns=k)
+        self.drops = Counter(names.DROPS, len(DropReason))
+        self.job_stats = {stat: Counter(stat.counter, MAX_JOBS) for stat in names.JobStat}
 
     def drop(self, pkt: Packet, reason: DropReason) -> Verdict:
         self.drops.count(reason, len(pkt.raw))
@@ -281,7 +238,7 @@ class SwitchReduceIngress:
             if arrivals[row] != 0:
                 return self.drop(pkt, DropReason.DUPLICATE), 0
             self._make_result(pkt, hdr, row)  # complete: the worker lost the result
-            self.job_stats[JobStat.RETRANSMIT_REPLIES].count(hdr.job_id, len(pkt.raw))
+            self.job_stats[names.JobStat.RETRANSMIT_REPLIES].count(hdr.job_id, len(pkt.raw))
             pkt.egress_port = pkt.ingress_port
             return Verdict.UNICAST, 0
         if ahead == 0 and (
@@ -306,11 +263,11 @@ class SwitchReduceIngress:
             exponent[row] = max(exponent[row], hdr.exponent)
         count = 0 if count + 1 == world_size else count + 1
         arrivals[row] = count
-        self.job_stats[JobStat.AGGREGATED].count(hdr.job_id, len(pkt.raw))
+        self.job_stats[names.JobStat.AGGREGATED].count(hdr.job_id, len(pkt.raw))
         if count != 0:
             return Verdict.DROP, 0  # consumed: its contribution is in the registers
         self._make_result(pkt, hdr, row)
-        self.job_stats[JobStat.RESULTS].count(hdr.job_id, len(pkt.raw))
+        self.job_stats[names.JobStat.RESULTS].count(hdr.job_id, len(pkt.raw))
         return Verdict.MULTICAST, mcast_grp
 
     def _make_result(self, pkt: Packet, hdr: wire.Header, row: int) -> None:
@@ -356,16 +313,7 @@ class SwitchReduceEgress:
     """Rewrites each result copy's destination for the worker behind its replica (rid)."""
 
     def __init__(self) -> None:
-        self.result_rewrite = ExactTable(
-            "SwitchReduceEgress.result_rewrite",
-            ("standard_metadata.egress_rid",),
-            (
-                Action("SwitchReduceEgress.rewrite_destination", ("mac", "ip", "udp_port")),
-                Action("NoAction"),
-            ),
-            ActionCall("NoAction"),
-            size=MAX_JOBS * wire.MAX_WORKERS,
-        )
+        self.result_rewrite = ExactTable(names.RESULT_REWRITE, MAX_JOBS * wire.MAX_WORKERS)
 
     def apply(self, pkt: Packet) -> None:
         if pkt.egress_rid == 0:
@@ -464,6 +412,11 @@ class SoftSwitch:
         """Every table by its P4 name."""
         ing = self.ingress
         return {t.name: t for t in (ing.jobs, ing.workers, ing.forward, self.egress.result_rewrite)}
+
+    def registers(self) -> dict[str, Register]:
+        """Every register array by its P4 name."""
+        found = [r for r in vars(self.ingress).values() if isinstance(r, Register)]
+        return {r.name: r for r in found}
 
     def counters(self) -> dict[str, Counter]:
         """Every counter array by its P4 name."""

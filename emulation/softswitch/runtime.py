@@ -122,7 +122,7 @@ class SwitchRuntime(ABC):
         """Drop counters by reason, per-job counters, what the injectors did, CPU time."""
         ingress = self.switch.ingress
         jobs = {
-            stat.name.lower(): {job: n for job, n in enumerate(counter.packets) if n}
+            stat.alias: {job: n for job, n in enumerate(counter.packets) if n}
             for stat, counter in ingress.job_stats.items()
         }
         return {

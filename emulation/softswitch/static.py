@@ -2,7 +2,7 @@
 
 Until a controller programs the switch over P4Runtime, ``switchreduce
 switch`` takes one job's membership from its command line and applies the
-very entries the controller would write (``controller.jobs.job_entries``)
+very entries the controller would write (``p4runtime.jobs.job_entries``)
 straight to the soft switch's tables.
 
 With no controller to admit each run of such a job, its ranks ask the
@@ -18,11 +18,12 @@ import dataclasses
 import ipaddress
 
 from switchreduce import wire
-from switchreduce.controller.connection import TableEntry
-from switchreduce.controller.forwarding import forward_entry, parse_mac
-from switchreduce.controller.jobs import Job, Member, job_entries
-from switchreduce.emulation.softswitch.pipeline import JobStat, Packet, SoftSwitch, swap_addresses
+from switchreduce.emulation.softswitch.pipeline import Packet, SoftSwitch, swap_addresses
 from switchreduce.emulation.softswitch.tables import ActionCall
+from switchreduce.p4runtime.entities import TableEntry
+from switchreduce.p4runtime.forwarding import forward_entry, parse_mac
+from switchreduce.p4runtime.jobs import Job, Member, job_entries
+from switchreduce.p4runtime.names import JobStat
 from switchreduce.wire import DropReason
 
 
@@ -45,10 +46,10 @@ def parse_member(spec: str) -> Member:
 
 
 def apply_entry(switch: SoftSwitch, entry: TableEntry) -> None:
-    """Insert a controller-side table entry into the soft switch's table of that name."""
+    """Insert (or modify) a table entry in the soft switch's table of that name."""
     table = switch.tables()[entry.table]
     key = tuple(entry.match[field] for field in table.key_fields)
-    params = table.action(entry.action).params
+    params = table.action(entry.action).param_names
     call = ActionCall(entry.action, tuple(entry.params[p] for p in params))
     if table.lookup(key)[0]:
         table.modify(key, call)

@@ -1,8 +1,8 @@
 """Match-action state of the soft switch: exact-match tables, registers, counters.
 
 These are the Python counterparts of the P4 objects of the same fully
-qualified names (``SwitchReduceIngress.jobs`` ...), so a control plane writes
-the soft switch exactly as it writes BMv2.
+qualified names, built from their declarations (``switchreduce.p4runtime.names``),
+so a control plane writes the soft switch exactly as it writes BMv2.
 """
 
 from __future__ import annotations
@@ -12,19 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from switchreduce.emulation.errors import TableError
-
-
-@dataclass(frozen=True, slots=True)
-class Action:
-    """An action a table may invoke: its name and its parameters' names, in order."""
-
-    name: str
-    params: tuple[str, ...] = ()
+from switchreduce.p4runtime.names import NO_ACTION, ActionSpec, RegisterSpec, TableSpec
 
 
 @dataclass(frozen=True, slots=True)
 class ActionCall:
-    """An action with concrete parameter values, as stored in an entry."""
+    """An action with concrete parameter values (in the action's order), as stored in an entry."""
 
     name: str
     args: tuple[int, ...] = ()
@@ -32,17 +25,24 @@ class ActionCall:
 
 @dataclass
 class ExactTable:
-    """An exact-match table: key tuple -> action call, with a default for misses."""
+    """The exact-match table ``spec`` declares: key tuple -> action call, with a default for
+    misses (the P4 program's is NoAction)."""
 
-    name: str
-    key_fields: tuple[str, ...]
-    actions: tuple[Action, ...]
-    default_action: ActionCall
+    spec: TableSpec
     size: int = 1024
+    default_action: ActionCall = ActionCall(NO_ACTION.name)
     entries: dict[tuple[int, ...], ActionCall] = field(default_factory=dict)
 
-    def action(self, name: str) -> Action:
-        for action in self.actions:
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def key_fields(self) -> tuple[str, ...]:
+        return self.spec.key_names
+
+    def action(self, name: str) -> ActionSpec:
+        for action in self.spec.actions:
             if action.name == name:
                 return action
         raise TableError(f"{self.name}: no action {name!r}")
@@ -53,7 +53,7 @@ class ExactTable:
         action = self.action(call.name)
         if len(call.args) != len(action.params):
             raise TableError(
-                f"{self.name}: action {call.name} takes {action.params}, got {call.args}"
+                f"{self.name}: action {call.name} takes {action.param_names}, got {call.args}"
             )
 
     def insert(self, key: tuple[int, ...], call: ActionCall) -> None:
@@ -90,17 +90,20 @@ class ExactTable:
 
 @dataclass
 class Register:
-    """A register array of ``width``-bit cells.
+    """The register array ``spec`` declares, of ``size`` cells.
 
     Cells are plain ints (cheaper per packet than numpy scalars), except with
     ``columns > 1``: then cell ``r * columns + c`` lives at ``cells[r, c]`` of an
     int32 array, so a packet can read or add a whole row at once.
     """
 
-    name: str
+    spec: RegisterSpec
     size: int
-    width: int
     columns: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     def __post_init__(self) -> None:
         self.cells: list[int] | np.ndarray
