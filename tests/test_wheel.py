@@ -29,13 +29,27 @@ PACKAGE_DATA = [
 ]
 
 
+def _tracked_copy(dest: Path) -> Path:
+    """The checkout's tracked files, symlinks kept: what a clone builds from (no untracked
+    leftovers, and setuptools' build/ lands in the copy, not in the checkout)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target, follow_symlinks=False)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Shell:
     """A fresh venv holding the wheel: its ``switchreduce``, run from outside the checkout."""
     work = tmp_path_factory.mktemp("wheel")
+    source = _tracked_copy(work / "source")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(work / "dist"), str(ROOT)],
+         "--wheel-dir", str(work / "dist"), str(source)],
         check=True,
         capture_output=True,
     )  # fmt: skip
