@@ -11,13 +11,14 @@ which kills processes by name machine-wide, is never used).
 from __future__ import annotations
 
 import functools
-import json
+import logging
 import os
 import subprocess
-import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from switchreduce import wire
 from switchreduce.emulation.bmv2 import (
@@ -28,7 +29,15 @@ from switchreduce.emulation.bmv2 import (
     wait_for_p4runtime,
 )
 from switchreduce.emulation.errors import EmulationError
-from switchreduce.launch import cli_command, piped
+from switchreduce.launch import (
+    CONTROLLER,
+    SERVING,
+    START_TIMEOUT,
+    Child,
+    cli_command,
+    release,
+    reports,
+)
 
 if TYPE_CHECKING:
     from mininet.net import Mininet  # imported where used: a Debian package, maybe absent
@@ -42,10 +51,14 @@ CONTROLLER_IP = "10.0.0.253"
 CONTROLLER_MAC = "02:00:00:00:00:fd"
 CONTROLLER_HTTP_PORT = 9000
 MAX_HOSTS = 32  # one rank per host, and ranks are bitmap bits
-#: Window per switch node when none is asked for. BMv2 takes ~2,800 aggregation packets/s
-#: here: a larger window only queues in it, and the retransmission timer fires spuriously
-#: (1 M elements with 64 slots: 12.2 s, 14,231 retransmissions; with 8: 5.6 s, none).
+#: The window (slots per job) of each kind of switch when none is asked for, wherever a
+#: switch is started: topo, bench, experiment configs. BMv2 takes ~2,800 aggregation
+#: packets/s here: a larger window only queues in it, and the retransmission timer fires
+#: spuriously (1 M elements with 64 slots: 12.2 s, 14,231 retransmissions; with 8: 5.6 s,
+#: none).
 DEFAULT_SLOTS = {"soft": 64, "bmv2": 8}
+
+log = logging.getLogger(__name__)
 
 
 def host_ip(index: int) -> str:
@@ -83,7 +96,7 @@ class TopoOptions:
     loss_pct: float | None = None  # per link, each direction (tc netem)
     switch_loss: float = 0.0  # drop probability at the soft switch's ports, each direction
     k: int = wire.MAX_K_STANDARD_MTU  # veth MTU is 1500
-    slots: int = 64
+    slots: int | None = None  # None: DEFAULT_SLOTS of the switch kind
     job_id: int = 1
     #: Run the controller on host c0 (workers register with it) instead of a static job.
     #: BMv2 always has it: nothing else programs simple_switch_grpc.
@@ -93,7 +106,7 @@ class TopoOptions:
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_HOSTS:
             raise ValueError(f"workers must be 1..{MAX_HOSTS}, got {self.workers}")
-        if self.switch not in ("soft", "bmv2"):
+        if self.switch not in DEFAULT_SLOTS:
             raise ValueError(f"switch must be soft or bmv2, got {self.switch!r}")
         if self.bw is not None and self.bw <= 0:
             raise ValueError(f"bandwidth must be positive, got {self.bw}")
@@ -107,6 +120,11 @@ class TopoOptions:
             raise ValueError("switch loss is the soft switch's fault injector; BMv2 has none")
         if self.k > wire.MAX_K_STANDARD_MTU:
             raise ValueError(f"K={self.k} does not fit the links' 1500-byte MTU; use K <= 256")
+
+    @property
+    def slot_count(self) -> int:
+        """The window: ``slots``, or the switch kind's default."""
+        return DEFAULT_SLOTS[self.switch] if self.slots is None else self.slots
 
     @property
     def uses_controller(self) -> bool:
@@ -139,7 +157,7 @@ def _p4runtime_socket(options: TopoOptions) -> str:
 def _switch_args(options: TopoOptions) -> list[str]:
     """Either a P4Runtime socket for the controller (which installs everything), or
     forwarding for every host and the static job (rank r is host r+1 on port r+1)."""
-    args = ["--k", str(options.k), "--slots", str(options.slots),
+    args = ["--k", str(options.k), "--slots", str(options.slot_count),
             "--loss", str(options.switch_loss)]  # fmt: skip
     if options.uses_controller:
         return [*args, "--p4runtime", _p4runtime_socket(options)]
@@ -163,8 +181,10 @@ class Emulation:
     def __init__(self, options: TopoOptions) -> None:
         self.options = options
         self._net: Mininet | None = None
-        self.controller: subprocess.Popen | None = None
+        self.controller: Child | None = None
         self.program: CompiledProgram | None = None
+        #: Every worker started, stopped at the latest when the emulation stops.
+        self._workers = ExitStack()
 
     def __enter__(self) -> Emulation:
         from mininet.link import TCLink
@@ -222,16 +242,27 @@ class Emulation:
             net.start()
             if options.uses_controller:
                 self.controller = self._start_controller()
-        except BaseException:
-            self.__exit__(None, None, None)
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop everything started: killed at once after a failure, else stopped politely
+        (the soft switch says its counters when it stops)."""
+        self._workers.__exit__(exc_type, exc, tb)
         if self.controller is not None:
-            _stop(self.controller)
+            self.controller.__exit__(exc_type, exc, tb)
             self.controller = None
         if self._net is not None:
+            if exc_type is not None:
+                for switch in self._net.switches:
+                    switch.kill()
             self._net.stop()
             self._net = None
 
@@ -247,23 +278,27 @@ class Emulation:
         """The worker hosts h1..hN (not the controller's host)."""
         return [host for host in self.net.hosts if host.name.startswith("h")]
 
-    def _start_controller(self) -> subprocess.Popen:
+    def _start_controller(self) -> Child:
         options = self.options
-        log_path = options.run_dir / "controller.log"
         cmd = [*cli_command("controller"),
                "--p4runtime", _p4runtime_socket(options),
                "--data-plane", f"{SWITCH_IP}:{wire.DEFAULT_SWITCH_PORT}",
                "--listen", f"{CONTROLLER_IP}:{CONTROLLER_HTTP_PORT}",
-               "--k", str(options.k), "--slots", str(options.slots),
+               "--k", str(options.k), "--slots", str(options.slot_count),
                *(["--device-config", str(self.program.bmv2_json),
                   "--p4info", str(self.program.p4info)] if self.program else []),
                # workers may register; c0 itself only needs forwarding
                *(f"--route={mac}={port}" if name == "c0" else f"--host={ip}={mac}@{port}"
                  for name, ip, mac, port in _stations(options))]  # fmt: skip
-        with log_path.open("w") as log:
-            proc = self.net.get("c0").popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        _wait_for(proc, log_path, "controller http://", "the controller")
-        return proc
+        controller = Child(
+            cmd,
+            "the controller",
+            log=options.run_dir / "controller.log",
+            popen=self.net.get("c0").popen,
+        )
+        with controller.killed_on_error():
+            controller.wait_for(CONTROLLER)
+        return controller
 
     def ping_all(self) -> float:
         """Mininet's pingAll: percentage of pings lost between every pair of hosts."""
@@ -278,17 +313,17 @@ class Emulation:
         backend: str = "switch",
         hosts: list | None = None,
         job_id: int | None = None,
-    ) -> list[subprocess.Popen]:
+    ) -> list[Child]:
         """Start ``switchreduce worker`` on ``hosts`` (default: all) as ranks 0, 1, ...
 
-        They wait at a start line until ``release``; ``reports`` gathers what they found.
-        With ``backend="gloo"`` the same tensor goes through torch.distributed's gloo
-        between the same hosts instead: the baseline the switch is measured against.
+        They wait at a start line until ``launch.release``; ``launch.reports`` gathers what
+        they found. With ``backend="gloo"`` the same tensor goes through torch.distributed's
+        gloo between the same hosts instead: the baseline the switch is measured against.
         """
         options = self.options
         hosts = self.hosts if hosts is None else hosts
         job_id = options.job_id if job_id is None else job_id
-        procs = []
+        workers = []
         for rank, host in enumerate(hosts):
             cmd = [
                 *cli_command("worker", "--backend", backend),
@@ -296,21 +331,14 @@ class Emulation:
                 *("--master", f"{hosts[0].IP()}:{GLOO_PORT}"),
                 *("--bind", f"{host.IP()}:{WORKER_UDP_PORT}"),
                 *("--job", str(job_id), "--rank", str(rank), "--world-size", str(len(hosts))),
-                *("--k", str(options.k), "--slots", str(options.slots)),
+                *("--k", str(options.k), "--slots", str(options.slot_count)),
                 *("--elements", str(elements), "--dtype", dtype, "--seed", str(seed)),
                 *("--timeout", str(timeout), "--wait-for-go"),
             ]
-            procs.append(
-                self.popen(
-                    host,
-                    cmd,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
-        return procs
+            worker = Child(cmd, f"worker rank {rank} on {host.name}", stdin=True,
+                           popen=functools.partial(self.popen, host))  # fmt: skip
+            workers.append(self._workers.enter_context(worker))
+        return workers
 
     def switch_args(self) -> list[str]:
         """How a worker on a host finds its job: the controller, or the static job's switch."""
@@ -325,34 +353,6 @@ class Emulation:
         env = dict(os.environ if env is None else env, GLOO_SOCKET_IFNAME=host.defaultIntf().name)
         return host.popen(cmd, env=env, **kwargs)
 
-    @staticmethod
-    def release(procs: list[subprocess.Popen]) -> None:
-        """Wait until every worker is ready (registered, with a controller), then start them."""
-        for proc in procs:
-            if piped(proc.stdout).readline().strip() != "ready":
-                _kill_all(procs)
-                error = piped(proc.stderr).read()[-2000:]
-                raise EmulationError(f"a worker failed to start: {error}")
-        for proc in procs:
-            stdin = piped(proc.stdin)
-            stdin.write("go\n")
-            stdin.flush()
-
-    @staticmethod
-    def reports(procs: list[subprocess.Popen], timeout: float = 30.0) -> list[dict]:
-        """Every released worker's JSON report."""
-        try:
-            reports = []
-            for proc in procs:
-                out, err = proc.communicate(timeout=timeout * 4 + 60)
-                lines = out.strip().splitlines()
-                if not lines:
-                    raise EmulationError(f"a worker failed: {err[-2000:]}")
-                reports.append(json.loads(lines[-1]))
-            return reports
-        finally:
-            _kill_all(procs)
-
     def allreduce(
         self,
         elements: int,
@@ -360,38 +360,45 @@ class Emulation:
         timeout: float = 30.0,
         seed: int = 0,
         backend: str = "switch",
-    ) -> list[dict]:
-        """One job over all worker hosts; every rank's report."""
-        procs = self.start_workers(elements, dtype, timeout, seed, backend)
-        self.release(procs)
-        return self.reports(procs, timeout)
+    ) -> list[dict[str, Any]]:
+        """One job over all worker hosts; every rank's report. Whatever fails, no worker
+        is left running."""
+        with ExitStack() as stack:
+            workers = self.start_workers(elements, dtype, timeout, seed, backend)
+            for worker in workers:
+                stack.enter_context(worker)
+            release(workers, START_TIMEOUT + timeout)
+            return reports(workers, timeout * 4 + 60)
 
 
-def _wait_for(proc: subprocess.Popen, log_path: Path, marker: str, what: str) -> None:
-    """Wait until ``marker`` shows in the process's log; fail with the log's tail otherwise."""
-    deadline = time.monotonic() + 30
-    while marker not in log_path.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise EmulationError(f"{what} did not start:\n{log_path.read_text()[-2000:]}")
-        time.sleep(0.05)
+def auto_switch() -> str:
+    """BMv2 where it can run here, else the soft switch; says which and why."""
+    if bmv2_available():
+        log.info("switch: bmv2 (simple_switch_grpc and p4c-bm2-ss are installed)")
+        return "bmv2"
+    log.info("switch: soft (simple_switch_grpc or p4c-bm2-ss is not on PATH)")
+    return "soft"
 
 
-def _kill_all(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def run_topo(options: TopoOptions, elements: int, cli: bool = False) -> int:
+    """``switchreduce topo``: ping between every pair of hosts, then one allreduce across
+    them (or the Mininet CLI instead); 0 if nothing was lost and the sums were exact."""
+    with Emulation(options) as emu:
+        lost = emu.ping_all()
+        if cli:
+            from mininet.cli import CLI
 
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process we started, by PID: politely, then for sure."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            CLI(emu.net)
+            return 0
+        results = emu.allreduce(elements)
+    seconds = max(r["seconds"] for r in results)
+    exact = all(r["exact"] and r["within_bound"] for r in results)
+    print(
+        f"{options.workers} hosts: ping loss {lost:.0f}%, allreduce of {elements:,} float32 "
+        f"in {seconds:.3f} s ({elements / seconds / 1e6:.2f} M elements/s), "
+        f"retransmissions {sum(r['retransmissions'] for r in results)}, exact={exact}"
+    )
+    return 0 if exact and lost == 0 else 1
 
 
 def _switch_node(options: TopoOptions):
@@ -407,24 +414,31 @@ def _switch_node(options: TopoOptions):
     class SwitchNode(Switch):
         """Starts its process on its ports, waits until it serves, stops it by PID."""
 
+        speaks = True  # a switchreduce command: its stdout is the protocol
+
         def __init__(self, name: str, **params) -> None:
             params["inNamespace"] = True
             super().__init__(name, **params)
-            self.proc: subprocess.Popen | None = None
+            self.child: Child | None = None
             self.log_path = options.run_dir / f"{name}.log"
 
         def start(self, controllers) -> None:
             ports = {self.ports[intf]: intf.name for intf in self.intfList() if intf.name != "lo"}
             for name in ports.values():
                 _quiet_interface(self, name)
-            self.log = self.log_path.open("w")
-            self.proc = self.popen(self.command(ports), stdout=self.log, stderr=subprocess.STDOUT)
-            self.wait_until_serving(self.proc)
+            self.child = Child(self.command(ports), f"switch {self.name}", log=self.log_path,
+                               speaks=self.speaks, popen=self.popen)  # fmt: skip
+            with self.child.killed_on_error():
+                self.wait_until_serving(self.child)
+
+        def kill(self) -> None:
+            """After a failure: no goodbye."""
+            if self.child is not None:
+                self.child.kill()
 
         def stop(self, deleteIntfs: bool = True) -> None:
-            if self.proc is not None:
-                _stop(self.proc)
-                self.log.close()
+            if self.child is not None:
+                self.child.stop()
             super().stop(deleteIntfs)
 
     class SoftSwitchNode(SwitchNode):
@@ -435,15 +449,18 @@ def _switch_node(options: TopoOptions):
                 *_switch_args(options),
             ]
 
-        def wait_until_serving(self, proc: subprocess.Popen) -> None:
-            _wait_for(proc, self.log_path, "serving", f"soft switch {self.name}")
+        def wait_until_serving(self, child: Child) -> None:
+            child.wait_for(SERVING)
 
-        def report(self) -> dict:
-            """The switch's counters, printed as its last line when it stops."""
-            lines = self.log_path.read_text().strip().splitlines()
-            return json.loads(lines[-1])
+        def report(self) -> dict[str, Any]:
+            """The switch's counters, the report it ends with when it stops."""
+            if self.child is None:
+                raise EmulationError(f"switch {self.name} never started")
+            return self.child.report(timeout=0)
 
     class BMv2SwitchNode(SwitchNode):
+        speaks = False  # simple_switch_grpc: everything it says goes to its log
+
         def command(self, ports: dict[int, str]) -> list[str]:
             address = _p4runtime_socket(options)
             Path(address.removeprefix("unix:")).unlink(missing_ok=True)  # a previous run's
@@ -452,7 +469,7 @@ def _switch_node(options: TopoOptions):
                     *(arg for i in interfaces for arg in ("-i", i)),
                     "--", "--grpc-server-addr", address]  # fmt: skip
 
-        def wait_until_serving(self, proc: subprocess.Popen) -> None:
-            wait_for_p4runtime(proc, _p4runtime_socket(options), self.log_path)
+        def wait_until_serving(self, child: Child) -> None:
+            wait_for_p4runtime(child.proc, _p4runtime_socket(options), self.log_path)
 
     return BMv2SwitchNode if options.switch == "bmv2" else SoftSwitchNode

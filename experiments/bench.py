@@ -1,175 +1,167 @@
-"""``switchreduce bench allreduce``: a soft switch and N workers as separate processes.
+"""``switchreduce bench allreduce``: a switch and N workers as separate processes, measured.
 
 Each part runs through its own command (``switchreduce switch``,
 ``switchreduce worker``), exactly as on several machines. Workers are held at
 a start line until all are ready, so the time measured is the allreduce alone.
+On loopback the switch is a soft switch process; in Mininet (root) the same
+tensor also goes through gloo between the same hosts, for comparison.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
 
 from switchreduce import wire
 from switchreduce.emulation.softswitch.faults import FaultSpec
 from switchreduce.emulation.softswitch.process import LoopbackSwitch
-from switchreduce.launch import cli_command, piped
+from switchreduce.emulation.topo import DEFAULT_SLOTS, Emulation, TopoOptions
+from switchreduce.launch import START_TIMEOUT, Child, cli_command, release, reports
 from switchreduce.ports import free_udp_ports
 
 
-def run_allreduce_bench(args: argparse.Namespace) -> int:
-    if args.topo == "mininet":
-        return run_mininet_bench(args)
-    if args.k is None:
-        args.k = wire.DEFAULT_K
-    if args.slots is None:
-        from switchreduce.emulation.topo import DEFAULT_SLOTS
+@dataclass(frozen=True)
+class BenchOptions:
+    """What is summed, where, and how the result is shown."""
 
-        args.slots = DEFAULT_SLOTS["soft"]
-    n = args.workers
-    ports = free_udp_ports(n)
-    common = ["--k", str(args.k), "--slots", str(args.slots)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    faults = FaultSpec(args.loss, args.duplicate, args.reorder, args.seed)
-    with LoopbackSwitch(ports, args.k, args.slots, faults) as switch:
-        workers = [
-            subprocess.Popen(
-                cli_command(
-                    "worker",
-                    "--switch",
-                    switch.address,
-                    "--bind",
-                    f"127.0.0.1:{port}",
-                    "--rank",
-                    str(rank),
-                    "--world-size",
-                    str(n),
-                    *common,
-                    "--elements",
-                    str(args.elements),
-                    "--dtype",
-                    args.dtype,
-                    "--seed",
-                    str(args.seed),
-                    "--timeout",
-                    str(args.timeout),
-                    "--wait-for-go",
-                ),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-            for rank, port in enumerate(ports)
-        ]
-        for w in workers:
-            if piped(w.stdout).readline().strip() != "ready":
-                raise RuntimeError("a worker failed to start")
-        for w in workers:
-            stdin = piped(w.stdin)
-            stdin.write("go\n")
-            stdin.flush()
-        reports = []
-        for w in workers:
-            out, _ = w.communicate()
-            lines = out.strip().splitlines()
-            if not lines:
-                raise RuntimeError(f"a worker exited with {w.returncode} and no report")
-            reports.append(json.loads(lines[-1]))
-    seconds = max(r["seconds"] for r in reports)
-    summary = {
-        "workers": n,
-        "elements": args.elements,
-        "dtype": args.dtype,
-        "k": args.k,
-        "slots": args.slots,
-        "loss": args.loss,
-        "seconds": round(seconds, 4),
-        "worker_cpu_seconds": round(sum(r["cpu_seconds"] for r in reports), 3),
-        "elements_per_s": round(args.elements / seconds),
-        "packets": sum(r["packets_sent"] + r["packets_received"] for r in reports),
-        "retransmissions": sum(r["retransmissions"] for r in reports),
-        "max_abs_error": max(r["max_abs_error"] for r in reports),
-        "exact": all(r["exact"] for r in reports),
-        "within_bound": all(r["within_bound"] for r in reports),
-        "switch": switch.report,
-    }
-    if args.json:
+    workers: int = 4
+    elements: int = 10_000_000
+    dtype: str = "float32"
+    #: Each worker's: seconds without progress before it gives up.
+    timeout: float = 30.0
+    topo: str = "loopback"  # processes on loopback, or mininet (root)
+    switch: str = "soft"  # Mininet's switch node; on loopback always the soft switch
+    bw: float | None = None  # Mininet's links, Mbit/s
+    #: None: wire.DEFAULT_K on loopback, TopoOptions' K (1500-byte MTU) in Mininet.
+    k: int | None = None
+    slots: int | None = None  # None: DEFAULT_SLOTS of the switch kind
+    #: At the switch's ports; in Mininet only the loss (TopoOptions.switch_loss).
+    faults: FaultSpec = field(default_factory=FaultSpec)
+    as_json: bool = False
+
+    def __post_init__(self) -> None:
+        if self.topo not in ("loopback", "mininet"):
+            raise ValueError(f"topo must be loopback or mininet, got {self.topo!r}")
+
+    def topology(self) -> TopoOptions:
+        """The Mininet star this bench runs on."""
+        return TopoOptions(
+            workers=self.workers,
+            switch=self.switch,
+            bw=self.bw,
+            switch_loss=self.faults.loss,
+            k=self.k or wire.MAX_K_STANDARD_MTU,
+            slots=self.slots,
+        )
+
+
+def run_bench(options: BenchOptions) -> int:
+    """Measure, print the summary (or one JSON object); 0 if every sum was exact."""
+    summary = _mininet(options) if options.topo == "mininet" else _loopback(options)
+    if options.as_json:
         print(json.dumps(summary))
+    elif options.topo == "mininet":
+        _print_mininet_summary(summary)
     else:
         _print_summary(summary)
     return 0 if summary["exact"] and summary["within_bound"] else 1
 
 
-def run_mininet_bench(args: argparse.Namespace) -> int:
-    """The same tensor through the switch, then through gloo, between the same Mininet hosts."""
-    from switchreduce.emulation.errors import EmulationError
-    from switchreduce.emulation.topo import DEFAULT_SLOTS, Emulation, TopoOptions
-
-    n = args.workers
-    if args.slots is None:
-        args.slots = DEFAULT_SLOTS[args.switch]
-    try:
-        options = TopoOptions(
-            workers=n,
-            switch=args.switch,
-            bw=args.bw,
-            switch_loss=args.loss,
-            k=args.k or wire.MAX_K_STANDARD_MTU,
-            slots=args.slots,
-        )
-        with Emulation(options) as emu:
-            through_switch = emu.allreduce(args.elements, args.dtype, args.timeout, args.seed)
-            through_gloo = emu.allreduce(
-                args.elements, args.dtype, args.timeout, args.seed, backend="gloo"
+def _loopback(options: BenchOptions) -> dict[str, Any]:
+    n, k = options.workers, options.k or wire.DEFAULT_K
+    slots = options.slots or DEFAULT_SLOTS["soft"]
+    ports = free_udp_ports(n)
+    with LoopbackSwitch(ports, k, slots, options.faults) as switch, ExitStack() as stack:
+        workers = [
+            stack.enter_context(
+                Child(
+                    cli_command(
+                        "worker", "--switch", switch.address, "--bind", f"127.0.0.1:{port}",
+                        "--rank", str(rank), "--world-size", str(n),
+                        "--k", str(k), "--slots", str(slots),
+                        "--elements", str(options.elements), "--dtype", options.dtype,
+                        "--seed", str(options.faults.seed), "--timeout", str(options.timeout),
+                        "--wait-for-go",
+                    ),
+                    f"worker rank {rank}",
+                    stdin=True,
+                )
             )
-    except (EmulationError, ValueError) as exc:
-        raise SystemExit(f"switchreduce bench: {exc}") from None
+            for rank, port in enumerate(ports)
+        ]  # fmt: skip
+        release(workers, START_TIMEOUT + options.timeout)
+        results = reports(workers, options.timeout * 4 + 60)
+    seconds = max(r["seconds"] for r in results)
+    return {
+        "workers": n,
+        "elements": options.elements,
+        "dtype": options.dtype,
+        "k": k,
+        "slots": slots,
+        "loss": options.faults.loss,
+        "seconds": round(seconds, 4),
+        "worker_cpu_seconds": round(sum(r["cpu_seconds"] for r in results), 3),
+        "elements_per_s": round(options.elements / seconds),
+        "packets": sum(r["packets_sent"] + r["packets_received"] for r in results),
+        "retransmissions": sum(r["retransmissions"] for r in results),
+        "max_abs_error": max(r["max_abs_error"] for r in results),
+        "exact": all(r["exact"] for r in results),
+        "within_bound": all(r["within_bound"] for r in results),
+        "switch": switch.report,
+    }
+
+
+def _mininet(options: BenchOptions) -> dict[str, Any]:
+    """The same tensor through the switch, then through gloo, between the same Mininet hosts."""
+    n, topology = options.workers, options.topology()
+    run = (options.elements, options.dtype, options.timeout, options.faults.seed)
+    with Emulation(topology) as emu:
+        through_switch = emu.allreduce(*run)
+        through_gloo = emu.allreduce(*run, backend="gloo")
     switch_seconds = max(r["seconds"] for r in through_switch)
     gloo_seconds = max(r["seconds"] for r in through_gloo)
-    summary = {
+    return {
         "topo": "mininet",
-        "switch": args.switch,
+        "switch": options.switch,
         "workers": n,
-        "elements": args.elements,
-        "dtype": args.dtype,
-        "k": options.k,
-        "slots": options.slots,
-        "bw_mbps": args.bw,
-        "loss": args.loss,
+        "elements": options.elements,
+        "dtype": options.dtype,
+        "k": topology.k,
+        "slots": topology.slot_count,
+        "bw_mbps": options.bw,
+        "loss": options.faults.loss,
         "switch_seconds": round(switch_seconds, 4),
         "gloo_seconds": round(gloo_seconds, 4),
         "ratio": round(switch_seconds / gloo_seconds, 4),
         "ring_bound_ratio": round(n / (2 * (n - 1)), 4) if n > 1 else None,
-        "elements_per_s": round(args.elements / switch_seconds),
+        "elements_per_s": round(options.elements / switch_seconds),
         "retransmissions": sum(r["retransmissions"] for r in through_switch),
         "max_abs_error": max(r["max_abs_error"] for r in through_switch),
         "gloo_max_abs_error": max(r["max_abs_error"] for r in through_gloo),
         "exact": all(r["exact"] for r in through_switch),
         "within_bound": all(r["within_bound"] for r in through_switch),
     }
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(
-            f"{n} Mininet hosts, {args.elements:,} {args.dtype}, links "
-            f"{args.bw or 'unshaped'} Mbit/s, K={options.k}"
-        )
-        print(
-            f"  through the {args.switch} switch  {switch_seconds:.3f} s  "
-            f"exact={summary['exact']}  retransmissions {summary['retransmissions']}"
-        )
-        print(f"  gloo allreduce        {gloo_seconds:.3f} s")
-        print(
-            f"  ratio                 {summary['ratio']:.3f}  (bandwidth bound for a ring: "
-            f"{summary['ring_bound_ratio']})"
-        )
-    return 0 if summary["exact"] and summary["within_bound"] else 1
 
 
-def _print_summary(s: dict) -> None:
+def _print_mininet_summary(s: dict[str, Any]) -> None:
+    print(
+        f"{s['workers']} Mininet hosts, {s['elements']:,} {s['dtype']}, links "
+        f"{s['bw_mbps'] or 'unshaped'} Mbit/s, K={s['k']}"
+    )
+    print(
+        f"  through the {s['switch']} switch  {s['switch_seconds']:.3f} s  "
+        f"exact={s['exact']}  retransmissions {s['retransmissions']}"
+    )
+    print(f"  gloo allreduce        {s['gloo_seconds']:.3f} s")
+    print(
+        f"  ratio                 {s['ratio']:.3f}  (bandwidth bound for a ring: "
+        f"{s['ring_bound_ratio']})"
+    )
+
+
+def _print_summary(s: dict[str, Any]) -> None:
     drops = {k: v for k, v in s["switch"]["drops"].items() if v}
     faults = s["switch"]["faults"]
     print(

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from switchreduce import wire
+from switchreduce.emulation.topo import DEFAULT_SLOTS
 from switchreduce.experiments.errors import ConfigError
 from switchreduce.worker import quantize
 
@@ -88,7 +89,9 @@ class SwitchConfig:
 
     backend: str = "soft"  # soft | bmv2
     k: int = wire.MAX_K_STANDARD_MTU
-    slots: int = 16
+    #: Slots per job (the window); None: the switch kind's default (emulation.topo's
+    #: DEFAULT_SLOTS: 64 for the soft switch, 8 for BMv2), which slot_count resolves.
+    slots: int | None = None
     #: Fixed-point precision of gradients (worker.quantize): 32 is the switch's full width.
     precision_bits: int = quantize.MAX_BITS
     #: Workers join through the controller (Mininet) instead of a statically installed job.
@@ -103,13 +106,18 @@ class SwitchConfig:
             f"must be soft or bmv2, got {self.backend!r}",
         )
         _check(self.k in wire.SUPPORTED_K, "switch.k", f"must be one of {wire.SUPPORTED_K}")
-        _check(1 <= self.slots <= 4096, "switch.slots", f"must be 1..4096, got {self.slots}")
+        _check(1 <= self.slot_count <= 4096, "switch.slots", f"must be 1..4096, got {self.slots}")
         _check(0 < self.min_rto_ms <= 1000, "switch.min_rto_ms", "must be in (0, 1000]")
         _check(
             quantize.MIN_BITS <= self.precision_bits <= quantize.MAX_BITS,
             "switch.precision_bits",
             f"must be {quantize.MIN_BITS}..{quantize.MAX_BITS}",
         )
+
+    @property
+    def slot_count(self) -> int:
+        """The window: ``slots``, or the switch kind's default."""
+        return DEFAULT_SLOTS[self.backend] if self.slots is None else self.slots
 
 
 @dataclass(frozen=True)

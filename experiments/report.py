@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import statistics
 from pathlib import Path
 
 from switchreduce.experiments.records import metrics_path
+
+log = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = (
     "backend",
@@ -37,11 +40,12 @@ SUMMARY_FIELDS = (
 
 
 def show_progress(backend: str, record: dict) -> None:
+    """Log one progress record of a training run."""
     accuracy = f"  accuracy {record['accuracy']:.1%}" if "accuracy" in record else ""
-    print(
+    log.info(
+        "%s",
         f"  {backend:6s} iteration {record['iteration']:5d}  loss {record['loss']:.4f}  "
         f"{record['seconds'] * 1000:7.1f} ms/it{accuracy}",
-        flush=True,
     )
 
 

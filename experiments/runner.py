@@ -16,15 +16,16 @@ same seed, and writes::
 from __future__ import annotations
 
 import abc
+import functools
 import json
+import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from types import TracebackType
 
 from switchreduce.emulation.errors import EmulationError
 from switchreduce.emulation.softswitch.faults import FaultSpec
@@ -33,12 +34,14 @@ from switchreduce.experiments import report
 from switchreduce.experiments.config import ExperimentConfig
 from switchreduce.experiments.errors import ExperimentError
 from switchreduce.experiments.records import PROGRESS
-from switchreduce.launch import cli_command, piped
+from switchreduce.launch import Child, LaunchError, Popen, cli_command
 from switchreduce.ports import free_tcp_port, free_udp_ports
 
 BACKENDS = ("switch", "gloo")
 #: Called with (backend, metrics record) as rank 0 reports progress.
 Progress = Callable[[str, dict], None]
+
+log = logging.getLogger(__name__)
 
 
 class Cluster(abc.ABC):
@@ -54,7 +57,12 @@ class Cluster(abc.ABC):
         return self
 
     @abc.abstractmethod
-    def __exit__(self, *exc: object) -> None: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
     @abc.abstractmethod
     def rendezvous(self) -> tuple[str, int]:
@@ -65,15 +73,17 @@ class Cluster(abc.ABC):
         """Where rank ``rank`` binds and finds its switch (``switchreduce train`` options)."""
 
     @abc.abstractmethod
-    def popen(self, rank: int, cmd: list[str], **kwargs) -> subprocess.Popen:
-        """Start ``cmd`` where rank ``rank`` lives."""
+    def popen(self, rank: int) -> Popen | None:
+        """How to start a process where rank ``rank`` lives (None: here)."""
 
-    def start_ranks(self, backend: str, config_path: Path) -> list[subprocess.Popen]:
-        """``switchreduce train`` for every rank, as torchrun would; rank 0's stdout is a pipe."""
+    def train(self, backend: str, config_path: Path, show: Progress) -> None:
+        """Run one backend's training to the end, relaying rank 0's progress to ``show``.
+        Every rank is ``switchreduce train`` with torchrun's environment, as torchrun would
+        start it; whatever fails, none is left running."""
         n = self.config.topology.workers
         master_addr, master_port = self.rendezvous()
-        procs = []
         with ExitStack() as stack:
+            ranks = []
             for rank in range(n):
                 env = dict(
                     os.environ,
@@ -82,40 +92,27 @@ class Cluster(abc.ABC):
                     MASTER_ADDR=master_addr,
                     MASTER_PORT=str(master_port),
                 )
-                cmd = cli_command("train", str(config_path), "--backend", backend,
-                               "--out", str(self.run_dir), *self.rank_args(rank))  # fmt: skip
-                log = stack.enter_context((self.logs / f"{backend}-rank{rank}.log").open("w"))
-                stdout = subprocess.PIPE if rank == 0 else log
-                procs.append(self.popen(rank, cmd, env=env, stderr=log, stdout=stdout, text=True))
-        return procs
-
-    def train(self, backend: str, config_path: Path, show: Progress) -> None:
-        """Run one backend's training to the end, relaying rank 0's progress to ``show``."""
-        procs = self.start_ranks(backend, config_path)
-        try:
-            for line in piped(procs[0].stdout):
-                if line.startswith(PROGRESS):
-                    show(backend, json.loads(line[len(PROGRESS) :]))
-            deadline = time.monotonic() + self.config.train.timeout * 4 + 30
-            for rank, proc in enumerate(procs):
-                try:
-                    code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    code = None
-                if code != 0:
-                    log = self.logs / f"{backend}-rank{rank}.log"
-                    raise ExperimentError(
-                        f"{backend} rank {rank} "
-                        f"{'hung' if code is None else f'exited with {code}'}:\n"
-                        f"{log.read_text()[-3000:]}"
-                    )
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-                if proc.stdout is not None:
-                    proc.stdout.close()
+                cmd = cli_command(
+                    "train",
+                    str(config_path),
+                    "--backend",
+                    backend,
+                    "--out",
+                    str(self.run_dir),
+                    *self.rank_args(rank),
+                )
+                child = Child(cmd, f"{backend} rank {rank}", env=env, popen=self.popen(rank),
+                              log=self.logs / f"{backend}-rank{rank}.log")  # fmt: skip
+                ranks.append(stack.enter_context(child))
+            try:
+                for line in ranks[0].lines():
+                    if line.startswith(PROGRESS):
+                        show(backend, json.loads(line[len(PROGRESS) :]))
+                deadline = time.monotonic() + self.config.train.timeout * 4 + 30
+                for child in ranks:
+                    child.succeed(max(1.0, deadline - time.monotonic()))
+            except LaunchError as exc:
+                raise ExperimentError(str(exc)) from None
 
 
 class LoopbackCluster(Cluster):
@@ -134,19 +131,23 @@ class LoopbackCluster(Cluster):
         if sw.controller:
             raise ExperimentError("switch.controller needs topology.mode = 'mininet'")
         self.ports = free_udp_ports(topo.workers)
-        self.switch_log = (self.logs / "switch.log").open("w")
         faults = FaultSpec(loss=topo.switch_loss, seed=self.config.train.seed)
-        self.switch = LoopbackSwitch(self.ports, sw.k, sw.slots, faults, stderr=self.switch_log)
+        self.switch = LoopbackSwitch(
+            self.ports, sw.k, sw.slot_count, faults, log=self.logs / "switch.log"
+        )
         try:
             self.switch.__enter__()
-        except EmulationError as exc:
-            self.switch_log.close()
+        except LaunchError as exc:
             raise ExperimentError(str(exc)) from None
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.switch.__exit__(*exc)
-        self.switch_log.close()
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.switch.__exit__(exc_type, exc, tb)
         if self.switch.report is not None:  # drops by reason, injected faults, CPU time
             (self.logs / "switch.report.json").write_text(json.dumps(self.switch.report) + "\n")
 
@@ -156,8 +157,8 @@ class LoopbackCluster(Cluster):
     def rank_args(self, rank: int) -> list[str]:
         return ["--bind", f"127.0.0.1:{self.ports[rank]}", "--switch", self.switch.address]
 
-    def popen(self, rank: int, cmd: list[str], **kwargs) -> subprocess.Popen:
-        return subprocess.Popen(cmd, **kwargs)
+    def popen(self, rank: int) -> Popen | None:
+        return None
 
 
 class MininetCluster(Cluster):
@@ -183,12 +184,20 @@ class MininetCluster(Cluster):
             )
         except ValueError as exc:
             raise ExperimentError(str(exc)) from None
-        self.emulation = Emulation(options).__enter__()
+        try:
+            self.emulation = Emulation(options).__enter__()
+        except (EmulationError, LaunchError) as exc:
+            raise ExperimentError(str(exc)) from None
         self.gloo_port = 29500
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.emulation.__exit__(*exc)
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.emulation.__exit__(exc_type, exc, tb)
 
     def rendezvous(self) -> tuple[str, int]:
         self.gloo_port += 1  # a fresh port per training run: the last one may linger
@@ -201,8 +210,8 @@ class MininetCluster(Cluster):
         return ["--bind", f"{host.IP()}:{WORKER_UDP_PORT}", *self.emulation.switch_args(),
                 "--interface", host.defaultIntf().name]  # fmt: skip
 
-    def popen(self, rank: int, cmd: list[str], **kwargs) -> subprocess.Popen:
-        return self.emulation.popen(self.emulation.hosts[rank], cmd, **kwargs)
+    def popen(self, rank: int) -> Popen:
+        return functools.partial(self.emulation.popen, self.emulation.hosts[rank])
 
 
 def resolve_mode(mode: str) -> str:
@@ -231,7 +240,7 @@ def run_experiment(
         out = run_dir / label if label else run_dir
         baseline = variant.train.baseline and not (switch_only and i > 0)
         if label:
-            print(f"== {label}", flush=True)
+            log.info("== %s", label)
         variant_rows = run_variant(variant, out, baseline, show)
         if sweep:
             value = label.partition("=")[2]
@@ -265,22 +274,17 @@ def run_variant(config: ExperimentConfig, out: Path, baseline: bool, show: Progr
     return rows
 
 
-def main(args, config: ExperimentConfig) -> int:
-    run_dir = args.runs / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def run(config: ExperimentConfig, runs: Path) -> int:
+    """``switchreduce run``: ``config`` into a new run directory under ``runs``, then the
+    summary. An ExperimentError says why it could not run to the end."""
+    run_dir = runs / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     mode = resolve_mode(config.topology.mode)
-    print(f"{config.name}: {config.description or ''}".rstrip(": "))
-    print(
-        f"  {config.topology.workers} workers, {mode}, {config.switch.backend} switch "
-        f"(K={config.switch.k}), {config.model.name} on {config.data.name}, "
-        f"{config.train.iterations} iterations -> {run_dir}"
-    )
-    try:
-        rows = run_experiment(config, run_dir)
-    except ExperimentError as exc:
-        print(f"switchreduce run: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("switchreduce run: interrupted; everything started was stopped", file=sys.stderr)
-        return 130
+    log.info("%s", f"{config.name}: {config.description or ''}".rstrip(": "))
+    log.info(
+        "  %d workers, %s, %s switch (K=%d), %s on %s, %d iterations -> %s",
+        config.topology.workers, mode, config.switch.backend, config.switch.k,
+        config.model.name, config.data.name, config.train.iterations, run_dir,
+    )  # fmt: skip
+    rows = run_experiment(config, run_dir)
     report.print_summary(run_dir, config, rows)
     return 0

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from switchreduce.experiments.config import ExperimentConfig
+from switchreduce.experiments.errors import ExperimentError
 from switchreduce.experiments.records import PROGRESS, metrics_path
 from switchreduce.experiments.workloads import Dataset, build_model, build_optimizer, load_dataset
 from switchreduce.worker.backends import Backend, GroupOptions, open_backend
@@ -42,17 +43,42 @@ def interface_tx_bytes(name: str) -> int:
     raise ValueError(f"no interface {name!r} in this network namespace")
 
 
-def train(
-    config: ExperimentConfig,
-    backend: str,
-    out: Path,
-    *,
-    switch: tuple[str, int] | None = None,
-    controller: str | None = None,
-    bind: tuple[str, int] = ("0.0.0.0", 0),
-    interface: str | None = None,
-    job_id: int = 1,
-) -> None:
+#: torch.distributed's rendezvous, as torchrun sets it (init_method="env://").
+TORCHRUN_ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class RankOptions:
+    """Where one rank finds its switch and writes its metrics (``switchreduce train``)."""
+
+    backend: str = "switch"
+    out: Path = Path(".")
+    #: The switch backend: a static job's switch, or a controller to register with.
+    switch: tuple[str, int] | None = None
+    controller: str | None = None
+    bind: tuple[str, int] = ("0.0.0.0", 0)
+    #: Count the bytes this interface sends (a Mininet host's), not the backend's payload.
+    interface: str | None = None
+    job_id: int = 1
+
+    def __post_init__(self) -> None:
+        if self.backend == "switch" and self.switch is None and self.controller is None:
+            raise ValueError("give --switch HOST:PORT or --controller URL")
+
+
+def run(config: ExperimentConfig, options: RankOptions) -> int:
+    """``switchreduce train``: this rank's training, under torchrun's environment."""
+    missing = [name for name in TORCHRUN_ENVIRONMENT if name not in os.environ]
+    if missing:
+        raise ExperimentError(
+            f"{', '.join(missing)} not set (run it under torchrun, or set them as torchrun does)"
+        )
+    options.out.mkdir(parents=True, exist_ok=True)
+    train(config, options)
+    return 0
+
+
+def train(config: ExperimentConfig, options: RankOptions) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     t = config.train
     torch.set_num_threads(t.threads)
@@ -74,32 +100,30 @@ def train(
             rank=rank,
             world_size=world_size,
             timeout=t.timeout,
-            job_id=job_id,
+            job_id=options.job_id,
             k=sw.k,
-            slots=sw.slots,
-            switch=switch,
-            controller=controller,
-            bind=bind,
+            slots=sw.slot_count,
+            switch=options.switch,
+            controller=options.controller,
+            bind=options.bind,
             precision_bits=sw.precision_bits,
             min_rto=sw.min_rto_ms / 1000,
         )
-        chosen = stack.enter_context(open_backend(backend, group))
+        chosen = stack.enter_context(open_backend(options.backend, group))
         chosen.attach(ddp)
         optimizer = build_optimizer(config.optimizer, ddp.parameters())
-        _loop(config, backend, rank, world_size, ddp, optimizer, data, out, chosen, interface)
+        _loop(config, options, rank, world_size, ddp, optimizer, data, chosen)
 
 
 def _loop(
     config: ExperimentConfig,
-    backend: str,
+    options: RankOptions,
     rank: int,
     world_size: int,
     ddp: DistributedDataParallel,
     optimizer: torch.optim.Optimizer,
     data: Dataset,
-    out: Path,
     chosen: Backend,
-    interface: str | None,
 ) -> None:
     """The training iterations, timed from a common start; one metrics record each."""
     t = config.train
@@ -109,12 +133,12 @@ def _loop(
     generator = torch.Generator().manual_seed(t.seed * 1000 + rank)
     order = torch.randperm(len(y), generator=generator)
     cursor, elapsed = 0, 0.0
-    sent = _bytes_sent(chosen, interface)
+    sent = _bytes_sent(chosen, options.interface)
     retransmissions = chosen.retransmissions
     loss_fn = torch.nn.CrossEntropyLoss()
     progress_every = max(1, t.iterations // 20)
     dist.barrier()  # start together: what is timed is training, not start-up
-    with metrics_path(out, backend, rank).open("w") as metrics:
+    with metrics_path(options.out, options.backend, rank).open("w") as metrics:
         for iteration in range(1, t.iterations + 1):
             if cursor + batch > len(y):  # a new epoch: reshuffle this rank's shard
                 order, cursor = torch.randperm(len(y), generator=generator), 0
@@ -136,7 +160,7 @@ def _loop(
                 "seconds": seconds,
                 "elapsed": elapsed,
             }
-            now_sent = _bytes_sent(chosen, interface)
+            now_sent = _bytes_sent(chosen, options.interface)
             record["bytes_sent"] = _since(now_sent, sent)
             sent = now_sent
             if retransmissions is not None:
@@ -169,31 +193,3 @@ def _evaluate(model: torch.nn.Module, data: Dataset, loss_fn: torch.nn.Module) -
         logits = model(data.test_x)
         accuracy = (logits.argmax(1) == data.test_y).float().mean().item()
         return {"accuracy": accuracy, "test_loss": loss_fn(logits, data.test_y).item()}
-
-
-def main(args, config: ExperimentConfig) -> int:
-    if args.backend == "switch" and args.switch is None and args.controller is None:
-        print("switchreduce train: give --switch HOST:PORT or --controller URL", file=sys.stderr)
-        return 2
-    missing = [
-        v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ
-    ]
-    if missing:
-        print(
-            f"switchreduce train: {', '.join(missing)} not set (run it under torchrun, "
-            "or set them as torchrun does)",
-            file=sys.stderr,
-        )
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    train(
-        config,
-        args.backend,
-        args.out,
-        switch=args.switch,
-        controller=args.controller,
-        bind=args.bind,
-        interface=args.interface,
-        job_id=args.job,
-    )
-    return 0

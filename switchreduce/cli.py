@@ -9,19 +9,32 @@ switchreduce topo ...             a Mininet star around a switch (root)
 switchreduce bench allreduce ...  a switch and N workers, measured
 """
 
+# This module parses and dispatches, nothing else: argparse types check every value
+# (KEY=VALUE ones included), each command's arguments become its frozen options dataclass
+# here, and the command runs where it lives. Logging (stderr) is configured here, once;
+# stdout carries what a command produces: the lines of switchreduce.launch, and reports.
+
 from __future__ import annotations
 
 import argparse
-import json
-import resource
+import logging
 import signal
 import sys
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from switchreduce import wire
+from switchreduce.emulation.topo import DEFAULT_SLOTS, TopoOptions
+from switchreduce.launch import CONTROLLER, LISTENING, P4RUNTIME, SERVING, announce, print_report
 from switchreduce.worker.backends import BACKENDS
+
+K = TypeVar("K")
+V = TypeVar("V")
+T = TypeVar("T")
+
+log = logging.getLogger("switchreduce")
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -44,6 +57,45 @@ def _probability(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text}")
     return value
+
+
+def _mac(text: str) -> int:
+    from switchreduce.p4runtime.forwarding import parse_mac
+
+    return parse_mac(text)
+
+
+def _attachment(text: str) -> tuple[int, int]:
+    """``MAC@PORT`` -> (MAC as an integer, switch port)."""
+    mac, _, port = text.partition("@")
+    return _mac(mac), int(port)
+
+
+def _key_value(
+    parse_key: Callable[[str], K], parse_value: Callable[[str], V]
+) -> Callable[[str], tuple[K, V]]:
+    """An argparse type for ``KEY=VALUE``, each side parsed; its error names the option."""
+
+    def parse(spec: str) -> tuple[K, V]:
+        key, sep, value = spec.partition("=")
+        try:
+            if not sep:
+                raise ValueError("missing '='")
+            return parse_key(key), parse_value(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"bad KEY=VALUE {spec!r}: {exc}") from None
+
+    return parse
+
+
+def _member(spec: str):
+    """``RANK=IP:PORT[@SWITCH_PORT/MAC]``: a rank of the switch's static job."""
+    from switchreduce.emulation.softswitch.static import parse_member
+
+    try:
+        return parse_member(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_fault_args(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +125,12 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
         choices=wire.SUPPORTED_K,
         help="elements per packet",
     )
-    parser.add_argument("--slots", type=int, default=64, help="slots per job (window)")
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=DEFAULT_SLOTS["soft"],
+        help="slots per job (window); default: the soft switch's",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--device-id", type=int, default=0, help="P4Runtime device id")
     switch.add_argument(
         "--worker",
+        type=_member,
         action="append",
         default=[],
         metavar="RANK=IP:PORT[@SWITCH_PORT/MAC]",
@@ -108,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     switch.add_argument(
         "--raw",
+        type=_key_value(int, str),
         action="append",
         default=[],
         metavar="PORT=IFNAME",
@@ -115,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     switch.add_argument(
         "--route",
+        type=_key_value(_mac, int),
         action="append",
         default=[],
         metavar="MAC=PORT",
@@ -153,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--wait-for-go",
         action="store_true",
-        help="print 'ready' and start when a line arrives on stdin",
+        help="say 'ready', then start when a line ('go') arrives on stdin",
     )
     _add_job_args(worker)
 
@@ -178,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ctl.add_argument(
         "--host",
+        type=_key_value(str, _attachment),
         action="append",
         default=[],
         metavar="IP=MAC@PORT",
@@ -185,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ctl.add_argument(
         "--route",
+        type=_key_value(_mac, int),
         action="append",
         default=[],
         metavar="MAC=PORT",
@@ -236,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     topo.add_argument("--cli", action="store_true", help="open the Mininet CLI instead")
     topo.add_argument("--run-dir", type=Path, default=Path("runs/topo"), help="where logs go")
     _add_job_args(topo)
-    topo.set_defaults(k=wire.MAX_K_STANDARD_MTU, slots=None)  # slots: per switch node
+    topo.set_defaults(k=TopoOptions.k, slots=None)  # slots: DEFAULT_SLOTS of the switch kind
 
     run = sub.add_parser(
         "run",
@@ -281,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_job_args(allreduce)
     _add_fault_args(allreduce)
-    # K: loopback's default, or the largest for MTU 1500 in Mininet; slots: per switch node
+    # K: loopback's default, or the largest for MTU 1500 in Mininet; slots: per switch kind
     allreduce.set_defaults(k=None, slots=None)
     return parser
 
@@ -291,9 +353,8 @@ def run_switch(args: argparse.Namespace) -> int:
     from switchreduce.emulation.softswitch.pipeline import SoftSwitch
     from switchreduce.emulation.softswitch.raw import RawSwitch
     from switchreduce.emulation.softswitch.runtime import SwitchRuntime
-    from switchreduce.emulation.softswitch.static import StaticJob, install_forwarding, parse_member
+    from switchreduce.emulation.softswitch.static import StaticJob, install_forwarding
     from switchreduce.emulation.softswitch.udp import UdpSwitch
-    from switchreduce.p4runtime.forwarding import parse_mac
     from switchreduce.p4runtime.jobs import Job
 
     if args.world_size is None and args.p4runtime is None:
@@ -304,50 +365,44 @@ def run_switch(args: argparse.Namespace) -> int:
     switch = SoftSwitch(k=args.k)
     static_jobs = []
     if args.world_size is not None:
-        members = tuple(parse_member(spec) for spec in args.worker)
-        job = Job(args.job, args.world_size, args.slot_base, args.slots, 0, members)
+        job = Job(args.job, args.world_size, args.slot_base, args.slots, 0, tuple(args.worker))
         static_jobs.append(StaticJob(switch, job))
     if args.p4runtime is not None:
         from switchreduce.emulation.softswitch.p4runtime_server import serve
 
         grpc_server = serve(switch, args.p4runtime, args.device_id)
-        print(f"p4runtime {args.p4runtime}", flush=True)
+        announce(P4RUNTIME, args.p4runtime)
     faults = FaultSpec(args.loss, args.duplicate, args.reorder, args.seed)
     server: SwitchRuntime
     if args.raw:
-        routes = dict(_pair(spec, parse_mac, int) for spec in args.route)
-        install_forwarding(switch, routes)
-        interfaces = dict(_pair(spec, int, str) for spec in args.raw)
+        install_forwarding(switch, dict(args.route))
+        interfaces = dict(args.raw)
         server = RawSwitch(switch, interfaces, faults)
-        print(f"serving {' '.join(f'{p}={i}' for p, i in interfaces.items())}", flush=True)
+        announce(SERVING, *(f"{p}={i}" for p, i in interfaces.items()))
     else:
         server = UdpSwitch(switch, args.listen, faults)
         host, port = server.address
-        print(f"listening {host}:{port}", flush=True)
+        announce(LISTENING, f"{host}:{port}")
     server.static_jobs = static_jobs
     signal.signal(signal.SIGTERM, lambda *_: server.stop_soon())
     signal.signal(signal.SIGINT, lambda *_: server.stop_soon())
     server.serve_forever()
     if args.p4runtime is not None:
         grpc_server.stop(grace=None)
-    print(json.dumps(server.report()), flush=True)
+    print_report(server.report())
     return 0
 
 
 def run_controller(args: argparse.Namespace) -> int:
-    import logging
-
     from switchreduce.controller.api import Registry, make_server
     from switchreduce.controller.errors import ControllerError
     from switchreduce.controller.jobs import ProgramSizes
     from switchreduce.controller.supervisor import SwitchSupervisor
-    from switchreduce.p4runtime.forwarding import parse_mac
     from switchreduce.p4runtime.schema import load_p4info
 
     def refuse(problem: str) -> SystemExit:
         return SystemExit(f"switchreduce controller: {problem}")
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         p4info = load_p4info(args.p4info) if args.p4info else load_p4info()
         sizes = ProgramSizes.of(p4info)
@@ -360,17 +415,15 @@ def run_controller(args: argparse.Namespace) -> int:
             f"--slots must be 1..{most_slots} (the program's slot pool has "
             f"{sizes.pool}), got {args.slots}"
         )
-    if args.k is None:
-        args.k = sizes.k
-    elif args.k != sizes.k:
+    if args.k not in (None, sizes.k):
         raise refuse(f"--k {args.k}, but the P4Info is compiled for K={sizes.k}")
     if not args.lease > 0:
         raise refuse(f"--lease must be positive seconds, got {args.lease}")
     if not args.register_timeout > 0:
         raise refuse(f"--register-timeout must be positive seconds, got {args.register_timeout}")
     data_host, data_port = args.data_plane
-    attachments = dict(_pair(spec, str, _attachment) for spec in args.host) or None
-    routes = dict(_pair(spec, parse_mac, int) for spec in args.route)
+    attachments = dict(args.host) or None
+    routes = dict(args.route)
     routes.update((attachments or {}).values())
     supervisor = SwitchSupervisor(
         args.p4runtime,
@@ -385,10 +438,10 @@ def run_controller(args: argparse.Namespace) -> int:
     except ControllerError as exc:
         raise refuse(str(exc)) from None
     if recovered:  # a restarted controller: the switch kept running its jobs
-        logging.info("recovered jobs %s from the switch; their leases start now", recovered)
+        log.info("recovered jobs %s from the switch; their leases start now", recovered)
     registry = Registry(
         supervisor,
-        args.k,
+        sizes.k,
         args.slots,
         f"{data_host}:{data_port}",
         lease=args.lease,
@@ -404,7 +457,7 @@ def run_controller(args: argparse.Namespace) -> int:
     threading.Thread(target=registry.run_reaper, args=(stop,), daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     host, port = server.socket.getsockname()[:2]
-    print(f"controller http://{host}:{port}", flush=True)
+    announce(CONTROLLER, f"http://{host}:{port}")
     signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=server.shutdown).start())
     server.serve_forever()
     stop.set()
@@ -413,80 +466,20 @@ def run_controller(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_topo(args: argparse.Namespace) -> int:
-    from switchreduce.emulation.bmv2 import bmv2_available
-    from switchreduce.emulation.errors import EmulationError
-    from switchreduce.emulation.topo import DEFAULT_SLOTS, Emulation, TopoOptions
-
-    if args.switch is None:
-        if bmv2_available():
-            args.switch = "bmv2"
-            print("switch: bmv2 (simple_switch_grpc and p4c-bm2-ss are installed)", flush=True)
-        else:
-            args.switch = "soft"
-            print("switch: soft (simple_switch_grpc or p4c-bm2-ss is not on PATH)", flush=True)
-    if args.slots is None:
-        args.slots = DEFAULT_SLOTS[args.switch]
+def _options(args: argparse.Namespace, make: Callable[[], T]) -> T:
+    """A command's options from its arguments; values they refuse end it in one line."""
     try:
-        options = TopoOptions(
-            workers=args.workers,
-            switch=args.switch,
-            bw=args.bw,
-            delay_ms=args.delay,
-            loss_pct=args.loss,
-            switch_loss=args.switch_loss,
-            k=args.k,
-            slots=args.slots,
-            run_dir=args.run_dir,
-        )
-        with Emulation(options) as emu:
-            lost = emu.ping_all()
-            if args.cli:
-                from mininet.cli import CLI
-
-                CLI(emu.net)
-                return 0
-            reports = emu.allreduce(args.elements)
-    except (EmulationError, ValueError) as exc:
-        raise SystemExit(f"switchreduce topo: {exc}") from None
-    seconds = max(r["seconds"] for r in reports)
-    exact = all(r["exact"] and r["within_bound"] for r in reports)
-    print(
-        f"{args.workers} hosts: ping loss {lost:.0f}%, allreduce of {args.elements:,} float32 "
-        f"in {seconds:.3f} s ({args.elements / seconds / 1e6:.2f} M elements/s), "
-        f"retransmissions {sum(r['retransmissions'] for r in reports)}, exact={exact}"
-    )
-    return 0 if exact and lost == 0 else 1
-
-
-def _attachment(text: str) -> tuple[int, int]:
-    """``MAC@PORT`` -> (MAC as an integer, switch port)."""
-    from switchreduce.p4runtime.forwarding import parse_mac
-
-    mac, _, port = text.partition("@")
-    return parse_mac(mac), int(port)
-
-
-def _pair(spec: str, parse_key, parse_value) -> tuple:
-    """``KEY=VALUE`` from the command line, each side parsed; a clear error otherwise."""
-    key, sep, value = spec.partition("=")
-    try:
-        if not sep:
-            raise ValueError("missing '='")
-        return parse_key(key), parse_value(value)
+        return make()
     except ValueError as exc:
-        raise SystemExit(f"switchreduce switch: bad KEY=VALUE {spec!r}: {exc}") from None
+        raise SystemExit(f"switchreduce {args.command}: {exc}") from None
 
 
-def run_worker(args: argparse.Namespace) -> int:
-    from switchreduce.worker.backends import GroupOptions, open_backend
+def _worker(args: argparse.Namespace) -> int:
+    from switchreduce.worker.backends import GroupOptions
     from switchreduce.worker.errors import WorkerError
-    from switchreduce.worker.reference import check, synthetic_tensor
+    from switchreduce.worker.synthetic import SyntheticOptions, run
 
-    if args.backend == "gloo" and args.master is None:
-        raise SystemExit("switchreduce worker: --master HOST:PORT is required with gloo")
-    data = synthetic_tensor(args.seed, args.rank, args.elements, args.dtype)
-    options = GroupOptions(
+    group = GroupOptions(
         rank=args.rank,
         world_size=args.world_size,
         timeout=args.timeout,
@@ -498,64 +491,120 @@ def run_worker(args: argparse.Namespace) -> int:
         bind=args.bind,
         master=args.master,
     )
+    options = _options(
+        args,
+        lambda: SyntheticOptions(
+            group,
+            backend=args.backend,
+            elements=args.elements,
+            dtype=args.dtype,
+            seed=args.seed,
+            wait_for_go=args.wait_for_go,
+        ),
+    )
     try:
-        backend = open_backend(args.backend, options)
-    except WorkerError as exc:
-        raise SystemExit(f"switchreduce worker: {exc}") from None
-    with backend:
-        if args.wait_for_go:
-            print("ready", flush=True)
-            sys.stdin.readline()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        result = backend.allreduce(data)
-        seconds = time.perf_counter() - start
-        cpu_seconds = time.process_time() - cpu_start
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        stats = backend.stats()
-    inputs = [
-        synthetic_tensor(args.seed, r, args.elements, args.dtype) for r in range(args.world_size)
-    ]
-    verdict = check(result, inputs, args.k)
-    through_switch = args.backend == "switch"
-    report = {
-        "rank": args.rank,
-        "backend": args.backend,
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "context_switches": usage.ru_nvcsw + usage.ru_nivcsw,
-        # gloo sums float32 in float32: neither the fixed-point reference nor its bound apply
-        "exact": verdict.exact if through_switch else None,
-        "within_bound": verdict.within_bound if through_switch else None,
-        "max_abs_error": verdict.max_abs_error,
-        **stats,
-    }
-    print(json.dumps(report), flush=True)
-    return 0 if not through_switch or (verdict.exact and verdict.within_bound) else 1
+        return run(options)
+    except WorkerError as exc:  # the README names these errors by their class
+        raise SystemExit(f"switchreduce worker: {type(exc).__name__}: {exc}") from None
+
+
+def _topo(args: argparse.Namespace) -> int:
+    from switchreduce.emulation.topo import auto_switch, run_topo
+
+    options = _options(
+        args,
+        lambda: TopoOptions(
+            workers=args.workers,
+            switch=args.switch or auto_switch(),
+            bw=args.bw,
+            delay_ms=args.delay,
+            loss_pct=args.loss,
+            switch_loss=args.switch_loss,
+            k=args.k,
+            slots=args.slots,
+            run_dir=args.run_dir,
+        ),
+    )
+    return run_topo(options, args.elements, cli=args.cli)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from switchreduce.emulation.softswitch.faults import FaultSpec
+    from switchreduce.experiments.bench import BenchOptions, run_bench
+
+    options = _options(
+        args,
+        lambda: BenchOptions(
+            workers=args.workers,
+            elements=args.elements,
+            dtype=args.dtype,
+            timeout=args.timeout,
+            topo=args.topo,
+            switch=args.switch,
+            bw=args.bw,
+            k=args.k,
+            slots=args.slots,
+            faults=FaultSpec(args.loss, args.duplicate, args.reorder, args.seed),
+            as_json=args.json,
+        ),
+    )
+    return run_bench(options)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from switchreduce.experiments import train
+    from switchreduce.experiments.config import load
+
+    options = _options(
+        args,
+        lambda: train.RankOptions(
+            backend=args.backend,
+            out=args.out,
+            switch=args.switch,
+            controller=args.controller,
+            bind=args.bind,
+            interface=args.interface,
+            job_id=args.job,
+        ),
+    )
+    return train.run(load(args.config), options)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from switchreduce.experiments import runner
+    from switchreduce.experiments.config import load
+
+    return runner.run(load(args.config), args.runs)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "switch": run_switch,
+    "controller": run_controller,
+    "worker": _worker,
+    "train": _train,
+    "run": _run,
+    "topo": _topo,
+    "bench": _bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from switchreduce.emulation.errors import EmulationError
+    from switchreduce.experiments.errors import ExperimentError
+    from switchreduce.launch import LaunchError
+
     args = build_parser().parse_args(argv)
-    if args.command == "switch":
-        return run_switch(args)
-    if args.command == "worker":
-        return run_worker(args)
-    if args.command == "topo":
-        return run_topo(args)
-    if args.command == "controller":
-        return run_controller(args)
-    if args.command in ("train", "run"):
-        from switchreduce.experiments import runner, train
-        from switchreduce.experiments.config import load
-        from switchreduce.experiments.errors import ConfigError
-
-        try:
-            config = load(args.config)
-        except ConfigError as exc:
-            raise SystemExit(f"switchreduce {args.command}: {exc}") from None
-        return (train if args.command == "train" else runner).main(args, config)
-    from switchreduce.experiments.bench import run_allreduce_bench
-
-    return run_allreduce_bench(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (EmulationError, ExperimentError, LaunchError) as exc:  # what went wrong, in a line
+        raise SystemExit(f"switchreduce {args.command}: {exc}") from None
+    except KeyboardInterrupt:
+        print(
+            f"switchreduce {args.command}: interrupted; everything started was stopped",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,16 +8,19 @@ import sys
 
 import pytest
 
-from switchreduce import wire
+from switchreduce import launch, wire
 from switchreduce.emulation.errors import EmulationError
 from switchreduce.emulation.topo import (
     CONTROLLER_HTTP_PORT,
     CONTROLLER_IP,
     SWITCH_IP,
+    WORKER_UDP_PORT,
     Emulation,
     TopoOptions,
     netem_available,
 )
+from switchreduce.launch import LaunchError
+from tests.helpers.processes import alive, record_children
 
 pytestmark = pytest.mark.requires_root
 
@@ -118,6 +121,39 @@ def test_a_failure_inside_the_emulation_leaves_nothing_behind(tmp_path, no_lefto
         raise RuntimeError("boom")
 
 
+SQUAT = """
+import socket, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("{ip}", {port}))
+print("bound", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_failing_worker_leaves_no_process_behind(tmp_path, no_leftovers, monkeypatch) -> None:
+    """Rank 1 cannot bind its port; ranks 0 and 2 wait for it (JOIN) and are killed at once,
+    not left to time out; the switch node is stopped with the emulation."""
+    children = record_children(monkeypatch)
+    with Emulation(TopoOptions(workers=3, run_dir=tmp_path)) as emu:
+        h2 = emu.hosts[1]
+        squatter = h2.popen(
+            [sys.executable, "-c", SQUAT.format(ip=h2.IP(), port=WORKER_UDP_PORT)],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert squatter.stdout.readline() == b"bound\n"
+            with pytest.raises(LaunchError, match="rank 1 on h2 ended before saying 'ready'"):
+                emu.allreduce(100_000, timeout=30)
+        finally:
+            squatter.kill()
+            squatter.wait()
+        workers = [child for child in children if child.name.startswith("worker")]
+        assert len(workers) == 3
+        assert not any(alive(child.pid) for child in workers)
+    assert len(children) == 4  # the workers and the switch node's soft switch
+    assert not any(alive(child.pid) for child in children)
+
+
 def test_k_too_large_for_the_links_is_refused() -> None:
     with pytest.raises(ValueError, match="1500-byte MTU"):
         TopoOptions(k=1024)
@@ -167,7 +203,7 @@ def test_a_controller_runs_two_jobs_while_a_host_forges_packets(
         hosts = emu.hosts
         job3 = emu.start_workers(elements, dtype="int32", hosts=hosts[0:3], job_id=3)
         job4 = emu.start_workers(elements, dtype="int32", hosts=hosts[3:7], job_id=4, seed=1)
-        Emulation.release(job3 + job4)  # both jobs admitted and running
+        launch.release(job3 + job4, timeout=120)  # both jobs admitted and running
         running = _controller_view(hosts[0])
         forger = hosts[7].popen(
             [
@@ -182,16 +218,16 @@ def test_a_controller_runs_two_jobs_while_a_host_forges_packets(
                 ),
             ]
         )
-        reports = Emulation.reports(job3 + job4)
+        results = launch.reports(job3 + job4, timeout=180)
         assert forger.wait(timeout=30) == 0
         view = _controller_view(hosts[0])
-    assert all(r["exact"] for r in reports) and len(reports) == 7
+    assert all(r["exact"] for r in results) and len(results) == 7
     assert {job["job_id"] for job in running["jobs"]} == {3, 4}
     assert view["jobs"] == []  # released when their ranks left
     # the forged packets: unbound while their job runs, of an unknown job once it ended
     assert view["drops"]["unbound_worker"] + view["drops"]["unknown_job"] == 300
     chunks = -(-elements // options.k)
-    assert min(r["packets_received"] for r in reports) >= chunks  # the sums came from the switch
+    assert min(r["packets_received"] for r in results) >= chunks  # the sums came from the switch
 
 
 @pytest.mark.requires_bmv2

@@ -2,23 +2,23 @@
 
 What the bench, the experiment runner and the tests start when they need a
 switch beside worker processes: ``switchreduce switch`` in UDP mode, its
-address read from the line it prints when it listens, stopped by PID, its
-counters kept from the line it prints when it stops.
+address read from the line it says when it listens, stopped by PID, its
+counters kept from the report it ends with.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
+from pathlib import Path
+from types import TracebackType
+from typing import Any
 
-from switchreduce.emulation.errors import EmulationError
 from switchreduce.emulation.softswitch.faults import FaultSpec
-from switchreduce.launch import cli_command, piped
+from switchreduce.launch import LISTENING, Child, cli_command
 
 
 class LoopbackSwitch:
-    """Use as a context manager; ``address`` inside, ``report`` after."""
+    """Use as a context manager; ``address`` inside, ``report`` after. Its stderr goes to
+    ``log`` when given."""
 
     def __init__(
         self,
@@ -26,7 +26,7 @@ class LoopbackSwitch:
         k: int,
         slots: int,
         faults: FaultSpec | None = None,
-        stderr=None,
+        log: Path | None = None,
     ) -> None:
         faults = faults or FaultSpec()
         self.command = cli_command(
@@ -36,29 +36,23 @@ class LoopbackSwitch:
             "--reorder", str(faults.reorder), "--seed", str(faults.seed),
             *(f"--worker={rank}=127.0.0.1:{port}" for rank, port in enumerate(ports)),
         )  # fmt: skip
-        self.stderr = stderr
+        self.log = log
         self.address = ""
         #: Drops by reason, injected faults and CPU time, once the switch has stopped.
-        self.report: dict | None = None
+        self.report: dict[str, Any] | None = None
 
     def __enter__(self) -> LoopbackSwitch:
-        self.proc = subprocess.Popen(
-            self.command,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        ready = piped(self.proc.stdout).readline().split()
-        if not ready or ready[0] != "listening":
-            self.__exit__()
-            raise EmulationError(f"the soft switch did not start (said {ready!r})")
-        self.address = ready[1]
+        self.child = Child(self.command, "the soft switch", log=self.log)
+        with self.child.killed_on_error():
+            self.address = self.child.wait_for(LISTENING)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=30)
-        lines = out.strip().splitlines()
-        self.report = json.loads(lines[-1]) if lines else None
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.child.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self.report = self.child.report(timeout=0)

@@ -7,40 +7,53 @@ its peers expect it. Everything started is stopped by its PID.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from switchreduce.controller.connection import SwitchConnection
 from switchreduce.controller.jobs import JOB_TABLES
-from switchreduce.launch import cli_command
+from switchreduce.launch import CONTROLLER, LISTENING, Child, cli_command
 from switchreduce.ports import free_tcp_port, free_udp_ports
 
 
-def _start(command: list[str], log: Path, marker: str) -> tuple[subprocess.Popen, list[str]]:
-    """Start ``command``; returns it and its stdout lines up to one starting with ``marker``."""
-    with log.open("a") as err:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
-    lines = []
-    while not lines or not lines[-1].startswith(marker):
-        line = proc.stdout.readline()
-        if not line:
-            proc.wait(timeout=30)
-            raise RuntimeError(f"{command[3]} exited {proc.returncode}: {log.read_text()[-2000:]}")
-        lines.append(line.strip())
-    return proc, lines
+def record_children(monkeypatch: pytest.MonkeyPatch) -> list[Child]:
+    """Every Child started from now on in the test, to check afterwards by its PID."""
+    started: list[Child] = []
+    start = Child.__init__
+
+    def recording(self: Child, *args, **kwargs) -> None:
+        start(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(Child, "__init__", recording)
+    return started
 
 
-def _stop(proc: subprocess.Popen | None, kill: bool = False) -> None:
-    if proc is None or proc.poll() is not None:
+def alive(pid: int) -> bool:
+    """Whether the process ``pid``, or any process in its group, still runs. A zombie does
+    not count: it runs nothing, and whoever reaps orphans here may take its time."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it ended while we looked
+            continue
+        state, _, group = text[text.rindex(")") + 2 :].split()[:3]
+        if state != "Z" and pid in (int(stat.parent.name), int(group)):
+            return True
+    return False
+
+
+def _stop(child: Child | None, kill: bool) -> None:
+    if child is None:
         return
     if kill:
-        proc.kill()
+        child.kill()
     else:
-        proc.terminate()
-    proc.wait(timeout=30)
+        child.stop()
 
 
 class SwitchProcess:
@@ -51,22 +64,24 @@ class SwitchProcess:
         self.p4runtime = f"127.0.0.1:{free_tcp_port()}"
         self.data_plane = f"127.0.0.1:{free_udp_ports(1)[0]}"
         self.log = log_dir / "switch.log"
-        self.proc: subprocess.Popen | None = None
+        self.child: Child | None = None
         self._reader: SwitchConnection | None = None
 
     def start(self) -> SwitchProcess:
-        self.proc, _ = _start(
+        self.child = Child(
             cli_command("switch", "--listen", self.data_plane, "--p4runtime", self.p4runtime,
                         "--k", str(self.k)),
-            self.log, "listening",
+            "switch", log=self.log,
         )  # fmt: skip
+        with self.child.killed_on_error():
+            self.child.wait_for(LISTENING)
         return self
 
     def stop(self, kill: bool = False) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        _stop(self.proc, kill)
+        _stop(self.child, kill)
 
     @property
     def reader(self) -> SwitchConnection:
@@ -95,7 +110,7 @@ class ControllerProcess:
         self.listen = f"127.0.0.1:{free_tcp_port()}"
         self.url = f"http://{self.listen}"
         self.log = log_dir / "controller.log"
-        self.proc: subprocess.Popen | None = None
+        self.child: Child | None = None
 
     @property
     def command(self) -> list[str]:
@@ -106,12 +121,14 @@ class ControllerProcess:
         )  # fmt: skip
 
     def start(self) -> ControllerProcess:
-        self.proc, lines = _start(self.command, self.log, "controller http://")
-        assert lines == [f"controller {self.url}"], lines  # the first line, machine-readable
+        self.child = Child(self.command, "controller", log=self.log)
+        with self.child.killed_on_error():
+            self.child.wait_for(CONTROLLER)
+        assert self.child.said == [f"{CONTROLLER} {self.url}"]  # its first line
         return self
 
     def stop(self, kill: bool = False) -> None:
-        _stop(self.proc, kill)
+        _stop(self.child, kill)
 
     def request(self, method: str, path: str, body: dict | bytes | None = None) -> tuple[int, dict]:
         """(HTTP status, JSON answer); an error status is an answer too."""
