@@ -181,35 +181,59 @@ class SwitchReduceIngress:
 
     def apply(self, pkt: Packet) -> tuple[Verdict, int]:
         """(verdict, multicast group) for one packet; rewrites ``pkt`` for results."""
-        hdr, elements = pkt.header, pkt.elements
         if not pkt.aggregation:
             return self._forward(pkt)
-        if (
-            hdr is None  # the parser sets the header whenever it sets the elements
-            or elements is None
-            or pkt.udp_length != self.udp_length
-            or hdr.msg_type != wire.MsgType.DATA
-            or hdr.count > self.k
-        ):
-            return self.drop(pkt, DropReason.BAD_HEADER), 0
-        hit, job = self.jobs.lookup((hdr.job_id,))
-        if not hit:
-            return self.drop(pkt, DropReason.UNKNOWN_JOB), 0
-        world_size, slot_base, slot_count, mcast_grp, session = job.args
-        if hdr.rank >= world_size:
-            return self.drop(pkt, DropReason.RANK_OUT_OF_RANGE), 0
-        if hdr.slot >= slot_count:
-            return self.drop(pkt, DropReason.SLOT_OUT_OF_RANGE), 0
-        bound, _ = self.workers.lookup(
-            (hdr.job_id, hdr.rank, pkt.ingress_port, pkt.ip_src, pkt.udp_sport)
-        )
-        if not bound:
-            return self.drop(pkt, DropReason.UNBOUND_WORKER), 0
+        admitted = self.admit(pkt, wire.MsgType.DATA)
+        if admitted is None:
+            return Verdict.DROP, 0
+        hdr, elements, job_args = admitted
+        world_size, slot_base, _, mcast_grp, session = job_args
         if hdr.session != session:  # another run's packet, or a guess: tell the sender
             self.drop(pkt, DropReason.BAD_SESSION)
             return self._reply(pkt, hdr, wire.MsgType.STALE), 0
         index = slot_base + hdr.slot
         return self._aggregate(pkt, hdr, elements, world_size, index, mcast_grp, session)
+
+    def admit(
+        self, pkt: Packet, msg_type: wire.MsgType
+    ) -> tuple[wire.Header, np.ndarray, tuple[int, ...]] | None:
+        """The ingress checks every packet of a job passes, in the P4 program's order.
+
+        A well-formed ``msg_type`` packet of a job in the ``jobs`` table, from a
+        rank of it bound in ``workers`` to where the packet came from, for a
+        slot of the job's. Returns its header, its elements and the job's
+        ``set_job`` arguments, or None with the drop counted. DATA comes here
+        from ``apply``; a static job's JOIN from the switch's CPU
+        (``static.StaticJob``), so both are refused for the same reasons.
+        """
+        hdr, elements = pkt.header, pkt.elements
+        if (
+            hdr is None  # the parser sets the header whenever it sets the elements
+            or elements is None
+            or pkt.udp_length != self.udp_length
+            or hdr.msg_type != msg_type
+            or hdr.count > self.k
+        ):
+            self.drop(pkt, DropReason.BAD_HEADER)
+            return None
+        hit, job = self.jobs.lookup((hdr.job_id,))
+        if not hit:
+            self.drop(pkt, DropReason.UNKNOWN_JOB)
+            return None
+        world_size, _, slot_count, _, _ = job.args
+        if hdr.rank >= world_size:
+            self.drop(pkt, DropReason.RANK_OUT_OF_RANGE)
+            return None
+        if hdr.slot >= slot_count:
+            self.drop(pkt, DropReason.SLOT_OUT_OF_RANGE)
+            return None
+        bound, _ = self.workers.lookup(
+            (hdr.job_id, hdr.rank, pkt.ingress_port, pkt.ip_src, pkt.udp_sport)
+        )
+        if not bound:
+            self.drop(pkt, DropReason.UNBOUND_WORKER)
+            return None
+        return hdr, elements, job.args
 
     def _aggregate(
         self,

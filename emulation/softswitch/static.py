@@ -24,7 +24,6 @@ from switchreduce.p4runtime.entities import TableEntry
 from switchreduce.p4runtime.forwarding import forward_entry, parse_mac
 from switchreduce.p4runtime.jobs import Job, Member, job_entries
 from switchreduce.p4runtime.names import JobStat
-from switchreduce.wire import DropReason
 
 
 def parse_member(spec: str) -> Member:
@@ -105,17 +104,10 @@ class StaticJob:
 
     def join(self, pkt: Packet) -> list[Packet]:
         """The packets a JOIN makes the switch send (after the pipeline's admission checks)."""
-        ingress, hdr = self.switch.ingress, pkt.header
-        if hdr is None or pkt.elements is None or pkt.udp_length != ingress.udp_length:
-            ingress.drop(pkt, DropReason.BAD_HEADER)
+        admitted = self.switch.ingress.admit(pkt, wire.MsgType.JOIN)
+        if admitted is None:
             return []
-        if hdr.rank >= self.job.world_size:
-            ingress.drop(pkt, DropReason.RANK_OUT_OF_RANGE)
-            return []
-        key = (hdr.job_id, hdr.rank, pkt.ingress_port, pkt.ip_src, pkt.udp_sport)
-        if not ingress.workers.lookup(key)[0]:
-            ingress.drop(pkt, DropReason.UNBOUND_WORKER)
-            return []
+        hdr = admitted[0]
         if self.nonces.get(hdr.rank) == hdr.session:  # this communicator asked before
             return [self._joined(pkt, hdr)] if self.complete else []
         if self.complete or hdr.rank in self.nonces:  # a new run of the job begins
