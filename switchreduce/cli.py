@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from switchreduce import wire
 from switchreduce.emulation.topo import DEFAULT_SLOTS, TopoOptions
-from switchreduce.launch import CONTROLLER, LISTENING, P4RUNTIME, SERVING, announce, print_report
 from switchreduce.worker.backends import BACKENDS
+
+if TYPE_CHECKING:
+    from switchreduce.p4runtime.jobs import Member
 
 K = TypeVar("K")
 V = TypeVar("V")
 T = TypeVar("T")
-
-log = logging.getLogger("switchreduce")
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -88,7 +86,7 @@ def _key_value(
     return parse
 
 
-def _member(spec: str):
+def _member(spec: str) -> Member:
     """``RANK=IP:PORT[@SWITCH_PORT/MAC]``: a rank of the switch's static job."""
     from switchreduce.emulation.softswitch.static import parse_member
 
@@ -254,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ctl.add_argument("--device-id", type=int, default=0)
     ctl.add_argument("--election-id", type=int, default=1)
-    ctl.add_argument("--device-config", help="BMv2 JSON to push with the P4Info")
+    ctl.add_argument("--device-config", type=Path, help="BMv2 JSON to push with the P4Info")
     ctl.add_argument(
         "--p4info",
         type=Path,
@@ -348,130 +346,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_switch(args: argparse.Namespace) -> int:
-    from switchreduce.emulation.softswitch.faults import FaultSpec
-    from switchreduce.emulation.softswitch.pipeline import SoftSwitch
-    from switchreduce.emulation.softswitch.raw import RawSwitch
-    from switchreduce.emulation.softswitch.runtime import SwitchRuntime
-    from switchreduce.emulation.softswitch.static import StaticJob, install_forwarding
-    from switchreduce.emulation.softswitch.udp import UdpSwitch
-    from switchreduce.p4runtime.jobs import Job
-
-    if args.world_size is None and args.p4runtime is None:
-        raise SystemExit(
-            "switchreduce switch: give a static job (--world-size, --worker) "
-            "or --p4runtime HOST:PORT for a controller to program the switch"
-        )
-    switch = SoftSwitch(k=args.k)
-    static_jobs = []
-    if args.world_size is not None:
-        job = Job(args.job, args.world_size, args.slot_base, args.slots, 0, tuple(args.worker))
-        static_jobs.append(StaticJob(switch, job))
-    if args.p4runtime is not None:
-        from switchreduce.emulation.softswitch.p4runtime_server import serve
-
-        grpc_server = serve(switch, args.p4runtime, args.device_id)
-        announce(P4RUNTIME, args.p4runtime)
-    faults = FaultSpec(args.loss, args.duplicate, args.reorder, args.seed)
-    server: SwitchRuntime
-    if args.raw:
-        install_forwarding(switch, dict(args.route))
-        interfaces = dict(args.raw)
-        server = RawSwitch(switch, interfaces, faults)
-        announce(SERVING, *(f"{p}={i}" for p, i in interfaces.items()))
-    else:
-        server = UdpSwitch(switch, args.listen, faults)
-        host, port = server.address
-        announce(LISTENING, f"{host}:{port}")
-    server.static_jobs = static_jobs
-    signal.signal(signal.SIGTERM, lambda *_: server.stop_soon())
-    signal.signal(signal.SIGINT, lambda *_: server.stop_soon())
-    server.serve_forever()
-    if args.p4runtime is not None:
-        grpc_server.stop(grace=None)
-    print_report(server.report())
-    return 0
-
-
-def run_controller(args: argparse.Namespace) -> int:
-    from switchreduce.controller.api import Registry, make_server
-    from switchreduce.controller.errors import ControllerError
-    from switchreduce.controller.jobs import ProgramSizes
-    from switchreduce.controller.supervisor import SwitchSupervisor
-    from switchreduce.p4runtime.schema import load_p4info
-
-    def refuse(problem: str) -> SystemExit:
-        return SystemExit(f"switchreduce controller: {problem}")
-
-    try:
-        p4info = load_p4info(args.p4info) if args.p4info else load_p4info()
-        sizes = ProgramSizes.of(p4info)
-        config = Path(args.device_config).read_bytes() if args.device_config else b""
-    except (OSError, KeyError, ValueError) as exc:  # ParseError is a ValueError
-        raise refuse(f"cannot use the program's files: {exc}") from None
-    most_slots = min(sizes.pool, wire.MAX_SLOTS)
-    if not 1 <= args.slots <= most_slots:
-        raise refuse(
-            f"--slots must be 1..{most_slots} (the program's slot pool has "
-            f"{sizes.pool}), got {args.slots}"
-        )
-    if args.k not in (None, sizes.k):
-        raise refuse(f"--k {args.k}, but the P4Info is compiled for K={sizes.k}")
-    if not args.lease > 0:
-        raise refuse(f"--lease must be positive seconds, got {args.lease}")
-    if not args.register_timeout > 0:
-        raise refuse(f"--register-timeout must be positive seconds, got {args.register_timeout}")
-    data_host, data_port = args.data_plane
-    attachments = dict(args.host) or None
-    routes = dict(args.route)
-    routes.update((attachments or {}).values())
-    supervisor = SwitchSupervisor(
-        args.p4runtime,
-        p4info,
-        device_id=args.device_id,
-        election_id=args.election_id,
-        device_config=config,
-        routes=routes,
-    )
-    try:
-        recovered = supervisor.start()
-    except ControllerError as exc:
-        raise refuse(str(exc)) from None
-    if recovered:  # a restarted controller: the switch kept running its jobs
-        log.info("recovered jobs %s from the switch; their leases start now", recovered)
-    registry = Registry(
-        supervisor,
-        sizes.k,
-        args.slots,
-        f"{data_host}:{data_port}",
-        lease=args.lease,
-        timeout=args.register_timeout,
-        attachments=attachments,
-    )
-    try:
-        server = make_server(registry, args.listen)
-    except OSError as exc:
-        raise refuse(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc}") from None
-    stop = threading.Event()
-    threading.Thread(target=supervisor.watch, args=(stop,), daemon=True).start()
-    threading.Thread(target=registry.run_reaper, args=(stop,), daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    host, port = server.socket.getsockname()[:2]
-    announce(CONTROLLER, f"http://{host}:{port}")
-    signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=server.shutdown).start())
-    server.serve_forever()
-    stop.set()
-    server.server_close()
-    supervisor.jobs.conn.close()
-    return 0
-
-
 def _options(args: argparse.Namespace, make: Callable[[], T]) -> T:
     """A command's options from its arguments; values they refuse end it in one line."""
     try:
         return make()
     except ValueError as exc:
         raise SystemExit(f"switchreduce {args.command}: {exc}") from None
+
+
+def _switch(args: argparse.Namespace) -> int:
+    from switchreduce.emulation.softswitch.faults import FaultSpec
+    from switchreduce.emulation.softswitch.serve import SwitchOptions, serve
+    from switchreduce.p4runtime.jobs import Job
+
+    def job() -> Job | None:
+        if args.world_size is None:
+            return None
+        return Job(args.job, args.world_size, args.slot_base, args.slots, 0, tuple(args.worker))
+
+    options = _options(
+        args,
+        lambda: SwitchOptions(
+            k=args.k,
+            listen=args.listen,
+            raw=dict(args.raw),
+            routes=dict(args.route),
+            job=job(),
+            p4runtime=args.p4runtime,
+            device_id=args.device_id,
+            faults=FaultSpec(args.loss, args.duplicate, args.reorder, args.seed),
+        ),
+    )
+    return serve(options)
+
+
+def _controller(args: argparse.Namespace) -> int:
+    from switchreduce.controller.service import ControllerOptions, serve
+
+    options = _options(
+        args,
+        lambda: ControllerOptions(
+            p4runtime=args.p4runtime,
+            data_plane=args.data_plane,
+            listen=args.listen,
+            hosts=dict(args.host),
+            routes=dict(args.route),
+            device_id=args.device_id,
+            election_id=args.election_id,
+            device_config=args.device_config,
+            p4info=args.p4info,
+            register_timeout=args.register_timeout,
+            lease=args.lease,
+            k=args.k,
+            slots=args.slots,
+        ),
+    )
+    return serve(options)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -578,8 +508,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "switch": run_switch,
-    "controller": run_controller,
+    "switch": _switch,
+    "controller": _controller,
     "worker": _worker,
     "train": _train,
     "run": _run,
@@ -589,6 +519,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from switchreduce.controller.errors import ControllerError
     from switchreduce.emulation.errors import EmulationError
     from switchreduce.experiments.errors import ExperimentError
     from switchreduce.launch import LaunchError
@@ -597,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (EmulationError, ExperimentError, LaunchError) as exc:  # what went wrong, in a line
+    except (ControllerError, EmulationError, ExperimentError, LaunchError) as exc:  # in a line
         raise SystemExit(f"switchreduce {args.command}: {exc}") from None
     except KeyboardInterrupt:
         print(

@@ -14,7 +14,7 @@ from switchreduce.emulation.softswitch.process import LoopbackSwitch
 from switchreduce.experiments import bench
 from switchreduce.launch import GO, READY, Child, LaunchError, release, reports
 from switchreduce.ports import free_udp_ports
-from tests.helpers.processes import alive, record_children
+from tests.helpers.processes import left_behind, record_children
 
 
 def python(code: str) -> list[str]:
@@ -41,7 +41,7 @@ def test_ready_go_and_the_last_line_report() -> None:
         release(children, timeout=30)
         assert reports(children, timeout=30) == [{"got": GO}, {"got": GO}]
     grandchildren = [int(child.said[0].split()[1]) for child in children]
-    assert not any(alive(pid) for pid in grandchildren)  # the group went with its leader
+    assert not any(left_behind(pid) for pid in grandchildren)  # the group went with its leader
 
 
 def test_an_exception_in_the_parent_kills_the_child_and_its_group() -> None:
@@ -51,7 +51,7 @@ def test_an_exception_in_the_parent_kills_the_child_and_its_group() -> None:
     ):
         grandchild = int(child.wait_for(READY))
         raise RuntimeError("the parent failed")
-    assert not alive(child.pid) and not alive(grandchild)
+    assert not left_behind(child.pid) and not left_behind(grandchild)
 
 
 def test_a_child_that_dies_before_ready_fails_the_wait_at_once_with_its_stderr() -> None:
@@ -67,7 +67,7 @@ def test_a_child_that_dies_before_ready_fails_the_wait_at_once_with_its_stderr()
             # the waiting child said READY; the dying one fails the wait at once
             release([dying, waiting], timeout=60)
     assert time.monotonic() - started < 30
-    assert not alive(waiting.pid) and not alive(dying.pid)
+    assert not left_behind(waiting.pid) and not left_behind(dying.pid)
 
 
 def test_a_child_that_never_says_the_word_times_out_and_is_killed() -> None:
@@ -76,14 +76,14 @@ def test_a_child_that_never_says_the_word_times_out_and_is_killed() -> None:
         Child(python("import time; time.sleep(120)"), "silent") as child,
     ):
         child.wait_for("listening", timeout=0.5)
-    assert not alive(child.pid)
+    assert not left_behind(child.pid)
 
 
 def test_a_stopped_switch_reports_its_counters_and_is_gone() -> None:
     with LoopbackSwitch(free_udp_ports(2), k=256, slots=8) as switch:
         assert switch.address.startswith("127.0.0.1:")
     assert switch.report is not None and "drops" in switch.report
-    assert not alive(switch.child.pid)
+    assert not left_behind(switch.child.pid)
 
 
 def test_a_failing_worker_makes_the_bench_leave_no_process_behind(monkeypatch) -> None:
@@ -104,4 +104,4 @@ def test_a_failing_worker_makes_the_bench_leave_no_process_behind(monkeypatch) -
         "worker rank 0",
         "worker rank 1",
     ]
-    assert not any(alive(child.pid) for child in children)
+    assert not any(left_behind(child.pid) for child in children)

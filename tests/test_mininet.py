@@ -20,7 +20,7 @@ from switchreduce.emulation.topo import (
     netem_available,
 )
 from switchreduce.launch import LaunchError
-from tests.helpers.processes import alive, record_children
+from tests.helpers.processes import left_behind, record_children
 
 pytestmark = pytest.mark.requires_root
 
@@ -149,9 +149,9 @@ def test_a_failing_worker_leaves_no_process_behind(tmp_path, no_leftovers, monke
             squatter.wait()
         workers = [child for child in children if child.name.startswith("worker")]
         assert len(workers) == 3
-        assert not any(alive(child.pid) for child in workers)
+        assert not any(left_behind(child.pid) for child in workers)
     assert len(children) == 4  # the workers and the switch node's soft switch
-    assert not any(alive(child.pid) for child in children)
+    assert not any(left_behind(child.pid) for child in children)
 
 
 def test_k_too_large_for_the_links_is_refused() -> None:

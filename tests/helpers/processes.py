@@ -33,9 +33,19 @@ def record_children(monkeypatch: pytest.MonkeyPatch) -> list[Child]:
     return started
 
 
-def alive(pid: int) -> bool:
-    """Whether the process ``pid``, or any process in its group, still runs. A zombie does
-    not count: it runs nothing, and whoever reaps orphans here may take its time."""
+def left_behind(pid: int, grace: float = 5.0) -> bool:
+    """Whether the process ``pid``, or any process in its group, still runs ``grace`` seconds
+    from now: one SIGKILLed a moment ago may not have died yet. A zombie does not count: it
+    runs nothing, and whoever reaps orphans here may take its time."""
+    deadline = time.monotonic() + grace
+    while _running(pid):
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _running(pid: int) -> bool:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
