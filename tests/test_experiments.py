@@ -14,7 +14,7 @@ from switchreduce.experiments.config import ExperimentConfig, from_dict, load
 from switchreduce.experiments.errors import ConfigError, ExperimentError
 from switchreduce.experiments.runner import run_experiment
 from switchreduce.experiments.workloads import build_model
-from switchreduce.launch import cli_command
+from switchreduce.launch import CONTROLLER, Child, cli_command
 from switchreduce.p4runtime.names import JobStat
 from switchreduce.ports import free_tcp_port
 
@@ -158,14 +158,13 @@ def test_torchrun_launches_ranks_that_register_and_train_through_the_switch(
     (tmp_path / "config.json").write_text(config.to_json())
     data_host, data_port = programmable_switch.data_plane
     http_port = free_tcp_port()
-    controller = subprocess.Popen(
+    with Child(
         cli_command("controller", "--p4runtime", programmable_switch.p4runtime,
                     "--data-plane", f"{data_host}:{data_port}",
                     "--listen", f"127.0.0.1:{http_port}", "--k", "256", "--slots", "8"),
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert controller.stdout.readline().startswith("controller http://")
+        "controller", log=tmp_path / "controller.log",
+    ) as controller:  # fmt: skip
+        assert controller.wait_for(CONTROLLER) == f"http://127.0.0.1:{http_port}"
         torchrun = Path(sys.executable).parent / "torchrun"
         subprocess.run(
             [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_tcp_port()),
@@ -174,9 +173,6 @@ def test_torchrun_launches_ranks_that_register_and_train_through_the_switch(
              "--out", str(tmp_path)],
             check=True, timeout=180, capture_output=True,
         )  # fmt: skip
-    finally:
-        controller.terminate()
-        controller.wait()
     for rank in (0, 1):
         lines = (tmp_path / f"metrics-switch-rank{rank}.jsonl").read_text().splitlines()
         assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4, 5]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from switchreduce.launch import cli_command
+from switchreduce.launch import LISTENING, Child, cli_command
 from switchreduce.ports import free_udp_ports
 from tests.helpers.processes import ControllerProcess, SwitchProcess
 
@@ -48,7 +48,7 @@ class Cluster:
     tmp: Path
     controlled: bool  # ranks register with a controller, else the switch's job is static
     ports: list[int] = field(default_factory=lambda: free_udp_ports(WORLD_SIZE + 1))
-    static_switch: subprocess.Popen | None = None
+    static_switch: Child | None = None
     switch: SwitchProcess | None = None
     controller: ControllerProcess | None = None
     log: list[str] = field(default_factory=list)
@@ -74,8 +74,9 @@ class Cluster:
             "switch", "--listen", self.address, "--world-size", str(WORLD_SIZE),
             "--k", "64", "--slots", str(SLOTS), *members,
         )  # fmt: skip
-        self.static_switch = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        assert self.static_switch.stdout.readline().startswith("listening")
+        self.static_switch = Child(command, "static switch")
+        with self.static_switch.killed_on_error():
+            self.static_switch.wait_for(LISTENING)
 
     def restart_switch(self, pause: float) -> None:
         """kill -9 the switch, then start it again on the same ports."""
@@ -85,7 +86,6 @@ class Cluster:
             self.switch.start()
         else:
             self.static_switch.kill()
-            self.static_switch.wait()
             time.sleep(pause)
             self._start_static_switch()
 
@@ -119,9 +119,8 @@ class Cluster:
             )
 
     def stop(self) -> None:
-        if self.static_switch is not None and self.static_switch.poll() is None:
+        if self.static_switch is not None:
             self.static_switch.kill()
-            self.static_switch.wait()
         for process in (self.controller, self.switch):
             if process is not None:
                 process.stop(kill=True)

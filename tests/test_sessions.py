@@ -7,7 +7,6 @@ Every case here once returned a silently wrong sum or a bare socket error
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import threading
@@ -24,7 +23,7 @@ from switchreduce import wire
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.emulation.softswitch.static import StaticJob
 from switchreduce.emulation.softswitch.udp import UdpSwitch
-from switchreduce.launch import cli_command
+from switchreduce.launch import LISTENING, Child, cli_command
 from switchreduce.p4runtime.jobs import Job, Member
 from switchreduce.ports import free_udp_ports
 from switchreduce.worker.errors import (
@@ -205,31 +204,24 @@ def _worker(switch: str, port: int, rank: int, world_size: int, *extra: str) -> 
 
 
 @contextmanager
-def switch_process(ports: list[int], listen: str = "127.0.0.1:0") -> Iterator[subprocess.Popen]:
+def switch_process(ports: list[int], listen: str = "127.0.0.1:0") -> Iterator[tuple[Child, str]]:
+    """``switchreduce switch`` with a static job for ``ports``; it and where it listens."""
     command = cli_command(
         "switch", "--listen", listen, "--world-size", str(len(ports)), "--k", "256",
         "--slots", "16", *(f"--worker={r}=127.0.0.1:{p}" for r, p in enumerate(ports)),
     )  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline().split()
-        assert line[:1] == ["listening"], line
-        proc.address = line[1]
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    with Child(command, "switch") as switch:
+        yield switch, switch.wait_for(LISTENING)
 
 
 def test_worker_commands_rerun_against_one_switch_process_are_exact() -> None:
     """The issue's reproduction: the same two worker commands, twice, seeds 1 and 2."""
     ports = free_udp_ports(2)
-    with switch_process(ports) as switch:
+    with switch_process(ports) as (_, address):
         for seed in ("1", "2"):
             workers = [
                 subprocess.Popen(
-                    _worker(switch.address, port, rank, 2, "--elements", "1000", "--seed", seed),
+                    _worker(address, port, rank, 2, "--elements", "1000", "--seed", seed),
                     stdout=subprocess.PIPE,
                     text=True,
                 )
@@ -243,10 +235,10 @@ def test_worker_commands_rerun_against_one_switch_process_are_exact() -> None:
 
 def test_a_killed_switch_is_one_clear_timeout_naming_job_rank_switch_and_chunks() -> None:
     ports = free_udp_ports(2)
-    with switch_process(ports) as switch:
+    with switch_process(ports) as (switch, address):
         workers = [
             subprocess.Popen(
-                _worker(switch.address, port, rank, 2, "--elements", "20000000", "--timeout", "2"),
+                _worker(address, port, rank, 2, "--elements", "20000000", "--timeout", "2"),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -254,13 +246,13 @@ def test_a_killed_switch_is_one_clear_timeout_naming_job_rank_switch_and_chunks(
             for rank, port in enumerate(ports)
         ]
         time.sleep(3.0)  # into the transfer
-        switch.send_signal(signal.SIGKILL)
+        switch.kill()
         killed = time.monotonic()
         for rank, worker in enumerate(workers):
             _, err = worker.communicate(timeout=60)
             assert worker.returncode != 0
             assert "SwitchTimeoutError" in err and "ConnectionRefused" not in err, err[-1500:]
-            assert f"job 1 rank {rank}: no result from switch {switch.address}" in err
+            assert f"job 1 rank {rank}: no result from switch {address}" in err
             assert "chunks missing" in err
         assert time.monotonic() - killed < 2 + 10
 
