@@ -518,6 +518,17 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _log_to_stderr() -> None:
+    """The project's loggers (switchreduce.*) at INFO on stderr. Other libraries' are left
+    as they are: Mininet, say, prints through a handler of its own."""
+    project = logging.getLogger("switchreduce")
+    if not project.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        project.addHandler(handler)
+    project.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     from switchreduce.controller.errors import ControllerError
     from switchreduce.emulation.errors import EmulationError
@@ -525,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     from switchreduce.launch import LaunchError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _log_to_stderr()
     try:
         return COMMANDS[args.command](args)
     except (ControllerError, EmulationError, ExperimentError, LaunchError) as exc:  # in a line
