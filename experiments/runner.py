@@ -34,7 +34,7 @@ from switchreduce.experiments import report
 from switchreduce.experiments.config import ExperimentConfig
 from switchreduce.experiments.errors import ExperimentError
 from switchreduce.experiments.records import PROGRESS
-from switchreduce.launch import Child, LaunchError, Popen, cli_command
+from switchreduce.launch import Child, LaunchError, Starter, cli_command
 from switchreduce.ports import free_tcp_port, free_udp_ports
 
 BACKENDS = ("switch", "gloo")
@@ -73,7 +73,7 @@ class Cluster(abc.ABC):
         """Where rank ``rank`` binds and finds its switch (``switchreduce train`` options)."""
 
     @abc.abstractmethod
-    def popen(self, rank: int) -> Popen | None:
+    def popen(self, rank: int) -> Starter | None:
         """How to start a process where rank ``rank`` lives (None: here)."""
 
     def train(self, backend: str, config_path: Path, show: Progress) -> None:
@@ -157,7 +157,7 @@ class LoopbackCluster(Cluster):
     def rank_args(self, rank: int) -> list[str]:
         return ["--bind", f"127.0.0.1:{self.ports[rank]}", "--switch", self.switch.address]
 
-    def popen(self, rank: int) -> Popen | None:
+    def popen(self, rank: int) -> Starter | None:
         return None
 
 
@@ -210,7 +210,7 @@ class MininetCluster(Cluster):
         return ["--bind", f"{host.IP()}:{WORKER_UDP_PORT}", *self.emulation.switch_args(),
                 "--interface", host.defaultIntf().name]  # fmt: skip
 
-    def popen(self, rank: int) -> Popen:
+    def popen(self, rank: int) -> Starter:
         return functools.partial(self.emulation.popen, self.emulation.hosts[rank])
 
 

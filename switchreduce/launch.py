@@ -49,7 +49,7 @@ STOP_GRACE = 10.0
 _POLL = 0.1
 
 #: How a child is started: ``subprocess.Popen``'s signature (a Mininet host's ``popen`` fits).
-Popen = Callable[..., "subprocess.Popen[bytes]"]
+Starter = Callable[..., "subprocess.Popen[bytes]"]
 
 
 def cli_command(*args: str) -> list[str]:
@@ -114,7 +114,7 @@ class Child:
         stdin: bool = False,
         speaks: bool = True,
         env: Mapping[str, str] | None = None,
-        popen: Popen | None = None,
+        popen: Starter | None = None,
     ) -> None:
         self.name = name
         self.log = log
@@ -231,23 +231,23 @@ class Child:
         whatever it left in its group is killed too. Its exit status."""
         try:
             if self.proc.poll() is None:
-                self.signal(signal.SIGTERM)
+                self.signal_group(signal.SIGTERM)
             try:
                 return self.finish(grace)
             except LaunchError:
-                self.signal(signal.SIGKILL)
+                self.signal_group(signal.SIGKILL)
                 return self.proc.wait()
         finally:
-            self.signal(signal.SIGKILL)
+            self.signal_group(signal.SIGKILL)
             self._close()
 
     def kill(self) -> None:
         """SIGKILL to the child's whole group, and reap it."""
-        self.signal(signal.SIGKILL)
+        self.signal_group(signal.SIGKILL)
         self.proc.wait()
         self._close()
 
-    def signal(self, sig: int) -> None:
+    def signal_group(self, sig: int) -> None:
         """Send ``sig`` to the child's process group, or to the child alone while it has none
         (``mnexec -d`` calls setsid() after it starts). The group's id is the child's PID,
         which Linux does not give another process while the group has members."""
