@@ -17,10 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from switchreduce import launch
+
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 #: What a server prints when it is ready (the first word of its first line).
-READY = {"switch": ("listening", "p4runtime", "serving"), "controller": ("controller",)}
+READY = {
+    "switch": (launch.LISTENING, launch.P4RUNTIME, launch.SERVING),
+    "controller": (launch.CONTROLLER,),
+}
 
 
 def commands_in(text: str) -> list[str]:
@@ -79,7 +84,7 @@ class Shell:
                 if line.split()[0] in ready and (
                     words[1] != "switch"
                     or "--p4runtime" not in words
-                    or line.startswith("listening")
+                    or line.startswith(launch.LISTENING)
                 ):
                     break
             yield proc
