@@ -3,9 +3,11 @@
 Host ``h{i}`` (i from 1) has 10.0.0.i and MAC 02:00:00:00:00:ii on switch port
 i and runs rank i-1; the switch answers as 10.0.0.254 / 02:00:00:00:00:fe.
 No controller and no Open vSwitch: the switch node runs the SwitchReduce
-pipeline itself. Everything started is stopped by PID and every link made is
-deleted on exit, also after a failure or Ctrl-C (Mininet's own ``cleanup()``,
-which kills processes by name machine-wide, is never used).
+pipeline itself (or, for a baseline, becomes a plain Linux bridge:
+``Emulation.bridge``). Links have a 1500-byte MTU, or ``mtu`` (9000: jumbo
+frames). Everything started is stopped by PID and every link made is deleted
+on exit, also after a failure or Ctrl-C (Mininet's own ``cleanup()``, which
+kills processes by name machine-wide, is never used).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from switchreduce.emulation.bmv2 import (
     compile_program,
     wait_for_p4runtime,
 )
+from switchreduce.emulation.bridge import LinuxBridge
 from switchreduce.emulation.errors import EmulationError
 from switchreduce.launch import (
     CONTROLLER,
@@ -51,6 +54,10 @@ CONTROLLER_IP = "10.0.0.253"
 CONTROLLER_MAC = "02:00:00:00:00:fd"
 CONTROLLER_HTTP_PORT = 9000
 MAX_HOSTS = 32  # one rank per host, and ranks are bitmap bits
+#: Link MTUs: jumbo frames, and the range a veth takes that carries the smallest K.
+JUMBO_MTU = 9000
+MIN_MTU = wire.ip_packet_bytes(wire.SUPPORTED_K[0])
+MAX_MTU = 65535
 #: The window (slots per job) of each kind of switch when none is asked for, wherever a
 #: switch is started: topo, bench, experiment configs. BMv2 takes ~2,800 aggregation
 #: packets/s here: a larger window only queues in it, and the retransmission timer fires
@@ -95,7 +102,8 @@ class TopoOptions:
     delay_ms: float | None = None  # per link (tc netem)
     loss_pct: float | None = None  # per link, each direction (tc netem)
     switch_loss: float = 0.0  # drop probability at the soft switch's ports, each direction
-    k: int = wire.MAX_K_STANDARD_MTU  # veth MTU is 1500
+    k: int = wire.MAX_K_STANDARD_MTU  # the largest that fits the default MTU
+    mtu: int = 1500  # of every link, both ends (9000: jumbo frames)
     slots: int | None = None  # None: DEFAULT_SLOTS of the switch kind
     job_id: int = 1
     #: Run the controller on host c0 (workers register with it) instead of a static job.
@@ -118,8 +126,14 @@ class TopoOptions:
             raise ValueError(f"switch loss is a probability in [0, 1), got {self.switch_loss}")
         if self.switch_loss and self.switch != "soft":
             raise ValueError("switch loss is the soft switch's fault injector; BMv2 has none")
-        if self.k > wire.MAX_K_STANDARD_MTU:
-            raise ValueError(f"K={self.k} does not fit the links' 1500-byte MTU; use K <= 256")
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ValueError(f"MTU must be {MIN_MTU}..{MAX_MTU}, got {self.mtu}")
+        if wire.ip_packet_bytes(self.k) > self.mtu:
+            raise ValueError(
+                f"K={self.k} does not fit the links' {self.mtu}-byte MTU; use "
+                f"K <= {wire.largest_k(self.mtu)}"
+                + (" (or jumbo frames: mtu 9000)" if self.mtu < JUMBO_MTU else "")
+            )
 
     @property
     def slot_count(self) -> int:
@@ -168,6 +182,12 @@ def _switch_args(options: TopoOptions) -> list[str]:
         i = rank + 1
         args.append(f"--worker={rank}={host_ip(i)}:{WORKER_UDP_PORT}@{i}/{host_mac(i)}")
     return args
+
+
+def _set_mtu(node, name: str, mtu: int) -> None:
+    _, err, code = node.pexec(["ip", "link", "set", "dev", name, "mtu", str(mtu)])
+    if code != 0:
+        raise EmulationError(f"cannot set MTU {mtu} on {name}: {err.strip()}")
 
 
 def _quiet_interface(node, name: str) -> None:
@@ -226,6 +246,10 @@ class Emulation:
         )
         try:
             net.build()
+            if options.mtu != 1500:
+                for link in net.links:
+                    for intf in (link.intf1, link.intf2):
+                        _set_mtu(intf.node, intf.name, options.mtu)
             for host in net.hosts:
                 host.cmd("sysctl -qw net.ipv6.conf.all.disable_ipv6=1")
                 for intf in host.intfList():
@@ -299,6 +323,15 @@ class Emulation:
         with controller.killed_on_error():
             controller.wait_for(CONTROLLER)
         return controller
+
+    def bridge(self, loss: float = 0.0) -> LinuxBridge:
+        """Stop the switch and join its ports in a plain Linux bridge, for the rest of the
+        emulation: the same hosts on the same links, with what a cluster has without
+        in-network aggregation in the middle (the bench's baseline). ``loss``: drop each
+        frame with this probability entering the bridge and again leaving it (nftables),
+        as the soft switch's ``switch_loss`` does at its ports."""
+        (node,) = self.net.switches
+        return node.become_bridge(loss)
 
     def ping_all(self) -> float:
         """Mininet's pingAll: percentage of pings lost between every pair of hosts."""
@@ -421,6 +454,9 @@ def _switch_node(options: TopoOptions):
             super().__init__(name, **params)
             self.child: Child | None = None
             self.log_path = options.run_dir / f"{name}.log"
+            #: The Linux bridge the node has become, if it has (Emulation.bridge).
+            self.bridge: LinuxBridge | None = None
+            self._stopped = False
 
         def start(self, controllers) -> None:
             ports = {self.ports[intf]: intf.name for intf in self.intfList() if intf.name != "lo"}
@@ -431,14 +467,33 @@ def _switch_node(options: TopoOptions):
             with self.child.killed_on_error():
                 self.wait_until_serving(self.child)
 
+        def become_bridge(self, loss: float) -> LinuxBridge:
+            """Stop the switch process (its report stays readable) and bridge its ports."""
+            if self.bridge is not None:
+                raise EmulationError(f"switch {self.name} is a bridge already")
+            if (child := self._running()) is not None:
+                child.stop()
+                self._stopped = True
+            ports = [intf.name for intf in self.intfList() if intf.name != "lo"]
+            self.bridge = LinuxBridge(self, ports, loss, options.run_dir)
+            return self.bridge
+
+        def _running(self) -> Child | None:
+            """The switch process, unless it never started or was stopped already (a stopped
+            child's PID is no longer its own to signal)."""
+            return None if self._stopped else self.child
+
         def kill(self) -> None:
             """After a failure: no goodbye."""
-            if self.child is not None:
-                self.child.kill()
+            if (child := self._running()) is not None:
+                child.kill()
 
         def stop(self, deleteIntfs: bool = True) -> None:
-            if self.child is not None:
-                self.child.stop()
+            if self.bridge is not None:
+                self.bridge.delete()
+                self.bridge = None
+            if (child := self._running()) is not None:
+                child.stop()
             super().stop(deleteIntfs)
 
     class SoftSwitchNode(SwitchNode):

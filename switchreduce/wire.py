@@ -236,6 +236,17 @@ def ip_packet_bytes(k: int) -> int:
     return IPV4_BYTES + UDP_BYTES + datagram_bytes(k)
 
 
+def largest_k(mtu: int) -> int:
+    """The largest supported K whose IPv4 packets fit an MTU of ``mtu`` bytes."""
+    fitting = [k for k in SUPPORTED_K if ip_packet_bytes(k) <= mtu]
+    if not fitting:
+        raise ValueError(
+            f"no supported K fits a {mtu}-byte MTU (K={SUPPORTED_K[0]} needs "
+            f"{ip_packet_bytes(SUPPORTED_K[0])} bytes)"
+        )
+    return max(fitting)
+
+
 def encode(header: Header, elements: np.ndarray) -> bytes:
     """Header followed by the elements as big-endian int32 (exactly K of them)."""
     return header.pack() + np.asarray(elements, dtype=ELEMENT_DTYPE).tobytes()

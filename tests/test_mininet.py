@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from switchreduce import launch, wire
+from switchreduce.emulation.bridge import nft_available
 from switchreduce.emulation.errors import EmulationError
 from switchreduce.emulation.topo import (
     CONTROLLER_HTTP_PORT,
@@ -111,6 +112,40 @@ def test_time_on_slow_links_is_what_the_bytes_on_the_wire_predict(
     measured = max(r["seconds"] for r in reports)
     assert all(r["exact"] for r in reports)
     assert abs(measured - predicted) <= 0.3 * predicted, (measured, predicted)
+
+
+@pytest.mark.skipif(not nft_available(), reason="nft (Debian package nftables) not installed")
+def test_a_lossy_bridge_drops_at_the_rate_asked_on_the_way_in_and_out(
+    tmp_path, no_leftovers
+) -> None:
+    """10% in each direction: about 10% of the frames that enter, and 10% of those leaving;
+    a ping and its reply cross the bridge twice, so 1 - 0.9**4 = 34% of pings are lost."""
+    with Emulation(TopoOptions(workers=2, run_dir=tmp_path)) as emu:
+        node = emu.net.switches[0]
+        bridge = emu.bridge(loss=0.1)
+        assert node.child.proc.returncode is not None  # the switch stopped; its report stays
+        assert "drops" in node.report()
+        h1, h2 = emu.hosts
+        out = h1.cmd(f"ping -q -c 1000 -i 0.002 -W 1 {h2.IP()}")
+        counters = bridge.counters()
+    lost = float(out.split("% packet loss")[0].split()[-1]) / 100
+    assert 0.27 <= lost <= 0.42, out
+    assert counters is not None and counters["frames_in"] >= 1000
+    assert 0.07 <= counters["dropped_in"] / counters["frames_in"] <= 0.13, counters
+    out_of = counters["frames_in"] - counters["dropped_in"]
+    assert 0.07 <= counters["dropped_out"] / out_of <= 0.13, counters
+
+
+def test_jumbo_frames_carry_k_1024(tmp_path, no_leftovers) -> None:
+    """MTU 9000 on both ends of every link: the worker's path MTU check passes at K = 1024."""
+    options = TopoOptions(workers=2, mtu=9000, k=1024, run_dir=tmp_path)
+    with Emulation(options) as emu:
+        for link in emu.net.links:
+            for intf in (link.intf1, link.intf2):
+                assert intf.node.cmd(f"cat /sys/class/net/{intf.name}/mtu").strip() == "9000"
+        reports = emu.allreduce(300_000)
+    assert all(r["exact"] and r["within_bound"] for r in reports)
+    assert max(r["packets_sent"] for r in reports) < 2 * 300_000 / 1024
 
 
 def test_a_failure_inside_the_emulation_leaves_nothing_behind(tmp_path, no_leftovers) -> None:
