@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: bmv2 where simple_switch_grpc and p4c are installed",
     )
     topo.add_argument("--bw", type=float, default=None, help="link bandwidth, Mbit/s")
+    topo.add_argument(
+        "--mtu", type=int, default=TopoOptions.mtu, help="link MTU (9000: jumbo frames)"
+    )
     topo.add_argument("--delay", type=float, default=None, help="link delay, ms")
     topo.add_argument("--loss", type=float, default=None, help="link loss, percent")
     topo.add_argument(
@@ -296,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     topo.add_argument("--cli", action="store_true", help="open the Mininet CLI instead")
     topo.add_argument("--run-dir", type=Path, default=Path("runs/topo"), help="where logs go")
     _add_job_args(topo)
-    topo.set_defaults(k=TopoOptions.k, slots=None)  # slots: DEFAULT_SLOTS of the switch kind
+    # K: the largest that fits the MTU; slots: DEFAULT_SLOTS of the switch kind
+    topo.set_defaults(k=None, slots=None)
 
     run = sub.add_parser(
         "run",
@@ -339,9 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument(
         "--bw", type=float, default=None, help="with --topo mininet: link bandwidth, Mbit/s"
     )
+    allreduce.add_argument(
+        "--mtu",
+        type=int,
+        default=None,
+        help="with --topo mininet: link MTU (default 1500; 9000: jumbo frames, K up to 1024)",
+    )
     _add_job_args(allreduce)
     _add_fault_args(allreduce)
-    # K: loopback's default, or the largest for MTU 1500 in Mininet; slots: per switch kind
+    # K: loopback's default, or the largest for the links' MTU in Mininet; slots: per switch kind
     allreduce.set_defaults(k=None, slots=None)
     return parser
 
@@ -450,7 +460,8 @@ def _topo(args: argparse.Namespace) -> int:
             delay_ms=args.delay,
             loss_pct=args.loss,
             switch_loss=args.switch_loss,
-            k=args.k,
+            k=args.k or wire.largest_k(args.mtu),
+            mtu=args.mtu,
             slots=args.slots,
             run_dir=args.run_dir,
         ),
@@ -472,6 +483,7 @@ def _bench(args: argparse.Namespace) -> int:
             topo=args.topo,
             switch=args.switch,
             bw=args.bw,
+            mtu=args.mtu,
             k=args.k,
             slots=args.slots,
             faults=FaultSpec(args.loss, args.duplicate, args.reorder, args.seed),

@@ -20,6 +20,7 @@ from switchreduce.emulation.topo import (
     TopoOptions,
     netem_available,
 )
+from switchreduce.experiments import bench
 from switchreduce.launch import LaunchError
 from tests.helpers.processes import left_behind, record_children
 
@@ -112,6 +113,42 @@ def test_time_on_slow_links_is_what_the_bytes_on_the_wire_predict(
     measured = max(r["seconds"] for r in reports)
     assert all(r["exact"] for r in reports)
     assert abs(measured - predicted) <= 0.3 * predicted, (measured, predicted)
+
+
+def test_the_bench_times_gloo_over_a_linux_bridge_as_the_bytes_predict(
+    tmp_path, no_leftovers, monkeypatch, capsys
+) -> None:
+    """The bench's three runs between the same hosts on 20 Mbit/s links: through the switch,
+    gloo through the switch, gloo over a Linux bridge in its place. A ring allreduce sends
+    2(n-1)/n of the tensor from each host, in full TCP segments (1,448 bytes of payload in
+    1,514-byte frames); the bridge adds nothing to that. No process is left."""
+    monkeypatch.chdir(tmp_path)  # the bench's run directory, runs/topo
+    children = record_children(monkeypatch)
+    n, bw, elements = 4, 20.0, 500_000
+    options = bench.BenchOptions(
+        topo="mininet", workers=n, bw=bw, elements=elements, timeout=60, as_json=True
+    )
+    assert bench.run_bench(options) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("switch_seconds", "switch_gloo_seconds", "bridge_gloo_seconds"):
+        assert report[key] > 0, key
+    assert report["ratio_bridge_gloo"] == pytest.approx(
+        report["switch_seconds"] / report["bridge_gloo_seconds"], 0.01
+    )
+    assert report["ratio_switch_gloo"] == pytest.approx(
+        report["switch_seconds"] / report["switch_gloo_seconds"], 0.01
+    )
+    assert report["bridge"] is None  # no loss: no rule on the bridge
+    segments = 2 * (n - 1) / n * elements * 4 / 1448
+    predicted = segments * 1514 * 8 / (bw * 1e6)
+    # at least the bytes' time; above it by what a ring's start-up and steps cost
+    assert 0.95 * predicted <= report["bridge_gloo_seconds"] <= 1.6 * predicted, (
+        report["bridge_gloo_seconds"],
+        predicted,
+    )
+    workers = [child for child in children if child.name.startswith("worker")]
+    assert len(workers) == 3 * n and len(children) == 3 * n + 1  # and the switch node's
+    assert not any(left_behind(child.pid) for child in children)
 
 
 @pytest.mark.skipif(not nft_available(), reason="nft (Debian package nftables) not installed")
