@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, MutableMapping
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -50,7 +50,7 @@ from google.rpc import code_pb2, status_pb2
 from p4.v1 import p4runtime_pb2, p4runtime_pb2_grpc
 
 from switchreduce.emulation.errors import TableError
-from switchreduce.emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.emulation.softswitch.pipeline import Replicas, SoftSwitch
 from switchreduce.emulation.softswitch.tables import ActionCall, Counter, ExactTable, Register
 from switchreduce.p4runtime.entities import TableEntry, decode_value
 from switchreduce.p4runtime.names import VALUE
@@ -71,9 +71,6 @@ _PORT_BITS = 32
 SetPipeline = p4runtime_pb2.SetForwardingPipelineConfigRequest
 GetPipeline = p4runtime_pb2.GetForwardingPipelineConfigRequest
 Update = p4runtime_pb2.Update
-
-#: (egress port, instance) per replica of a multicast group or clone session.
-Replicas = tuple[tuple[int, int], ...]
 
 
 class P4RuntimeError(Exception):
@@ -176,7 +173,7 @@ class _State:
 
     tables: dict[str, ExactTable]
     counters: dict[str, Counter]
-    groups: dict[int, Replicas]
+    groups: MutableMapping[int, Replicas]
     #: session id -> replicas; class_of_service and packet_length_bytes are always 0 (as on BMv2).
     clone_sessions: dict[int, Replicas] = field(default_factory=dict)
     #: (table, key; None for the default entry) -> (controller_metadata, metadata), if set.
@@ -507,11 +504,9 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
         in a loaded program; from now on the pipeline programs the switch itself."""
         switch, state = self.switch, pipeline.state
         for name, table in switch.tables().items():
-            table.entries = state.tables[name].entries
-            table.default_action = state.tables[name].default_action
+            table.load(state.tables[name].entries, state.tables[name].default_action)
         for name, counter in switch.counters().items():
-            counter.packets[:] = state.counters[name].packets
-            counter.bytes[:] = state.counters[name].bytes
+            counter.load(state.counters[name].packets, state.counters[name].bytes)
         switch.pre.groups.clear()
         switch.pre.groups.update(state.groups)
         for register in switch.registers().values():
@@ -652,8 +647,7 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
                 f"Error when writing to counter: index {index} of {counter.size} cells",
             )
         data = entry.data if kind == Update.MODIFY else p4runtime_pb2.CounterData()
-        counter.packets[index] = data.packet_count  # DELETE zeroes the cell, as PI does
-        counter.bytes[index] = data.byte_count
+        counter.set(index, data.packet_count, data.byte_count)  # DELETE zeroes it, as PI does
 
     def _write_group(self, kind: int, group: p4runtime_pb2.MulticastGroupEntry) -> None:
         gid = group.multicast_group_id
@@ -775,8 +769,8 @@ class P4RuntimeService(p4runtime_pb2_grpc.P4RuntimeServicer):
                 entry = found.counter_entry
                 entry.counter_id = counter_id
                 entry.index.index = index
-                entry.data.packet_count = counter.packets[index]
-                entry.data.byte_count = counter.bytes[index]
+                entry.data.packet_count = int(counter.packets[index])
+                entry.data.byte_count = int(counter.bytes[index])
                 yield found
 
     def _read_groups(self, gid: int) -> Iterator[p4runtime_pb2.Entity]:

@@ -28,13 +28,15 @@ from __future__ import annotations
 import functools
 import ipaddress
 import struct
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Protocol
 
 import numpy as np
 
 from switchreduce import wire
-from switchreduce.emulation.softswitch.tables import Counter, ExactTable, Register
+from switchreduce.emulation.softswitch.tables import ActionCall, Counter, ExactTable, Register
 from switchreduce.p4runtime import names
 from switchreduce.wire import DropReason
 
@@ -220,11 +222,14 @@ class SwitchReduceIngress:
         if not hit:
             self.drop(pkt, DropReason.UNKNOWN_JOB)
             return None
-        world_size, _, slot_count, _, _ = job.args
+        if job.name != names.SET_JOB.name:  # NoAction sets no metadata: P4 leaves it zero
+            job = ActionCall(job.name, (0,) * len(names.SET_JOB.params))
+        world_size, slot_base, slot_count, _, _ = job.args
         if hdr.rank >= world_size:
             self.drop(pkt, DropReason.RANK_OUT_OF_RANGE)
             return None
-        if hdr.slot >= slot_count:
+        # A slot past the pool has no registers: its job's range was admitted too large.
+        if hdr.slot >= slot_count or slot_base + hdr.slot >= self.pool_size:
             self.drop(pkt, DropReason.SLOT_OUT_OF_RANGE)
             return None
         bound, _ = self.workers.lookup(
@@ -252,7 +257,7 @@ class SwitchReduceIngress:
             self.slot_session.cells[index] = session
             rounds[row] = rounds[row ^ 1] = (hdr.round - 1) & 0xFFFF  # so this round is new
         ahead = (hdr.round - rounds[row]) & 0xFFFF  # serial-number order, as TCP's
-        bit = 1 << hdr.rank
+        bit = (1 << hdr.rank) & 0xFFFFFFFF  # bit<32>: a rank past 31 has no bit
         if ahead >= 0x8000:
             return self.drop(pkt, DropReason.STALE), 0  # an older round, delayed in the network
         if ahead == 0 and arrivals[row] == wire.ROW_REFUSED:  # the round was refused
@@ -322,11 +327,60 @@ def swap_addresses(pkt: Packet) -> None:
     pkt.udp_sport, pkt.udp_dport = pkt.udp_dport, pkt.udp_sport
 
 
+#: (egress port, rid) of each copy a multicast group makes.
+Replicas = tuple[tuple[int, int], ...]
+
+
+class GroupSink(Protocol):
+    """Where multicast group writes go besides the dict: the compiled engine's copy."""
+
+    def set(self, group: int, replicas: Replicas) -> None: ...
+
+    def delete(self, group: int) -> None: ...
+
+
+class MulticastGroups(MutableMapping[int, Replicas]):
+    """Group id -> replicas, a dict that hands every write to an attached engine as well."""
+
+    def __init__(self) -> None:
+        self._groups: dict[int, Replicas] = {}
+        self.sink: GroupSink | None = None
+
+    def __getitem__(self, group: int) -> Replicas:
+        return self._groups[group]
+
+    def __setitem__(self, group: int, replicas: Replicas) -> None:
+        replicas = tuple(replicas)
+        if self.sink is not None:
+            self.sink.set(group, replicas)
+        self._groups[group] = replicas
+
+    def __delitem__(self, group: int) -> None:
+        if group in self._groups and self.sink is not None:
+            self.sink.delete(group)
+        del self._groups[group]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._groups)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def __repr__(self) -> str:
+        return f"MulticastGroups({self._groups!r})"
+
+    def attach(self, sink: GroupSink) -> None:
+        """From now on every write goes to ``sink`` too, starting with the groups there are."""
+        for group, replicas in self._groups.items():
+            sink.set(group, replicas)
+        self.sink = sink
+
+
 class PacketReplicationEngine:
     """Multicast groups: group id -> replicas (egress port, rid), as BMv2's PRE."""
 
     def __init__(self) -> None:
-        self.groups: dict[int, tuple[tuple[int, int], ...]] = {}
+        self.groups = MulticastGroups()
 
     def replicate(self, pkt: Packet, group: int) -> list[Packet]:
         replicas = self.groups.get(group, ())
@@ -343,7 +397,7 @@ class SwitchReduceEgress:
         if pkt.egress_rid == 0:
             return
         hit, call = self.result_rewrite.lookup((pkt.egress_rid,))
-        if hit:
+        if hit and call.name == names.REWRITE_DESTINATION.name:  # a NoAction entry rewrites nothing
             pkt.eth_dst, pkt.ip_dst, pkt.udp_dport = call.args
 
 
