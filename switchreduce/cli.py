@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw mode: forward other traffic for MAC out of PORT",
     )
     switch.add_argument("--slot-base", type=int, default=0)
+    switch.add_argument(
+        "--engine",
+        choices=("compiled", "python"),
+        default=None,
+        help="the pipeline in C (UDP mode's default) or in Python (the reference; raw mode's)",
+    )
     _add_job_args(switch)
     _add_fault_args(switch)
 
@@ -385,6 +391,7 @@ def _switch(args: argparse.Namespace) -> int:
             p4runtime=args.p4runtime,
             device_id=args.device_id,
             faults=FaultSpec(args.loss, args.duplicate, args.reorder, args.seed),
+            engine=args.engine,
         ),
     )
     return serve(options)

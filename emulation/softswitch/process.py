@@ -12,6 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from switchreduce.emulation.softswitch.engine import EngineName
 from switchreduce.emulation.softswitch.faults import FaultSpec
 from switchreduce.launch import LISTENING, Child, cli_command
 
@@ -27,18 +28,19 @@ class LoopbackSwitch:
         slots: int,
         faults: FaultSpec | None = None,
         log: Path | None = None,
+        engine: EngineName = "compiled",
     ) -> None:
         faults = faults or FaultSpec()
         self.command = cli_command(
             "switch", "--listen", "127.0.0.1:0", "--world-size", str(len(ports)),
             "--k", str(k), "--slots", str(slots),
             "--loss", str(faults.loss), "--duplicate", str(faults.duplicate),
-            "--reorder", str(faults.reorder), "--seed", str(faults.seed),
+            "--reorder", str(faults.reorder), "--seed", str(faults.seed), "--engine", engine,
             *(f"--worker={rank}=127.0.0.1:{port}" for rank, port in enumerate(ports)),
         )  # fmt: skip
         self.log = log
         self.address = ""
-        #: Drops by reason, injected faults and CPU time, once the switch has stopped.
+        #: Its engine, drops by reason, injected faults, packets and CPU time, once it has stopped.
         self.report: dict[str, Any] | None = None
 
     def __enter__(self) -> LoopbackSwitch:

@@ -2,7 +2,8 @@
 
 This is how it runs as a Mininet switch node: whole Ethernet frames in and
 out, multicast replication to ports, egress rewrite, and forwarding of all
-other traffic by destination MAC (so ping between hosts works).
+other traffic by destination MAC (so ping between hosts works). It runs the
+Python engine: the compiled one serves UDP mode only, so far.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import socket
 
 from switchreduce.emulation.softswitch.faults import FaultSpec
-from switchreduce.emulation.softswitch.pipeline import Packet, SoftSwitch
-from switchreduce.emulation.softswitch.runtime import Emitted, Received, SwitchRuntime
+from switchreduce.emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.emulation.softswitch.runtime import Emitted, PacketLoop, Received
+from switchreduce.emulation.softswitch.static import answer
 from switchreduce.emulation.softswitch.udp import force_buffers
 
 _ETH_P_ALL = 0x0003
@@ -19,7 +21,7 @@ _PACKET_OUTGOING = 4  # what we sent ourselves, looped back to the socket: ignor
 _MAX_FRAME = 65536
 
 
-class RawSwitch(SwitchRuntime):
+class RawSwitch(PacketLoop):
     def __init__(
         self,
         switch: SoftSwitch,
@@ -42,9 +44,11 @@ class RawSwitch(SwitchRuntime):
             return None
         return port, frame, None
 
-    def parse(self, item: Received) -> Packet:
+    def deliver(self, item: Received) -> list[Emitted]:
         port, frame, _ = item
-        return self.switch.parser.parse_frame(frame, port)
-
-    def emit(self, pkt: Packet) -> Emitted:
-        return pkt.egress_port, self.switch.deparser.frame(pkt), None
+        pkt = self.switch.parser.parse_frame(frame, port)
+        deparse = self.switch.deparser.frame
+        return [
+            (out.egress_port, deparse(out), None)
+            for out in answer(self.switch, self.static_jobs, pkt)
+        ]

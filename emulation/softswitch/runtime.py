@@ -1,10 +1,16 @@
-"""Serving a SoftSwitch on real sockets: the loop shared by UDP mode and raw mode.
+"""Serving a SoftSwitch on real sockets: what every runtime shares, and the Python loop.
 
-A runtime owns one socket per switch port, reads packets into the pipeline
-and writes out what it emits, with a seeded fault injector on each direction
-(``ingress``: towards the pipeline, ``egress``: out of it). It sleeps briefly
-whenever all ports are empty so that one wake-up drains a batch, as NIC
-interrupt coalescing does, instead of a context switch per packet.
+A runtime serves its sockets until stopped, in a thread of its own (``start``)
+or the caller's (``serve_forever``), and ends with a report. Two engines serve:
+``PacketLoop`` here, the Python pipeline one packet at a time (raw mode, and
+UDP mode's ``--engine python``), and the compiled engine's batched loop in
+``udp.UdpSwitch``.
+
+``PacketLoop`` owns one socket per switch port, reads packets into the
+pipeline and writes out what it emits, with a seeded fault injector on each
+direction (``ingress``: towards the pipeline, ``egress``: out of it). It sleeps
+briefly whenever all ports are empty so that one wake-up drains a batch, as
+NIC interrupt coalescing does, instead of a context switch per packet.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from switchreduce.emulation.softswitch.faults import FaultInjector, FaultSpec
-from switchreduce.emulation.softswitch.pipeline import DropReason, Packet, SoftSwitch
+from switchreduce.emulation.softswitch.pipeline import DropReason, SoftSwitch
 from switchreduce.emulation.softswitch.static import StaticJob
 
 _COALESCE = 0.0002  # seconds to sleep when every port is empty
@@ -32,109 +38,68 @@ Emitted = tuple[int, bytes, Any]
 
 
 class SwitchRuntime(ABC):
-    """Serves ``switch`` on ``sockets`` (port number -> non-blocking socket) until stopped."""
+    """Serves ``switch`` on ``sockets`` (port number -> socket, made non-blocking) until
+    stopped."""
 
-    def __init__(
-        self, switch: SoftSwitch, sockets: dict[int, socket.socket], faults: FaultSpec | None
-    ) -> None:
+    #: Which engine runs the pipeline ("python" or "compiled"), as reports name it.
+    engine = "python"
+
+    def __init__(self, switch: SoftSwitch, sockets: dict[int, socket.socket]) -> None:
         self.switch = switch
         self.sockets = sockets
-        spec = faults or FaultSpec()
-        self.ingress_faults: FaultInjector[Received] = FaultInjector(spec, 1)
-        self.egress_faults: FaultInjector[Emitted] = FaultInjector(spec, 2)
-        self.tx_overruns = 0
-        self.ports_down: list[int] = []
-        self._poller = select.poll()
         for sock in sockets.values():
             sock.setblocking(False)  # a socket timeout would poll before every call
-            self._poller.register(sock, select.POLLIN)
+        self.ports_down: list[int] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Jobs from the command line: their JOINs go to the CPU, as packet-ins would.
-        self.static_jobs: list[StaticJob] = []
+        self._static_jobs: list[StaticJob] = []
+        self._serving_since: float | None = None
 
-    @abstractmethod
-    def receive(self, port: int, sock: socket.socket) -> Received | None:
-        """One packet from ``sock``, None if it should be ignored; BlockingIOError when empty."""
+    @property
+    def static_jobs(self) -> list[StaticJob]:
+        """Jobs from the command line: their JOINs go to the CPU, as packet-ins would."""
+        return self._static_jobs
 
-    @abstractmethod
-    def parse(self, item: Received) -> Packet:
-        """The pipeline's view of a received packet."""
-
-    @abstractmethod
-    def emit(self, pkt: Packet) -> Emitted:
-        """The bytes the pipeline's output packet leaves as, and where."""
-
-    def transmit(self, item: Emitted) -> None:
-        port, data, destination = item
-        try:
-            if destination is None:
-                self.sockets[port].send(data)
-            else:
-                self.sockets[port].sendto(data, destination)
-        except BlockingIOError:
-            self.tx_overruns += 1  # socket buffer full: lost, as on a congested port
-        except OSError as exc:
-            if exc.errno not in _LINK_GONE:
-                raise
-            self.tx_overruns += 1  # the port's link is down: lost
+    @static_jobs.setter
+    def static_jobs(self, jobs: list[StaticJob]) -> None:
+        self._static_jobs = list(jobs)
 
     def serve_forever(self) -> None:
-        sockets = list(self.sockets.items())
-        while not self._stop.is_set():
-            busy = False
-            for port, sock in list(sockets):
-                while True:
-                    try:
-                        item = self.receive(port, sock)
-                    except BlockingIOError:
-                        break
-                    except OSError as exc:
-                        if self._stop.is_set():
-                            return
-                        if exc.errno not in _LINK_GONE:
-                            raise
-                        # The link went down (its peer was deleted): stop serving the port.
-                        self.ports_down.append(port)
-                        self._poller.unregister(sock)
-                        sockets.remove((port, sock))
-                        break
-                    busy = True
-                    if item is not None:
-                        for admitted in self.ingress_faults.admit(item):
-                            self._process(admitted)
-            if not busy:
-                time.sleep(_COALESCE)
-                if not self._poller.poll(_IDLE_MS):
-                    for held in self.ingress_faults.flush():
-                        self._process(held)
-                    for held in self.egress_faults.flush():
-                        self.transmit(held)
+        """Serve until ``stop_soon`` (or ``stop``)."""
+        self._serving_since = time.process_time()
+        self._serve()
 
-    def _process(self, item: Received) -> None:
-        pkt = self.parse(item)
-        cpu = next((job for job in self.static_jobs if job.handles(pkt)), None)
-        for out in cpu.join(pkt) if cpu else self.switch.process(pkt):
-            for emitted in self.egress_faults.admit(self.emit(out)):
-                self.transmit(emitted)
+    @abstractmethod
+    def _serve(self) -> None:
+        """The serving loop: returns once ``self._stop`` is set."""
+
+    @abstractmethod
+    def traffic(self) -> dict[str, Any]:
+        """Datagrams received and sent, sends lost to full buffers, what the injectors did."""
 
     def report(self) -> dict:
-        """Drop counters by reason, per-job counters, what the injectors did, CPU time."""
+        """The engine, CPU time, drop counters by reason, per-job counters, the traffic."""
         ingress = self.switch.ingress
         jobs = {
-            stat.alias: {job: n for job, n in enumerate(counter.packets) if n}
+            stat.alias: {job: int(n) for job, n in enumerate(counter.packets) if n}
             for stat, counter in ingress.job_stats.items()
         }
+        traffic = self.traffic()
+        handled = traffic["packets"]["received"] + traffic["packets"]["sent"]
+        # The serving loop's CPU alone (the process's, threads included, since it began):
+        # what the pipeline costs per packet, without the interpreter's start-up.
+        serving = time.process_time() - (self._serving_since or time.process_time())
         return {
+            "engine": self.engine,
             "cpu_seconds": round(time.process_time(), 3),
-            "tx_overruns": self.tx_overruns,
+            "serving_cpu_seconds": round(serving, 3),
+            "cpu_seconds_per_million_packets": round(serving / handled * 1e6, 3)
+            if handled
+            else None,
             "ports_down": self.ports_down,
-            "drops": {r.name.lower(): ingress.drops.packets[r] for r in DropReason},
+            "drops": {r.name.lower(): int(ingress.drops.packets[r]) for r in DropReason},
             "jobs": jobs,
-            "faults": {
-                "ingress": vars(self.ingress_faults.stats),
-                "egress": vars(self.egress_faults.stats),
-            },
+            **traffic,
         }
 
     def start(self) -> SwitchRuntime:
@@ -158,3 +123,90 @@ class SwitchRuntime(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class PacketLoop(SwitchRuntime):
+    """The Python engine's loop: one packet at a time, faults injected in Python."""
+
+    def __init__(
+        self, switch: SoftSwitch, sockets: dict[int, socket.socket], faults: FaultSpec | None
+    ) -> None:
+        super().__init__(switch, sockets)
+        spec = faults or FaultSpec()
+        self.ingress_faults: FaultInjector[Received] = FaultInjector(spec, 1)
+        self.egress_faults: FaultInjector[Emitted] = FaultInjector(spec, 2)
+        self.received = self.sent = self.tx_overruns = 0
+        self._poller = select.poll()
+        for sock in sockets.values():
+            self._poller.register(sock, select.POLLIN)
+
+    @abstractmethod
+    def receive(self, port: int, sock: socket.socket) -> Received | None:
+        """One packet from ``sock``, None if it should be ignored; BlockingIOError when empty."""
+
+    @abstractmethod
+    def deliver(self, item: Received) -> list[Emitted]:
+        """What the switch sends for a received packet, in order."""
+
+    def transmit(self, item: Emitted) -> None:
+        port, data, destination = item
+        try:
+            if destination is None:
+                self.sockets[port].send(data)
+            else:
+                self.sockets[port].sendto(data, destination)
+            self.sent += 1
+        except BlockingIOError:
+            self.tx_overruns += 1  # socket buffer full: lost, as on a congested port
+        except OSError as exc:
+            if exc.errno not in _LINK_GONE:
+                raise
+            self.tx_overruns += 1  # the port's link is down: lost
+
+    def _serve(self) -> None:
+        sockets = list(self.sockets.items())
+        while not self._stop.is_set():
+            busy = False
+            for port, sock in list(sockets):
+                while True:
+                    try:
+                        item = self.receive(port, sock)
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        if self._stop.is_set():
+                            return
+                        if exc.errno not in _LINK_GONE:
+                            raise
+                        # The link went down (its peer was deleted): stop serving the port.
+                        self.ports_down.append(port)
+                        self._poller.unregister(sock)
+                        sockets.remove((port, sock))
+                        break
+                    busy = True
+                    if item is not None:
+                        self.received += 1
+                        for admitted in self.ingress_faults.admit(item):
+                            self._process(admitted)
+            if not busy:
+                time.sleep(_COALESCE)
+                if not self._poller.poll(_IDLE_MS):
+                    for held in self.ingress_faults.flush():
+                        self._process(held)
+                    for held in self.egress_faults.flush():
+                        self.transmit(held)
+
+    def _process(self, item: Received) -> None:
+        for out in self.deliver(item):
+            for emitted in self.egress_faults.admit(out):
+                self.transmit(emitted)
+
+    def traffic(self) -> dict[str, Any]:
+        return {
+            "packets": {"received": self.received, "sent": self.sent},
+            "tx_overruns": self.tx_overruns,
+            "faults": {
+                "ingress": vars(self.ingress_faults.stats),
+                "egress": vars(self.egress_faults.stats),
+            },
+        }

@@ -4,7 +4,9 @@ It serves a UDP socket (``listening HOST:PORT``) or, in raw mode, one
 interface per switch port (``serving PORT=IFNAME ...``), with a static job
 from its command line, a P4Runtime server for a controller to program it
 (``p4runtime ADDRESS``), or both; when it stops it reports its counters
-(drops by reason, injected faults, CPU time) as its last line.
+(drops by reason, injected faults, packets, CPU time) as its last line.
+UDP mode runs the compiled engine unless told ``--engine python``; raw mode
+runs the Python one.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import signal
 from dataclasses import dataclass, field
 
 from switchreduce import wire
+from switchreduce.emulation.softswitch.engine import ENGINES, EngineName
 from switchreduce.emulation.softswitch.faults import FaultSpec
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.emulation.softswitch.raw import RawSwitch
 from switchreduce.emulation.softswitch.runtime import SwitchRuntime
 from switchreduce.emulation.softswitch.static import StaticJob, install_forwarding
-from switchreduce.emulation.softswitch.udp import UdpSwitch
+from switchreduce.emulation.softswitch.udp import udp_switch
 from switchreduce.launch import LISTENING, P4RUNTIME, SERVING, announce, print_report
 from switchreduce.p4runtime.jobs import Job
 
@@ -39,6 +42,8 @@ class SwitchOptions:
     p4runtime: str | None = None
     device_id: int = 0
     faults: FaultSpec = field(default_factory=FaultSpec)
+    #: Which engine runs the pipeline; None: the mode's own (compiled in UDP mode, python raw).
+    engine: EngineName | None = None
 
     def __post_init__(self) -> None:
         if self.job is None and self.p4runtime is None:
@@ -46,6 +51,18 @@ class SwitchOptions:
                 "give a static job (--world-size, --worker) "
                 "or --p4runtime HOST:PORT for a controller to program the switch"
             )
+        if self.engine is not None and self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.raw and self.engine == "compiled":
+            raise ValueError(
+                "the compiled engine serves UDP mode only so far: raw mode (--raw) runs "
+                "--engine python"
+            )
+
+    @property
+    def engine_name(self) -> EngineName:
+        """The engine this switch runs."""
+        return self.engine or ("python" if self.raw else "compiled")
 
 
 def serve(options: SwitchOptions) -> int:
@@ -64,8 +81,8 @@ def serve(options: SwitchOptions) -> int:
         server = RawSwitch(switch, options.raw, options.faults)
         up = [SERVING, *(f"{port}={name}" for port, name in options.raw.items())]
     else:
-        server = UdpSwitch(switch, options.listen, options.faults)
-        host, port = server.address
+        udp = udp_switch(switch, options.listen, options.faults, options.engine_name)
+        server, (host, port) = udp, udp.address
         up = [LISTENING, f"{host}:{port}"]
     server.static_jobs = static_jobs
     for sig in (signal.SIGTERM, signal.SIGINT):

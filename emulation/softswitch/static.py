@@ -77,6 +77,13 @@ def install_forwarding(switch: SoftSwitch, routes: dict[int, int]) -> None:
         apply_entry(switch, forward_entry(mac, port))
 
 
+def answer(switch: SoftSwitch, static_jobs: list[StaticJob], pkt: Packet) -> list[Packet]:
+    """What the switch sends for ``pkt``: a static job's JOIN is its CPU's to answer, every
+    other packet goes through the pipeline."""
+    cpu = next((job for job in static_jobs if job.handles(pkt)), None)
+    return cpu.join(pkt) if cpu else switch.process(pkt)
+
+
 class StaticJob:
     """The control plane of one job installed from the command line: it hands out sessions.
 

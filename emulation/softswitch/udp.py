@@ -3,21 +3,38 @@
 Each datagram is one packet on ingress port 0; the socket address it came
 from stands for its IPv4 source and UDP source port, and each emitted packet
 goes to the IPv4/UDP destination the pipeline gave it.
+
+``UdpSwitch`` serves it with the compiled engine (the default): batches of
+datagrams per ``recvmmsg``/``sendmmsg``, the pipeline and the fault injectors
+in C with the GIL released; Python runs only between batches, to notice a
+stop and to answer what the engine punts (a static job's JOIN).
+``PythonUdpSwitch`` serves it with the Python pipeline, packet by packet.
 """
 
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from switchreduce import wire
-from switchreduce.emulation.softswitch.faults import FaultSpec
-from switchreduce.emulation.softswitch.pipeline import (
-    Packet,
-    SoftSwitch,
-    SwitchReduceDeparser,
-    int_to_ip,
+from switchreduce.emulation.softswitch.engine import (
+    CompiledDatapath,
+    EngineName,
+    PythonDatapath,
 )
-from switchreduce.emulation.softswitch.runtime import Emitted, Received, SwitchRuntime
+from switchreduce.emulation.softswitch.faults import FaultSpec
+from switchreduce.emulation.softswitch.pipeline import SoftSwitch, int_to_ip, ip_to_int
+from switchreduce.emulation.softswitch.runtime import (
+    Emitted,
+    PacketLoop,
+    Received,
+    SwitchRuntime,
+)
+from switchreduce.emulation.softswitch.static import StaticJob
+
+#: Longest stretch the compiled engine serves before Python checks for a stop (seconds); it
+#: returns sooner when the socket has been idle a few milliseconds or a signal arrives.
+_BUDGET = 0.05
 
 
 def force_buffers(sock: socket.socket, size: int) -> None:
@@ -29,7 +46,18 @@ def force_buffers(sock: socket.socket, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
+def _bound(address: tuple[str, int], buffer_bytes: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    force_buffers(sock, buffer_bytes)
+    sock.bind(address)
+    return sock
+
+
 class UdpSwitch(SwitchRuntime):
+    """UDP mode on the compiled engine."""
+
+    engine = "compiled"
+
     def __init__(
         self,
         switch: SoftSwitch,
@@ -37,21 +65,79 @@ class UdpSwitch(SwitchRuntime):
         faults: FaultSpec | None = None,
         buffer_bytes: int = 8 << 20,
     ) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        force_buffers(sock, buffer_bytes)
-        sock.bind(address)
+        sock = _bound(address, buffer_bytes)
+        super().__init__(switch, {0: sock})
+        self.address: tuple[str, int] = sock.getsockname()
+        self.datapath = CompiledDatapath(switch, self.address)
+        spec = faults or FaultSpec()
+        self.datapath.engine.set_faults(spec.loss, spec.duplicate, spec.reorder, spec.seed)
+        self._fd = sock.fileno()
+
+    @property
+    def static_jobs(self) -> list[StaticJob]:
+        return self.datapath.static_jobs
+
+    @static_jobs.setter
+    def static_jobs(self, jobs: list[StaticJob]) -> None:
+        self.datapath.static_jobs = jobs
+
+    def _serve(self) -> None:
+        engine = self.datapath.engine
+        while not self._stop.is_set():
+            if not engine.serve(self._fd, _BUDGET):
+                continue
+            for data, ip, port in engine.take_punted():
+                for (host, to_port), out in self.datapath.punt(data, (int_to_ip(ip), port)):
+                    engine.transmit(self._fd, ip_to_int(host), to_port, out)
+
+    def traffic(self) -> dict[str, Any]:
+        stats = self.datapath.engine.stats()
+        return {
+            "packets": {"received": stats["received"], "sent": stats["sent"]},
+            "tx_overruns": stats["tx_overruns"],
+            "faults": {"ingress": stats["ingress"], "egress": stats["egress"]},
+        }
+
+
+class PythonUdpSwitch(PacketLoop):
+    """UDP mode on the Python pipeline (``--engine python``)."""
+
+    def __init__(
+        self,
+        switch: SoftSwitch,
+        address: tuple[str, int] = ("127.0.0.1", wire.DEFAULT_SWITCH_PORT),
+        faults: FaultSpec | None = None,
+        buffer_bytes: int = 8 << 20,
+    ) -> None:
+        sock = _bound(address, buffer_bytes)
         super().__init__(switch, {0: sock}, faults)
         self.address: tuple[str, int] = sock.getsockname()
+        self.datapath = PythonDatapath(switch, self.address)
         self._max_datagram = wire.datagram_bytes(switch.k) + 1  # a spare byte exposes oversize
+
+    @property
+    def static_jobs(self) -> list[StaticJob]:
+        return self.datapath.static_jobs
+
+    @static_jobs.setter
+    def static_jobs(self, jobs: list[StaticJob]) -> None:
+        self.datapath.static_jobs = list(jobs)
 
     def receive(self, port: int, sock: socket.socket) -> Received:
         data, source = sock.recvfrom(self._max_datagram)
         return port, data, source
 
-    def parse(self, item: Received) -> Packet:
+    def deliver(self, item: Received) -> list[Emitted]:
         _, data, source = item
-        return self.switch.parser.parse_datagram(data, source, self.address)
+        return [(0, out, destination) for destination, out in self.datapath.process(data, source)]
 
-    def emit(self, pkt: Packet) -> Emitted:
-        destination = (int_to_ip(pkt.ip_dst), pkt.udp_dport)
-        return 0, SwitchReduceDeparser.datagram(pkt), destination
+
+def udp_switch(
+    switch: SoftSwitch,
+    address: tuple[str, int],
+    faults: FaultSpec | None = None,
+    engine: EngineName = "compiled",
+) -> UdpSwitch | PythonUdpSwitch:
+    """UDP mode on the engine named."""
+    kind = UdpSwitch if engine == "compiled" else PythonUdpSwitch
+    return kind(switch, address, faults)
