@@ -12,11 +12,13 @@ from dataclasses import dataclass
 import pytest
 
 from switchreduce import wire
+from switchreduce.emulation.softswitch.engine import EngineName
 from switchreduce.emulation.softswitch.faults import FaultSpec
 from switchreduce.emulation.softswitch.p4runtime_server import serve
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.emulation.softswitch.runtime import SwitchRuntime
 from switchreduce.emulation.softswitch.static import install_static_job
-from switchreduce.emulation.softswitch.udp import UdpSwitch
+from switchreduce.emulation.softswitch.udp import UdpSwitch, udp_switch
 from switchreduce.emulation.topo import netem_available
 from switchreduce.p4runtime.jobs import Job, Member
 from switchreduce.ports import free_tcp_port
@@ -48,7 +50,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class RunningJob:
     """A running soft switch and one communicator per rank."""
 
-    server: UdpSwitch
+    server: SwitchRuntime
     comms: list[SwitchCommunicator]
 
     @property
@@ -88,6 +90,7 @@ def running_job(
     faults: FaultSpec | None = None,
     options: WorkerOptions | None = None,
     job_id: int = 1,
+    engine: EngineName = "compiled",
 ) -> Iterator[RunningJob]:
     """A soft switch on loopback with one job and ``world_size`` bound workers.
 
@@ -101,7 +104,8 @@ def running_job(
     )
     session = wire.new_session()
     install_static_job(switch, Job(job_id, world_size, 0, slots, session, endpoints))
-    server = UdpSwitch(switch, ("127.0.0.1", 0), faults).start()
+    server = udp_switch(switch, ("127.0.0.1", 0), faults, engine)
+    server.start()
     options = options or WorkerOptions(k=k, timeout=20.0)
     comms = [
         SwitchCommunicator(
