@@ -23,6 +23,7 @@ from typing import Any
 
 from switchreduce import wire
 from switchreduce.emulation.bridge import nft_available
+from switchreduce.emulation.softswitch.engine import ENGINES, EngineName
 from switchreduce.emulation.softswitch.faults import FaultSpec
 from switchreduce.emulation.softswitch.process import LoopbackSwitch
 from switchreduce.emulation.topo import DEFAULT_SLOTS, Emulation, TopoOptions
@@ -41,6 +42,9 @@ class BenchOptions:
     timeout: float = 30.0
     topo: str = "loopback"  # processes on loopback, or mininet (root)
     switch: str = "soft"  # Mininet's switch node; on loopback always the soft switch
+    #: The loopback soft switch's engine; None: its default (compiled). Mininet's soft switch
+    #: node serves raw mode, which runs the Python engine.
+    engine: EngineName | None = None
     bw: float | None = None  # Mininet's links, Mbit/s
     mtu: int | None = None  # Mininet's links; None: 1500
     #: None: wire.DEFAULT_K on loopback, the largest that fits the links' MTU in Mininet.
@@ -55,6 +59,13 @@ class BenchOptions:
             raise ValueError(f"topo must be loopback or mininet, got {self.topo!r}")
         if self.topo == "loopback" and (self.mtu is not None or self.bw is not None):
             raise ValueError("link MTU and bandwidth are Mininet's (--topo mininet)")
+        if self.engine is not None and self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.topo == "mininet" and self.engine is not None:
+            raise ValueError(
+                "the engine is the loopback switch's; Mininet's switch node serves raw mode, "
+                "which runs the Python engine"
+            )
         if self.topo == "mininet" and self.faults.loss and not nft_available():
             raise ValueError(
                 "loss in Mininet drops on the Linux bridge baseline too, with an nftables "
@@ -91,7 +102,12 @@ def _loopback(options: BenchOptions) -> dict[str, Any]:
     n, k = options.workers, options.k or wire.DEFAULT_K
     slots = options.slots or DEFAULT_SLOTS["soft"]
     ports = free_udp_ports(n)
-    with LoopbackSwitch(ports, k, slots, options.faults) as switch, ExitStack() as stack:
+    switch_process = (
+        LoopbackSwitch(ports, k, slots, options.faults)
+        if options.engine is None
+        else LoopbackSwitch(ports, k, slots, options.faults, engine=options.engine)
+    )
+    with switch_process as switch, ExitStack() as stack:
         workers = [
             stack.enter_context(
                 Child(
@@ -248,7 +264,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     faults = s["switch"]["faults"]
     print(
         f"{s['workers']} workers allreduced {s['elements']:,} {s['dtype']} elements "
-        f"through the soft switch (K={s['k']}, {s['slots']} slots, loss {s['loss']:.1%})"
+        f"through the soft switch (K={s['k']}, {s['slots']} slots, loss {s['loss']:.1%}, "
+        f"{s['switch'].get('engine', 'python')} engine)"
     )
     print(f"  time            {s['seconds']:.3f} s  ({s['elements_per_s'] / 1e6:.2f} M elements/s)")
     print(f"  packets         {s['packets']:,} sent+received by workers")

@@ -350,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bw", type=float, default=None, help="with --topo mininet: link bandwidth, Mbit/s"
     )
     allreduce.add_argument(
+        "--engine",
+        choices=("compiled", "python"),
+        default=None,
+        help="the loopback soft switch's engine (default: compiled; Mininet's is python)",
+    )
+    allreduce.add_argument(
         "--mtu",
         type=int,
         default=None,
@@ -489,6 +495,7 @@ def _bench(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             topo=args.topo,
             switch=args.switch,
+            engine=args.engine,
             bw=args.bw,
             mtu=args.mtu,
             k=args.k,

@@ -68,6 +68,8 @@ def test_link_options_are_mininet_s() -> None:
         bench.BenchOptions(mtu=9000)
     with pytest.raises(ValueError, match="Mininet's"):
         bench.BenchOptions(bw=20)
+    with pytest.raises(ValueError, match="raw mode, which runs the Python engine"):
+        bench.BenchOptions(topo="mininet", engine="python")
 
 
 @pytest.mark.fast
