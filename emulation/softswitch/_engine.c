@@ -26,6 +26,7 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -51,7 +52,12 @@ enum { C_DROPS, C_AGGREGATED, C_RESULTS, C_RETRANSMIT_REPLIES, NUM_COUNTERS };
 enum { T_JOBS, T_WORKERS, T_RESULT_REWRITE, NUM_TABLES };
 
 #define BATCH 64          /* datagrams per recvmmsg */
-#define TX_QUEUE 512      /* datagrams per sendmmsg flush at most */
+#define TX_QUEUE 512      /* datagrams per flush at most */
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103 /* linux/udp.h: UDP GSO, since Linux 4.18 */
+#endif
+#define GSO_SEGMENTS 64        /* the kernel's UDP_MAX_SEGMENTS */
+#define GSO_BYTES (65535 - 28) /* one IPv4 UDP datagram's payload at most */
 #define COALESCE_NS 200000 /* runtime.py's _COALESCE: sleep when the socket is empty */
 #define IDLE_MS 5          /* runtime.py's _IDLE_MS: then this much silence flushes held packets */
 
@@ -134,10 +140,20 @@ typedef struct {
     struct mmsghdr rx[BATCH];
     struct iovec rxiov[BATCH];
     struct sockaddr_in rxaddr[BATCH];
+    /* what to send: queued in order, sent per destination as UDP GSO messages (segments of one
+     * size, in their order), so the kernel routes and builds one buffer per message */
+    out_t txq[TX_QUEUE];
+    size_t ntx;
+    int gso_off; /* the kernel or the route refused GSO: one datagram per message */
+    uint32_t msg_of[TX_QUEUE]; /* the message each queued datagram goes in */
     struct mmsghdr tx[TX_QUEUE];
     struct iovec txiov[TX_QUEUE];
     struct sockaddr_in txaddr[TX_QUEUE];
-    size_t ntx;
+    uint32_t tx_first[TX_QUEUE], tx_count[TX_QUEUE];
+    union {
+        char buf[CMSG_SPACE(sizeof(uint16_t))];
+        struct cmsghdr align;
+    } txcontrol[TX_QUEUE];
     owned_t scratch; /* heap bytes the queued datagrams point into, freed once sent */
     owned_t punted;
     faults_t ingress, egress;
@@ -446,23 +462,94 @@ static int is_overrun(int err) {
            err == ENXIO || err == ENODEV;
 }
 
-/* Send what is queued; a full socket buffer loses the datagram (a congested port), counted. */
-static void send_queued(Engine *e, int fd) {
-    size_t i = 0;
-    while (i < e->ntx) {
-        int sent = sendmmsg(fd, e->tx + i, (unsigned)(e->ntx - i), MSG_DONTWAIT);
+/* sendmmsg the first ``count`` messages; one the socket buffer has no room for is lost (a
+ * congested port), counted per datagram. Returns the index of a GSO message the kernel refused
+ * (nothing from it on is sent), or ``count``. */
+static size_t send_messages(Engine *e, int fd, size_t count) {
+    size_t i = 0, end = count;
+    while (i < end) {
+        int sent = sendmmsg(fd, e->tx + i, (unsigned)(end - i), MSG_DONTWAIT);
         if (sent > 0) {
-            e->sent += (unsigned)sent;
+            for (int m = 0; m < sent; m++) e->sent += e->tx_count[i + (size_t)m];
             i += (size_t)sent;
-        } else if (errno != EINTR) {
+        } else if (errno == EINTR) {
+            continue;
+        } else if (e->tx_count[i] > 1 && (errno == EINVAL || errno == EIO || errno == ENOPROTOOPT ||
+                                          errno == EMSGSIZE)) {
+            return i; /* no GSO here (a device without it, a route with a smaller MTU) */
+        } else {
             if (is_overrun(errno))
-                e->tx_overruns++;
+                e->tx_overruns += e->tx_count[i];
             else if (!e->error)
                 e->error = errno;
             i++;
         }
     }
+    return count;
+}
+
+/* Send what is queued: each destination's datagrams of one size together, in their order. */
+static void send_queued(Engine *e, int fd) {
+    size_t nmsg = 0;
+    for (size_t i = 0; i < e->ntx; i++) { /* which message: the destination's latest, if it fits */
+        const out_t *o = &e->txq[i];
+        size_t m = nmsg;
+        for (size_t j = nmsg; !e->gso_off && j-- > 0 && nmsg - j <= 16;) {
+            const out_t *head = &e->txq[e->tx_first[j]];
+            if (head->ip == o->ip && head->port == o->port) {
+                if (head->len == o->len && e->tx_count[j] < GSO_SEGMENTS &&
+                    (e->tx_count[j] + 1) * o->len <= GSO_BYTES)
+                    m = j;
+                break;
+            }
+        }
+        if (m == nmsg) {
+            e->tx_first[nmsg] = (uint32_t)i; /* for now: the first datagram's index */
+            e->tx_count[nmsg++] = 0;
+        }
+        e->msg_of[i] = (uint32_t)m;
+        e->tx_count[m]++;
+    }
+    uint32_t at = 0;
+    for (size_t m = 0; m < nmsg; m++) { /* each message's datagrams, contiguous */
+        const out_t *head = &e->txq[e->tx_first[m]];
+        struct sockaddr_in *to = &e->txaddr[m];
+        to->sin_family = AF_INET;
+        to->sin_port = htons(head->port);
+        to->sin_addr.s_addr = htonl(head->ip);
+        e->tx[m].msg_hdr = (struct msghdr){.msg_name = to, .msg_namelen = sizeof(*to),
+                                           .msg_iov = &e->txiov[at], .msg_iovlen = 0};
+        if (e->tx_count[m] > 1) {
+            struct msghdr *h = &e->tx[m].msg_hdr;
+            h->msg_control = e->txcontrol[m].buf;
+            h->msg_controllen = sizeof(e->txcontrol[m].buf);
+            struct cmsghdr *c = CMSG_FIRSTHDR(h);
+            c->cmsg_level = SOL_UDP;
+            c->cmsg_type = UDP_SEGMENT;
+            c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t segment = (uint16_t)head->len;
+            memcpy(CMSG_DATA(c), &segment, sizeof segment);
+        }
+        at += e->tx_count[m];
+    }
+    for (size_t i = 0; i < e->ntx; i++) {
+        struct msghdr *h = &e->tx[e->msg_of[i]].msg_hdr;
+        h->msg_iov[h->msg_iovlen++] = (struct iovec){e->txq[i].data, e->txq[i].len};
+    }
     e->ntx = 0;
+    size_t refused = send_messages(e, fd, nmsg);
+    if (refused < nmsg) {
+        /* GSO refused: from now on a datagram a message; the unsent ones again */
+        e->gso_off = 1;
+        for (size_t m = refused; m < nmsg; m++) {
+            struct msghdr *h = &e->tx[m].msg_hdr;
+            const struct sockaddr_in *to = h->msg_name;
+            for (size_t v = 0; v < h->msg_iovlen; v++)
+                e->txq[e->ntx++] = (out_t){h->msg_iov[v].iov_base, (uint32_t)h->msg_iov[v].iov_len,
+                                           ntohl(to->sin_addr.s_addr), ntohs(to->sin_port)};
+        }
+        send_queued(e, fd);
+    }
 }
 
 /* Send what is queued, then free the heap bytes it pointed into. */
@@ -473,14 +560,7 @@ static void flush_tx(Engine *e, int fd) {
 
 static void queue_tx(Engine *e, int fd, const out_t *o) {
     if (e->ntx == TX_QUEUE) send_queued(e, fd); /* scratch stays: later datagrams point into it */
-    size_t n = e->ntx++;
-    struct sockaddr_in *to = &e->txaddr[n];
-    to->sin_family = AF_INET;
-    to->sin_port = htons(o->port);
-    to->sin_addr.s_addr = htonl(o->ip);
-    e->txiov[n] = (struct iovec){o->data, o->len};
-    e->tx[n].msg_hdr = (struct msghdr){.msg_name = to, .msg_namelen = sizeof(*to),
-                                       .msg_iov = &e->txiov[n], .msg_iovlen = 1};
+    e->txq[e->ntx++] = *o;
 }
 
 /* An emitted datagram through the egress fault injector into the send queue. */
