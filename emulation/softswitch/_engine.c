@@ -14,6 +14,11 @@
  * which keeps the lookup structure the data path needs (direct arrays for the 16-bit keys, a
  * hash table for the workers table's 81-bit key).
  *
+ * I/O. serve() reads up to 64 datagrams per recvmmsg, runs them through the fault injector and
+ * the pipeline, and sends what they emit with one sendmmsg, each destination's datagrams as UDP
+ * GSO messages: on loopback the kernel's UDP stack, not the pipeline, is most of the switch's
+ * CPU (perf: about 86% at K = 256), and GSO spares it a route lookup and a buffer per datagram.
+ *
  * Threads. serve() runs with the GIL released and holds the engine's mutex while a batch goes
  * through the pipeline; every write from Python takes the same mutex, so a controller's
  * P4Runtime writes land between batches. The data path never takes the GIL.
