@@ -31,6 +31,7 @@ from switchreduce.emulation.softswitch.engine import (
 )
 from switchreduce.emulation.softswitch.faults import FaultSpec
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
+from switchreduce.emulation.softswitch.serve import SwitchOptions
 from switchreduce.emulation.softswitch.static import StaticJob, apply_entry
 from switchreduce.emulation.softswitch.tables import ActionCall
 from switchreduce.emulation.softswitch.udp import UdpSwitch
@@ -434,3 +435,13 @@ def test_allreduce_through_either_engine_with_faults(engine: str) -> None:
     for result in results:
         verdict = check(result, inputs, K)
         assert verdict.exact and verdict.within_bound, verdict
+
+
+@pytest.mark.fast
+def test_udp_mode_defaults_to_the_compiled_engine_and_raw_mode_refuses_it() -> None:
+    job = Job(1, 1, 0, 4, 0, (Member(0, *worker(0)),))
+    assert SwitchOptions(job=job).engine_name == "compiled"
+    assert SwitchOptions(job=job, engine="python").engine_name == "python"
+    assert SwitchOptions(job=job, raw={1: "eth1"}).engine_name == "python"
+    with pytest.raises(ValueError, match="compiled engine serves UDP mode only"):
+        SwitchOptions(job=job, raw={1: "eth1"}, engine="compiled")
