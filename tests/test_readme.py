@@ -49,6 +49,8 @@ LONG = [
     "switchreduce bench allreduce --topo mininet --workers 4 --bw 20 --elements 4000000 --json",
     "switchreduce bench allreduce --topo mininet --switch bmv2 --workers 4 --bw 1 --slots 4 "
     "--elements 50000 --json",
+    "for k in 1024 256; do for e in compiled python; do switchreduce bench allreduce --workers 4 "
+    "--elements 10000000 --k $k --engine $e --json; done; done",
     "switchreduce bench allreduce --workers 4 --elements 2000000 --loss 0.05 --engine python "
     "--json",
 ]
