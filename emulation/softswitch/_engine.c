@@ -731,6 +731,7 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
     }
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIII", kwlist, &k, &pool, &max_jobs, &workers_size))
         return -1;
+    pthread_mutex_init(&self->lock, NULL); /* before anything dealloc may meet */
     if (k == 0 || k > 4096 || pool == 0 || pool > (1u << 15) || max_jobs == 0 || max_jobs > KEYS16 ||
         workers_size == 0 || workers_size > (1u << 24)) {
         PyErr_SetString(PyExc_ValueError, "engine sizes out of range");
@@ -785,7 +786,6 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
         self->packets[c] = (uint64_t *)(a + self->offsets[8 + 2 * c]);
         self->bytes[c] = (uint64_t *)(a + self->offsets[9 + 2 * c]);
     }
-    pthread_mutex_init(&self->lock, NULL);
     return 0;
 }
 
@@ -1144,6 +1144,11 @@ static PyObject *Engine_transmit(Engine *self, PyObject *args) {
     unsigned short port;
     Py_buffer data;
     if (!PyArg_ParseTuple(args, "iIHy*", &fd, &ip, &port, &data)) return NULL;
+    if (self->serving) { /* its queue and scratch belong to the serving loop */
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_RuntimeError, "transmit between serve calls, not during one");
+        return NULL;
+    }
     pthread_mutex_lock(&self->lock);
     out_t o = {data.buf, (uint32_t)data.len, ip, port};
     int failed = egress(self, fd, &o) < 0;
