@@ -51,8 +51,6 @@ LONG = [
     "--elements 50000 --json",
     "for k in 1024 256; do for e in compiled python; do switchreduce bench allreduce --workers 4 "
     "--elements 10000000 --k $k --engine $e --json; done; done",
-    "switchreduce bench allreduce --workers 4 --elements 2000000 --loss 0.05 --engine python "
-    "--json",
 ]
 #: CI runs this one; running it from a test would run the suite inside itself.
 CI_RUNS = ["make test"]

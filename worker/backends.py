@@ -39,7 +39,7 @@ class GroupOptions:
     controller: str | None = None
     bind: tuple[str, int] = ("0.0.0.0", 0)
     precision_bits: int = q.MAX_BITS
-    min_rto: float = 0.01
+    min_rto: float = 0.05
     #: gloo: rank 0's HOST:PORT; None when torch.distributed is set up already (torchrun).
     master: tuple[str, int] | None = None
 

@@ -33,7 +33,7 @@ class WorkerOptions:
     #: Seconds without any new result (or JOIN answer) after which SwitchTimeoutError is raised.
     timeout: float = 10.0
     #: Bounds of the adaptive retransmission timeout, in seconds.
-    min_rto: float = 0.01
+    min_rto: float = 0.05
     max_rto: float = 1.0
     #: Seconds to sleep when no result is waiting, so that one wake-up drains a batch of
     #: them instead of costing a context switch per packet (the window hides the delay).

@@ -19,12 +19,6 @@ The rules (docs/protocol.md):
   (``count = 0``) that carries its exponent. int32 needs none of that.
 - A use whose result does not come back within the retransmission timeout
   (:class:`RoundTrip`, doubled per retry, capped) is sent again unchanged.
-- A gap repairs sooner (ATP's rule; TCP's RACK): a use still out when a use
-  sent after it is answered, and sent more than two smoothed round trips
-  ago, is resent at once, a couple of round trips after its loss instead of
-  a timeout later. Every rank sees the gap, so a rank whose packet arrived
-  resends a duplicate the switch ignores (or answers from its row if the
-  result was lost).
 - An answer counts only if it echoes an outstanding use: job, session,
   slot, round and chunk. STALE for our session raises :class:`StaleSession`
   (the caller decides: join again, or stop); REFUSED raises MismatchError.
@@ -33,7 +27,6 @@ The rules (docs/protocol.md):
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,20 +48,14 @@ class StaleSession(Exception):
 class WindowStats:
     """What the protocol did, over a communicator's lifetime."""
 
-    retransmissions: int = 0  # every resend: timeouts plus fast retransmissions
+    retransmissions: int = 0
     timeouts: int = 0
-    fast_retransmissions: int = 0  # resent because later uses overtook it
     duplicates: int = 0
 
 
 @dataclass
 class RoundTrip:
-    """RFC 6298's retransmission timeout; Karn's rule: no samples from resent uses.
-
-    The floor follows the path: twice the smoothed round trip, and never below
-    ``min_rto``, so a fast link repairs a tail loss in milliseconds and a slow or
-    loaded one does not resend what is merely late.
-    """
+    """RFC 6298's retransmission timeout; Karn's rule: no samples from resent uses."""
 
     min_rto: float
     max_rto: float
@@ -82,18 +69,12 @@ class RoundTrip:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
 
-    def overdue(self) -> float:
-        """How long a use may wait once a later one is answered: twice the smoothed round
-        trip, which includes the usual wait for the slowest rank (infinite before a sample)."""
-        return float("inf") if self.srtt is None else 2 * self.srtt
-
     def rto(self, retries: int = 0) -> float:
         """The timeout of a use resent ``retries`` times (doubled per retry, capped)."""
         if self.srtt is None:
             base = self.min_rto * 10  # no sample yet: be patient, as TCP's initial RTO is
         else:
-            floor = max(self.min_rto, 2 * self.srtt)
-            base = min(max(self.srtt + 4 * self.rttvar, floor), self.max_rto)
+            base = min(max(self.srtt + 4 * self.rttvar, self.min_rto), self.max_rto)
         return min(base * (1 << retries), self.max_rto)
 
 
@@ -147,7 +128,6 @@ class Transfer:
     _local_exp: np.ndarray = field(init=False)
     _global_exp: np.ndarray = field(init=False)
     _uses: dict[int, _SlotUse] = field(default_factory=dict)
-    _sent_order: OrderedDict[int, None] = field(default_factory=OrderedDict)  # slots, oldest first
     _timers: list[tuple[float, int, int]] = field(default_factory=list)
     _next_timer: int = 0  # unique across all uses and resends of the transfer
 
@@ -203,19 +183,17 @@ class Transfer:
         self.progress_at = now
         if use.retries == 0:
             self.rtt.sample(now - use.sent_at)
-        resend = self._overtake(hdr.slot, now)
         if use.chunk == PRIME:
             self._global_exp[hdr.slot] = hdr.exponent
-            return [*resend, self._send(hdr.slot, hdr.slot, now)]
+            return [self._send(hdr.slot, hdr.slot, now)]
         self._store(use.chunk, hdr.count, datagram)
         ahead = use.chunk + self.job.slot_count
         if ahead >= self.chunks:
             del self._uses[hdr.slot]
-            del self._sent_order[hdr.slot]
-            return resend
+            return []
         if self.scaled:
             self._global_exp[ahead] = hdr.exponent
-        return [*resend, self._send(hdr.slot, ahead, now)]
+        return [self._send(hdr.slot, ahead, now)]
 
     def expire(self, now: float) -> list[bytes]:
         """The uses whose timeout has passed, resent unchanged."""
@@ -225,8 +203,11 @@ class Transfer:
             use = self._uses.get(slot)
             if use is None or use.timer != token:
                 continue  # answered, or already resent
+            use.retries += 1
             self.stats.timeouts += 1
-            resend.append(self._resend(slot, use, now))
+            self.stats.retransmissions += 1
+            self._arm(slot, use, now)
+            resend.append(use.packet)
         return resend
 
     def next_deadline(self) -> float | None:
@@ -286,35 +267,7 @@ class Transfer:
         self._arm(slot, use, now)
         return use.packet
 
-    def _overtake(self, answered: int, now: float) -> list[bytes]:
-        """The uses sent before the answered one that are overdue, resent.
-
-        Overtaken is not enough: a row completes when its slowest rank's packet
-        arrives, so a rank's uses complete out of its own send order whenever a
-        peer runs late. A use is lost once a later one has been answered and it
-        has waited :meth:`RoundTrip.overdue`, twice a typical round trip.
-        """
-        overdue = now - self.rtt.overdue()
-        lost = []
-        for slot in self._sent_order:
-            if slot == answered:
-                break
-            if self._uses[slot].sent_at <= overdue:
-                lost.append(slot)
-        self.stats.fast_retransmissions += len(lost)
-        return [self._resend(slot, self._uses[slot], now) for slot in lost]
-
-    def _resend(self, slot: int, use: _SlotUse, now: float) -> bytes:
-        """The use's packet again, unchanged; its timer backs off and it goes to the back."""
-        use.retries += 1
-        self.stats.retransmissions += 1
-        self._arm(slot, use, now)
-        return use.packet
-
     def _arm(self, slot: int, use: _SlotUse, now: float) -> None:
-        """(Re)start the use's timer; it is now the most recently sent use."""
-        self._sent_order[slot] = None
-        self._sent_order.move_to_end(slot)
         use.sent_at = now
         self._next_timer += 1
         use.timer = self._next_timer
