@@ -195,6 +195,12 @@ def _quiet_interface(node, name: str) -> None:
     node.cmd(f"ethtool -K {name} rx off tx off sg off tso off gso off gro off >/dev/null 2>&1")
 
 
+def _default_offloads(node, name: str) -> None:
+    """Offloads back as the kernel makes a veth (checksums, scatter-gather, TSO and GSO on,
+    GRO off): what a host has where no user-space switch needs them off."""
+    node.cmd(f"ethtool -K {name} rx on tx on sg on tso on gso on gro off >/dev/null 2>&1")
+
+
 class Emulation:
     """A running Mininet star; use as a context manager."""
 
@@ -327,11 +333,17 @@ class Emulation:
     def bridge(self, loss: float = 0.0) -> LinuxBridge:
         """Stop the switch and join its ports in a plain Linux bridge, for the rest of the
         emulation: the same hosts on the same links, with what a cluster has without
-        in-network aggregation in the middle (the bench's baseline). ``loss``: drop each
-        frame with this probability entering the bridge and again leaving it (nftables),
-        as the soft switch's ``switch_loss`` does at its ports."""
+        in-network aggregation in the middle (the bench's baseline). The offloads the
+        user-space switch needed off are back at the kernel's defaults, on the hosts and
+        the bridge's ports, as on hosts without it. ``loss``: drop each frame with this
+        probability entering the bridge and again leaving it (nftables), as the soft
+        switch's ``switch_loss`` does at its ports."""
         (node,) = self.net.switches
-        return node.become_bridge(loss)
+        bridge = node.become_bridge(loss)
+        for host in self.net.hosts:
+            for intf in host.intfList():
+                _default_offloads(host, intf.name)
+        return bridge
 
     def ping_all(self) -> float:
         """Mininet's pingAll: percentage of pings lost between every pair of hosts."""
@@ -475,6 +487,8 @@ def _switch_node(options: TopoOptions):
                 child.stop()
                 self._stopped = True
             ports = [intf.name for intf in self.intfList() if intf.name != "lo"]
+            for name in ports:
+                _default_offloads(self, name)
             self.bridge = LinuxBridge(self, ports, loss, options.run_dir)
             return self.bridge
 

@@ -163,6 +163,9 @@ def test_a_lossy_bridge_drops_at_the_rate_asked_on_the_way_in_and_out(
         assert node.child.proc.returncode is not None  # the switch stopped; its report stays
         assert "drops" in node.report()
         h1, h2 = emu.hosts
+        # a host's own offloads are back: only the user-space switch needed them off
+        offloads = h1.cmd(f"ethtool -k {h1.defaultIntf().name}")
+        assert "tcp-segmentation-offload: on" in offloads, offloads
         out = h1.cmd(f"ping -q -c 1000 -i 0.002 -W 1 {h2.IP()}")
         counters = bridge.counters()
     lost = float(out.split("% packet loss")[0].split()[-1]) / 100
