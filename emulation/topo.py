@@ -195,10 +195,12 @@ def _quiet_interface(node, name: str) -> None:
     node.cmd(f"ethtool -K {name} rx off tx off sg off tso off gso off gro off >/dev/null 2>&1")
 
 
-def _default_offloads(node, name: str) -> None:
+def _default_offloads(node, name: str, segmentation: bool = True) -> None:
     """Offloads back as the kernel makes a veth (checksums, scatter-gather, TSO and GSO on,
-    GRO off): what a host has where no user-space switch needs them off."""
-    node.cmd(f"ethtool -K {name} rx on tx on sg on tso on gso on gro off >/dev/null 2>&1")
+    GRO off): what a host has where no user-space switch needs them off. Without
+    ``segmentation``, TSO and GSO stay off: every frame is one MTU's worth, as on a wire."""
+    seg = "on" if segmentation else "off"
+    node.cmd(f"ethtool -K {name} rx on tx on sg on tso {seg} gso {seg} gro off >/dev/null 2>&1")
 
 
 class Emulation:
@@ -337,12 +339,13 @@ class Emulation:
         user-space switch needed off are back at the kernel's defaults, on the hosts and
         the bridge's ports, as on hosts without it. ``loss``: drop each frame with this
         probability entering the bridge and again leaving it (nftables), as the soft
-        switch's ``switch_loss`` does at its ports."""
+        switch's ``switch_loss`` does at its ports; then TCP segmentation offload stays
+        off, so that what the rule drops is a frame, not a 64 KB TSO burst of them."""
         (node,) = self.net.switches
         bridge = node.become_bridge(loss)
         for host in self.net.hosts:
             for intf in host.intfList():
-                _default_offloads(host, intf.name)
+                _default_offloads(host, intf.name, segmentation=not loss)
         return bridge
 
     def ping_all(self) -> float:
@@ -488,7 +491,7 @@ def _switch_node(options: TopoOptions):
                 self._stopped = True
             ports = [intf.name for intf in self.intfList() if intf.name != "lo"]
             for name in ports:
-                _default_offloads(self, name)
+                _default_offloads(self, name, segmentation=not loss)
             self.bridge = LinuxBridge(self, ports, loss, options.run_dir)
             return self.bridge
 
