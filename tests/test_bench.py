@@ -27,7 +27,8 @@ def test_the_loopback_bench_times_gloo_on_loopback_too(capsys, monkeypatch) -> N
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["exact"] and report["seconds"] > 0
     assert report["gloo_seconds"] > 0 and report["gloo_elements_per_s"] > 0
-    assert report["ratio_gloo"] == pytest.approx(report["seconds"] / report["gloo_seconds"], 0.01)
+    # the times are rounded to 0.1 ms, and gloo may take only a few ms here
+    assert report["ratio_gloo"] == pytest.approx(report["seconds"] / report["gloo_seconds"], 0.05)
     assert report["gloo_max_abs_error"] < 1e-5  # gloo sums float32 in float32
     names = [child.name for child in children]
     assert names == [
