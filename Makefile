@@ -3,7 +3,7 @@ SYSTEM_PYTHON ?= /usr/bin/python3
 VENV          := .venv
 PY            := $(VENV)/bin/python
 STAMP         := $(VENV)/.installed-stamp
-DEBIAN_PKGS   := python3-venv python3-pip mininet bridge-utils ethtool iputils-ping tcpdump iproute2
+DEBIAN_PKGS   := python3-venv python3-pip mininet bridge-utils ethtool iputils-ping tcpdump iproute2 nftables
 
 P4C           ?= p4c-bm2-ss
 P4_K          := 64 256 1024
