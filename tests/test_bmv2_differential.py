@@ -27,7 +27,7 @@ from switchreduce.emulation.softswitch.static import (
     install_static_job,
 )
 from switchreduce.p4runtime.jobs import Job, Member
-from switchreduce.p4runtime.names import JobStat
+from switchreduce.p4runtime.names import ROW_CHUNK, JobStat
 
 
 def _cli_runs() -> bool:
@@ -119,8 +119,8 @@ def _frame(
 
 def _traffic() -> list[tuple[int, bytes]]:
     """(ingress port, frame): a round, a retransmission, a duplicate, a stale packet, another
-    session's packet, rounds refused for a disagreement, one packet for every drop reason,
-    plus forwarded traffic."""
+    session's packet, rounds refused for a disagreement (format, length, chunk), one packet
+    for every drop reason, plus forwarded traffic."""
 
     def data(rank: int, round_: int = 1, slot: int = 0, **changes) -> wire.Header:
         header = wire.Header(
@@ -156,6 +156,8 @@ def _traffic() -> list[tuple[int, bytes]]:
     out.append((1, _frame(1, data(0, slot=2))))  # ... even to a retransmission
     out.append((1, _frame(1, data(0, slot=3))))  # slot 3: rank 2 disagrees on the length
     out.append((3, _frame(3, data(2, slot=3, length=10 * K + 1))))
+    out.append((1, _frame(1, data(0, slot=6))))  # slot 6: rank 1 sends another chunk into the
+    out.append((2, _frame(2, data(1, slot=6, chunk=6 + 8))))  # round (its counters are off)
     out.append((1, _frame(1, data(0, job_id=9))))  # unknown job
     out.append((1, _frame(1, data(5))))  # rank out of range
     out.append((1, _frame(1, data(0, slot=8))))  # slot out of range
@@ -278,6 +280,13 @@ def _drain(socks: dict[int, socket.socket]) -> list[tuple[int, bytes]]:
     return got
 
 
+def _bmv2_registers(cli, names: list[str]) -> dict[str, list[int]]:
+    """Every cell of each register array, as BMv2 holds it."""
+    out = cli([f"register_read {name}" for name in names])
+    found = dict(re.findall(r"^RuntimeCmd: ([\w.]+)= ?([-\d, ]*)$", out, re.M))
+    return {name: [int(v) for v in found[name].split(",")] for name in names}
+
+
 def test_bmv2_and_the_soft_switch_agree_bit_for_bit(bmv2) -> None:
     socks, cli = bmv2
     frames = _traffic()
@@ -298,3 +307,10 @@ def test_bmv2_and_the_soft_switch_agree_bit_for_bit(bmv2) -> None:
         nbytes, packets = map(int, re.search(r"\((\d+) bytes, (\d+) packets\)", out).groups())
         assert (packets, nbytes) == (counter.packets[index], counter.bytes[index]), counter.name
     assert soft.ingress.job_stats[JobStat.RESULTS].packets[1] == 2
+    assert soft.ingress.drops.packets[DropReason.MISMATCH] == 5  # 3 in slot 2, slots 3 and 6
+    registers = soft.registers()
+    held = _bmv2_registers(cli, list(registers))
+    for name, cells in held.items():
+        mine = np.asarray(registers[name].cells).reshape(-1)
+        assert cells == [int(v) & (1 << registers[name].spec.bitwidth) - 1 for v in mine], name
+    assert held[ROW_CHUNK.name][2 * 6 + 1] == 6  # slot 6's round holds its first packet's chunk

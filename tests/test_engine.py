@@ -199,11 +199,17 @@ def test_every_drop_reason_and_reply_of_udp_mode(pair: Pair) -> None:
     assert [(to, wire.unpack_header(d).msg_type) for to, d in again] == [
         (worker(0), wire.MsgType.REFUSED)
     ]
+    assert pair.feed(datagram(0, slot=1, chunk=5)) == []
+    refused = pair.feed(datagram(1, slot=1, chunk=9), worker(1))  # same round, another chunk
+    assert [(to, wire.unpack_header(d).msg_type) for to, d in refused] == [
+        (worker(0), wire.MsgType.REFUSED), (worker(1), wire.MsgType.REFUSED)
+    ]  # fmt: skip
     assert drops(pair) == {
         "bad_header": len(hostile), "unknown_job": 1, "rank_out_of_range": 1,
         "slot_out_of_range": 1, "unbound_worker": 2, "duplicate": 1, "stale": 1,
-        "bad_session": 1, "mismatch": 2,
+        "bad_session": 1, "mismatch": 3,
     }  # fmt: skip
+    assert pair.compiled_switch.ingress.row_chunk.cells[2 * 1 + 1] == 5  # the first one's
     pair.check_state()
 
 
@@ -365,6 +371,7 @@ _FIELDS = st.fixed_dictionaries(
         "exponent": st.integers(0, 255),
         "count": st.sampled_from([0, 1, K, K + 1]),
         "format_": st.sampled_from([0, 0, 0, 0x3F]),
+        "chunk": st.sampled_from([0, 0, 0, 7]),
         "length": st.sampled_from([1000, 1000, 1000, 5]),
         "session": st.sampled_from([SESSION, SESSION, SESSION, OTHER_SESSION, 0]),
     }

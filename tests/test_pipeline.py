@@ -228,7 +228,8 @@ def test_a_packet_of_another_session_is_answered_stale_and_counted() -> None:
 
 
 @pytest.mark.parametrize(
-    "disagreement", [{"format_": wire.encode_format("float32", 32)}, {"length": K + 1}]
+    "disagreement",
+    [{"format_": wire.encode_format("float32", 32)}, {"length": K + 1}, {"chunk": 4}],
 )
 def test_ranks_that_disagree_on_what_they_sum_get_the_round_refused(disagreement: dict) -> None:
     switch = make_switch(world_size=3)
@@ -255,3 +256,23 @@ def test_a_new_session_on_a_completed_slot_starts_clean() -> None:
     ingress.jobs.modify((1,), ActionCall("SwitchReduceIngress.set_job", (2, 0, 4, 1, session)))
     assert send(switch, 0, value=10, session=session) == []  # new data, not a retransmission
     assert (send(switch, 1, value=20, session=session)[0].elements == 30).all()
+
+
+def test_ranks_whose_round_counters_disagree_would_be_summed_without_the_chunk_check() -> None:
+    """Rank 1 sends chunk 5 where rank 0 sends chunk 1 (same slot, round, format and length):
+    nothing but the chunk tells the two apart. With the chunk check the round is refused;
+    the very same packets, rank 1's header naming chunk 1, pass every other check and return
+    a sum of two different chunks that every rank would take."""
+
+    def round_of(rank1_chunk: int) -> tuple[SoftSwitch, list[Packet]]:
+        switch = make_switch(world_size=2)
+        assert send(switch, 0, slot=1, chunk=1, value=10) == []
+        return switch, send(switch, 1, slot=1, chunk=rank1_chunk, value=500)
+
+    switch, refused = round_of(rank1_chunk=5)
+    assert {p.header.msg_type for p in refused} == {wire.MsgType.REFUSED}
+    assert len(refused) == 2 and drops(switch, DropReason.MISMATCH) == 1
+    assert switch.ingress.row_chunk.cells[3] == 1  # slot 1, version 1: the round's chunk
+    _, summed = round_of(rank1_chunk=1)
+    assert {p.header.msg_type for p in summed} == {wire.MsgType.RESULT}
+    assert len(summed) == 2 and all((p.elements == 510).all() for p in summed)

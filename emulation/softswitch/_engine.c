@@ -53,6 +53,11 @@ enum {
 };
 /* Counter arrays, in this order: drops, then the per-job ones (names.JobStat + 1). */
 enum { C_DROPS, C_AGGREGATED, C_RESULTS, C_RETRANSMIT_REPLIES, NUM_COUNTERS };
+/* Register arrays, in the arena's order (the value register, K cells a row, last). */
+enum {
+    R_SLOT_SESSION, R_ROUND, R_BITMAP, R_ARRIVALS, R_EXPONENT, R_ROW_FORMAT, R_ROW_LENGTH,
+    R_ROW_CHUNK, R_VALUE, NUM_REGISTERS
+};
 /* Tables the data path looks up (the forward table only serves raw mode, which stays Python). */
 enum { T_JOBS, T_WORKERS, T_RESULT_REWRITE, NUM_TABLES };
 
@@ -120,10 +125,10 @@ typedef struct {
     /* the arena: registers and counters, exported to Python */
     uint8_t *arena;
     size_t arena_bytes;
-    size_t offsets[8 + 2 * NUM_COUNTERS];
+    size_t offsets[NUM_REGISTERS + 2 * NUM_COUNTERS];
     uint64_t *slot_session;
     uint16_t *round;
-    uint32_t *bitmap, *row_length;
+    uint32_t *bitmap, *row_length, *row_chunk;
     uint8_t *arrivals, *exponent, *row_format;
     int32_t *value;
     uint64_t *packets[NUM_COUNTERS], *bytes[NUM_COUNTERS];
@@ -372,7 +377,7 @@ static int pipeline(Engine *e, uint8_t *d, uint32_t len, uint32_t ip, uint16_t p
     uint32_t row = 2 * index + version;
     uint16_t hround = rd16(d + 8);
     uint8_t hexp = d[6], hformat = d[7];
-    uint32_t hlength = rd32(d + 16);
+    uint32_t hchunk = rd32(d + 12), hlength = rd32(d + 16);
     if (e->slot_session[index] != session) { /* the session's first use of the slot */
         e->slot_session[index] = session;
         e->round[2 * index] = e->round[2 * index + 1] = (uint16_t)(hround - 1);
@@ -397,7 +402,8 @@ static int pipeline(Engine *e, uint8_t *d, uint32_t len, uint32_t ip, uint16_t p
         count(e, C_RETRANSMIT_REPLIES, job_id, len);
         return emit(e, d, len, ip, port);
     }
-    if (ahead == 0 && (e->row_format[row] != hformat || e->row_length[row] != hlength)) {
+    if (ahead == 0 && (e->row_format[row] != hformat || e->row_length[row] != hlength ||
+                       e->row_chunk[row] != hchunk)) {
         e->arrivals[row] = ROW_REFUSED; /* ranks disagree: no rank may take this round's sums */
         count(e, C_DROPS, DROP_MISMATCH, len);
         d[0] = MSG_REFUSED;
@@ -414,6 +420,7 @@ static int pipeline(Engine *e, uint8_t *d, uint32_t len, uint32_t ip, uint16_t p
         e->exponent[row] = hexp;
         e->row_format[row] = hformat;
         e->row_length[row] = hlength;
+        e->row_chunk[row] = hchunk;
     } else { /* later ones add, wrapping modulo 2**32 as bit<32> does */
         e->bitmap[row] |= bit;
         arrived = e->arrivals[row];
@@ -695,10 +702,18 @@ static int serve_loop(Engine *e, int fd, double budget) {
 
 /* -- the Python type ------------------------------------------------------------------------ */
 
-static const char *const REGION_NAMES[] = {
-    "slot_session", "round", "bitmap", "arrivals", "exponent", "row_format", "row_length", "value",
+static const char *const REGISTER_NAMES[NUM_REGISTERS] = {
+    "slot_session", "round", "bitmap", "arrivals", "exponent", "row_format", "row_length",
+    "row_chunk", "value",
 };
-static const char *const REGION_TYPES[] = {"u8", "u2", "u4", "u1", "u1", "u1", "u4", "i4"};
+static const char *const REGISTER_TYPES[NUM_REGISTERS] = {"u8", "u2", "u4", "u1", "u1", "u1", "u4",
+                                                          "u4", "i4"};
+static const size_t REGISTER_WIDTHS[NUM_REGISTERS] = {8, 2, 4, 1, 1, 1, 4, 4, 4};
+
+/* Cells of register array ``r``: one a slot, one a row, or K a row. */
+static size_t register_cells(const Engine *e, int r) {
+    return r == R_SLOT_SESSION ? e->pool : r == R_VALUE ? (size_t)e->rows * e->k : e->rows;
+}
 static const char *const COUNTER_NAMES[NUM_COUNTERS] = {
     "drops", "aggregated", "results", "retransmit_replies",
 };
@@ -744,13 +759,10 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
     self->counter_size[C_DROPS] = NUM_DROP_REASONS;
     for (int c = C_AGGREGATED; c < NUM_COUNTERS; c++) self->counter_size[c] = max_jobs;
 
-    size_t cells[8] = {pool, self->rows, self->rows, self->rows, self->rows, self->rows, self->rows,
-                       (size_t)self->rows * k};
-    size_t widths[8] = {8, 2, 4, 1, 1, 1, 4, 4};
     size_t at = 0, r = 0;
-    for (; r < 8; r++) {
+    for (; r < NUM_REGISTERS; r++) {
         self->offsets[r] = at;
-        at = (at + cells[r] * widths[r] + 63) & ~(size_t)63;
+        at = (at + register_cells(self, (int)r) * REGISTER_WIDTHS[r] + 63) & ~(size_t)63;
     }
     for (int c = 0; c < NUM_COUNTERS; c++)
         for (int part = 0; part < 2; part++, r++) {
@@ -774,17 +786,18 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     uint8_t *a = self->arena;
-    self->slot_session = (uint64_t *)(a + self->offsets[0]);
-    self->round = (uint16_t *)(a + self->offsets[1]);
-    self->bitmap = (uint32_t *)(a + self->offsets[2]);
-    self->arrivals = a + self->offsets[3];
-    self->exponent = a + self->offsets[4];
-    self->row_format = a + self->offsets[5];
-    self->row_length = (uint32_t *)(a + self->offsets[6]);
-    self->value = (int32_t *)(a + self->offsets[7]);
+    self->slot_session = (uint64_t *)(a + self->offsets[R_SLOT_SESSION]);
+    self->round = (uint16_t *)(a + self->offsets[R_ROUND]);
+    self->bitmap = (uint32_t *)(a + self->offsets[R_BITMAP]);
+    self->arrivals = a + self->offsets[R_ARRIVALS];
+    self->exponent = a + self->offsets[R_EXPONENT];
+    self->row_format = a + self->offsets[R_ROW_FORMAT];
+    self->row_length = (uint32_t *)(a + self->offsets[R_ROW_LENGTH]);
+    self->row_chunk = (uint32_t *)(a + self->offsets[R_ROW_CHUNK]);
+    self->value = (int32_t *)(a + self->offsets[R_VALUE]);
     for (int c = 0; c < NUM_COUNTERS; c++) {
-        self->packets[c] = (uint64_t *)(a + self->offsets[8 + 2 * c]);
-        self->bytes[c] = (uint64_t *)(a + self->offsets[9 + 2 * c]);
+        self->packets[c] = (uint64_t *)(a + self->offsets[NUM_REGISTERS + 2 * c]);
+        self->bytes[c] = (uint64_t *)(a + self->offsets[NUM_REGISTERS + 2 * c + 1]);
     }
     return 0;
 }
@@ -792,12 +805,10 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
 static PyObject *Engine_layout(Engine *self, PyObject *Py_UNUSED(ignored)) {
     PyObject *out = PyDict_New();
     if (out == NULL) return NULL;
-    size_t cells[8] = {self->pool, self->rows, self->rows, self->rows, self->rows, self->rows,
-                       self->rows, (size_t)self->rows * self->k};
-    for (int r = 0; r < 8; r++) {
-        PyObject *v = Py_BuildValue("(nns)", (Py_ssize_t)self->offsets[r], (Py_ssize_t)cells[r],
-                                    REGION_TYPES[r]);
-        if (v == NULL || PyDict_SetItemString(out, REGION_NAMES[r], v) < 0) {
+    for (int r = 0; r < NUM_REGISTERS; r++) {
+        PyObject *v = Py_BuildValue("(nns)", (Py_ssize_t)self->offsets[r],
+                                    (Py_ssize_t)register_cells(self, r), REGISTER_TYPES[r]);
+        if (v == NULL || PyDict_SetItemString(out, REGISTER_NAMES[r], v) < 0) {
             Py_XDECREF(v);
             Py_DECREF(out);
             return NULL;
@@ -808,7 +819,7 @@ static PyObject *Engine_layout(Engine *self, PyObject *Py_UNUSED(ignored)) {
         for (int part = 0; part < 2; part++) {
             char name[64];
             snprintf(name, sizeof name, "%s.%s", COUNTER_NAMES[c], part ? "bytes" : "packets");
-            PyObject *v = Py_BuildValue("(nns)", (Py_ssize_t)self->offsets[8 + 2 * c + part],
+            PyObject *v = Py_BuildValue("(nns)", (Py_ssize_t)self->offsets[NUM_REGISTERS + 2 * c + part],
                                         (Py_ssize_t)self->counter_size[c], "u8");
             if (v == NULL || PyDict_SetItemString(out, name, v) < 0) {
                 Py_XDECREF(v);

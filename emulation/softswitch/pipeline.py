@@ -11,14 +11,14 @@ Aggregation follows SwitchML (NSDI'21, Algorithm 2) with two shadow copies
 (versions) of every slot, made robust to arbitrarily delayed packets. Per
 slot and version (a "row") the switch keeps the round it holds, a worker
 bitmap, an arrival count (mod world size), the max exponent, what the round
-sums (format and length) and K running sums. A packet of a newer round than
+sums (format, length and chunk) and K running sums. A packet of a newer round than
 its row holds starts the round (it writes); one of the row's round adds,
 unless its worker's bit is already set: then it is a retransmission, answered
 with the stored result if the round is complete and dropped otherwise; one of
 an older round is stale and dropped. The n-th arrival multicasts the result
 to the job. A packet whose session is not its job's is answered STALE; one
-that disagrees with its round's format or length makes the switch refuse the
-round (REFUSED to every rank). ``slot_session`` records which session last
+that disagrees with its round's format, length or chunk makes the switch
+refuse the round (REFUSED to every rank). ``slot_session`` records which session last
 used a slot, so a new run starts from clean state without the control plane
 ever writing a register (P4Runtime on BMv2 cannot).
 """
@@ -172,6 +172,7 @@ class SwitchReduceIngress:
         self.exponent = Register(names.EXPONENT, rows)
         self.row_format = Register(names.ROW_FORMAT, rows)
         self.row_length = Register(names.ROW_LENGTH, rows)
+        self.row_chunk = Register(names.ROW_CHUNK, rows)
         #: The P4 register ``value``: cell row * K + i holds element i of the row's sums.
         self.value = Register(names.VALUE, rows * k, columns=k)
         self.drops = Counter(names.DROPS, len(DropReason))
@@ -271,7 +272,9 @@ class SwitchReduceIngress:
             pkt.egress_port = pkt.ingress_port
             return Verdict.UNICAST, 0
         if ahead == 0 and (
-            self.row_format.cells[row] != hdr.format or self.row_length.cells[row] != hdr.length
+            self.row_format.cells[row] != hdr.format
+            or self.row_length.cells[row] != hdr.length
+            or self.row_chunk.cells[row] != hdr.chunk
         ):  # ranks disagree on what they sum: no rank may take this round's sums
             arrivals[row] = wire.ROW_REFUSED
             self.drop(pkt, DropReason.MISMATCH)
@@ -285,6 +288,7 @@ class SwitchReduceIngress:
             exponent[row] = hdr.exponent
             self.row_format.cells[row] = hdr.format
             self.row_length.cells[row] = hdr.length
+            self.row_chunk.cells[row] = hdr.chunk
         else:  # later ones add
             bitmap[row] |= bit
             count = arrivals[row]

@@ -26,7 +26,8 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
     @id(5) register<bit<8>>(ROWS) exponent;               /* max exponent byte */
     @id(6) register<bit<32>>(ROWS * K) value;             /* the sums: row * K + element */
     @id(7) register<bit<8>>(ROWS) row_format;             /* what the round sums: format */
-    @id(8) register<bit<32>>(ROWS) row_length;            /* ... and tensor length */
+    @id(8) register<bit<32>>(ROWS) row_length;            /* ... its tensor length */
+    @id(9) register<bit<32>>(ROWS) row_chunk;             /* ... and the chunk of the tensor */
 
     bit<32> stored;
 
@@ -150,6 +151,8 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
             row_format.read(round_format, row);
             bit<32> round_length;
             row_length.read(round_length, row);
+            bit<32> round_chunk;
+            row_chunk.read(round_chunk, row);
 
             if (ahead >= 0x8000) {
                 drop(DROP_STALE);  /* an older round, delayed in the network */
@@ -169,8 +172,10 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                     standard_metadata.egress_spec = standard_metadata.ingress_port;
                 }
             } else if (ahead == 0 && (round_format != hdr.sr.format
-                                      || round_length != hdr.sr.length)) {
-                /* Ranks disagree on what they sum: no rank may take this round's sums. */
+                                      || round_length != hdr.sr.length
+                                      || round_chunk != hdr.sr.chunk)) {
+                /* Ranks disagree on what they sum (format, length or chunk): no rank may
+                 * take this round's sums. */
                 arrivals.write(row, ROW_REFUSED);
                 drops.count(DROP_MISMATCH);
                 make_reply(MSG_REFUSED);
@@ -181,6 +186,7 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                     round.write(row, hdr.sr.round);
                     row_format.write(row, hdr.sr.format);
                     row_length.write(row, hdr.sr.length);
+                    row_chunk.write(row, hdr.sr.chunk);
                     ranks = rank_bit;
                     count = 0;
                     meta.keep = 0;

@@ -119,6 +119,8 @@ EXPONENT = RegisterSpec(f"{INGRESS}.exponent", 8)
 VALUE = RegisterSpec(f"{INGRESS}.value", 32)
 ROW_FORMAT = RegisterSpec(f"{INGRESS}.row_format", 8)
 ROW_LENGTH = RegisterSpec(f"{INGRESS}.row_length", 32)
+#: The chunk of the tensor the row's round sums: ranks whose round counters disagree differ here.
+ROW_CHUNK = RegisterSpec(f"{INGRESS}.row_chunk", 32)
 
 # -- counters -----------------------------------------------------------------------------
 
