@@ -11,6 +11,8 @@ switch for one (JOIN) when it starts; a controller's binding carries it.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import socket
 import time
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import numpy as np
 from switchreduce import wire
 from switchreduce.worker import quantize as q
 from switchreduce.worker.errors import SessionEndedError, SwitchTimeoutError, WorkerError
+from switchreduce.worker.ordered import OrderedExecutor
 from switchreduce.worker.window import Job, Join, RoundTrip, StaleSession, Transfer, WindowStats
 
 
@@ -129,12 +132,16 @@ class SwitchCommunicator:
         except BaseException:
             self.sock.close()
             raise
+        self._ordered = OrderedExecutor(f"allreduce job {binding.job_id} rank {binding.rank}")
 
     @property
     def address(self) -> tuple[str, int]:
         return self.sock.getsockname()
 
     def close(self) -> None:
+        """Fail the asynchronous allreduces not yet started (ClosedError), let the one in
+        flight end (within the timeout), stop their thread, then close the socket."""
+        self._ordered.close()
         self.sock.close()
 
     def __enter__(self) -> SwitchCommunicator:
@@ -154,7 +161,33 @@ class SwitchCommunicator:
         the missing chunks if the job stalls, SessionEndedError if another run
         of the job took the switch, MismatchError if the ranks disagree on
         what they sum; after any of these the communicator is unusable.
+        Called while asynchronous allreduces are pending, it runs after them.
         """
+        return self._ordered.run(functools.partial(self._allreduce_now, tensor))
+
+    def allreduce_async(self, tensor):
+        """Start :meth:`allreduce` of ``tensor`` behind those already started; a future at once.
+
+        A ``torch.futures.Future`` for a torch tensor, a ``concurrent.futures.Future``
+        (which cannot be cancelled: every rank must send it) for a numpy array. One
+        thread runs the calls one at a time in the order they are made, and every rank
+        must make them in the same order, as DDP hands over its buckets. The tensor is
+        read while in flight: leave it unchanged until the future is done. An error
+        completes its future, and every later one (the communicator is unusable after
+        it, as after a failed allreduce); :meth:`close` fails those not yet started.
+        """
+        if _is_torch(tensor):
+            import torch
+
+            future = torch.futures.Future()
+        else:
+            future = concurrent.futures.Future()
+            future.set_running_or_notify_cancel()
+        self._ordered.submit(functools.partial(self._allreduce_now, tensor), future)
+        return future
+
+    def _allreduce_now(self, tensor):
+        """:meth:`allreduce`, in the calling thread."""
         if _is_torch(tensor):
             import torch
 
