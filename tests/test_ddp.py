@@ -1,4 +1,4 @@
-"""DistributedDataParallel with the switch hook: gradients are the ranks' average."""
+"""DistributedDataParallel with the switch's hooks: gradients are the ranks' average, as gloo's."""
 
 from __future__ import annotations
 
@@ -8,16 +8,22 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from switchreduce.p4runtime.names import JobStat
 from switchreduce.worker import quantize as q
-from tests.helpers.ddp_rank import gradients, model_and_batch
+from tests.helpers.ddp_rank import PASSES, gradients, model_and_batch
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "ddp_rank.py"
 
 
-def test_ddp_gradients_through_the_switch_are_the_average(job_factory, tmp_path) -> None:
+@pytest.mark.parametrize("hook", ["switch_allreduce_hook", "switch_blocking_hook"])
+def test_ddp_gradients_through_the_switch_are_gloos_within_the_bound(
+    job_factory, tmp_path, hook: str
+) -> None:
+    """Several buckets, several backward passes: the overlapped hook (buckets queued while the
+    backward pass goes on) and the blocking one both give gloo's average, within the bound."""
     world_size = 3
     with job_factory(world_size, k=256) as job:
         switch_port = job.server.address[1]
@@ -35,8 +41,9 @@ def test_ddp_gradients_through_the_switch_are_the_average(job_factory, tmp_path)
                     str(tmp_path / "store"),
                     str(switch_port),
                     str(ports[rank]),
-                    str(tmp_path / f"grad{rank}.npy"),
+                    str(tmp_path / f"grad{rank}.npz"),
                     str(job.comms[rank].session),
+                    hook,
                 ],
                 env=env,
                 stderr=subprocess.PIPE,
@@ -61,8 +68,15 @@ def test_ddp_gradients_through_the_switch_are_the_average(job_factory, tmp_path)
     peak = max(q.block_exponents(g.reshape(1, -1).astype(np.float32))[0] for g in expected)
     sum_bound = q.error_bound(np.array([peak]), world_size, total.reshape(1, -1))[0]
     bound = sum_bound / world_size + np.spacing(np.abs(average).astype(np.float32)) / 2
+    # gloo's ring sums in float32: at most world_size - 1 roundings of partial sums.
+    gloo_bound = (world_size - 1) * np.finfo(np.float32).eps * np.sum(np.abs(expected), axis=0)
+    gloo_bound = gloo_bound / world_size + np.spacing(np.abs(average).astype(np.float32))
     for rank in range(world_size):
-        got = np.load(tmp_path / f"grad{rank}.npy")
-        assert (np.abs(got - average) <= bound).all()
+        got = np.load(tmp_path / f"grad{rank}.npz")
+        assert (np.abs(got["switch"] - average) <= bound).all()
+        assert (np.abs(got["gloo"] - average) <= gloo_bound).all()
+        assert (np.abs(got["switch"] - got["gloo"]) <= bound + gloo_bound).all()
+        assert len(got["bucket_sizes"]) >= 3  # DDP cut several buckets after the first pass
+        assert sum(got["bucket_sizes"]) == 4 * average.size
     chunks = -(-expected[0].size // 256)
-    assert results >= chunks  # the sums came from the switch: at least one result per chunk
+    assert results >= PASSES * chunks  # every pass's sums came from the switch

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from switchreduce import wire
 from switchreduce.worker import quantize as q
 from switchreduce.worker.registration import join
 from switchreduce.worker.shim import SwitchCommunicator, WorkerOptions
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class GroupOptions:
     bind: tuple[str, int] = ("0.0.0.0", 0)
     precision_bits: int = q.MAX_BITS
     min_rto: float = 0.05
+    #: DDP: each bucket is summed while the backward pass goes on (False: before it goes on).
+    overlap: bool = True
     #: gloo: rank 0's HOST:PORT; None when torch.distributed is set up already (torchrun).
     master: tuple[str, int] | None = None
 
@@ -56,6 +61,12 @@ class Backend(ABC):
     @abstractmethod
     def attach(self, ddp: Any) -> None:
         """Make ``ddp`` (DistributedDataParallel) sum its gradients through this backend."""
+
+    @abstractmethod
+    def average_buckets(self, buckets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What :meth:`attach` makes DDP do with a backward pass's gradient buckets, without
+        the backward pass: each one's average over the ranks, in order (the inputs are
+        left as they are). Timing it is timing the training's communication alone."""
 
     def stats(self) -> dict[str, int]:
         """Packet statistics, where the backend keeps any."""
@@ -134,16 +145,25 @@ class SwitchBackend(Backend):
         except BaseException:
             self._stack.close()
             raise
+        self.overlap = options.overlap
 
     def allreduce(self, array: np.ndarray) -> np.ndarray:
         return self.comm.allreduce(array)
 
     def attach(self, ddp: Any) -> None:
-        from switchreduce.worker.ddp import (
-            switch_allreduce_hook,  # loads torch, which the CLI's worker need not
-        )
+        # worker.ddp loads torch, which the CLI's worker need not
+        from switchreduce.worker.ddp import switch_allreduce_hook, switch_blocking_hook
 
-        ddp.register_comm_hook(self.comm, switch_allreduce_hook)
+        hook = switch_allreduce_hook if self.overlap else switch_blocking_hook
+        ddp.register_comm_hook(self.comm, hook)
+
+    def average_buckets(self, buckets: list[torch.Tensor]) -> list[torch.Tensor]:
+        import torch
+
+        from switchreduce.worker.ddp import average, average_now
+
+        start = average if self.overlap else average_now
+        return torch.futures.wait_all([start(self.comm, bucket) for bucket in buckets])
 
     def stats(self) -> dict[str, int]:
         return dict(vars(self.comm.stats))
@@ -187,6 +207,16 @@ class GlooBackend(Backend):
 
     def attach(self, ddp: Any) -> None:
         """Nothing to do: DDP's own allreduce is gloo's."""
+
+    def average_buckets(self, buckets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """As DDP's built-in hook: each bucket divided, then summed asynchronously."""
+        import torch.distributed as dist
+
+        averages = [bucket / dist.get_world_size() for bucket in buckets]
+        works = [dist.all_reduce(average, async_op=True) for average in averages]
+        for work in works:
+            work.wait()
+        return averages
 
     def allreduce(self, array: np.ndarray) -> np.ndarray:
         import torch

@@ -1,6 +1,6 @@
-"""PyTorch DistributedDataParallel on top of the switch: a communication hook.
+"""PyTorch DistributedDataParallel on top of the switch: communication hooks.
 
-DDP hands the hook each gradient bucket as one flat tensor; the hook sums it
+DDP hands a hook each gradient bucket as one flat tensor; the hook sums it
 over the ranks through the switch and divides by the world size, which is
 exactly what DDP's default allreduce hook computes. torch.distributed (gloo)
 is still needed for DDP's bootstrap: rendezvous, the initial parameter
@@ -10,26 +10,49 @@ is what the switch's slot rounds rely on.
     comm = SwitchCommunicator(JobBinding(...))
     model = DistributedDataParallel(model)
     model.register_comm_hook(comm, switch_allreduce_hook)
+
+``switch_allreduce_hook`` returns at once and the bucket travels while the
+backward pass computes the next ones, as gloo's do; DDP waits for every
+bucket's future before the gradients are used, and leaves a bucket's buffer
+alone until then. ``switch_blocking_hook`` sums each bucket before the
+backward pass goes on: the baseline the overlap is measured against.
 """
 
-# No "from __future__ import annotations": DDP checks the hook's annotations at runtime.
+# No "from __future__ import annotations": DDP checks the hooks' annotations at runtime.
 import torch
 import torch.distributed as dist
 
 from switchreduce.worker.shim import SwitchCommunicator
 
 
+def average(comm: SwitchCommunicator, tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    """The average of ``tensor`` over all ranks, summed in the communicator's thread.
+
+    float32 gradients are quantized per block as in worker.quantize, whose
+    error bound applies to the sum before the division.
+    """
+    world_size = comm.binding.world_size
+    return comm.allreduce_async(tensor).then(lambda summed: summed.value().div_(world_size))
+
+
+def average_now(
+    comm: SwitchCommunicator, tensor: torch.Tensor
+) -> torch.futures.Future[torch.Tensor]:
+    """:func:`average` run to completion in this thread: the future is done on return."""
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    future.set_result(comm.allreduce(tensor).div_(comm.binding.world_size))
+    return future
+
+
 def switch_allreduce_hook(
     comm: SwitchCommunicator, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
-    """Average ``bucket`` over all ranks through the switch.
+    """Average ``bucket`` over all ranks through the switch, overlapped with the backward pass."""
+    return average(comm, bucket.buffer())
 
-    Runs to completion before returning (the window is driven from this
-    thread), so the returned future is already done. float32 gradients are
-    quantized per block as in worker.quantize, whose error bound applies to
-    the sum before the division.
-    """
-    total = comm.allreduce(bucket.buffer())
-    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    future.set_result(total.div_(comm.binding.world_size))
-    return future
+
+def switch_blocking_hook(
+    comm: SwitchCommunicator, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """Average ``bucket`` over all ranks through the switch before the backward pass goes on."""
+    return average_now(comm, bucket.buffer())
