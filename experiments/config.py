@@ -97,7 +97,7 @@ class SwitchConfig:
     #: Workers join through the controller (Mininet) instead of a statically installed job.
     controller: bool = False
     #: Floor of the workers' adaptive retransmission timeout: how soon a loss is repaired.
-    min_rto_ms: float = 50.0
+    min_rto_ms: float = 10.0
 
     def __post_init__(self) -> None:
         _check(

@@ -46,6 +46,12 @@ class Network:
     loss: float = 0.0
     duplicate: float = 0.0
     reorder: float = 0.0
+    #: (rank, chunk) of data packets to lose the first time they are sent, besides ``loss``.
+    lose_once: set[tuple[int, int]] = field(default_factory=set)
+    #: Serialization time per byte of each link (one per rank and direction, FIFO): 0 for none.
+    seconds_per_byte: float = 0.0
+    #: Mean seconds a rank takes to handle each datagram, per rank (FIFO, exponential).
+    service: dict[int, float] = field(default_factory=dict)
     now: float = 0.0
     switch: SoftSwitch = field(init=False)
     rounds: list[list[int]] = field(init=False)
@@ -53,6 +59,7 @@ class Network:
     stats: list[WindowStats] = field(init=False)
     _events: list[tuple[float, int, int, bytes]] = field(default_factory=list)
     _seq: int = 0
+    _free_at: dict[int, float] = field(default_factory=dict)  # link or rank CPU -> busy until
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -68,15 +75,28 @@ class Network:
     def transmit(self, target: int, packets: list[bytes]) -> None:
         """Put packets on the wire towards ``target`` (-1: the switch, else a rank)."""
         for packet in packets:
-            if self.rng.random() < self.loss:
+            if self.rng.random() < self.loss or self._lost_once(target, packet):
                 continue
             copies = 2 if self.rng.random() < self.duplicate else 1
             for _ in range(copies):
+                sent = self._queue(self._link(target, packet), len(packet) * self.seconds_per_byte)
                 delay = 50e-6
                 if self.rng.random() < self.reorder:
                     delay += float(self.rng.exponential(2e-3))  # a heavy tail: some by rounds
-                self._seq += 1
-                heapq.heappush(self._events, (self.now + delay, self._seq, target, packet))
+                self._push(sent + delay, target, packet)
+
+    def _link(self, target: int, packet: bytes) -> int:
+        """The link a packet crosses: rank r's uplink is ~r, its downlink r."""
+        return target if target >= 0 else ~(wire.unpack_header(packet).rank % self.world_size)
+
+    def _queue(self, server: int, seconds: float) -> float:
+        """When a FIFO server (a link, or a rank's CPU) is done with work arriving now."""
+        done = self._free_at[server] = max(self.now, self._free_at.get(server, 0.0)) + seconds
+        return done
+
+    def _push(self, at: float, target: int, packet: bytes) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (at, self._seq, target, packet))
 
     def allreduce(self, inputs: list[np.ndarray], session: int = SESSION) -> list[np.ndarray]:
         """Every rank sums its input through the switch; each rank's result."""
@@ -105,9 +125,24 @@ class Network:
                 self.transmit(-1, transfer.expire(self.now))
         return [t.out.reshape(x.shape) for t, x in zip(transfers, inputs, strict=True)]
 
-    def _deliver(self, target: int, packet: bytes, transfers: list[Transfer]) -> None:
+    def _lost_once(self, target: int, packet: bytes) -> bool:
         if target >= 0:
-            self.transmit(-1, transfers[target].receive(packet, self.now))
+            return False
+        hdr = wire.unpack_header(packet)
+        if hdr.msg_type != wire.MsgType.DATA or (hdr.rank, hdr.chunk) not in self.lose_once:
+            return False
+        self.lose_once.discard((hdr.rank, hdr.chunk))
+        return True
+
+    def _deliver(self, target: int, packet: bytes, transfers: list[Transfer]) -> None:
+        if target >= self.world_size:  # handled by the rank's CPU, in arrival order
+            self.transmit(-1, transfers[target - self.world_size].receive(packet, self.now))
+            return
+        if target >= 0:
+            mean = self.service.get(target, 0.0)
+            busy = float(self.rng.exponential(mean)) if mean else 0.0
+            cpu = self.world_size + target
+            self._push(self._queue(cpu, busy), cpu, packet)
             return
         rank = wire.unpack_header(packet).rank % self.world_size
         pkt = self.switch.parser.parse_datagram(packet, address(rank), SWITCH)
@@ -168,3 +203,64 @@ def test_the_timeout_doubles_per_retry_and_is_capped() -> None:
     assert rtt.rto() == pytest.approx(0.01)  # the floor
     assert rtt.rto(retries=3) == pytest.approx(0.08)
     assert rtt.rto(retries=10) == 1.0
+
+
+def test_a_loss_mid_window_is_repaired_in_about_a_round_trip_not_a_timeout() -> None:
+    """Later results overtake the lost use, which is resent at once: the call ends within a few
+    round trips (100 us each here) of a lossless one, far inside the 10 ms timeout floor."""
+    lossless = Network(2, 8, seed=1)
+    inputs = [np.arange(64 * K, dtype=np.int32) + r for r in range(2)]
+    lossless.allreduce(inputs)
+    net = Network(2, 8, seed=1, lose_once={(0, 20), (1, 41)})
+    results = net.allreduce(inputs)
+    assert all(np.array_equal(r, inputs[0] + inputs[1]) for r in results)
+    assert sum(s.timeouts for s in net.stats) == 0
+    assert sum(s.fast_retransmissions for s in net.stats) >= 2
+    assert net.now - lossless.now < 5 * 100e-6, (net.now, lossless.now)
+
+
+def test_the_timeout_floor_follows_the_measured_round_trip() -> None:
+    rtt = RoundTrip(min_rto=0.001, max_rto=1.0)
+    rtt.sample(0.004)
+    for _ in range(50):  # a steady path: the variance decays, the floor holds at 2 x srtt
+        rtt.sample(0.004)
+    assert rtt.rto() == pytest.approx(0.008, rel=0.01)
+    fast = RoundTrip(min_rto=0.001, max_rto=1.0)
+    for _ in range(50):
+        fast.sample(0.0001)
+    assert fast.rto() == pytest.approx(0.001)  # never below min_rto
+
+
+#: 100 Mbit/s links.
+FAST_ETHERNET = 8 / 100e6
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_queues_and_a_slow_rank_make_no_retransmission_without_loss(seed) -> None:
+    """On FIFO links every rank sends its uses in the order results come back, which is the
+    order rounds complete in, so a later use is never answered before an earlier one: the gap
+    rule cannot fire without a loss, however long the queues or slow a rank (here 4x)."""
+    service = {0: 400e-6, 1: 100e-6, 2: 100e-6, 3: 100e-6}
+    net = Network(4, 16, seed, seconds_per_byte=FAST_ETHERNET, service=service)
+    inputs = [synthetic_tensor(seed, r, 300 * K, "float32") for r in range(4)]
+    expected = reference_sum(inputs, K)
+    for result in net.allreduce(inputs):
+        assert np.array_equal(result, expected)
+    assert [s.retransmissions for s in net.stats] == [0] * 4
+
+
+def test_losses_behind_queues_are_repaired_in_about_a_round_trip_by_one_resend_per_rank() -> None:
+    """Each loss stalls its round for all four ranks; each resends once, when the first use
+    sent after the lost one comes back, and no timeout fires."""
+    service = dict.fromkeys(range(4), 100e-6)
+    inputs = [np.arange(200 * K, dtype=np.int32) * (r + 1) for r in range(4)]
+    lossless = Network(4, 16, 5, seconds_per_byte=FAST_ETHERNET, service=service)
+    lossless.allreduce(inputs)
+    lost = {(0, 30), (3, 31), (2, 100), (1, 150)}
+    net = Network(4, 16, 5, lose_once=set(lost), seconds_per_byte=FAST_ETHERNET, service=service)
+    for result in net.allreduce(inputs):
+        assert np.array_equal(result, inputs[0] * 10)
+    assert [s.timeouts for s in net.stats] == [0] * 4
+    assert [s.fast_retransmissions for s in net.stats] == [len(lost)] * 4
+    srtt = max(rtt.srtt or 0.0 for rtt in net.rtts)
+    assert net.now - lossless.now < srtt * len(lost), (net.now, lossless.now, srtt)

@@ -22,6 +22,7 @@ from switchreduce import wire
 from switchreduce.worker import quantize as q
 from switchreduce.worker.registration import join
 from switchreduce.worker.shim import SwitchCommunicator, WorkerOptions
+from switchreduce.worker.window import DEFAULT_MIN_RTO
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +43,7 @@ class GroupOptions:
     controller: str | None = None
     bind: tuple[str, int] = ("0.0.0.0", 0)
     precision_bits: int = q.MAX_BITS
-    min_rto: float = 0.05
+    min_rto: float = DEFAULT_MIN_RTO
     #: DDP: each bucket is summed while the backward pass goes on (False: before it goes on).
     overlap: bool = True
     #: gloo: rank 0's HOST:PORT; None when torch.distributed is set up already (torchrun).

@@ -23,7 +23,15 @@ from switchreduce import wire
 from switchreduce.worker import quantize as q
 from switchreduce.worker.errors import SessionEndedError, SwitchTimeoutError, WorkerError
 from switchreduce.worker.ordered import OrderedExecutor
-from switchreduce.worker.window import Job, Join, RoundTrip, StaleSession, Transfer, WindowStats
+from switchreduce.worker.window import (
+    DEFAULT_MIN_RTO,
+    Job,
+    Join,
+    RoundTrip,
+    StaleSession,
+    Transfer,
+    WindowStats,
+)
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,7 @@ class WorkerOptions:
     #: Seconds without any new result (or JOIN answer) after which SwitchTimeoutError is raised.
     timeout: float = 10.0
     #: Bounds of the adaptive retransmission timeout, in seconds.
-    min_rto: float = 0.05
+    min_rto: float = DEFAULT_MIN_RTO
     max_rto: float = 1.0
     #: Seconds to sleep when no result is waiting, so that one wake-up drains a batch of
     #: them instead of costing a context switch per packet (the window hides the delay).

@@ -19,6 +19,14 @@ The rules (docs/protocol.md):
   (``count = 0``) that carries its exponent. int32 needs none of that.
 - A use whose result does not come back within the retransmission timeout
   (:class:`RoundTrip`, doubled per retry, capped) is sent again unchanged.
+- A gap repairs sooner (ATP's rule; TCP's RACK): a use still out when a use
+  sent more than a reordering window after it is answered is resent at
+  once, about a round trip after its loss instead of a timeout later. On
+  FIFO paths that never happens without a loss: every rank sends its uses in
+  the order results come back, which is the order rounds complete in, so
+  queues and slow ranks delay rounds but never reorder them. Every rank sees
+  the gap, so a rank whose packet arrived resends a duplicate the switch
+  ignores (or answers from its row if the result was lost).
 - An answer counts only if it echoes an outstanding use: job, session,
   slot, round and chunk. STALE for our session raises :class:`StaleSession`
   (the caller decides: join again, or stop); REFUSED raises MismatchError.
@@ -27,6 +35,7 @@ The rules (docs/protocol.md):
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +44,8 @@ from switchreduce import wire
 from switchreduce.worker import quantize as q
 from switchreduce.worker.errors import MismatchError
 
+#: The retransmission timeout's floor, SwitchML's: the window repairs most losses without it.
+DEFAULT_MIN_RTO = 0.01
 PRIME = -1  # chunk index of a slot's priming use (carries only an exponent)
 #: Seconds between JOINs while the other ranks of a static job come up.
 JOIN_RETRY = 0.2
@@ -48,33 +59,47 @@ class StaleSession(Exception):
 class WindowStats:
     """What the protocol did, over a communicator's lifetime."""
 
-    retransmissions: int = 0
+    retransmissions: int = 0  # every resend: timeouts plus fast retransmissions
     timeouts: int = 0
+    fast_retransmissions: int = 0  # resent because later uses overtook it
     duplicates: int = 0
 
 
 @dataclass
 class RoundTrip:
-    """RFC 6298's retransmission timeout; Karn's rule: no samples from resent uses."""
+    """RFC 6298's retransmission timeout; Karn's rule: no samples from resent uses.
+
+    The floor follows the path: twice the smoothed round trip, and never below
+    ``min_rto``, so a fast link repairs a tail loss in milliseconds and a slow or
+    loaded one does not resend what is merely late.
+    """
 
     min_rto: float
     max_rto: float
     srtt: float | None = None
     rttvar: float = 0.0
+    min_rtt: float | None = None
 
     def sample(self, rtt: float) -> None:
+        self.min_rtt = rtt if self.min_rtt is None else min(self.min_rtt, rtt)
         if self.srtt is None:
             self.srtt, self.rttvar = rtt, rtt / 2
         else:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
 
+    def reordering_window(self) -> float:
+        """How much earlier than an answered use another must have been sent to count as
+        lost: RACK's quarter of the smallest round trip (infinite before a sample)."""
+        return float("inf") if self.min_rtt is None else self.min_rtt / 4
+
     def rto(self, retries: int = 0) -> float:
         """The timeout of a use resent ``retries`` times (doubled per retry, capped)."""
         if self.srtt is None:
             base = self.min_rto * 10  # no sample yet: be patient, as TCP's initial RTO is
         else:
-            base = min(max(self.srtt + 4 * self.rttvar, self.min_rto), self.max_rto)
+            floor = max(self.min_rto, 2 * self.srtt)
+            base = min(max(self.srtt + 4 * self.rttvar, floor), self.max_rto)
         return min(base * (1 << retries), self.max_rto)
 
 
@@ -100,7 +125,8 @@ class _SlotUse:
     round: int
     count: int
     packet: bytes
-    sent_at: float = 0.0
+    sent_at: float = 0.0  # when last sent
+    first_sent_at: float = 0.0
     retries: int = 0
     timer: int = 0  # token of the pending timer entry; older entries are stale
 
@@ -128,6 +154,7 @@ class Transfer:
     _local_exp: np.ndarray = field(init=False)
     _global_exp: np.ndarray = field(init=False)
     _uses: dict[int, _SlotUse] = field(default_factory=dict)
+    _sent_order: OrderedDict[int, None] = field(default_factory=OrderedDict)  # slots, oldest first
     _timers: list[tuple[float, int, int]] = field(default_factory=list)
     _next_timer: int = 0  # unique across all uses and resends of the transfer
 
@@ -183,17 +210,19 @@ class Transfer:
         self.progress_at = now
         if use.retries == 0:
             self.rtt.sample(now - use.sent_at)
+        resend = self._overtake(hdr.slot, now)
         if use.chunk == PRIME:
             self._global_exp[hdr.slot] = hdr.exponent
-            return [self._send(hdr.slot, hdr.slot, now)]
+            return [*resend, self._send(hdr.slot, hdr.slot, now)]
         self._store(use.chunk, hdr.count, datagram)
         ahead = use.chunk + self.job.slot_count
         if ahead >= self.chunks:
             del self._uses[hdr.slot]
-            return []
+            del self._sent_order[hdr.slot]
+            return resend
         if self.scaled:
             self._global_exp[ahead] = hdr.exponent
-        return [self._send(hdr.slot, ahead, now)]
+        return [*resend, self._send(hdr.slot, ahead, now)]
 
     def expire(self, now: float) -> list[bytes]:
         """The uses whose timeout has passed, resent unchanged."""
@@ -203,11 +232,8 @@ class Transfer:
             use = self._uses.get(slot)
             if use is None or use.timer != token:
                 continue  # answered, or already resent
-            use.retries += 1
             self.stats.timeouts += 1
-            self.stats.retransmissions += 1
-            self._arm(slot, use, now)
-            resend.append(use.packet)
+            resend.append(self._resend(slot, use, now))
         return resend
 
     def next_deadline(self) -> float | None:
@@ -262,12 +288,41 @@ class Transfer:
             self.flat.size,
             job.session,
         )
-        use = _SlotUse(chunk, wire_chunk, round_, count, header.pack() + payload)
+        use = _SlotUse(chunk, wire_chunk, round_, count, header.pack() + payload, first_sent_at=now)
         self._uses[slot] = use
         self._arm(slot, use, now)
         return use.packet
 
+    def _overtake(self, answered: int, now: float) -> list[bytes]:
+        """The uses sent a reordering window or more before the answered one, resent.
+
+        Their rounds should have completed first (see the module docstring), so
+        a contribution to each, or its result, was lost. Uses sent at about the
+        same time are spared: a network that does reorder a little, or a batch
+        of sends, does not make them look lost.
+        """
+        # The answered use's first sending: an answer to a resent use may be the original's,
+        # so its resending says nothing of the uses sent between the two (RACK's ambiguity).
+        sent_by = self._uses[answered].first_sent_at - self.rtt.reordering_window()
+        lost = []
+        for slot in self._sent_order:  # oldest first
+            if slot == answered or self._uses[slot].sent_at > sent_by:
+                break
+            lost.append(slot)
+        self.stats.fast_retransmissions += len(lost)
+        return [self._resend(slot, self._uses[slot], now) for slot in lost]
+
+    def _resend(self, slot: int, use: _SlotUse, now: float) -> bytes:
+        """The use's packet again, unchanged; its timer backs off and it goes to the back."""
+        use.retries += 1
+        self.stats.retransmissions += 1
+        self._arm(slot, use, now)
+        return use.packet
+
     def _arm(self, slot: int, use: _SlotUse, now: float) -> None:
+        """(Re)start the use's timer; it is now the most recently sent use."""
+        self._sent_order[slot] = None
+        self._sent_order.move_to_end(slot)
         use.sent_at = now
         self._next_timer += 1
         use.timer = self._next_timer
