@@ -62,7 +62,7 @@ system-deps:
 	  fi; \
 	fi
 
-$(STAMP): pyproject.toml setup.py emulation/softswitch/_engine.c
+$(STAMP): pyproject.toml setup.py emulation/softswitch/_engine.c worker/_window.c
 	$(MAKE) system-deps
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'

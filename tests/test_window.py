@@ -3,13 +3,19 @@
 No sockets, threads or wall clock: loss, duplication and reordering are
 drawn from a seed, so every case is deterministic and a failure replays
 exactly. The window (worker/window.py) is the specification a faster
-engine must match; these tests pin what it does.
+engine must match; these tests pin what it does, and run the compiled
+window (worker/engine.py) through the same networks: it must send the same
+datagrams in the same order and end with the same sums, counts, rounds and
+round-trip state.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import heapq
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,9 +27,14 @@ from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.emulation.softswitch.static import install_static_job
 from switchreduce.p4runtime.jobs import Job as JobEntry
 from switchreduce.p4runtime.jobs import Member
+from switchreduce.worker import _window
+from switchreduce.worker.engine import CompiledTransfer
 from switchreduce.worker.errors import MismatchError
 from switchreduce.worker.reference import reference_sum, synthetic_tensor
 from switchreduce.worker.window import Job, RoundTrip, StaleSession, Transfer, WindowStats
+
+#: The two windows: the specification and the compiled one.
+WINDOWS = (Transfer, CompiledTransfer)
 
 pytestmark = pytest.mark.fast
 
@@ -52,25 +63,37 @@ class Network:
     seconds_per_byte: float = 0.0
     #: Mean seconds a rank takes to handle each datagram, per rank (FIFO, exponential).
     service: dict[int, float] = field(default_factory=dict)
+    #: Probability that a datagram reaching a rank comes with a forged variant (forge()).
+    hostile: float = 0.0
+    #: The window every rank runs.
+    window: type[Transfer] | type[CompiledTransfer] = Transfer
     now: float = 0.0
     switch: SoftSwitch = field(init=False)
     rounds: list[list[int]] = field(init=False)
     rtts: list[RoundTrip] = field(init=False)
     stats: list[WindowStats] = field(init=False)
+    #: Every datagram each rank's window returned, in order (before the network's losses).
+    sent: list[list[bytes]] = field(init=False)
+    transfers: list[Any] = field(default_factory=list)  # the last call's, one per rank
     _events: list[tuple[float, int, int, bytes]] = field(default_factory=list)
     _seq: int = 0
     _free_at: dict[int, float] = field(default_factory=dict)  # link or rank CPU -> busy until
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
-        self.switch = SoftSwitch(k=K)
-        members = tuple(Member(r, *address(r)) for r in range(self.world_size))
-        install_static_job(
-            self.switch, JobEntry(1, self.world_size, 0, self.slots, SESSION, members)
-        )
+        self.restart_switch(SESSION)
+        self.sent = [[] for _ in range(self.world_size)]
         self.rounds = [[0] * self.slots for _ in range(self.world_size)]
         self.rtts = [RoundTrip(0.01, 1.0) for _ in range(self.world_size)]
         self.stats = [WindowStats() for _ in range(self.world_size)]
+
+    def restart_switch(self, session: int) -> None:
+        """A fresh switch holding the job with ``session`` (the ranks keep their rounds)."""
+        self.switch = SoftSwitch(k=K)
+        members = tuple(Member(r, *address(r)) for r in range(self.world_size))
+        install_static_job(
+            self.switch, JobEntry(1, self.world_size, 0, self.slots, session, members)
+        )
 
     def transmit(self, target: int, packets: list[bytes]) -> None:
         """Put packets on the wire towards ``target`` (-1: the switch, else a rank)."""
@@ -98,21 +121,23 @@ class Network:
         self._seq += 1
         heapq.heappush(self._events, (at, self._seq, target, packet))
 
-    def allreduce(self, inputs: list[np.ndarray], session: int = SESSION) -> list[np.ndarray]:
+    def allreduce(
+        self, inputs: list[np.ndarray], session: int = SESSION, bits: int = 32
+    ) -> list[np.ndarray]:
         """Every rank sums its input through the switch; each rank's result."""
-        transfers = [
-            Transfer(
-                Job(1, r, self.world_size, self.slots, K, session),
+        self.transfers = transfers = [
+            self.window(
+                Job(1, r, self.world_size, self.slots, K, session, bits),
                 x.reshape(-1),
-                wire.encode_format(x.dtype.name, 32),
+                wire.encode_format(x.dtype.name, bits if x.dtype == np.float32 else 32),
                 self.rounds[r],
                 self.rtts[r],
                 self.stats[r],
             )
             for r, x in enumerate(inputs)
         ]
-        for transfer in transfers:
-            self.transmit(-1, transfer.start(self.now))
+        for rank, transfer in enumerate(transfers):
+            self._send(rank, transfer.start(self.now))
         while not all(t.done for t in transfers):
             deadlines = [d for t in transfers if (d := t.next_deadline()) is not None]
             next_event = self._events[0][0] if self._events else float("inf")
@@ -121,9 +146,13 @@ class Network:
             if self._events and self._events[0][0] <= self.now:
                 _, _, target, packet = heapq.heappop(self._events)
                 self._deliver(target, packet, transfers)
-            for transfer in transfers:
-                self.transmit(-1, transfer.expire(self.now))
+            for rank, transfer in enumerate(transfers):
+                self._send(rank, transfer.expire(self.now))
         return [t.out.reshape(x.shape) for t, x in zip(transfers, inputs, strict=True)]
+
+    def _send(self, rank: int, packets: list[bytes]) -> None:
+        self.sent[rank].extend(packets)
+        self.transmit(-1, packets)
 
     def _lost_once(self, target: int, packet: bytes) -> bool:
         if target >= 0:
@@ -134,9 +163,12 @@ class Network:
         self.lose_once.discard((hdr.rank, hdr.chunk))
         return True
 
-    def _deliver(self, target: int, packet: bytes, transfers: list[Transfer]) -> None:
+    def _deliver(self, target: int, packet: bytes, transfers: list[Any]) -> None:
         if target >= self.world_size:  # handled by the rank's CPU, in arrival order
-            self.transmit(-1, transfers[target - self.world_size].receive(packet, self.now))
+            rank = target - self.world_size
+            if self.hostile and self.rng.random() < self.hostile:
+                self._send(rank, transfers[rank].receive(self.forge(packet), self.now))
+            self._send(rank, transfers[rank].receive(packet, self.now))
             return
         if target >= 0:
             mean = self.service.get(target, 0.0)
@@ -148,6 +180,38 @@ class Network:
         pkt = self.switch.parser.parse_datagram(packet, address(rank), SWITCH)
         for out in self.switch.process(pkt):
             self.transmit(out.udp_dport - 50000, [self.switch.deparser.datagram(out)])
+
+    def forge(self, packet: bytes) -> bytes:
+        """A variant of an answer a rank must not take: a wrong length, job, session, slot,
+        round, chunk, count or type (rarely STALE or REFUSED, which end the call)."""
+        hdr = wire.unpack_header(packet)
+        body = packet[wire.HEADER_BYTES :]
+        variants = [
+            lambda: packet[:-1],
+            lambda: packet + bytes(4),
+            lambda: b"",
+            lambda: packet[: wire.HEADER_BYTES],
+            lambda: hdr._replace(job_id=hdr.job_id ^ 1).pack() + body,
+            lambda: hdr._replace(session=hdr.session ^ 1 << 63).pack() + body,
+            lambda: hdr._replace(slot=(hdr.slot + 1) % self.slots).pack() + body,
+            lambda: hdr._replace(round=(hdr.round + 1) & 0xFFFF).pack() + body,
+            lambda: hdr._replace(round=(hdr.round - 1) & 0xFFFF).pack() + body,
+            lambda: hdr._replace(version=hdr.version ^ 1).pack() + body,
+            lambda: hdr._replace(chunk=hdr.chunk + self.slots).pack() + body,
+            lambda: hdr._replace(count=hdr.count ^ 1).pack() + body,
+            lambda: hdr._replace(exponent=hdr.exponent ^ 1).pack() + body,
+            lambda: hdr._replace(msg_type=wire.MsgType.DATA).pack() + body,
+            lambda: hdr._replace(msg_type=wire.MsgType.JOINED).pack() + body,
+            lambda: hdr._replace(msg_type=0xFF).pack() + body,
+        ]
+        rare = [
+            lambda: hdr._replace(msg_type=wire.MsgType.STALE).pack() + body,
+            lambda: hdr._replace(msg_type=wire.MsgType.REFUSED, rank=hdr.rank ^ 1).pack() + body,
+        ]
+        pick = int(self.rng.integers(len(variants) * 10 + len(rare)))
+        return (
+            variants[pick // 10] if pick < len(variants) * 10 else rare[pick - len(variants) * 10]
+        )()
 
 
 @settings(max_examples=60, deadline=None)
@@ -264,3 +328,198 @@ def test_losses_behind_queues_are_repaired_in_about_a_round_trip_by_one_resend_p
     assert [s.fast_retransmissions for s in net.stats] == [len(lost)] * 4
     srtt = max(rtt.srtt or 0.0 for rtt in net.rtts)
     assert net.now - lossless.now < srtt * len(lost), (net.now, lossless.now, srtt)
+
+
+# -- the compiled window against the specification ------------------------------------------------
+
+
+def state(net: Network) -> dict[str, Any]:
+    """Everything the windows leave behind: what they sent, their counts, rounds, round trips,
+    and the last call's progress."""
+    return {
+        "sent": [list(packets) for packets in net.sent],
+        "stats": [dataclasses.asdict(s) for s in net.stats],
+        "rounds": [list(r) for r in net.rounds],
+        "rtts": [dataclasses.asdict(r) for r in net.rtts],
+        "now": net.now,
+        "transfers": [
+            (t.done, t.results, t.progress_at, t.chunks, t.next_deadline(), t.missing().tolist())
+            for t in net.transfers
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class Call:
+    """One allreduce of a scenario: every rank's input, and what happens before it."""
+
+    inputs: tuple[np.ndarray, ...]
+    session: int = SESSION
+    bits: int = 32
+    #: Before the call: a new switch holding the job with ``session`` (the ranks keep their
+    #: rounds), or that and the ranks' rounds back to 0 as after a JOIN.
+    restart: str | None = None
+
+
+def observe(net: Network, calls: list[Call]) -> list[Any]:
+    """Run the calls one after the other: each one's results (or error) and the state after."""
+    seen: list[Any] = []
+    for call in calls:
+        if call.restart is not None:
+            net.restart_switch(call.session)
+            if call.restart == "join":
+                for rounds in net.rounds:
+                    rounds[:] = [0] * len(rounds)
+        try:
+            results = net.allreduce(list(call.inputs), call.session, call.bits)
+            seen.append([(r.dtype.str, r.shape, r.tobytes()) for r in results])
+        except (StaleSession, MismatchError) as exc:
+            seen.append((type(exc).__name__, str(exc)))
+        seen.append(state(net))
+    return seen
+
+
+def assert_windows_agree(calls: list[Call], **network: Any) -> list[Any]:
+    """Both windows through alike-seeded networks: the same observations, call by call."""
+    python, compiled = (
+        observe(Network(**copy.deepcopy(network), window=w), calls) for w in WINDOWS
+    )
+    assert len(python) == len(compiled)
+    for step, (expected, got) in enumerate(zip(python, compiled, strict=True)):
+        if isinstance(expected, dict):
+            for key in expected:
+                assert got[key] == expected[key], f"step {step}: {key} differs"
+        else:
+            assert got == expected, f"step {step}: results differ"
+    return python
+
+
+def calls_of(seed: int, world_size: int, elements: list[int], dtypes: list[str]) -> list[Call]:
+    return [
+        Call(tuple(synthetic_tensor(seed + i, r, n, dtype) for r in range(world_size)))
+        for i, (n, dtype) in enumerate(zip(elements, dtypes, strict=True))
+    ]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    world_size=st.integers(1, 5),
+    slots=st.integers(1, 8),
+    elements=st.lists(st.integers(1, 30 * K), min_size=1, max_size=3),
+    dtypes=st.lists(st.sampled_from(["float32", "int32"]), min_size=3, max_size=3),
+    loss=st.sampled_from([0.0, 0.05, 0.3]),
+    duplicate=st.sampled_from([0.0, 0.1]),
+    reorder=st.sampled_from([0.0, 0.3]),
+    hostile=st.sampled_from([0.0, 0.05]),
+    restart=st.sampled_from([None, "switch", "join"]),
+)
+def test_the_compiled_window_sends_and_sums_what_the_python_window_does(
+    seed, world_size, slots, elements, dtypes, loss, duplicate, reorder, hostile, restart
+) -> None:
+    calls = calls_of(seed, world_size, elements, dtypes[: len(elements)])
+    if len(calls) > 1:  # the switch restarts before the last call, with or without a new run
+        session = SESSION + 1 if restart == "join" else SESSION
+        calls[-1] = dataclasses.replace(calls[-1], restart=restart, session=session)
+    assert_windows_agree(
+        calls,
+        world_size=world_size,
+        slots=slots,
+        seed=seed,
+        loss=loss,
+        duplicate=duplicate,
+        reorder=reorder,
+        hostile=hostile,
+    )
+
+
+def test_the_windows_agree_on_gap_repair_behind_queues_and_a_slow_rank() -> None:
+    """The loss-repair rule where it matters: FIFO queues, a rank 4x slower, losses once."""
+    service = {0: 400e-6, 1: 100e-6, 2: 100e-6, 3: 100e-6}
+    calls = calls_of(3, 4, [200 * K, 50 * K], ["float32", "int32"])
+    seen = assert_windows_agree(
+        calls,
+        world_size=4,
+        slots=16,
+        seed=5,
+        lose_once={(0, 30), (3, 31), (2, 100), (1, 150), (0, 151)},
+        seconds_per_byte=FAST_ETHERNET,
+        service=service,
+        reorder=0.05,
+    )
+    stats = seen[-1]["stats"]
+    assert sum(s["fast_retransmissions"] for s in stats) > 0
+
+
+def test_the_windows_agree_on_forged_answers_stale_and_refused() -> None:
+    """Forged variants of half the answers: wrong lengths, fields and types; both windows ignore
+    the same ones and end the call alike on a matching STALE or REFUSED."""
+    calls = calls_of(7, 3, [40 * K] * 3, ["float32", "int32", "float32"])
+    endings = set()
+    for seed in range(12):
+        seen = assert_windows_agree(calls, world_size=3, slots=4, seed=seed, hostile=0.5)
+        endings |= {r[0] for r in seen[::2] if isinstance(r, tuple)}
+        assert sum(s["duplicates"] for s in seen[-1]["stats"]) > 0
+    assert endings == {"StaleSession", "MismatchError"}
+
+
+def test_the_windows_agree_on_another_sessions_stale_and_on_disagreeing_ranks() -> None:
+    ones = np.ones(K, np.int32)
+    stale = [Call((ones,), session=SESSION + 1)]
+    assert assert_windows_agree(stale, world_size=1, slots=2, seed=1)[0][0] == "StaleSession"
+    mismatch = [Call((ones, np.ones(K + 1, np.int32)))]
+    seen = assert_windows_agree(mismatch, world_size=2, slots=2, seed=1)
+    assert seen[0][0] == "MismatchError" and "rank 1 sums int32 at 32 bits[65]" in seen[0][1]
+
+
+def edge_values(seed: int, n: int) -> np.ndarray:
+    """float32 values at quantization's edges: zeros of both signs, subnormals, powers of two
+    (max|x| = 2**e exactly), halves of the grid, the largest finite, all-zero blocks; with an odd
+    seed, blocks spread from 2**-141 to 2**100 instead."""
+    rng = np.random.default_rng(seed)
+    specials = np.array(
+        [0.0, -0.0, 1e-45, -1e-45, 1.1754942e-38, 2.0**-126, 0.5, 1.0, -2.0, 2.0**20, 3.4e38,
+         -3.4e38, 1.5, 2.5, -0.5, 7.0],
+        dtype=np.float32,
+    )  # fmt: skip
+    values = rng.choice(specials, n) * (rng.random(n) < 0.7)
+    if seed % 2:
+        mantissas = rng.choice([0.5, 0.75, 1.0, 1.5, -1.0, -1.25, 0.0], n)
+        values = mantissas * np.exp2(np.repeat(rng.integers(-140, 100, n // K + 1), K)[:n])
+    values[: 2 * K] = 0.0  # two all-zero blocks: exponent "none"
+    return values.astype(np.float32)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+@pytest.mark.parametrize("bits", [32, 24, 9])
+def test_the_windows_quantize_alike_at_the_edges(world_size, bits) -> None:
+    calls = [
+        Call(tuple(edge_values(seed * 7 + r, 9 * K + 3) for r in range(world_size)), bits=bits)
+        for seed in range(2)
+    ]
+    with np.errstate(over="ignore"):  # sums past float32's range are inf alike
+        assert_windows_agree(calls, world_size=world_size, slots=3, seed=bits)
+
+
+def test_the_compiled_window_lays_out_packets_as_wire_does() -> None:
+    """The C header offsets against wire.Header.pack, field by field, byte for byte."""
+    assert (_window.HEADER_BYTES, _window.ELEMENT_BYTES) == (wire.HEADER_BYTES, wire.ELEMENT_BYTES)
+    assert _window.EXPONENT_BIAS == wire.EXPONENT_BIAS
+    names = ("DATA", "RESULT", "STALE", "REFUSED")
+    assert [getattr(_window, n) for n in names] == [wire.MsgType[n] for n in names]
+    flat = np.arange(3 * K + 5, dtype=np.int32) - 7
+    job = Job(0xBEEF, 0xA5, 32, 5, K, 0x0123_4567_89AB_CDEF)
+    rounds = [0x7FFF, 0xFFFF, 0, 3, 9]
+    packets = CompiledTransfer(job, flat, 0x5A, rounds, RoundTrip(0.01, 1.0), WindowStats()).start(
+        0.0
+    )
+    for chunk, packet in enumerate(packets):
+        count = min(K, flat.size - chunk * K)
+        header = wire.Header(
+            wire.MsgType.DATA, job.job_id, job.rank, chunk, rounds[chunk] & 1, 0,
+            rounds[chunk], chunk, count, 0x5A, flat.size, job.session,
+        )  # fmt: skip
+        elements = np.zeros(K, np.int32)
+        elements[:count] = flat[chunk * K : chunk * K + count]
+        assert packet == wire.encode(header, elements)
+    assert rounds == [0x8000, 0, 1, 4, 9]  # wrapped at 16 bits; slot 4 unused (4 chunks)

@@ -202,7 +202,7 @@ class Transfer:
         if hdr.msg_type == wire.MsgType.STALE:
             raise StaleSession
         if hdr.msg_type == wire.MsgType.REFUSED:
-            raise MismatchError(self._mismatch_message(hdr))
+            raise MismatchError(refusal_message(self.job, self.format, self.flat.size, hdr))
         if hdr.msg_type != wire.MsgType.RESULT or hdr.count != use.count:
             self.stats.duplicates += 1
             return []
@@ -341,18 +341,19 @@ class Transfer:
         else:
             self.out[lo : lo + count] = sums
 
-    def _mismatch_message(self, hdr: wire.Header) -> str:
-        job = self.job
-        mine = f"{wire.describe_format(self.format)}[{self.flat.size}]"
-        if hdr.rank == job.rank:
-            other = "another rank sums something else"
-        else:
-            other = f"rank {hdr.rank} sums {wire.describe_format(hdr.format)}[{hdr.length}]"
-        return (
-            f"job {job.job_id} rank {job.rank}: the switch refused the allreduce: ranks disagree "
-            f"on what they sum ({other}, this rank {mine}); every rank must pass the same "
-            f"dtype, length and precision"
-        )
+
+def refusal_message(job: Job, format: int, length: int, hdr: wire.Header) -> str:
+    """What a REFUSED answer (``hdr``) to a transfer of ``length`` elements in ``format`` means."""
+    mine = f"{wire.describe_format(format)}[{length}]"
+    if hdr.rank == job.rank:
+        other = "another rank sums something else"
+    else:
+        other = f"rank {hdr.rank} sums {wire.describe_format(hdr.format)}[{hdr.length}]"
+    return (
+        f"job {job.job_id} rank {job.rank}: the switch refused the allreduce: ranks disagree "
+        f"on what they sum ({other}, this rank {mine}); every rank must pass the same "
+        f"dtype, length and precision"
+    )
 
 
 @dataclass

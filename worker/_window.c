@@ -1,0 +1,1115 @@
+/* The worker's compiled packet engine: the window of window.py in C, and a socket loop around it.
+ *
+ * window.py stays the specification. Transfer is its Transfer: a core without I/O that is given
+ * datagrams and the time and says what to send (quantization with the agreed block exponents,
+ * packets laid out as wire.py lays them out, chunk c in slot c % S, the priming uses, the
+ * exponent of chunk c + S riding in chunk c, rounds kept by the caller across calls, RFC 6298's
+ * timeout with Karn's rule, the gap rule's fast retransmission, duplicates, STALE and REFUSED). tests/test_window.py runs both
+ * through the same seeded lossy network and requires the same datagrams, in the same order, the
+ * same sums, statistics, rounds and round-trip state.
+ *
+ * Driver is the socket loop around a Transfer (the Python engine's is shim.py's _run): it runs a
+ * whole transfer on a connected non-blocking UDP socket with the GIL released, reading with
+ * recvmmsg and sending with sendmmsg, the datagrams of one flush as UDP GSO messages (one route
+ * lookup and buffer per message rather than per datagram). While it runs the socket takes UDP
+ * GRO, so the switch's GSO messages arrive as one buffer each, which the loop cuts into their
+ * datagrams. Results are written into the output array as they come: no Python object per
+ * packet.
+ *
+ * Arithmetic is worker/quantize.py's bit for bit: float64 products and quotients (built with
+ * -ffp-contract=off, so nothing is fused), round half to even (cvtsd2si under the default
+ * rounding mode, as numpy's rint), frexp for the block exponents.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <emmintrin.h>
+#include <errno.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <netinet/udp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+/* wire.py's layout (HEADER_FIELDS), mirrored here; tests/test_window.py compares the packets this
+ * file builds with wire.Header.pack byte for byte, and these constants with wire's. */
+#define HEADER_BYTES 28
+#define ELEMENT_BYTES 4
+enum {
+    AT_MSG_TYPE = 0,
+    AT_RANK = 1,
+    AT_JOB_ID = 2,
+    AT_VERSION_SLOT = 4, /* version << 15 | slot */
+    AT_EXPONENT = 6,
+    AT_FORMAT = 7,
+    AT_ROUND = 8,
+    AT_COUNT = 10,
+    AT_CHUNK = 12,
+    AT_LENGTH = 16,
+    AT_SESSION = 20,
+};
+enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_STALE = 5, MSG_REFUSED = 6 };
+#define EXPONENT_BIAS 127
+#define EXPONENT_MIN (1 - EXPONENT_BIAS)
+
+#define PRIME (-1) /* window.PRIME: the chunk of a slot's priming use */
+
+/* What a receive or a run ends with. */
+enum { GOING, STALE, REFUSED, DONE, STALLED, INTERRUPTED, FAILED };
+
+/* The statistics a transfer counts, named as WorkerStats' fields. */
+enum {
+    RETRANSMISSIONS, TIMEOUTS, FAST_RETRANSMISSIONS, DUPLICATES, PACKETS_SENT, PACKETS_RECEIVED,
+    BYTES_SENT, BYTES_RECEIVED, NUM_STATS
+};
+static const char *const STAT_NAMES[NUM_STATS] = {
+    "retransmissions", "timeouts", "fast_retransmissions", "duplicates", "packets_sent",
+    "packets_received", "bytes_sent", "bytes_received",
+};
+
+#define RX_BATCH 32            /* messages per recvmmsg */
+#define RX_ROOM 65536          /* a GRO message is at most one IPv4 datagram's payload */
+#define GSO_SEGMENTS 64        /* the kernel's UDP_MAX_SEGMENTS */
+#define GSO_BYTES (65535 - 28) /* one IPv4 UDP datagram's payload at most */
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
+/* window._SlotUse: the one packet a slot has in flight. */
+typedef struct {
+    int64_t chunk; /* index into the tensor's chunks, or PRIME */
+    uint32_t wire_chunk;
+    uint16_t round, count;
+    uint32_t retries;
+    double sent_at, first_sent_at, deadline;
+    int32_t heap_at;          /* where the slot's timer is in the heap; -1: not there */
+    int32_t older, newer;     /* neighbours in the order of sending (window.py's _sent_order) */
+    uint8_t active;           /* in window.py's _uses (and _sent_order) */
+    uint8_t queued;           /* its packet waits in the send queue */
+} use_t;
+
+typedef struct Transfer Transfer;
+/* Hands over the queued packets (sends them, or makes them bytes); the queue is then empty. */
+typedef void (*drain_t)(Transfer *t, void *context);
+
+struct Transfer {
+    PyObject_HEAD
+    /* the job */
+    uint16_t job_id;
+    uint8_t rank, format;
+    uint32_t world_size, slot_count, k, datagram;
+    uint64_t session;
+    double peak_level; /* quantize.peak_level: m */
+    /* the tensor */
+    Py_buffer flat, out;
+    int scaled; /* float32: quantized per block; int32: sent as is */
+    uint32_t length, chunks, slots; /* slots: min(slot_count, chunks), the ones used */
+    uint8_t *local_exp, *global_exp;
+    /* what the caller keeps across calls, copied in at the start */
+    uint16_t *rounds;
+    double min_rto, max_rto, srtt, rttvar, min_rtt;
+    int has_srtt, has_min_rtt;
+    unsigned long long stats[NUM_STATS]; /* since the caller last took them */
+    unsigned long long results;
+    double progress_at;
+    /* the window */
+    use_t *uses;
+    uint8_t *packets;  /* a slot's packet, kept for resending */
+    uint32_t *heap;    /* timers: slots ordered by (deadline, slot), as window.py's heap */
+    uint32_t nheap, active;
+    int32_t oldest, newest; /* ends of the order of sending; -1: none */
+    uint32_t *queue;   /* slots whose packet is to be sent, in order */
+    uint32_t nqueue;
+    drain_t drain;     /* called when the queue is full, or a queued packet is to be rewritten */
+    void *drain_context;
+    PyObject *taken;   /* the sans-IO methods' answer: the drained packets as bytes */
+    int started, running;
+    uint8_t refusal[HEADER_BYTES]; /* the REFUSED header */
+};
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static inline uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline uint64_t rd64(const uint8_t *p) { return (uint64_t)rd32(p) << 32 | rd32(p + 4); }
+static inline void wr16(uint8_t *p, uint16_t v) {
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+static inline void wr32(uint8_t *p, uint32_t v) {
+    wr16(p, (uint16_t)(v >> 16));
+    wr16(p + 2, (uint16_t)v);
+}
+static inline void wr64(uint8_t *p, uint64_t v) {
+    wr32(p, (uint32_t)(v >> 32));
+    wr32(p + 4, (uint32_t)v);
+}
+
+/* -- quantization (quantize.py) -------------------------------------------------------------- */
+
+/* quantize.block_exponents of one block: e + bias for max|x| < 2**e, or 0 for all zeros. */
+static uint8_t block_exponent(const float *x, size_t n) {
+    const __m128 magnitude = _mm_castsi128_ps(_mm_set1_epi32(0x7FFFFFFF));
+    __m128 peak4 = _mm_setzero_ps();
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) peak4 = _mm_max_ps(peak4, _mm_and_ps(_mm_loadu_ps(x + i), magnitude));
+    float lanes[4];
+    _mm_storeu_ps(lanes, peak4);
+    float peak = 0.0f;
+    for (int l = 0; l < 4; l++) peak = lanes[l] > peak ? lanes[l] : peak;
+    for (; i < n; i++) peak = fabsf(x[i]) > peak ? fabsf(x[i]) : peak;
+    if (!(peak > 0)) return 0;
+    int e;
+    frexp((double)peak, &e); /* peak = mant * 2**e with mant in [0.5, 1), so peak < 2**e */
+    return (uint8_t)((e < EXPONENT_MIN ? EXPONENT_MIN : e) + EXPONENT_BIAS);
+}
+
+/* quantize.scales of one exponent byte: m / 2**e, exact in float64. */
+static inline double scale_of(const Transfer *t, uint8_t exponent) {
+    return ldexp(t->peak_level, EXPONENT_BIAS - (int)exponent);
+}
+
+/* quantize.quantize_block into big-endian int32: rint(x * scale) as int32. */
+static void quantize_into(uint8_t *dst, const float *x, size_t n, double scale) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t level = __builtin_bswap32((uint32_t)_mm_cvtsd_si32(_mm_set_sd((double)x[i] * scale)));
+        memcpy(dst + i * ELEMENT_BYTES, &level, ELEMENT_BYTES);
+    }
+}
+
+/* quantize.dequantize: float32 of (float64 sum) / scale. */
+static void dequantize_into(float *dst, const uint8_t *sums, size_t n, double scale) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t big;
+        memcpy(&big, sums + i * ELEMENT_BYTES, ELEMENT_BYTES);
+        dst[i] = (float)((double)(int32_t)__builtin_bswap32(big) / scale);
+    }
+}
+
+/* int32 elements between host order and the wire's big-endian order. */
+static void copy_swapped(uint8_t *dst, const uint8_t *src, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t v;
+        memcpy(&v, src + i * ELEMENT_BYTES, ELEMENT_BYTES);
+        v = __builtin_bswap32(v);
+        memcpy(dst + i * ELEMENT_BYTES, &v, ELEMENT_BYTES);
+    }
+}
+
+/* -- the round trip (window.RoundTrip) -------------------------------------------------------- */
+
+static inline double py_max(double a, double b) { return b > a ? b : a; }
+static inline double py_min(double a, double b) { return b < a ? b : a; }
+
+static void sample_rtt(Transfer *t, double rtt) {
+    t->min_rtt = t->has_min_rtt ? py_min(t->min_rtt, rtt) : rtt;
+    t->has_min_rtt = 1;
+    if (!t->has_srtt) {
+        t->srtt = rtt;
+        t->rttvar = rtt / 2;
+        t->has_srtt = 1;
+    } else {
+        t->rttvar = 0.75 * t->rttvar + 0.25 * fabs(t->srtt - rtt);
+        t->srtt = 0.875 * t->srtt + 0.125 * rtt;
+    }
+}
+
+/* RoundTrip.rto: the timeout of a use resent ``retries`` times (doubled per retry, capped). */
+static double rto(const Transfer *t, uint32_t retries) {
+    double base = t->min_rto * 10; /* no sample yet: be patient */
+    if (t->has_srtt) {
+        double floor = py_max(t->min_rto, 2 * t->srtt);
+        base = py_min(py_max(t->srtt + 4 * t->rttvar, floor), t->max_rto);
+    }
+    return py_min(ldexp(base, (int)retries), t->max_rto); /* base * 2**retries */
+}
+
+/* RoundTrip.reordering_window: a quarter of the smallest round trip (infinite before one). */
+static double reordering_window(const Transfer *t) {
+    return t->has_min_rtt ? t->min_rtt / 4 : INFINITY;
+}
+
+/* -- timers: window.py's heap of (deadline, slot, token) -------------------------------------
+ * A slot has one live timer at most, so the live entries come out of window.py's heap in
+ * (deadline, slot) order: this heap holds exactly those, indexed by slot. */
+
+static inline int earlier(const Transfer *t, uint32_t a, uint32_t b) {
+    double da = t->uses[a].deadline, db = t->uses[b].deadline;
+    return da < db || (da == db && a < b);
+}
+
+static inline void heap_put(Transfer *t, uint32_t at, uint32_t slot) {
+    t->heap[at] = slot;
+    t->uses[slot].heap_at = (int32_t)at;
+}
+
+static void sift_up(Transfer *t, uint32_t at) {
+    uint32_t slot = t->heap[at];
+    while (at > 0) {
+        uint32_t parent = (at - 1) / 2;
+        if (!earlier(t, slot, t->heap[parent])) break;
+        heap_put(t, at, t->heap[parent]);
+        at = parent;
+    }
+    heap_put(t, at, slot);
+}
+
+static void sift_down(Transfer *t, uint32_t at) {
+    uint32_t slot = t->heap[at];
+    for (;;) {
+        uint32_t child = 2 * at + 1;
+        if (child >= t->nheap) break;
+        if (child + 1 < t->nheap && earlier(t, t->heap[child + 1], t->heap[child])) child++;
+        if (!earlier(t, t->heap[child], slot)) break;
+        heap_put(t, at, t->heap[child]);
+        at = child;
+    }
+    heap_put(t, at, slot);
+}
+
+static void timer_set(Transfer *t, uint32_t slot, double deadline) {
+    use_t *u = &t->uses[slot];
+    u->deadline = deadline;
+    if (u->heap_at < 0) {
+        heap_put(t, t->nheap++, slot);
+        sift_up(t, t->nheap - 1);
+    } else {
+        sift_up(t, (uint32_t)u->heap_at);
+        sift_down(t, (uint32_t)u->heap_at);
+    }
+}
+
+static void timer_cancel(Transfer *t, uint32_t slot) {
+    int32_t at = t->uses[slot].heap_at;
+    if (at < 0) return;
+    t->uses[slot].heap_at = -1;
+    uint32_t last = t->heap[--t->nheap];
+    if ((uint32_t)at < t->nheap) {
+        heap_put(t, (uint32_t)at, last);
+        sift_up(t, (uint32_t)at);
+        sift_down(t, (uint32_t)t->uses[last].heap_at);
+    }
+}
+
+/* -- the order of sending (window.py's _sent_order) ------------------------------------------ */
+
+static void order_remove(Transfer *t, uint32_t slot) {
+    use_t *u = &t->uses[slot];
+    if (u->older >= 0) t->uses[u->older].newer = u->newer;
+    else t->oldest = u->newer;
+    if (u->newer >= 0) t->uses[u->newer].older = u->older;
+    else t->newest = u->older;
+    u->older = u->newer = -1;
+}
+
+/* The slot's use is now the most recently sent. */
+static void order_latest(Transfer *t, uint32_t slot) {
+    use_t *u = &t->uses[slot];
+    if (t->newest == (int32_t)slot) return;
+    if (u->older >= 0 || t->oldest == (int32_t)slot) order_remove(t, slot);
+    u->older = t->newest;
+    if (t->newest >= 0) t->uses[t->newest].newer = (int32_t)slot;
+    else t->oldest = (int32_t)slot;
+    t->newest = (int32_t)slot;
+}
+
+/* -- the window (window.Transfer) ------------------------------------------------------------ */
+
+/* Transfer._arm: (re)start the use's timer; it is now the most recently sent use. */
+static void arm(Transfer *t, uint32_t slot, double now) {
+    use_t *u = &t->uses[slot];
+    order_latest(t, slot);
+    u->sent_at = now;
+    timer_set(t, slot, now + rto(t, u->retries));
+}
+
+/* A slot's packet joins the send queue (the packets of one call, in window.py's order). */
+static void enqueue(Transfer *t, uint32_t slot) {
+    if (t->nqueue == t->slots) t->drain(t, t->drain_context);
+    t->uses[slot].queued = 1;
+    t->queue[t->nqueue++] = slot;
+}
+
+/* Transfer._resend: the use's packet again, unchanged; its timer backs off. */
+static void resend(Transfer *t, uint32_t slot, double now) {
+    t->uses[slot].retries++;
+    t->stats[RETRANSMISSIONS]++;
+    arm(t, slot, now);
+    enqueue(t, slot);
+}
+
+/* Transfer._overtake: the uses sent a reordering window or more before the answered one's first
+ * sending are resent, oldest first (each then becomes the latest, behind the answered one). */
+static void overtake(Transfer *t, uint32_t answered, double now) {
+    double sent_by = t->uses[answered].first_sent_at - reordering_window(t);
+    while (t->oldest >= 0 && t->oldest != (int32_t)answered &&
+           !(t->uses[t->oldest].sent_at > sent_by)) {
+        t->stats[FAST_RETRANSMISSIONS]++;
+        resend(t, (uint32_t)t->oldest, now);
+    }
+}
+
+/* Transfer._send: start the next use of ``slot``; its packet carries ``chunk`` (or primes it). */
+static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
+    use_t *u = &t->uses[slot];
+    if (u->queued) t->drain(t, t->drain_context); /* its last packet goes before it is rewritten */
+    uint16_t round = t->rounds[slot] = (uint16_t)(t->rounds[slot] + 1);
+    uint8_t *p = t->packets + (size_t)slot * t->datagram;
+    uint8_t *payload = p + HEADER_BYTES;
+    size_t k = t->k, count = 0;
+    uint8_t exponent;
+    uint32_t wire_chunk;
+    if (chunk == PRIME) {
+        exponent = t->local_exp[slot];
+        wire_chunk = slot;
+    } else {
+        int64_t ahead = chunk + t->slot_count;
+        exponent = t->scaled && ahead < t->chunks ? t->local_exp[ahead] : 0;
+        size_t first = (size_t)chunk * k;
+        count = t->length - first < k ? t->length - first : k;
+        if (t->scaled)
+            quantize_into(payload, (const float *)t->flat.buf + first, count,
+                          scale_of(t, t->global_exp[chunk]));
+        else
+            copy_swapped(payload, (const uint8_t *)t->flat.buf + first * ELEMENT_BYTES, count);
+        wire_chunk = (uint32_t)chunk;
+    }
+    memset(payload + count * ELEMENT_BYTES, 0, (k - count) * ELEMENT_BYTES);
+    p[AT_MSG_TYPE] = MSG_DATA;
+    p[AT_RANK] = t->rank;
+    wr16(p + AT_JOB_ID, t->job_id);
+    wr16(p + AT_VERSION_SLOT, (uint16_t)((round & 1u) << 15 | slot));
+    p[AT_EXPONENT] = exponent;
+    p[AT_FORMAT] = t->format;
+    wr16(p + AT_ROUND, round);
+    wr16(p + AT_COUNT, (uint16_t)count);
+    wr32(p + AT_CHUNK, wire_chunk);
+    wr32(p + AT_LENGTH, t->length);
+    wr64(p + AT_SESSION, t->session);
+    if (!u->active) t->active++;
+    u->chunk = chunk;
+    u->wire_chunk = wire_chunk;
+    u->round = round;
+    u->count = (uint16_t)count;
+    u->retries = 0;
+    u->first_sent_at = now;
+    u->active = 1;
+    arm(t, slot, now);
+    enqueue(t, slot);
+}
+
+/* Transfer.start: the first use of every slot the tensor needs (a priming use for floats). */
+static void core_start(Transfer *t, double now) {
+    t->started = 1;
+    t->progress_at = now;
+    for (uint32_t slot = 0; slot < t->slots; slot++) send_use(t, slot, t->scaled ? PRIME : (int64_t)slot, now);
+}
+
+/* Transfer._store: a result's sums into the output. */
+static void store(Transfer *t, int64_t chunk, size_t count, const uint8_t *datagram) {
+    size_t first = (size_t)chunk * t->k;
+    const uint8_t *sums = datagram + HEADER_BYTES;
+    if (t->scaled)
+        dequantize_into((float *)t->out.buf + first, sums, count, scale_of(t, t->global_exp[chunk]));
+    else
+        copy_swapped((uint8_t *)t->out.buf + first * ELEMENT_BYTES, sums, count);
+}
+
+/* Transfer.receive: GOING (what to send is queued), or STALE or REFUSED (header in refusal). */
+static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
+    if (len != t->datagram) {
+        t->stats[DUPLICATES]++;
+        return GOING;
+    }
+    uint32_t slot = rd16(d + AT_VERSION_SLOT) & 0x7FFFu;
+    use_t *u = slot < t->slots && t->uses[slot].active ? &t->uses[slot] : NULL;
+    if (u == NULL || rd16(d + AT_JOB_ID) != t->job_id || rd64(d + AT_SESSION) != t->session ||
+        rd16(d + AT_ROUND) != u->round || rd32(d + AT_CHUNK) != u->wire_chunk) {
+        t->stats[DUPLICATES]++;
+        return GOING;
+    }
+    if (d[AT_MSG_TYPE] == MSG_STALE) return STALE;
+    if (d[AT_MSG_TYPE] == MSG_REFUSED) {
+        memcpy(t->refusal, d, HEADER_BYTES);
+        return REFUSED;
+    }
+    if (d[AT_MSG_TYPE] != MSG_RESULT || rd16(d + AT_COUNT) != u->count) {
+        t->stats[DUPLICATES]++;
+        return GOING;
+    }
+    t->results++;
+    t->progress_at = now;
+    if (u->retries == 0) sample_rtt(t, now - u->sent_at);
+    overtake(t, slot, now);
+    uint8_t exponent = d[AT_EXPONENT];
+    if (u->chunk == PRIME) {
+        t->global_exp[slot] = exponent;
+        send_use(t, slot, slot, now);
+        return GOING;
+    }
+    store(t, u->chunk, u->count, d);
+    int64_t ahead = u->chunk + t->slot_count;
+    if (ahead >= t->chunks) {
+        u->active = 0;
+        t->active--;
+        timer_cancel(t, slot);
+        order_remove(t, slot);
+        return GOING;
+    }
+    if (t->scaled) t->global_exp[ahead] = exponent;
+    send_use(t, slot, ahead, now);
+    return GOING;
+}
+
+/* Transfer.expire: the uses whose timeout has passed, resent unchanged. */
+static void core_expire(Transfer *t, double now) {
+    while (t->nheap && t->uses[t->heap[0]].deadline <= now) {
+        t->stats[TIMEOUTS]++;
+        resend(t, t->heap[0], now);
+    }
+}
+
+/* -- the socket loop (shim.py's _run) --------------------------------------------------------- */
+
+typedef union {
+    char buf[CMSG_SPACE(sizeof(int))];
+    struct cmsghdr align;
+} control_t;
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    int busy;
+    int gso_off;    /* the kernel or the route refused GSO: one datagram per message */
+    int last_error; /* errno of the latest send that failed for another reason than a full buffer */
+    uint8_t *rxbuf;
+    struct mmsghdr rx[RX_BATCH];
+    struct iovec rxiov[RX_BATCH];
+    control_t rxcontrol[RX_BATCH];
+    /* what to send: a queue's datagrams, contiguous, in messages of up to a GSO batch each */
+    struct mmsghdr *tx;
+    struct iovec *txiov;
+    control_t *txcontrol;
+    uint32_t *txfirst; /* a message's first datagram */
+    size_t txcap;
+} Driver;
+
+static double monotonic(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
+static int grow_tx(Driver *d, size_t cap) {
+    if (cap <= d->txcap) return 0;
+    struct mmsghdr *tx = realloc(d->tx, cap * sizeof *tx);
+    if (tx) d->tx = tx;
+    struct iovec *iov = realloc(d->txiov, cap * sizeof *iov);
+    if (iov) d->txiov = iov;
+    control_t *control = realloc(d->txcontrol, cap * sizeof *control);
+    if (control) d->txcontrol = control;
+    uint32_t *first = realloc(d->txfirst, cap * sizeof *first);
+    if (first) d->txfirst = first;
+    if (!tx || !iov || !control || !first) return -1;
+    d->txcap = cap;
+    return 0;
+}
+
+/* Send the ``n`` datagrams txiov holds, in order. A full buffer loses them, as a congested port
+ * would (the window's timers resend); a socket error (an ICMP port unreachable while the switch
+ * restarts, say) is kept for the stall report, as shim.py's _send keeps it. */
+static void send_datagrams(Driver *d, Transfer *t, uint32_t n) {
+    uint32_t at = 0;
+    while (at < n) {
+        uint32_t per = d->gso_off ? 1 : GSO_BYTES / t->datagram;
+        per = per > GSO_SEGMENTS ? GSO_SEGMENTS : per < 1 ? 1 : per;
+        size_t nmsg = 0;
+        for (uint32_t i = at; i < n; i += per, nmsg++) {
+            uint32_t count = n - i < per ? n - i : per;
+            struct msghdr *h = &d->tx[nmsg].msg_hdr;
+            *h = (struct msghdr){.msg_iov = &d->txiov[i], .msg_iovlen = count};
+            d->txfirst[nmsg] = i;
+            if (count > 1) {
+                h->msg_control = d->txcontrol[nmsg].buf;
+                h->msg_controllen = CMSG_SPACE(sizeof(uint16_t));
+                struct cmsghdr *c = CMSG_FIRSTHDR(h);
+                c->cmsg_level = SOL_UDP;
+                c->cmsg_type = UDP_SEGMENT;
+                c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+                uint16_t segment = (uint16_t)t->datagram;
+                memcpy(CMSG_DATA(c), &segment, sizeof segment);
+            }
+        }
+        size_t m = 0;
+        at = n;
+        while (m < nmsg) {
+            int sent = sendmmsg(d->fd, d->tx + m, (unsigned)(nmsg - m), MSG_DONTWAIT);
+            if (sent > 0) {
+                for (size_t s = m; s < m + (size_t)sent; s++) {
+                    size_t count = d->tx[s].msg_hdr.msg_iovlen;
+                    t->stats[PACKETS_SENT] += count;
+                    t->stats[BYTES_SENT] += count * t->datagram;
+                }
+                m += (size_t)sent;
+            } else if (errno == EINTR) {
+                continue;
+            } else if (d->tx[m].msg_hdr.msg_iovlen > 1 &&
+                       (errno == EINVAL || errno == EIO || errno == ENOPROTOOPT || errno == EMSGSIZE)) {
+                d->gso_off = 1; /* no GSO here: the rest again, a datagram a message */
+                at = d->txfirst[m];
+                break;
+            } else {
+                if (errno != EAGAIN && errno != EWOULDBLOCK) d->last_error = errno;
+                m++;
+            }
+        }
+    }
+}
+
+/* Send what the window has queued (its drain while a driver runs it). */
+static void flush(Transfer *t, void *context) {
+    Driver *d = context;
+    uint32_t n = t->nqueue;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t slot = t->queue[i];
+        d->txiov[i] = (struct iovec){t->packets + (size_t)slot * t->datagram, t->datagram};
+        t->uses[slot].queued = 0;
+    }
+    t->nqueue = 0;
+    if (n) send_datagrams(d, t, n);
+}
+
+/* The size of the datagrams a GRO message holds (the whole message if it is one datagram). */
+static size_t segment_size(struct msghdr *h, size_t len) {
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
+        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
+            int size;
+            memcpy(&size, CMSG_DATA(c), sizeof size);
+            if (size > 0) return (size_t)size;
+        }
+    }
+    return len;
+}
+
+/* Hand the window what arrived; STALE or REFUSED end the batch (what was queued is sent). */
+static int take_batch(Driver *d, Transfer *t, int n, double now) {
+    for (int m = 0; m < n; m++) {
+        uint8_t *buf = d->rxbuf + (size_t)m * RX_ROOM;
+        size_t len = d->rx[m].msg_len, segment = segment_size(&d->rx[m].msg_hdr, len), at = 0;
+        do {
+            size_t piece = len - at < segment ? len - at : segment;
+            const uint8_t *p = buf + at;
+            t->stats[PACKETS_RECEIVED]++;
+            t->stats[BYTES_RECEIVED] += piece;
+            int verdict = core_receive(t, p, piece, now);
+            if (verdict != GOING) {
+                flush(t, d);
+                return verdict;
+            }
+            at += piece;
+        } while (at < len);
+    }
+    flush(t, d);
+    return GOING;
+}
+
+/* Drive the transfer until it is done (DONE), no result came for ``timeout`` seconds (STALLED),
+ * the switch answered STALE or REFUSED, a signal arrived (INTERRUPTED: Python handles it, then
+ * the loop goes on) or the socket failed (FAILED, errno in last_error). When nothing waits it
+ * sleeps ``coalesce`` seconds, so that one wake-up takes a batch. Runs without the GIL. */
+static int drive(Driver *d, Transfer *t, double timeout, double coalesce) {
+    t->drain = flush;
+    t->drain_context = d;
+    if (!t->started) {
+        core_start(t, monotonic());
+        flush(t, d);
+    }
+    struct timespec nap = {(time_t)coalesce, (long)((coalesce - (double)(time_t)coalesce) * 1e9)};
+    for (;;) {
+        if (t->active == 0) return DONE;
+        for (int i = 0; i < RX_BATCH; i++) d->rx[i].msg_hdr.msg_controllen = sizeof(control_t);
+        int n = recvmmsg(d->fd, d->rx, RX_BATCH, MSG_DONTWAIT, NULL);
+        double now = monotonic();
+        if (n > 0) {
+            int verdict = take_batch(d, t, n, now);
+            if (verdict != GOING) return verdict;
+        } else if (errno == EINTR) {
+            return INTERRUPTED;
+        } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ECONNREFUSED) {
+            d->last_error = errno; /* refused: the switch is not up yet; anything else ends it */
+            return FAILED;
+        }
+        if (now - t->progress_at > timeout) return STALLED;
+        core_expire(t, now);
+        flush(t, d);
+        if (n <= 0 && nanosleep(&nap, NULL) < 0) return INTERRUPTED;
+    }
+}
+
+/* -- the Python types ------------------------------------------------------------------------- */
+
+static PyObject *StaleError, *RefusedError;
+
+static void Transfer_dealloc(Transfer *self) {
+    Py_XDECREF(self->taken);
+    if (self->flat.obj) PyBuffer_Release(&self->flat);
+    if (self->out.obj) PyBuffer_Release(&self->out);
+    free(self->local_exp);
+    free(self->global_exp);
+    free(self->rounds);
+    free(self->uses);
+    free(self->packets);
+    free(self->heap);
+    free(self->queue);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* float32 ('f') or int32 ('i'), one dimension of 4-byte items. */
+static int element_kind(const Py_buffer *view) {
+    if (view->itemsize != 4 || view->format == NULL || view->format[1] != '\0') return 0;
+    return view->format[0] == 'f' || view->format[0] == 'i' ? view->format[0] : 0;
+}
+
+static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"job_id", "rank", "world_size", "slot_count", "k", "session",
+                             "precision_bits", "format", "flat", "out", "rounds", "min_rto",
+                             "max_rto", "srtt", "rttvar", "min_rtt", NULL};
+    unsigned int job_id, rank, world_size, slot_count, k, bits, format;
+    unsigned long long session;
+    PyObject *flat, *out, *rounds, *srtt, *min_rtt;
+    double min_rto, max_rto, rttvar;
+    if (self->uses != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a transfer is initialized once");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIIIIKIIOOOddOdO", kwlist, &job_id, &rank,
+                                     &world_size, &slot_count, &k, &session, &bits, &format, &flat,
+                                     &out, &rounds, &min_rto, &max_rto, &srtt, &rttvar, &min_rtt))
+        return -1;
+    if (job_id > 0xFFFF || rank > 0xFF || world_size == 0 || world_size > 32 || slot_count == 0 ||
+        slot_count > (1u << 15) || k == 0 || k > 4096 || bits < 1 || bits > 32 || format > 0xFF ||
+        !(min_rto > 0) || !(max_rto >= min_rto)) {
+        PyErr_SetString(PyExc_ValueError, "transfer parameters out of range");
+        return -1;
+    }
+    if (PyObject_GetBuffer(flat, &self->flat, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0 ||
+        PyObject_GetBuffer(out, &self->out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        return -1;
+    int kind = element_kind(&self->flat);
+    if (kind == 0 || element_kind(&self->out) != kind || self->out.len != self->flat.len ||
+        self->flat.len / 4 > UINT32_MAX) {
+        PyErr_SetString(PyExc_TypeError,
+                        "flat and out must be float32 or int32 arrays of one type and length");
+        return -1;
+    }
+    PyObject *seq = PySequence_Fast(rounds, "rounds must be a sequence");
+    if (seq == NULL) return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != (Py_ssize_t)slot_count) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "rounds must hold one round per slot");
+        return -1;
+    }
+    self->rounds = malloc(slot_count * sizeof *self->rounds);
+    for (unsigned int s = 0; self->rounds && s < slot_count; s++) {
+        long value = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, s));
+        if (value == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        self->rounds[s] = (uint16_t)value;
+    }
+    Py_DECREF(seq);
+    self->job_id = (uint16_t)job_id;
+    self->rank = (uint8_t)rank;
+    self->world_size = world_size;
+    self->slot_count = slot_count;
+    self->k = k;
+    self->datagram = HEADER_BYTES + k * ELEMENT_BYTES;
+    self->session = session;
+    self->format = (uint8_t)format;
+    self->peak_level = (double)(((1ull << (bits - 1)) - 1) / world_size);
+    self->scaled = kind == 'f';
+    self->length = (uint32_t)(self->flat.len / 4);
+    self->chunks = (uint32_t)(((uint64_t)self->length + k - 1) / k);
+    self->slots = self->chunks < slot_count ? self->chunks : slot_count;
+    self->min_rto = min_rto;
+    self->max_rto = max_rto;
+    self->has_srtt = srtt != Py_None;
+    self->srtt = self->has_srtt ? PyFloat_AsDouble(srtt) : 0.0;
+    self->rttvar = rttvar;
+    self->has_min_rtt = min_rtt != Py_None;
+    self->min_rtt = self->has_min_rtt ? PyFloat_AsDouble(min_rtt) : 0.0;
+    if (PyErr_Occurred()) return -1;
+    size_t slots = self->slots ? self->slots : 1, chunks = self->chunks ? self->chunks : 1;
+    self->local_exp = calloc(chunks, 1);
+    self->global_exp = calloc(chunks, 1);
+    self->uses = calloc(slots, sizeof *self->uses);
+    self->packets = malloc(slots * self->datagram);
+    self->heap = malloc(slots * sizeof *self->heap);
+    self->queue = malloc(slots * sizeof *self->queue);
+    if (!self->rounds || !self->local_exp || !self->global_exp || !self->uses || !self->packets ||
+        !self->heap || !self->queue) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (size_t s = 0; s < slots; s++) self->uses[s].heap_at = self->uses[s].older = self->uses[s].newer = -1;
+    self->oldest = self->newest = -1;
+    if (self->scaled) {
+        const float *x = self->flat.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (uint32_t c = 0; c < self->chunks; c++) {
+            size_t first = (size_t)c * k, n = self->length - first < k ? self->length - first : k;
+            self->local_exp[c] = block_exponent(x + first, n);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    return 0;
+}
+
+static int check_idle(Transfer *self) {
+    if (self->uses == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the transfer is not initialized");
+        return -1;
+    }
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "the transfer is running on a socket");
+        return -1;
+    }
+    return 0;
+}
+
+/* The sans-IO methods' drain: the queued packets as bytes, in order, onto ``taken``. */
+static void drain_to_bytes(Transfer *t, void *Py_UNUSED(context)) {
+    for (uint32_t i = 0; i < t->nqueue; i++) {
+        uint32_t slot = t->queue[i];
+        t->uses[slot].queued = 0;
+        if (t->taken == NULL) continue; /* out of memory: the error is set */
+        PyObject *packet = PyBytes_FromStringAndSize(
+            (const char *)t->packets + (size_t)slot * t->datagram, t->datagram);
+        if (packet == NULL || PyList_Append(t->taken, packet) < 0) Py_CLEAR(t->taken);
+        Py_XDECREF(packet);
+    }
+    t->nqueue = 0;
+}
+
+/* Before a sans-IO step: what it sends will be collected as bytes. */
+static int begin_step(Transfer *t) {
+    if (check_idle(t) < 0 || (t->taken = PyList_New(0)) == NULL) return -1;
+    t->drain = drain_to_bytes;
+    t->drain_context = NULL;
+    return 0;
+}
+
+/* After it: the packets it sent, in order (NULL with an error set if memory ran out). */
+static PyObject *end_step(Transfer *t) {
+    drain_to_bytes(t, NULL);
+    PyObject *taken = t->taken;
+    t->taken = NULL;
+    return taken;
+}
+
+/* Raise what a STALE or REFUSED verdict means to the caller. */
+static PyObject *raise_verdict(Transfer *self, int verdict) {
+    if (verdict == STALE) {
+        PyErr_SetNone(StaleError);
+    } else {
+        PyObject *header = PyBytes_FromStringAndSize((const char *)self->refusal, HEADER_BYTES);
+        if (header != NULL) {
+            PyErr_SetObject(RefusedError, header);
+            Py_DECREF(header);
+        }
+    }
+    return NULL;
+}
+
+static PyObject *Transfer_start(Transfer *self, PyObject *arg) {
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred()) return NULL;
+    if (self->started) {
+        PyErr_SetString(PyExc_RuntimeError, "the transfer has started");
+        return NULL;
+    }
+    if (begin_step(self) < 0) return NULL;
+    core_start(self, now);
+    return end_step(self);
+}
+
+static PyObject *Transfer_receive(Transfer *self, PyObject *args) {
+    Py_buffer datagram;
+    double now;
+    if (!PyArg_ParseTuple(args, "y*d", &datagram, &now)) return NULL;
+    if (begin_step(self) < 0) {
+        PyBuffer_Release(&datagram);
+        return NULL;
+    }
+    int verdict = core_receive(self, datagram.buf, (size_t)datagram.len, now);
+    PyBuffer_Release(&datagram);
+    PyObject *sent = end_step(self);
+    if (verdict == GOING) return sent;
+    Py_XDECREF(sent); /* nothing: the verdict comes before anything is sent */
+    return raise_verdict(self, verdict);
+}
+
+static PyObject *Transfer_expire(Transfer *self, PyObject *arg) {
+    double now = PyFloat_AsDouble(arg);
+    if ((now == -1.0 && PyErr_Occurred()) || begin_step(self) < 0) return NULL;
+    core_expire(self, now);
+    return end_step(self);
+}
+
+static PyObject *Transfer_next_deadline(Transfer *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_idle(self) < 0) return NULL;
+    if (self->nheap == 0) Py_RETURN_NONE;
+    return PyFloat_FromDouble(self->uses[self->heap[0]].deadline);
+}
+
+static PyObject *Transfer_missing(Transfer *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_idle(self) < 0) return NULL;
+    uint8_t *open = calloc(self->chunks ? self->chunks : 1, 1);
+    if (open == NULL) return PyErr_NoMemory();
+    for (uint32_t slot = 0; slot < self->slots; slot++) {
+        const use_t *u = &self->uses[slot];
+        if (!u->active) continue;
+        for (int64_t c = u->chunk == PRIME ? slot : u->chunk; c < self->chunks; c += self->slot_count)
+            open[c] = 1;
+    }
+    PyObject *list = PyList_New(0);
+    for (uint32_t c = 0; list && c < self->chunks; c++) {
+        if (!open[c]) continue;
+        PyObject *index = PyLong_FromUnsignedLong(c);
+        if (index == NULL || PyList_Append(list, index) < 0) Py_CLEAR(list);
+        Py_XDECREF(index);
+    }
+    free(open);
+    return list;
+}
+
+static PyObject *Transfer_take_stats(Transfer *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_idle(self) < 0) return NULL;
+    PyObject *stats = PyDict_New();
+    for (int s = 0; stats && s < NUM_STATS; s++) {
+        PyObject *value = PyLong_FromUnsignedLongLong(self->stats[s]);
+        if (value == NULL || PyDict_SetItemString(stats, STAT_NAMES[s], value) < 0) Py_CLEAR(stats);
+        Py_XDECREF(value);
+    }
+    if (stats) memset(self->stats, 0, sizeof self->stats);
+    return stats;
+}
+
+static PyObject *Transfer_get_rounds(Transfer *self, void *Py_UNUSED(closure)) {
+    if (check_idle(self) < 0) return NULL;
+    PyObject *list = PyList_New(self->slot_count);
+    for (uint32_t s = 0; list && s < self->slot_count; s++) {
+        PyObject *round = PyLong_FromLong(self->rounds[s]);
+        if (round == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, s, round);
+    }
+    return list;
+}
+
+static PyObject *Transfer_get_srtt(Transfer *self, void *Py_UNUSED(closure)) {
+    if (!self->has_srtt) Py_RETURN_NONE;
+    return PyFloat_FromDouble(self->srtt);
+}
+
+static PyObject *Transfer_get_rttvar(Transfer *self, void *Py_UNUSED(closure)) {
+    return PyFloat_FromDouble(self->rttvar);
+}
+
+static PyObject *Transfer_get_min_rtt(Transfer *self, void *Py_UNUSED(closure)) {
+    if (!self->has_min_rtt) Py_RETURN_NONE;
+    return PyFloat_FromDouble(self->min_rtt);
+}
+
+static PyObject *Transfer_get_done(Transfer *self, void *Py_UNUSED(closure)) {
+    return PyBool_FromLong(self->active == 0);
+}
+
+static PyObject *Transfer_get_results(Transfer *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLongLong(self->results);
+}
+
+static PyObject *Transfer_get_progress_at(Transfer *self, void *Py_UNUSED(closure)) {
+    return PyFloat_FromDouble(self->progress_at);
+}
+
+static PyObject *Transfer_get_chunks(Transfer *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLong(self->chunks);
+}
+
+static PyMethodDef Transfer_methods[] = {
+    {"start", (PyCFunction)Transfer_start, METH_O, "The first use of every slot: packets."},
+    {"receive", (PyCFunction)Transfer_receive, METH_VARARGS,
+     "Take a datagram from the switch: packets to send; raises Stale or Refused."},
+    {"expire", (PyCFunction)Transfer_expire, METH_O, "The uses whose timeout has passed."},
+    {"next_deadline", (PyCFunction)Transfer_next_deadline, METH_NOARGS,
+     "When expire may next resend something (None when nothing is out)."},
+    {"missing", (PyCFunction)Transfer_missing, METH_NOARGS, "Chunks whose result has not come."},
+    {"take_stats", (PyCFunction)Transfer_take_stats, METH_NOARGS,
+     "The counts since the last call, by WorkerStats field; they start again from zero."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Transfer_getset[] = {
+    {"rounds", (getter)Transfer_get_rounds, NULL, "The last round used, per slot.", NULL},
+    {"srtt", (getter)Transfer_get_srtt, NULL, "The smoothed round trip (None: no sample).", NULL},
+    {"rttvar", (getter)Transfer_get_rttvar, NULL, "The round trip's variation.", NULL},
+    {"min_rtt", (getter)Transfer_get_min_rtt, NULL, "The smallest round trip (None: none).", NULL},
+    {"done", (getter)Transfer_get_done, NULL, "No use is out.", NULL},
+    {"results", (getter)Transfer_get_results, NULL, "Results taken.", NULL},
+    {"progress_at", (getter)Transfer_get_progress_at, NULL, "When the last result came.", NULL},
+    {"chunks", (getter)Transfer_get_chunks, NULL, "Packets the tensor takes.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject TransferType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "switchreduce.worker._window.Transfer",
+    .tp_doc = PyDoc_STR("window.Transfer in C: one allreduce call, without I/O."),
+    .tp_basicsize = sizeof(Transfer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Transfer_init,
+    .tp_dealloc = (destructor)Transfer_dealloc,
+    .tp_methods = Transfer_methods,
+    .tp_getset = Transfer_getset,
+};
+
+static void Driver_dealloc(Driver *self) {
+    free(self->rxbuf);
+    free(self->tx);
+    free(self->txiov);
+    free(self->txcontrol);
+    free(self->txfirst);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Driver_init(Driver *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"fd", NULL};
+    if (self->rxbuf != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a driver is initialized once");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i", kwlist, &self->fd)) return -1;
+    self->rxbuf = malloc((size_t)RX_BATCH * RX_ROOM);
+    if (self->rxbuf == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int i = 0; i < RX_BATCH; i++) {
+        self->rxiov[i] = (struct iovec){self->rxbuf + (size_t)i * RX_ROOM, RX_ROOM};
+        self->rx[i].msg_hdr = (struct msghdr){.msg_iov = &self->rxiov[i], .msg_iovlen = 1,
+                                              .msg_control = self->rxcontrol[i].buf,
+                                              .msg_controllen = sizeof(control_t)};
+    }
+    return 0;
+}
+
+/* UDP GRO on the socket while a transfer runs on it, and off again (shim.py reads it without). */
+static void set_gro(int fd, int on) { setsockopt(fd, SOL_UDP, UDP_GRO, &on, sizeof on); }
+
+static PyObject *Driver_run(Driver *self, PyObject *args) {
+    Transfer *t;
+    double timeout, coalesce;
+    if (!PyArg_ParseTuple(args, "O!dd", &TransferType, &t, &timeout, &coalesce)) return NULL;
+    if (self->rxbuf == NULL || check_idle(t) < 0) return NULL;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "the driver is running another transfer");
+        return NULL;
+    }
+    if (!(coalesce >= 0) || !(timeout > 0)) {
+        PyErr_SetString(PyExc_ValueError, "need timeout > 0 and coalesce >= 0");
+        return NULL;
+    }
+    if (grow_tx(self, t->slots ? t->slots : 1) < 0) return PyErr_NoMemory();
+    self->busy = t->running = 1;
+    int verdict;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        set_gro(self->fd, 1);
+        verdict = drive(self, t, timeout, coalesce);
+        set_gro(self->fd, 0);
+        Py_END_ALLOW_THREADS
+        if (verdict != INTERRUPTED || PyErr_CheckSignals() < 0) break;
+    }
+    self->busy = t->running = 0;
+    if (verdict == INTERRUPTED) return NULL; /* a signal handler raised */
+    if (verdict == FAILED) {
+        errno = self->last_error;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (verdict == STALE || verdict == REFUSED) return raise_verdict(t, verdict);
+    return PyBool_FromLong(verdict == DONE);
+}
+
+static PyObject *Driver_get_last_error(Driver *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromLong(self->last_error);
+}
+
+static PyMethodDef Driver_methods[] = {
+    {"run", (PyCFunction)Driver_run, METH_VARARGS,
+     "run(transfer, timeout, coalesce): drive it on the socket, GIL released; True when done, "
+     "False when no result came for timeout seconds; raises Stale or Refused."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Driver_getset[] = {
+    {"last_error", (getter)Driver_get_last_error, NULL,
+     "errno of the latest send that failed for another reason than a full buffer (0: none).",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject DriverType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "switchreduce.worker._window.Driver",
+    .tp_doc = PyDoc_STR("Runs transfers on a connected non-blocking UDP socket (shim.py's _run)."),
+    .tp_basicsize = sizeof(Driver),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Driver_init,
+    .tp_dealloc = (destructor)Driver_dealloc,
+    .tp_methods = Driver_methods,
+    .tp_getset = Driver_getset,
+};
+
+static struct PyModuleDef window_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_window",
+    .m_doc = "The worker's compiled window and socket loop (see worker/engine.py).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__window(void) {
+    if (PyType_Ready(&TransferType) < 0 || PyType_Ready(&DriverType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&window_module);
+    if (m == NULL) return NULL;
+    StaleError = PyErr_NewExceptionWithDoc("switchreduce.worker._window.Stale",
+                                           "The switch answered STALE for the transfer's session.",
+                                           NULL, NULL);
+    RefusedError = PyErr_NewExceptionWithDoc(
+        "switchreduce.worker._window.Refused",
+        "The switch refused the round; the argument is the REFUSED header.", NULL, NULL);
+    if (StaleError == NULL || RefusedError == NULL ||
+        PyModule_AddObjectRef(m, "Transfer", (PyObject *)&TransferType) < 0 ||
+        PyModule_AddObjectRef(m, "Driver", (PyObject *)&DriverType) < 0 ||
+        PyModule_AddObjectRef(m, "Stale", StaleError) < 0 ||
+        PyModule_AddObjectRef(m, "Refused", RefusedError) < 0 ||
+        PyModule_AddIntConstant(m, "HEADER_BYTES", HEADER_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "ELEMENT_BYTES", ELEMENT_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "EXPONENT_BIAS", EXPONENT_BIAS) < 0 ||
+        PyModule_AddIntConstant(m, "DATA", MSG_DATA) < 0 ||
+        PyModule_AddIntConstant(m, "RESULT", MSG_RESULT) < 0 ||
+        PyModule_AddIntConstant(m, "STALE", MSG_STALE) < 0 ||
+        PyModule_AddIntConstant(m, "REFUSED", MSG_REFUSED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
