@@ -98,6 +98,9 @@ class SwitchConfig:
     controller: bool = False
     #: Floor of the workers' adaptive retransmission timeout: how soon a loss is repaired.
     min_rto_ms: float = 10.0
+    #: DDP's gradient buckets are summed while the backward pass goes on (worker.ddp's
+    #: switch_allreduce_hook); False: each before it goes on (switch_blocking_hook).
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         _check(
@@ -168,6 +171,9 @@ class OptimizerConfig:
         _check(0 <= self.momentum < 1, "optimizer.momentum", "must be in [0, 1)")
 
 
+MEASURES = ("training", "compute", "allreduce")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     iterations: int = 300
@@ -180,9 +186,25 @@ class TrainConfig:
     #: torch intra-op threads per rank. Emulated ranks share this machine's cores, and
     #: spinning OpenMP threads starve gloo's and the shim's (100x slower iterations here).
     threads: int = 1
+    #: DDP's bucket size in MB (None: DDP's default, 25): smaller makes more buckets.
+    bucket_cap_mb: float | None = None
+    #: What an iteration does: training; compute (training with no gradient summed: each
+    #: rank keeps its own); allreduce (the buckets of one backward pass summed as training
+    #: sums them, without the compute). The two parts of a training iteration, timed alone.
+    measure: str = "training"
 
     def __post_init__(self) -> None:
         _check(self.iterations >= 1, "train.iterations", "must be >= 1")
+        _check(
+            self.measure in MEASURES,
+            "train.measure",
+            f"must be one of {', '.join(MEASURES)}, got {self.measure!r}",
+        )
+        _check(
+            self.bucket_cap_mb is None or self.bucket_cap_mb > 0,
+            "train.bucket_cap_mb",
+            "must be > 0",
+        )
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.timeout > 0, "train.timeout", "must be > 0")
         _check(self.threads >= 1, "train.threads", "must be >= 1")

@@ -11,6 +11,12 @@ Each rank appends one JSON record per iteration to
 ``OUT/metrics-{backend}-rank{r}.jsonl``; rank 0 also prints a progress line
 now and then. Every rank evaluates the (identical) model on the test set at
 the same iterations, so evaluation never shows up as a peer's waiting time.
+
+``train.measure`` times the two parts of an iteration alone, with the same
+model, data, processes and DDP buckets: ``compute`` trains without summing
+any gradient (a DDP hook that leaves each rank its own), ``allreduce`` sums
+the buckets of one backward pass each iteration as training would
+(Backend.average_buckets), without the forward and backward passes.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from switchreduce.experiments.errors import ExperimentError
 from switchreduce.experiments.records import PROGRESS, metrics_path
 from switchreduce.experiments.workloads import Dataset, build_model, build_optimizer, load_dataset
 from switchreduce.worker.backends import Backend, GroupOptions, open_backend
+from switchreduce.worker.ddp import local_gradients_hook
 
 
 def interface_tx_bytes(name: str) -> int:
@@ -94,7 +101,7 @@ def train(config: ExperimentConfig, options: RankOptions) -> None:
         torch.manual_seed(t.seed)
         data = load_dataset(config.data, t.seed)
         model = build_model(config.model, data.classes)
-        ddp = DistributedDataParallel(model)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=t.bucket_cap_mb)
         sw = config.switch
         group = GroupOptions(
             rank=rank,
@@ -108,11 +115,16 @@ def train(config: ExperimentConfig, options: RankOptions) -> None:
             bind=options.bind,
             precision_bits=sw.precision_bits,
             min_rto=sw.min_rto_ms / 1000,
+            overlap=sw.overlap,
         )
         chosen = stack.enter_context(open_backend(options.backend, group))
-        chosen.attach(ddp)
+        buckets: dict[int, torch.Tensor] = {}
+        if t.measure == "training":
+            chosen.attach(ddp)
+        else:
+            ddp.register_comm_hook(buckets, local_gradients_hook)
         optimizer = build_optimizer(config.optimizer, ddp.parameters())
-        _loop(config, options, rank, world_size, ddp, optimizer, data, chosen)
+        _loop(config, options, rank, world_size, ddp, optimizer, data, chosen, buckets)
 
 
 def _loop(
@@ -124,6 +136,7 @@ def _loop(
     optimizer: torch.optim.Optimizer,
     data: Dataset,
     chosen: Backend,
+    buckets: dict[int, torch.Tensor],
 ) -> None:
     """The training iterations, timed from a common start; one metrics record each."""
     t = config.train
@@ -133,28 +146,43 @@ def _loop(
     generator = torch.Generator().manual_seed(t.seed * 1000 + rank)
     order = torch.randperm(len(y), generator=generator)
     cursor, elapsed = 0, 0.0
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> torch.Tensor:
+        nonlocal order, cursor
+        if cursor + batch > len(y):  # a new epoch: reshuffle this rank's shard
+            order, cursor = torch.randperm(len(y), generator=generator), 0
+        idx = order[cursor : cursor + batch]
+        cursor += batch
+        ddp.train()
+        loss = loss_fn(ddp(x[idx]), y[idx])
+        if compute:
+            time.sleep(compute)  # the emulated rest of a bigger model's compute
+        optimizer.zero_grad()
+        loss.backward()  # the gradients are summed here, through the hook
+        optimizer.step()
+        return loss
+
+    if t.measure == "allreduce":
+        # DDP cuts its buckets for good after the first backward pass: the second's are
+        # what training sums every iteration, and what is summed here every iteration.
+        step()
+        loss = step()
+        in_order = [buckets[index] for index in sorted(buckets)]
     sent = _bytes_sent(chosen, options.interface)
     retransmissions = chosen.retransmissions
-    loss_fn = torch.nn.CrossEntropyLoss()
     progress_every = max(1, t.iterations // 20)
     dist.barrier()  # start together: what is timed is training, not start-up
     with metrics_path(options.out, options.backend, rank).open("w") as metrics:
         for iteration in range(1, t.iterations + 1):
-            if cursor + batch > len(y):  # a new epoch: reshuffle this rank's shard
-                order, cursor = torch.randperm(len(y), generator=generator), 0
-            idx = order[cursor : cursor + batch]
-            cursor += batch
             start = time.perf_counter()
-            ddp.train()
-            loss = loss_fn(ddp(x[idx]), y[idx])
-            if compute:
-                time.sleep(compute)  # the emulated rest of a bigger model's compute
-            optimizer.zero_grad()
-            loss.backward()  # the gradients are summed here, through the hook
-            optimizer.step()
+            if t.measure == "allreduce":
+                chosen.average_buckets(in_order)
+            else:
+                loss = step()
             seconds = time.perf_counter() - start
             elapsed += seconds
-            record = {
+            record: dict[str, object] = {
                 "iteration": iteration,
                 "loss": loss.item(),
                 "seconds": seconds,

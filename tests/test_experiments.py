@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from switchreduce import wire
 from switchreduce.experiments.config import ExperimentConfig, from_dict, load
 from switchreduce.experiments.errors import ConfigError, ExperimentError
 from switchreduce.experiments.runner import run_experiment
@@ -51,6 +52,9 @@ def test_every_shipped_config_is_valid_and_replays_from_its_resolved_form(path, 
         ({"sweep": {"parameter": "switch.k", "values": [64, 100]}}, "switch.k must be one of"),
         ({"sweep": {"parameter": "nothing", "values": [1]}}, "is not section.key"),
         ({"sweep": {"parameter": "switch.k", "values": []}}, "sweep.values must list"),
+        ({"train": {"measure": "backward"}}, "train.measure must be one of training, compute"),
+        ({"train": {"bucket_cap_mb": 0}}, "train.bucket_cap_mb must be > 0"),
+        ({"switch": {"overlap": "yes"}}, "switch.overlap must be bool"),
     ],
 )
 def test_bad_configs_are_rejected_naming_the_key(raw: dict, message: str) -> None:
@@ -143,6 +147,32 @@ def test_a_sweep_runs_every_value_and_the_baseline_once(tmp_path) -> None:
     ]
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "sweep.csv").exists()
     assert (tmp_path / "switch.precision_bits=8" / "metrics.jsonl").exists()
+
+
+def test_compute_and_allreduce_alone_are_the_two_parts_of_a_training_iteration(tmp_path) -> None:
+    """Compute alone sends nothing; allreduce alone sends each iteration what a training
+    iteration sends once DDP has cut its buckets (several here), and no compute is done."""
+    config = _short(
+        model={"name": "cnn", "hidden": 8},
+        data={"name": "synthetic", "samples": 400},
+        train={"baseline": False, "iterations": 5, "eval_every": 5, "bucket_cap_mb": 0.03},
+    )
+    raw = json.loads(config.to_json())
+    raw["sweep"] = {"parameter": "train.measure", "values": ["compute", "allreduce", "training"]}
+    run_experiment(from_dict(raw), tmp_path, show=_quiet)
+    runs = {
+        m: _records(tmp_path / f"train.measure={m}") for m in ("compute", "allreduce", "training")
+    }
+    assert all(r["bytes_sent"] == 0 for r in runs["compute"])
+    datagram = wire.datagram_bytes(config.switch.k)
+
+    def first_sends(record: dict) -> float:  # datagrams sent, resends left out
+        return record["bytes_sent"] / datagram - record["retransmissions"]
+
+    steady = first_sends(runs["training"][-1])  # DDP's buckets, cut after the first pass
+    assert steady != first_sends(runs["training"][0])  # one bucket at first, so other chunks
+    assert [first_sends(r) for r in runs["allreduce"]] == [steady] * 5
+    assert len({r["loss"] for r in runs["allreduce"]}) == 1  # the model never changes
 
 
 def test_shaped_links_on_loopback_are_an_error_not_ignored(tmp_path) -> None:

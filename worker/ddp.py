@@ -16,6 +16,7 @@ backward pass computes the next ones, as gloo's do; DDP waits for every
 bucket's future before the gradients are used, and leaves a bucket's buffer
 alone until then. ``switch_blocking_hook`` sums each bucket before the
 backward pass goes on: the baseline the overlap is measured against.
+``local_gradients_hook`` sums nothing, to time the compute alone.
 """
 
 # No "from __future__ import annotations": DDP checks the hooks' annotations at runtime.
@@ -56,3 +57,19 @@ def switch_blocking_hook(
 ) -> torch.futures.Future[torch.Tensor]:
     """Average ``bucket`` over all ranks through the switch before the backward pass goes on."""
     return average_now(comm, bucket.buffer())
+
+
+def local_gradients_hook(
+    buckets: dict[int, torch.Tensor], bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """Sum nothing: each rank keeps its own gradients (a training's compute, timed alone).
+
+    ``buckets`` holds the last backward pass's buckets by index: DDP's own
+    buffers, which a backward pass sums, to be summed without one.
+    """
+    if bucket.index() == 0:  # DDP hands its buckets over in index order
+        buckets.clear()
+    buckets[bucket.index()] = bucket.buffer()
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
