@@ -29,6 +29,8 @@ from switchreduce.emulation.softswitch.process import LoopbackSwitch
 from switchreduce.emulation.topo import DEFAULT_SLOTS, Emulation, TopoOptions
 from switchreduce.launch import START_TIMEOUT, Child, cli_command, release, reports
 from switchreduce.ports import free_tcp_port, free_udp_ports
+from switchreduce.worker.engine import EngineName as WorkerEngineName
+from switchreduce.worker.engine import check_engine
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class BenchOptions:
     #: The loopback soft switch's engine; None: its default (compiled). Mininet's soft switch
     #: node serves raw mode, which runs the Python engine.
     engine: EngineName | None = None
+    #: The loopback workers' window (worker/engine.py); None: their default (compiled).
+    worker_engine: WorkerEngineName | None = None
     bw: float | None = None  # Mininet's links, Mbit/s
     mtu: int | None = None  # Mininet's links; None: 1500
     #: None: wire.DEFAULT_K on loopback, the largest that fits the links' MTU in Mininet.
@@ -61,6 +65,10 @@ class BenchOptions:
             raise ValueError("link MTU and bandwidth are Mininet's (--topo mininet)")
         if self.engine is not None and self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.worker_engine is not None:
+            check_engine(self.worker_engine)
+        if self.topo == "mininet" and self.worker_engine is not None:
+            raise ValueError("the worker engine is chosen on loopback; Mininet's run the default")
         if self.topo == "mininet" and self.engine is not None:
             raise ValueError(
                 "the engine is the loopback switch's; Mininet's switch node serves raw mode, "
@@ -102,6 +110,7 @@ def _loopback(options: BenchOptions) -> dict[str, Any]:
     n, k = options.workers, options.k or wire.DEFAULT_K
     slots = options.slots or DEFAULT_SLOTS["soft"]
     ports = free_udp_ports(n)
+    worker_engine = ("--engine", options.worker_engine) if options.worker_engine else ()
     switch_process = (
         LoopbackSwitch(ports, k, slots, options.faults)
         if options.engine is None
@@ -117,7 +126,7 @@ def _loopback(options: BenchOptions) -> dict[str, Any]:
                         "--k", str(k), "--slots", str(slots),
                         "--elements", str(options.elements), "--dtype", options.dtype,
                         "--seed", str(options.faults.seed), "--timeout", str(options.timeout),
-                        "--wait-for-go",
+                        "--wait-for-go", *worker_engine,
                     ),
                     f"worker rank {rank}",
                     stdin=True,
@@ -137,6 +146,7 @@ def _loopback(options: BenchOptions) -> dict[str, Any]:
         "k": k,
         "slots": slots,
         "loss": options.faults.loss,
+        "worker_engine": options.worker_engine or "compiled",
         "seconds": round(seconds, 4),
         "worker_cpu_seconds": round(sum(r["cpu_seconds"] for r in results), 3),
         "elements_per_s": round(options.elements / seconds),
@@ -265,7 +275,7 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(
         f"{s['workers']} workers allreduced {s['elements']:,} {s['dtype']} elements "
         f"through the soft switch (K={s['k']}, {s['slots']} slots, loss {s['loss']:.1%}, "
-        f"{s['switch'].get('engine', 'python')} engine)"
+        f"{s['switch'].get('engine', 'python')} switch engine, {s['worker_engine']} worker engine)"
     )
     print(f"  time            {s['seconds']:.3f} s  ({s['elements_per_s'] / 1e6:.2f} M elements/s)")
     print(f"  packets         {s['packets']:,} sent+received by workers")

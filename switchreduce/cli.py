@@ -215,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--seed", type=int, default=0)
     worker.add_argument(
+        "--engine",
+        choices=("compiled", "python"),
+        default="compiled",
+        help="the switch backend's window and socket loop in C (default) or in Python (the "
+        "reference)",
+    )
+    worker.add_argument(
         "--wait-for-go",
         action="store_true",
         help="say 'ready', then start when a line ('go') arrives on stdin",
@@ -356,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the loopback soft switch's engine (default: compiled; Mininet's is python)",
     )
     allreduce.add_argument(
+        "--worker-engine",
+        choices=("compiled", "python"),
+        default=None,
+        help="the workers' window and socket loop, on loopback (default: compiled)",
+    )
+    allreduce.add_argument(
         "--mtu",
         type=int,
         default=None,
@@ -443,6 +456,7 @@ def _worker(args: argparse.Namespace) -> int:
         controller=args.controller,
         bind=args.bind,
         master=args.master,
+        engine=args.engine,
     )
     options = _options(
         args,
@@ -496,6 +510,7 @@ def _bench(args: argparse.Namespace) -> int:
             topo=args.topo,
             switch=args.switch,
             engine=args.engine,
+            worker_engine=args.worker_engine,
             bw=args.bw,
             mtu=args.mtu,
             k=args.k,

@@ -1,12 +1,21 @@
-"""Allreduce through a running soft switch over real UDP sockets on loopback."""
+"""Allreduce through a running soft switch over real UDP sockets on loopback.
+
+Every test runs each worker engine: the window in C with its batched socket
+loop (the default) and the Python window, the reference.
+"""
 
 from __future__ import annotations
+
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from switchreduce.emulation.softswitch.faults import FaultSpec
+from switchreduce.worker.engine import ENGINES
 from switchreduce.worker.errors import NonFiniteError
 from switchreduce.worker.reference import check, reference_sum, synthetic_tensor
 from switchreduce.worker.shim import WorkerOptions
@@ -14,10 +23,17 @@ from switchreduce.worker.shim import WorkerOptions
 K = 256
 
 
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """The worker engine a test runs (each test runs both)."""
+    return request.param
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7, 8])
-def test_int32_sums_are_exact(job_factory, world_size: int) -> None:
+def test_int32_sums_are_exact(job_factory, world_size: int, engine: str) -> None:
     inputs = [synthetic_tensor(1, r, 20_000, "int32") for r in range(world_size)]
-    with job_factory(world_size, k=K) as job:
+    options = WorkerOptions(k=K, timeout=20.0, engine=engine)
+    with job_factory(world_size, k=K, options=options) as job:
         results = job.allreduce(inputs)
     expected = np.sum(inputs, axis=0, dtype=np.int64).astype(np.int32)
     for result in results:
@@ -26,10 +42,13 @@ def test_int32_sums_are_exact(job_factory, world_size: int) -> None:
 
 
 @pytest.mark.parametrize("length", [0, 1, K - 1, K, K + 1, 1_000_000])
-def test_float32_sums_are_within_the_bound_for_any_length(job_factory, length: int) -> None:
+def test_float32_sums_are_within_the_bound_for_any_length(
+    job_factory, length: int, engine: str
+) -> None:
     world_size = 3
     inputs = [synthetic_tensor(2, r, length, "float32") for r in range(world_size)]
-    with job_factory(world_size, k=K, slots=64) as job:
+    options = WorkerOptions(k=K, timeout=20.0, engine=engine)
+    with job_factory(world_size, k=K, slots=64, options=options) as job:
         results = job.allreduce(inputs)
     for result in results:
         assert result.shape == (length,) and result.dtype == np.float32
@@ -38,10 +57,12 @@ def test_float32_sums_are_within_the_bound_for_any_length(job_factory, length: i
 
 
 @pytest.mark.parametrize("bits", [8, 16, 24])
-def test_fewer_precision_bits_coarsen_the_sum_within_their_bound(job_factory, bits: int) -> None:
+def test_fewer_precision_bits_coarsen_the_sum_within_their_bound(
+    job_factory, bits: int, engine: str
+) -> None:
     world_size = 4
     inputs = [synthetic_tensor(3, r, 10_000, "float32") for r in range(world_size)]
-    options = WorkerOptions(k=K, timeout=20.0, precision_bits=bits)
+    options = WorkerOptions(k=K, timeout=20.0, precision_bits=bits, engine=engine)
     with job_factory(world_size, k=K, options=options) as job:
         results = job.allreduce(inputs)
     full = check(results[0], inputs, K)
@@ -51,7 +72,7 @@ def test_fewer_precision_bits_coarsen_the_sum_within_their_bound(job_factory, bi
     assert not full.exact  # it really is another grid than the 32-bit one
 
 
-def test_successive_calls_of_mixed_dtypes_and_shapes(job_factory) -> None:
+def test_successive_calls_of_mixed_dtypes_and_shapes(job_factory, engine: str) -> None:
     """Slot versions carry over between calls; each call still gets its own exact sum."""
     rng = np.random.default_rng(3)
     calls = [
@@ -61,7 +82,7 @@ def test_successive_calls_of_mixed_dtypes_and_shapes(job_factory) -> None:
         ("int32", (4096,)),
         ("float32", (1,)),
     ]
-    with job_factory(2, k=K, slots=4) as job:
+    with job_factory(2, k=K, slots=4, options=WorkerOptions(k=K, engine=engine)) as job:
         for dtype, shape in calls:
             inputs = [rng.standard_normal(shape).astype(dtype) * 100 for _ in range(2)]
             results = job.allreduce(inputs)
@@ -71,9 +92,9 @@ def test_successive_calls_of_mixed_dtypes_and_shapes(job_factory) -> None:
                 assert np.array_equal(result, expected)
 
 
-def test_torch_tensors_come_back_as_torch_tensors(job_factory) -> None:
+def test_torch_tensors_come_back_as_torch_tensors(job_factory, engine: str) -> None:
     inputs = [torch.arange(1000, dtype=torch.float32).reshape(10, 100) * (r + 1) for r in range(3)]
-    with job_factory(3, k=K) as job:
+    with job_factory(3, k=K, options=WorkerOptions(k=K, engine=engine)) as job:
         results = job.allreduce(inputs)
     for result in results:
         assert isinstance(result, torch.Tensor) and result.dtype == torch.float32
@@ -96,11 +117,12 @@ def test_nan_is_rejected_before_anything_is_sent(job_factory) -> None:
 
 
 @pytest.mark.parametrize("loss", [0.01, 0.10, 0.30])
-def test_exact_under_loss_in_both_directions(job_factory, loss: float) -> None:
+def test_exact_under_loss_in_both_directions(job_factory, loss: float, engine: str) -> None:
     world_size = 4
     inputs = [synthetic_tensor(4, r, 50_000, "float32") for r in range(world_size)]
     faults = FaultSpec(loss=loss, seed=7)
-    options = WorkerOptions(k=K, timeout=20.0, max_rto=0.25)  # keep backoff short at 30%
+    # keep backoff short at 30%
+    options = WorkerOptions(k=K, timeout=20.0, max_rto=0.25, engine=engine)
     with job_factory(world_size, k=K, slots=32, faults=faults, options=options) as job:
         results = job.allreduce(inputs)
         faults = job.server.report()["faults"]
@@ -111,11 +133,12 @@ def test_exact_under_loss_in_both_directions(job_factory, loss: float) -> None:
         assert verdict.exact and verdict.within_bound, verdict
 
 
-def test_exact_under_duplication_and_reordering(job_factory) -> None:
+def test_exact_under_duplication_and_reordering(job_factory, engine: str) -> None:
     world_size = 4
     inputs = [synthetic_tensor(5, r, 50_000, "int32") for r in range(world_size)]
     faults = FaultSpec(loss=0.02, duplicate=0.1, reorder=0.1, seed=11)
-    with job_factory(world_size, k=K, slots=32, faults=faults) as job:
+    options = WorkerOptions(k=K, timeout=20.0, engine=engine)
+    with job_factory(world_size, k=K, slots=32, faults=faults, options=options) as job:
         results = job.allreduce(inputs)
         report = job.server.report()
     assert report["faults"]["ingress"]["duplicated"] > 0
@@ -125,3 +148,57 @@ def test_exact_under_duplication_and_reordering(job_factory) -> None:
     expected = np.sum(inputs, axis=0, dtype=np.int64).astype(np.int32)
     for result in results:
         assert np.array_equal(result, expected)
+
+
+def test_the_engines_count_the_same_datagrams_and_bytes(job_factory) -> None:
+    """Without faults each rank sends and receives one datagram per chunk and priming use,
+    whichever engine runs it, however the compiled loop batches them (GSO out, GRO in)."""
+    world_size, length, slots = 3, 300 * K + 7, 16
+    inputs = [synthetic_tensor(6, r, length, "float32") for r in range(world_size)]
+    datagram = 28 + 4 * K
+    counted = {}
+    for engine in ENGINES:
+        options = WorkerOptions(k=K, timeout=20.0, engine=engine)
+        with job_factory(world_size, k=K, slots=slots, options=options) as job:
+            job.allreduce(inputs)
+            stats = [c.stats for c in job.comms]
+        for s in stats:
+            resent = s.retransmissions  # a loaded machine may resend what was only late
+            assert s.packets_sent == 301 + slots + resent
+            assert s.packets_received >= 301 + slots
+            assert s.bytes_sent == s.packets_sent * datagram
+            assert s.bytes_received == s.packets_received * datagram
+        counted[engine] = [s.packets_sent - s.retransmissions for s in stats]
+    assert counted["compiled"] == counted["python"]
+
+
+def test_a_signal_interrupts_a_compiled_transfer_that_waits(job_factory) -> None:
+    """The C loop runs without the GIL but lets Python handle signals: a handler's exception
+    ends a transfer stalled on a missing rank at once, not at its timeout."""
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    options = WorkerOptions(k=K, timeout=30.0, engine="compiled")
+    main = threading.main_thread().ident
+    assert main is not None
+    try:
+        with job_factory(2, k=K, options=options) as job:  # rank 1 never sends
+            timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGUSR1))
+            timer.start()
+            started = time.monotonic()
+            with pytest.raises(Interrupted):
+                job.comms[0].allreduce(np.ones(10 * K, np.float32))
+            assert time.monotonic() - started < 5
+            timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_an_unknown_engine_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="worker engine must be one of compiled, python, got 'c'"):
+        WorkerOptions(engine="c")  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ import pytest
 
 from switchreduce import wire
 from switchreduce.emulation.softswitch.process import LoopbackSwitch
-from switchreduce.launch import cli_command
+from switchreduce.launch import GO, READY, cli_command
 from switchreduce.ports import free_udp_ports
 from switchreduce.worker.reference import check, synthetic_tensor
 from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
@@ -47,14 +47,22 @@ def test_survivors_time_out_naming_missing_chunks_when_a_worker_dies() -> None:
                     "30000000",
                     "--timeout",
                     str(timeout),
+                    "--wait-for-go",
                 ),
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
             for rank, port in enumerate(ports)
         ]
-        time.sleep(4.0)  # well into the transfer (30 M elements take longer than that)
+        for worker in workers:  # joined, tensor built: all start together
+            assert worker.stdout is not None and worker.stdin is not None
+            assert worker.stdout.readline().strip() == READY
+        for worker in workers:
+            worker.stdin.write(f"{GO}\n")
+            worker.stdin.flush()
+        time.sleep(0.3)  # into the transfer (30 M elements take seconds)
         workers[2].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         for survivor in workers[:2]:

@@ -57,8 +57,8 @@ enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_STALE = 5, MSG_REFUSED = 6 };
 
 #define PRIME (-1) /* window.PRIME: the chunk of a slot's priming use */
 
-/* What a receive or a run ends with. */
-enum { GOING, STALE, REFUSED, DONE, STALLED, INTERRUPTED, FAILED };
+/* What a receive or a run ends with; CHECK_IN: Python's turn to run signal handlers. */
+enum { GOING, STALE, REFUSED, DONE, STALLED, CHECK_IN, FAILED };
 
 /* The statistics a transfer counts, named as WorkerStats' fields. */
 enum {
@@ -71,6 +71,7 @@ static const char *const STAT_NAMES[NUM_STATS] = {
 };
 
 #define RX_BATCH 32            /* messages per recvmmsg */
+#define CHECK_IN_S 0.05        /* the socket loop lets Python handle signals this often */
 #define RX_ROOM 65536          /* a GRO message is at most one IPv4 datagram's payload */
 #define GSO_SEGMENTS 64        /* the kernel's UDP_MAX_SEGMENTS */
 #define GSO_BYTES (65535 - 28) /* one IPv4 UDP datagram's payload at most */
@@ -620,9 +621,10 @@ static int take_batch(Driver *d, Transfer *t, int n, double now) {
 }
 
 /* Drive the transfer until it is done (DONE), no result came for ``timeout`` seconds (STALLED),
- * the switch answered STALE or REFUSED, a signal arrived (INTERRUPTED: Python handles it, then
- * the loop goes on) or the socket failed (FAILED, errno in last_error). When nothing waits it
- * sleeps ``coalesce`` seconds, so that one wake-up takes a batch. Runs without the GIL. */
+ * the switch answered STALE or REFUSED, the socket failed (FAILED, errno in last_error), or a
+ * signal arrived or CHECK_IN_S passed (CHECK_IN: Python runs its signal handlers, then the loop
+ * goes on). When nothing waits it sleeps ``coalesce`` seconds, so that one wake-up takes a
+ * batch. Runs without the GIL. */
 static int drive(Driver *d, Transfer *t, double timeout, double coalesce) {
     t->drain = flush;
     t->drain_context = d;
@@ -631,6 +633,7 @@ static int drive(Driver *d, Transfer *t, double timeout, double coalesce) {
         flush(t, d);
     }
     struct timespec nap = {(time_t)coalesce, (long)((coalesce - (double)(time_t)coalesce) * 1e9)};
+    double check_in = monotonic() + CHECK_IN_S;
     for (;;) {
         if (t->active == 0) return DONE;
         for (int i = 0; i < RX_BATCH; i++) d->rx[i].msg_hdr.msg_controllen = sizeof(control_t);
@@ -640,7 +643,7 @@ static int drive(Driver *d, Transfer *t, double timeout, double coalesce) {
             int verdict = take_batch(d, t, n, now);
             if (verdict != GOING) return verdict;
         } else if (errno == EINTR) {
-            return INTERRUPTED;
+            return CHECK_IN;
         } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ECONNREFUSED) {
             d->last_error = errno; /* refused: the switch is not up yet; anything else ends it */
             return FAILED;
@@ -648,7 +651,7 @@ static int drive(Driver *d, Transfer *t, double timeout, double coalesce) {
         if (now - t->progress_at > timeout) return STALLED;
         core_expire(t, now);
         flush(t, d);
-        if (n <= 0 && nanosleep(&nap, NULL) < 0) return INTERRUPTED;
+        if (now >= check_in || (n <= 0 && nanosleep(&nap, NULL) < 0)) return CHECK_IN;
     }
 }
 
@@ -1030,16 +1033,16 @@ static PyObject *Driver_run(Driver *self, PyObject *args) {
     if (grow_tx(self, t->slots ? t->slots : 1) < 0) return PyErr_NoMemory();
     self->busy = t->running = 1;
     int verdict;
+    set_gro(self->fd, 1);
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
-        set_gro(self->fd, 1);
         verdict = drive(self, t, timeout, coalesce);
-        set_gro(self->fd, 0);
         Py_END_ALLOW_THREADS
-        if (verdict != INTERRUPTED || PyErr_CheckSignals() < 0) break;
+        if (verdict != CHECK_IN || PyErr_CheckSignals() < 0) break;
     }
+    set_gro(self->fd, 0);
     self->busy = t->running = 0;
-    if (verdict == INTERRUPTED) return NULL; /* a signal handler raised */
+    if (verdict == CHECK_IN) return NULL; /* a signal handler raised */
     if (verdict == FAILED) {
         errno = self->last_error;
         return PyErr_SetFromErrno(PyExc_OSError);

@@ -20,6 +20,7 @@ import numpy as np
 
 from switchreduce import wire
 from switchreduce.worker import quantize as q
+from switchreduce.worker.engine import EngineName
 from switchreduce.worker.registration import join
 from switchreduce.worker.shim import SwitchCommunicator, WorkerOptions
 from switchreduce.worker.window import DEFAULT_MIN_RTO
@@ -44,6 +45,8 @@ class GroupOptions:
     bind: tuple[str, int] = ("0.0.0.0", 0)
     precision_bits: int = q.MAX_BITS
     min_rto: float = DEFAULT_MIN_RTO
+    #: The switch backend's window: compiled, or python (worker/engine.py).
+    engine: EngineName = "compiled"
     #: DDP: each bucket is summed while the backward pass goes on (False: before it goes on).
     overlap: bool = True
     #: gloo: rank 0's HOST:PORT; None when torch.distributed is set up already (torchrun).
@@ -138,7 +141,11 @@ class SwitchBackend(Backend):
                 )
             )
             worker_options = WorkerOptions(
-                k=o.k, timeout=o.timeout, precision_bits=o.precision_bits, min_rto=o.min_rto
+                k=o.k,
+                timeout=o.timeout,
+                precision_bits=o.precision_bits,
+                min_rto=o.min_rto,
+                engine=o.engine,
             )
             self.comm = self._stack.enter_context(
                 SwitchCommunicator(membership.binding, worker_options, sock)

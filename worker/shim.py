@@ -4,7 +4,9 @@ The protocol itself (which packets, when to resend, what an answer means)
 is :mod:`worker.window`, a state machine without I/O; this module is its
 socket driver: it sends what the window returns, feeds it what arrives and
 the time, and turns a stall, a superseded session or a refusal into one of
-the errors in :mod:`worker.errors`. A job installed on the switch's command
+the errors in :mod:`worker.errors`. With the compiled engine (the default,
+:mod:`worker.engine`) the window and that loop run in C, a whole transfer
+per call. A job installed on the switch's command
 line has no controller to hand out sessions, so the communicator asks the
 switch for one (JOIN) when it starts; a controller's binding carries it.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ import numpy as np
 
 from switchreduce import wire
 from switchreduce.worker import quantize as q
+from switchreduce.worker.engine import CompiledTransfer, EngineName, SocketLoop, check_engine
 from switchreduce.worker.errors import SessionEndedError, SwitchTimeoutError, WorkerError
 from switchreduce.worker.ordered import OrderedExecutor
 from switchreduce.worker.window import (
@@ -51,8 +55,12 @@ class WorkerOptions:
     coalesce: float = 0.0005
     #: Kernel socket buffer sizes; a window's worth of packets must fit.
     socket_buffer: int = 4 << 20
+    #: The window and socket loop in C (batched system calls, the GIL released), or in Python
+    #: (window.Transfer, the specification; worker/engine.py).
+    engine: EngineName = "compiled"
 
     def __post_init__(self) -> None:
+        check_engine(self.engine)
         wire.check_k(self.k)
         q.check_bits(self.precision_bits)
         if not 0 < self.min_rto <= self.max_rto:
@@ -129,6 +137,10 @@ class SwitchCommunicator:
             _check_path_mtu(self.sock, self.options.k)
             # Non-blocking: a socket timeout would poll before every call.
             self.sock.setblocking(False)
+            # The compiled engine runs each whole transfer on the socket's descriptor.
+            compiled = self.options.engine == "compiled"
+            self._loop = SocketLoop(self.sock.fileno()) if compiled else None
+            self._transfer = CompiledTransfer if compiled else Transfer
             self._buf = bytearray(wire.datagram_bytes(self.options.k) + 1)  # +1 shows oversize
             self._rounds = [0] * binding.slot_count  # last round used, per slot
             self._rtt = RoundTrip(self.options.min_rto, self.options.max_rto)
@@ -235,7 +247,7 @@ class SwitchCommunicator:
                 self.session,
                 self.options.precision_bits,
             )
-            xfer = Transfer(
+            xfer = self._transfer(
                 job, flat, wire.encode_format(dtype_name, bits), self._rounds, self._rtt, self.stats
             )
             try:
@@ -248,22 +260,37 @@ class SwitchCommunicator:
                 raise
         return xfer.out.reshape(array.shape)
 
-    def _run(self, xfer: Transfer) -> None:
+    def _run(self, xfer: Transfer | CompiledTransfer) -> None:
         """Drive the window until every chunk's result is in."""
+        try:
+            if isinstance(xfer, CompiledTransfer):
+                self._run_compiled(xfer)
+            else:
+                self._run_python(xfer)
+        except StaleSession:
+            self._results_in_session += xfer.results
+            self._session_ended()
+        self._results_in_session += xfer.results
+
+    def _run_python(self, xfer: Transfer) -> None:
         self._send(xfer.start(time.monotonic()))
         while not xfer.done:
             datagram = self._receive()
             now = time.monotonic()
             if datagram is not None:
-                try:
-                    self._send(xfer.receive(datagram, now))
-                except StaleSession:
-                    self._results_in_session += xfer.results
-                    self._session_ended()
+                self._send(xfer.receive(datagram, now))
             if now - xfer.progress_at > self.options.timeout:
                 raise SwitchTimeoutError(self._stall_message(xfer))
             self._send(xfer.expire(now))
-        self._results_in_session += xfer.results
+
+    def _run_compiled(self, xfer: CompiledTransfer) -> None:
+        """The same loop in C, on the socket's descriptor, with batched system calls."""
+        assert self._loop is not None
+        done = xfer.run(self._loop, self.options.timeout, self.options.coalesce)
+        if self._loop.last_error:
+            self._last_error = OSError(self._loop.last_error, os.strerror(self._loop.last_error))
+        if not done:
+            raise SwitchTimeoutError(self._stall_message(xfer))
 
     def _join(self) -> int:
         """Ask the switch for the static job's session; every rank of the job gets the same."""
@@ -341,7 +368,7 @@ class SwitchCommunicator:
     def _where(self) -> str:
         return f"{self.switch[0]}:{self.switch[1]}"
 
-    def _stall_message(self, xfer: Transfer) -> str:
+    def _stall_message(self, xfer: Transfer | CompiledTransfer) -> str:
         missing = xfer.missing()
         b = self.binding
         cause = f"; last socket error: {self._last_error}" if self._last_error else ""
