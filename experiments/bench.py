@@ -44,8 +44,8 @@ class BenchOptions:
     timeout: float = 30.0
     topo: str = "loopback"  # processes on loopback, or mininet (root)
     switch: str = "soft"  # Mininet's switch node; on loopback always the soft switch
-    #: The loopback soft switch's engine; None: its default (compiled). Mininet's soft switch
-    #: node serves raw mode, which runs the Python engine.
+    #: The soft switch's engine (on loopback, or Mininet's switch node); None: its default
+    #: (compiled).
     engine: EngineName | None = None
     #: The loopback workers' window (worker/engine.py); None: their default (compiled).
     worker_engine: WorkerEngineName | None = None
@@ -69,11 +69,8 @@ class BenchOptions:
             check_engine(self.worker_engine)
         if self.topo == "mininet" and self.worker_engine is not None:
             raise ValueError("the worker engine is chosen on loopback; Mininet's run the default")
-        if self.topo == "mininet" and self.engine is not None:
-            raise ValueError(
-                "the engine is the loopback switch's; Mininet's switch node serves raw mode, "
-                "which runs the Python engine"
-            )
+        if self.engine is not None and self.switch != "soft":
+            raise ValueError("the engine is the soft switch's (--switch soft)")
         if self.topo == "mininet" and self.faults.loss and not nft_available():
             raise ValueError(
                 "loss in Mininet drops on the Linux bridge baseline too, with an nftables "
@@ -91,6 +88,7 @@ class BenchOptions:
             k=self.k or wire.largest_k(mtu),
             mtu=mtu,
             slots=self.slots,
+            engine=self.engine,
         )
 
 
@@ -146,7 +144,7 @@ def _loopback(options: BenchOptions) -> dict[str, Any]:
         "k": k,
         "slots": slots,
         "loss": options.faults.loss,
-        "worker_engine": options.worker_engine or "compiled",
+        "worker_engine": results[0]["engine"],  # what the workers say they ran
         "seconds": round(seconds, 4),
         "worker_cpu_seconds": round(sum(r["cpu_seconds"] for r in results), 3),
         "elements_per_s": round(options.elements / seconds),

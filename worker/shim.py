@@ -6,9 +6,9 @@ socket driver: it sends what the window returns, feeds it what arrives and
 the time, and turns a stall, a superseded session or a refusal into one of
 the errors in :mod:`worker.errors`. With the compiled engine (the default,
 :mod:`worker.engine`) the window and that loop run in C, a whole transfer
-per call. A job installed on the switch's command
-line has no controller to hand out sessions, so the communicator asks the
-switch for one (JOIN) when it starts; a controller's binding carries it.
+per call. A job installed on the switch's command line has no controller to
+hand out sessions, so the communicator asks the switch for one (JOIN) when
+it starts; a controller's binding carries it.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ def run(options: SyntheticOptions) -> int:
         {
             "rank": group.rank,
             "backend": options.backend,
+            "engine": group.engine if through_switch else None,
             "seconds": seconds,
             "cpu_seconds": cpu_seconds,
             "context_switches": usage.ru_nvcsw + usage.ru_nivcsw,
