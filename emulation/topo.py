@@ -32,6 +32,7 @@ from switchreduce.emulation.bmv2 import (
 )
 from switchreduce.emulation.bridge import LinuxBridge
 from switchreduce.emulation.errors import EmulationError
+from switchreduce.emulation.softswitch.engine import ENGINES, EngineName
 from switchreduce.launch import (
     CONTROLLER,
     SERVING,
@@ -98,6 +99,8 @@ class TopoOptions:
 
     workers: int = 4
     switch: str = "soft"
+    #: The soft switch's engine; None: its default (compiled).
+    engine: EngineName | None = None
     bw: float | None = None  # Mbit/s per link (tc htb)
     delay_ms: float | None = None  # per link (tc netem)
     loss_pct: float | None = None  # per link, each direction (tc netem)
@@ -124,6 +127,8 @@ class TopoOptions:
             raise ValueError(f"loss must be in [0, 100), got {self.loss_pct}")
         if not 0 <= self.switch_loss < 1:
             raise ValueError(f"switch loss is a probability in [0, 1), got {self.switch_loss}")
+        if self.engine is not None and (self.switch != "soft" or self.engine not in ENGINES):
+            raise ValueError(f"the soft switch's engine is one of {ENGINES}, got {self.engine!r}")
         if self.switch_loss and self.switch != "soft":
             raise ValueError("switch loss is the soft switch's fault injector; BMv2 has none")
         if not MIN_MTU <= self.mtu <= MAX_MTU:
@@ -173,6 +178,8 @@ def _switch_args(options: TopoOptions) -> list[str]:
     forwarding for every host and the static job (rank r is host r+1 on port r+1)."""
     args = ["--k", str(options.k), "--slots", str(options.slot_count),
             "--loss", str(options.switch_loss)]  # fmt: skip
+    if options.engine is not None:
+        args += ["--engine", options.engine]
     if options.uses_controller:
         return [*args, "--p4runtime", _p4runtime_socket(options)]
     for _, _, mac, port in _stations(options):

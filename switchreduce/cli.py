@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         choices=("compiled", "python"),
         default=None,
-        help="the pipeline in C (UDP mode's default) or in Python (the reference; raw mode's)",
+        help="the pipeline in C (the default) or in Python (the reference)",
     )
     _add_job_args(switch)
     _add_fault_args(switch)
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         choices=("compiled", "python"),
         default=None,
-        help="the loopback soft switch's engine (default: compiled; Mininet's is python)",
+        help="the soft switch's engine, on loopback or Mininet's switch node (default: compiled)",
     )
     allreduce.add_argument(
         "--worker-engine",

@@ -69,8 +69,9 @@ def test_link_options_are_mininet_s() -> None:
         bench.BenchOptions(mtu=9000)
     with pytest.raises(ValueError, match="Mininet's"):
         bench.BenchOptions(bw=20)
-    with pytest.raises(ValueError, match="raw mode, which runs the Python engine"):
-        bench.BenchOptions(topo="mininet", engine="python")
+    assert bench.BenchOptions(topo="mininet", engine="python").topology().engine == "python"
+    with pytest.raises(ValueError, match="the soft switch's"):
+        bench.BenchOptions(topo="mininet", switch="bmv2", engine="python")
 
 
 @pytest.mark.fast

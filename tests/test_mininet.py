@@ -46,12 +46,16 @@ def no_leftovers():
     assert _links() == before, "interfaces left behind"
 
 
-def test_hosts_reach_each_other_and_allreduce_is_exact(tmp_path, no_leftovers) -> None:
-    with Emulation(TopoOptions(workers=4, run_dir=tmp_path)) as emu:
+@pytest.mark.parametrize("engine", [None, "python"])  # the default: the compiled one
+def test_hosts_reach_each_other_and_allreduce_is_exact(engine, tmp_path, no_leftovers) -> None:
+    with Emulation(TopoOptions(workers=4, engine=engine, run_dir=tmp_path)) as emu:
         assert emu.ping_all() == 0.0
         reports = emu.allreduce(300_000)
         switch = emu.net.switches[0]
-    drops = switch.report()["drops"]
+    report = switch.report()
+    drops = report["drops"]
+    assert report["engine"] == (engine or "compiled")
+    assert report["packets"]["received"] > 4 * 300_000 / emu.options.k  # the sums went through it
     assert all(r["exact"] and r["within_bound"] for r in reports)
     # A loaded 2-core machine may delay a result past the RTO; the spurious
     # retransmission is then a duplicate or stale at the switch, never anything else.

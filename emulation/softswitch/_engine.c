@@ -1,26 +1,38 @@
-/* The soft switch's compiled packet engine: the pipeline of pipeline.py in C, served in UDP mode
- * with batched system calls.
+/* The soft switch's compiled packet engine: the pipeline of pipeline.py in C, served with batched
+ * system calls in UDP mode (one UDP socket) and in raw mode (one AF_PACKET socket per port).
  *
  * pipeline.py stays the specification: this file implements the same parse, ingress (admission
  * checks in the same order, every drop reason counted alike, sessions, STALE and REFUSED
- * replies, the slot rows and their int32 sums), replication and egress, and tests/test_engine.py
- * feeds both the same packets and requires the same output, registers and counters.
+ * replies, the slot rows and their int32 sums, forwarding of other frames by destination MAC),
+ * replication, egress and deparsing (raw mode: addresses swapped and rewritten per replica, the
+ * IPv4 checksum recomputed, a zero UDP checksum). tests/test_engine.py feeds both the same
+ * datagrams and tests/test_engine_raw.py the same frames, and both require the same output,
+ * registers and counters.
  *
  * State. Registers and counters live in one arena the engine owns; it exports the arena through
  * the buffer protocol, and the Python Register and Counter objects of the same P4 names become
  * numpy views of their part of it (emulation/softswitch/engine.py), so whatever reads them reads
  * the engine. Tables and multicast groups are written through: the Python ExactTable keeps its
  * dict (what P4Runtime reads back) and hands every insert, modify and delete to the engine,
- * which keeps the lookup structure the data path needs (direct arrays for the 16-bit keys, a
- * hash table for the workers table's 81-bit key).
+ * which keeps the lookup structure the data path needs (direct arrays for the 16-bit keys, hash
+ * tables for the workers table's 81-bit key and the forward table's MACs).
  *
- * I/O. serve() reads up to 64 datagrams per recvmmsg, runs them through the fault injector and
- * the pipeline, and sends what they emit with one sendmmsg, each destination's datagrams as UDP
- * GSO messages: on loopback the kernel's UDP stack, not the pipeline, is most of the switch's
- * CPU (perf: about 86% at K = 256), and GSO spares it a route lookup and a buffer per datagram.
+ * UDP mode. serve() reads up to 64 datagrams per recvmmsg, runs them through the fault injector
+ * and the pipeline, and sends what they emit with one sendmmsg, each destination's datagrams as
+ * UDP GSO messages: on loopback the kernel's UDP stack, not the pipeline, is most of the
+ * switch's CPU (perf: about 86% at K = 256), and GSO spares it a route lookup and a buffer per
+ * datagram.
  *
- * Threads. serve() runs with the GIL released and holds the engine's mutex while a batch goes
- * through the pipeline; every write from Python takes the same mutex, so a controller's
+ * Raw mode. serve_frames() sweeps every port's socket with recvmmsg (64 frames a port, each
+ * port into buffers of its own), runs the frames through the injector and the pipeline, then
+ * sends each port's frames with one sendmmsg; an idle sweep sleeps and polls every port at
+ * once. Frames are rewritten in place: a result's replicas share the received frame's payload
+ * and differ in their own 42 bytes of Ethernet, IPv4 and UDP header (two iovecs a frame), so no
+ * payload is copied. raw.py's sockets do not hear what they send (PACKET_IGNORE_OUTGOING; a
+ * PACKET_OUTGOING frame is skipped should one come) and keep the qdisc (tc shapes the ports).
+ *
+ * Threads. A serving call runs with the GIL released and holds the engine's mutex while a batch
+ * goes through the pipeline; every write from Python takes the same mutex, so a controller's
  * P4Runtime writes land between batches. The data path never takes the GIL.
  *
  * The wire layout is switchreduce/wire.py's; the module exports the constants it assumes and a
@@ -30,6 +42,8 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <stddef.h>
+#include <linux/if_packet.h>
 #include <netinet/in.h>
 #include <netinet/udp.h>
 #include <poll.h>
@@ -45,6 +59,18 @@
 #define MAX_WORKERS 32
 #define KEYS16 65536 /* tables keyed by a 16-bit field are direct arrays */
 
+#define ETH_BYTES 14
+#define IPV4_BYTES 20
+#define UDP_BYTES 8
+#define L2_L4_BYTES (ETH_BYTES + IPV4_BYTES + UDP_BYTES)
+#define IP_AT ETH_BYTES
+#define UDP_AT (ETH_BYTES + IPV4_BYTES)
+#define ETHERTYPE_IPV4 0x0800
+#define IP_PROTO_UDP 17
+#define UDP_PORT_MIN 0xBEE0
+#define UDP_PORT_MAX 0xBEEF
+#define PORTS 512 /* switch ports are bit<9> */
+
 enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_JOIN = 3, MSG_STALE = 5, MSG_REFUSED = 6 };
 enum {
     DROP_BAD_HEADER, DROP_UNKNOWN_JOB, DROP_RANK_OUT_OF_RANGE, DROP_SLOT_OUT_OF_RANGE,
@@ -58,17 +84,17 @@ enum {
     R_SLOT_SESSION, R_ROUND, R_BITMAP, R_ARRIVALS, R_EXPONENT, R_ROW_FORMAT, R_ROW_LENGTH,
     R_ROW_CHUNK, R_VALUE, NUM_REGISTERS
 };
-/* Tables the data path looks up (the forward table only serves raw mode, which stays Python). */
-enum { T_JOBS, T_WORKERS, T_RESULT_REWRITE, NUM_TABLES };
+/* Tables the data path looks up. */
+enum { T_JOBS, T_WORKERS, T_RESULT_REWRITE, T_FORWARD, NUM_TABLES };
 
-#define BATCH 64          /* datagrams per recvmmsg */
-#define TX_QUEUE 512      /* datagrams per flush at most */
+#define BATCH 64          /* datagrams or frames per recvmmsg */
+#define TX_QUEUE 512      /* datagrams or frames per flush at most */
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103 /* linux/udp.h: UDP GSO, since Linux 4.18 */
 #endif
 #define GSO_SEGMENTS 64        /* the kernel's UDP_MAX_SEGMENTS */
 #define GSO_BYTES (65535 - 28) /* one IPv4 UDP datagram's payload at most */
-#define COALESCE_NS 200000 /* runtime.py's _COALESCE: sleep when the socket is empty */
+#define COALESCE_NS 200000 /* runtime.py's _COALESCE: sleep when the sockets are empty */
 #define IDLE_MS 5          /* runtime.py's _IDLE_MS: then this much silence flushes held packets */
 
 typedef struct {
@@ -81,6 +107,7 @@ typedef struct {
     uint8_t present, rewrites; /* a hit with NoAction rewrites nothing */
     uint16_t udp_port;
     uint32_t ip;
+    uint64_t mac;
 } rewrite_t;
 
 typedef struct {
@@ -94,16 +121,43 @@ typedef struct {
 
 typedef struct {
     uint64_t lo, hi;
-} wkey_t;
+} hkey_t;
 
-/* A datagram to send: its bytes (a receive buffer rewritten in place, or a heap copy) and where. */
+/* An exact-match table on a key of up to 128 bits with a 16-bit value: open addressing, linear
+ * probing, backward-shift deletion. */
+typedef struct {
+    hkey_t *keys;
+    uint16_t *values;
+    uint8_t *used;
+    uint32_t mask, count;
+} hash_t;
+
+/* A packet as the parser leaves it. UDP mode: the datagram, from an IPv4 address and UDP port,
+ * on ingress port 0. Raw mode: an Ethernet frame whose UDP payload starts at L2_L4_BYTES. */
+typedef struct {
+    uint8_t *frame;      /* raw mode: the frame, rewritten in place into an answer; else NULL */
+    uint8_t *d;          /* the UDP payload */
+    uint32_t avail;      /* the payload's bytes, as received */
+    uint32_t udp_length; /* the UDP header's length */
+    uint32_t wire_len;   /* what counters count: the frame, or the datagram */
+    uint32_t ip;         /* IPv4 source */
+    uint16_t sport;      /* UDP source port */
+    uint16_t port;       /* ingress port */
+} pkt_t;
+
+/* A datagram or frame to send, or one received and kept: its bytes (a receive buffer rewritten
+ * in place, or a heap copy), and where it goes (or came from). */
 typedef struct {
     uint8_t *data;
-    uint32_t len, ip;
-    uint16_t port;
+    uint32_t len;
+    uint32_t ip;       /* UDP mode: the destination's address and port */
+    uint16_t udp_port;
+    uint16_t port;     /* raw mode: the switch port it leaves by (received: came in by) */
+    uint8_t own_head;  /* raw mode: its first L2_L4_BYTES are ``head``, the rest data's */
+    uint8_t head[L2_L4_BYTES];
 } out_t;
 
-/* A growable list of datagrams that own their bytes (held by a fault injector, or punted). */
+/* A growable list of packets that own their bytes (held by a fault injector, or punted). */
 typedef struct {
     out_t *items;
     size_t count, cap;
@@ -116,6 +170,14 @@ typedef struct {
     unsigned long long dropped, duplicated, reordered;
     owned_t held;
 } faults_t;
+
+/* Raw mode: one switch port's socket and its receive buffers. */
+typedef struct {
+    int fd;
+    uint16_t number;
+    uint8_t down; /* its link went away: no longer served */
+    uint8_t *rxbuf;
+} port_t;
 
 typedef struct {
     PyObject_HEAD
@@ -136,38 +198,46 @@ typedef struct {
     job_t *jobs;
     rewrite_t *rewrite;
     group_t **groups;
-    wkey_t *wkeys;
-    uint8_t *wused;
-    uint32_t wmask, wcount;
+    hash_t workers, forward;
     uint8_t punt[KEYS16 / 8]; /* job ids whose JOINs go to the CPU (a static job) */
     /* what the pipeline emits for one packet */
     out_t *outs;
     size_t nouts, outcap;
-    /* serving */
+    /* serving: UDP mode's socket, or raw mode's ports */
     int serving;
+    int raw;
+    int udp_fd;
     int error; /* errno of a send that failed for another reason than a full buffer */
     uint8_t *rxbuf;
+    port_t *ports;
+    size_t nports;
+    uint32_t frame_room;      /* receive buffer bytes a frame */
+    int16_t port_index[PORTS]; /* switch port -> its index in ports, or -1 */
     struct mmsghdr rx[BATCH];
     struct iovec rxiov[BATCH];
-    struct sockaddr_in rxaddr[BATCH];
-    /* what to send: queued in order, sent per destination as UDP GSO messages (segments of one
-     * size, in their order), so the kernel routes and builds one buffer per message */
+    union {
+        struct sockaddr_in in;
+        struct sockaddr_ll ll;
+    } rxaddr[BATCH];
+    /* what to send, queued in order. UDP mode: per destination as UDP GSO messages (segments of
+     * one size, in their order), so the kernel routes and builds one buffer per message. Raw
+     * mode: per port, a frame a message. */
     out_t txq[TX_QUEUE];
     size_t ntx;
     int gso_off; /* the kernel or the route refused GSO: one datagram per message */
     uint32_t msg_of[TX_QUEUE]; /* the message each queued datagram goes in */
     struct mmsghdr tx[TX_QUEUE];
-    struct iovec txiov[TX_QUEUE];
+    struct iovec txiov[2 * TX_QUEUE];
     struct sockaddr_in txaddr[TX_QUEUE];
     uint32_t tx_first[TX_QUEUE], tx_count[TX_QUEUE];
     union {
         char buf[CMSG_SPACE(sizeof(uint16_t))];
         struct cmsghdr align;
     } txcontrol[TX_QUEUE];
-    owned_t scratch; /* heap bytes the queued datagrams point into, freed once sent */
+    owned_t scratch; /* heap bytes the queued packets point into, freed once sent */
     owned_t punted;
     faults_t ingress, egress;
-    unsigned long long received, sent, tx_overruns;
+    unsigned long long received, sent, tx_overruns, truncated;
 } Engine;
 
 /* -- bytes ---------------------------------------------------------------------------------- */
@@ -180,15 +250,40 @@ static inline uint32_t rd32(const uint8_t *p) {
     return __builtin_bswap32(v);
 }
 
+static inline uint64_t rd48(const uint8_t *p) { return (uint64_t)rd16(p) << 32 | rd32(p + 2); }
+
 static inline uint64_t rd64(const uint8_t *p) {
     uint64_t v;
     memcpy(&v, p, 8);
     return __builtin_bswap64(v);
 }
 
+static inline void wr16(uint8_t *p, uint16_t v) {
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static inline void wr32(uint8_t *p, uint32_t v) {
+    v = __builtin_bswap32(v);
+    memcpy(p, &v, 4);
+}
+
+static inline void wr48(uint8_t *p, uint64_t v) {
+    wr16(p, (uint16_t)(v >> 32));
+    wr32(p + 2, (uint32_t)v);
+}
+
+static inline void swap_bytes(uint8_t *a, uint8_t *b, size_t n) {
+    uint8_t t[8];
+    memcpy(t, a, n);
+    memcpy(a, b, n);
+    memcpy(b, t, n);
+}
+
 /* -- owned lists ---------------------------------------------------------------------------- */
 
-static int owned_push(owned_t *list, const uint8_t *data, uint32_t len, uint32_t ip, uint16_t port) {
+/* A copy of ``o`` that owns its bytes (its own header, if it has one, written in). */
+static int owned_push(owned_t *list, const out_t *o) {
     if (list->count == list->cap) {
         size_t cap = list->cap ? 2 * list->cap : 16;
         out_t *items = realloc(list->items, cap * sizeof(out_t));
@@ -196,10 +291,14 @@ static int owned_push(owned_t *list, const uint8_t *data, uint32_t len, uint32_t
         list->items = items;
         list->cap = cap;
     }
-    uint8_t *copy = malloc(len ? len : 1);
+    uint8_t *copy = malloc(o->len ? o->len : 1);
     if (copy == NULL) return -1;
-    memcpy(copy, data, len);
-    list->items[list->count++] = (out_t){copy, len, ip, port};
+    memcpy(copy, o->data, o->len);
+    if (o->own_head) memcpy(copy, o->head, L2_L4_BYTES);
+    out_t *item = &list->items[list->count++];
+    *item = *o;
+    item->data = copy;
+    item->own_head = 0;
     return 0;
 }
 
@@ -231,63 +330,95 @@ static void owned_free(owned_t *list) {
     list->cap = 0;
 }
 
-/* -- the workers table: open addressing, linear probing, backward-shift deletion ------------ */
+/* -- hash tables: the workers table and the forward table ----------------------------------- */
 
-static inline uint64_t wkey_hash(wkey_t key) {
+static inline uint64_t hkey_hash(hkey_t key) {
     uint64_t h = key.lo * 0x9E3779B97F4A7C15ull ^ (key.hi + 0x632BE59BD9B4E019ull) * 0xC2B2AE3D27D4EB4Full;
     return h ^ (h >> 31);
 }
 
-static inline wkey_t worker_key(uint16_t job, uint8_t rank, uint32_t port, uint32_t ip, uint16_t sport) {
-    return (wkey_t){(uint64_t)ip | (uint64_t)sport << 32 | (uint64_t)job << 48,
+static inline hkey_t worker_key(uint16_t job, uint8_t rank, uint32_t port, uint32_t ip, uint16_t sport) {
+    return (hkey_t){(uint64_t)ip | (uint64_t)sport << 32 | (uint64_t)job << 48,
                     (uint64_t)rank | (uint64_t)port << 8};
 }
 
+static inline hkey_t mac_key(uint64_t mac) { return (hkey_t){mac, 0}; }
+
+/* Room for ``size`` entries at most half full. */
+static int hash_init(hash_t *h, uint32_t size) {
+    uint32_t buckets = 16;
+    while (buckets < 2 * size) buckets *= 2;
+    h->mask = buckets - 1;
+    h->count = 0;
+    h->keys = calloc(buckets, sizeof(hkey_t));
+    h->values = calloc(buckets, sizeof(uint16_t));
+    h->used = calloc(buckets, 1);
+    return h->keys && h->values && h->used ? 0 : -1;
+}
+
+static void hash_free(hash_t *h) {
+    free(h->keys);
+    free(h->values);
+    free(h->used);
+}
+
 /* The bucket holding ``key``, or -1. */
-static long worker_find(const Engine *e, wkey_t key) {
-    uint32_t i = (uint32_t)wkey_hash(key) & e->wmask;
-    while (e->wused[i]) {
-        if (e->wkeys[i].lo == key.lo && e->wkeys[i].hi == key.hi) return i;
-        i = (i + 1) & e->wmask;
+static long hash_find(const hash_t *h, hkey_t key) {
+    uint32_t i = (uint32_t)hkey_hash(key) & h->mask;
+    while (h->used[i]) {
+        if (h->keys[i].lo == key.lo && h->keys[i].hi == key.hi) return i;
+        i = (i + 1) & h->mask;
     }
     return -1;
 }
 
-static int worker_insert(Engine *e, wkey_t key) {
-    if (worker_find(e, key) >= 0) return 0;
-    if (e->wcount >= e->wmask) return -1; /* never: the Python table refuses past its size */
-    uint32_t i = (uint32_t)wkey_hash(key) & e->wmask;
-    while (e->wused[i]) i = (i + 1) & e->wmask;
-    e->wkeys[i] = key;
-    e->wused[i] = 1;
-    e->wcount++;
+/* Insert or replace; -1 when full (never: the Python table refuses entries past its size). */
+static int hash_put(hash_t *h, hkey_t key, uint16_t value) {
+    long found = hash_find(h, key);
+    if (found >= 0) {
+        h->values[found] = value;
+        return 0;
+    }
+    if (h->count >= h->mask) return -1;
+    uint32_t i = (uint32_t)hkey_hash(key) & h->mask;
+    while (h->used[i]) i = (i + 1) & h->mask;
+    h->keys[i] = key;
+    h->values[i] = value;
+    h->used[i] = 1;
+    h->count++;
     return 0;
 }
 
-static void worker_delete(Engine *e, wkey_t key) {
-    long found = worker_find(e, key);
+static void hash_delete(hash_t *h, hkey_t key) {
+    long found = hash_find(h, key);
     if (found < 0) return;
     uint32_t hole = (uint32_t)found, j = hole;
-    e->wused[hole] = 0;
-    e->wcount--;
+    h->used[hole] = 0;
+    h->count--;
     for (;;) {
-        j = (j + 1) & e->wmask;
-        if (!e->wused[j]) return;
-        uint32_t home = (uint32_t)wkey_hash(e->wkeys[j]) & e->wmask;
+        j = (j + 1) & h->mask;
+        if (!h->used[j]) return;
+        uint32_t home = (uint32_t)hkey_hash(h->keys[j]) & h->mask;
         /* the entry at j may move into the hole unless its home lies cyclically in (hole, j] */
         int stays = hole <= j ? (home > hole && home <= j) : (home > hole || home <= j);
         if (!stays) {
-            e->wkeys[hole] = e->wkeys[j];
-            e->wused[hole] = 1;
-            e->wused[j] = 0;
+            h->keys[hole] = h->keys[j];
+            h->values[hole] = h->values[j];
+            h->used[hole] = 1;
+            h->used[j] = 0;
             hole = j;
         }
     }
 }
 
+static void hash_clear(hash_t *h) {
+    memset(h->used, 0, (size_t)h->mask + 1);
+    h->count = 0;
+}
+
 /* -- the pipeline --------------------------------------------------------------------------- */
 
-static int emit(Engine *e, uint8_t *data, uint32_t len, uint32_t ip, uint16_t port) {
+static int emit(Engine *e, const out_t *o) {
     if (e->nouts == e->outcap) {
         size_t cap = e->outcap ? 2 * e->outcap : 64;
         out_t *outs = realloc(e->outs, cap * sizeof(out_t));
@@ -295,7 +426,8 @@ static int emit(Engine *e, uint8_t *data, uint32_t len, uint32_t ip, uint16_t po
         e->outs = outs;
         e->outcap = cap;
     }
-    e->outs[e->nouts++] = (out_t){data, len, ip, port};
+    out_t *slot = &e->outs[e->nouts++];
+    memcpy(slot, o, o->own_head ? sizeof(out_t) : offsetof(out_t, head));
     return 0;
 }
 
@@ -306,19 +438,59 @@ static inline void count(Engine *e, int counter, uint32_t index, uint32_t nbytes
     }
 }
 
+/* The ones' complement checksum of the IPv4 header at ``ip``, written into it. */
+static void set_ipv4_checksum(uint8_t *ip) {
+    ip[10] = ip[11] = 0;
+    uint32_t sum = 0;
+    for (int i = 0; i < IPV4_BYTES; i += 2) sum += rd16(ip + i);
+    while (sum >> 16) sum = (sum & 0xFFFF) + (sum >> 16);
+    wr16(ip + 10, (uint16_t)~sum);
+}
+
+/* SwitchReduceDeparser.frame for an answer: the frame addressed back to where it came from
+ * (MACs, IPv4 addresses, UDP ports swapped), a zero UDP checksum, the IPv4 checksum anew. */
+static void address_back(uint8_t *f) {
+    swap_bytes(f, f + 6, 6);
+    swap_bytes(f + IP_AT + 12, f + IP_AT + 16, 4);
+    swap_bytes(f + UDP_AT, f + UDP_AT + 2, 2);
+    f[UDP_AT + 6] = f[UDP_AT + 7] = 0;
+    set_ipv4_checksum(f + IP_AT);
+}
+
+/* The packet back to its sender alone (egress port = ingress port, no rewrite). */
+static int to_sender(Engine *e, const pkt_t *p) {
+    if (p->frame == NULL)
+        return emit(e, &(out_t){.data = p->d, .len = p->avail, .ip = p->ip, .udp_port = p->sport});
+    address_back(p->frame);
+    return emit(e, &(out_t){.data = p->frame, .len = p->wire_len, .port = p->port});
+}
+
 /* PacketReplicationEngine then SwitchReduceEgress: one copy per replica of ``group``, each to
- * the worker its rid's result_rewrite entry names, else back where the packet came from. */
-static int multicast(Engine *e, uint8_t *d, uint32_t len, uint16_t group, uint32_t ip, uint16_t port) {
+ * the worker its rid's result_rewrite entry names, else back where the packet came from. Raw
+ * mode: each copy leaves by its replica's port, a rewritten one with a header of its own. */
+static int to_group(Engine *e, const pkt_t *p, uint16_t group) {
     const group_t *g = e->groups[group];
     if (g == NULL) return 0;
+    if (p->frame != NULL) address_back(p->frame);
     for (size_t i = 0; i < g->count; i++) {
-        uint32_t rid = g->replicas[i].rid, to_ip = ip;
-        uint16_t to_port = port;
-        if (rid != 0 && rid < KEYS16 && e->rewrite[rid].rewrites) {
-            to_ip = e->rewrite[rid].ip;
-            to_port = e->rewrite[rid].udp_port;
+        uint32_t rid = g->replicas[i].rid;
+        const rewrite_t *r = rid != 0 && rid < KEYS16 && e->rewrite[rid].rewrites ? &e->rewrite[rid] : NULL;
+        out_t o;
+        if (p->frame == NULL) {
+            o = (out_t){.data = p->d, .len = p->avail, .ip = r ? r->ip : p->ip,
+                        .udp_port = r ? r->udp_port : p->sport};
+        } else {
+            o = (out_t){.data = p->frame, .len = p->wire_len, .port = (uint16_t)g->replicas[i].port};
+            if (r != NULL) {
+                o.own_head = 1;
+                memcpy(o.head, p->frame, L2_L4_BYTES);
+                wr48(o.head, r->mac);
+                wr32(o.head + IP_AT + 16, r->ip);
+                wr16(o.head + UDP_AT + 2, r->udp_port);
+                set_ipv4_checksum(o.head + IP_AT);
+            }
         }
-        if (emit(e, d, len, to_ip, to_port) < 0) return -1;
+        if (emit(e, &o) < 0) return -1;
     }
     return 0;
 }
@@ -337,13 +509,16 @@ static void make_result(const Engine *e, uint8_t *d, uint32_t row) {
 
 #define PUNT 1
 
-/* One UDP payload from (ip, port) through the pipeline; what it emits is appended to e->outs,
+/* One aggregation packet through SwitchReduceIngress; what it emits is appended to e->outs,
  * its bytes rewritten in place. Returns 0, PUNT for a static job's JOIN (the CPU answers it),
  * or -1 out of memory. */
-static int pipeline(Engine *e, uint8_t *d, uint32_t len, uint32_t ip, uint16_t port) {
-    if (len >= HEADER_BYTES && d[0] == MSG_JOIN && (e->punt[rd16(d + 2) >> 3] >> (rd16(d + 2) & 7) & 1))
+static int aggregate(Engine *e, pkt_t *p) {
+    uint8_t *d = p->d;
+    uint32_t len = p->wire_len;
+    if (p->avail >= HEADER_BYTES && d[0] == MSG_JOIN && (e->punt[rd16(d + 2) >> 3] >> (rd16(d + 2) & 7) & 1))
         return PUNT;
-    if (len != e->datagram || d[0] != MSG_DATA || rd16(d + 10) > e->k) {
+    if (p->avail < e->datagram || p->udp_length != UDP_BYTES + e->datagram || d[0] != MSG_DATA ||
+        rd16(d + 10) > e->k) {
         count(e, C_DROPS, DROP_BAD_HEADER, len);
         return 0;
     }
@@ -364,7 +539,7 @@ static int pipeline(Engine *e, uint8_t *d, uint32_t len, uint32_t ip, uint16_t p
         count(e, C_DROPS, DROP_SLOT_OUT_OF_RANGE, len);
         return 0;
     }
-    if (worker_find(e, worker_key(job_id, rank, 0, ip, port)) < 0) {
+    if (hash_find(&e->workers, worker_key(job_id, rank, p->port, p->ip, p->sport)) < 0) {
         count(e, C_DROPS, DROP_UNBOUND_WORKER, len);
         return 0;
     }
@@ -372,7 +547,7 @@ static int pipeline(Engine *e, uint8_t *d, uint32_t len, uint32_t ip, uint16_t p
     if (session != job->session) { /* another run's packet, or a guess: tell the sender */
         count(e, C_DROPS, DROP_BAD_SESSION, len);
         d[0] = MSG_STALE;
-        return emit(e, d, len, ip, port);
+        return to_sender(e, p);
     }
     uint32_t row = 2 * index + version;
     uint16_t hround = rd16(d + 8);
@@ -391,7 +566,7 @@ static int pipeline(Engine *e, uint8_t *d, uint32_t len, uint32_t ip, uint16_t p
     if (ahead == 0 && e->arrivals[row] == ROW_REFUSED) { /* the round was refused */
         count(e, C_DROPS, DROP_MISMATCH, len);
         d[0] = MSG_REFUSED;
-        return emit(e, d, len, ip, port);
+        return to_sender(e, p);
     }
     if (ahead == 0 && (e->bitmap[row] & bit)) {
         if (e->arrivals[row] != 0) {
@@ -400,23 +575,23 @@ static int pipeline(Engine *e, uint8_t *d, uint32_t len, uint32_t ip, uint16_t p
         }
         make_result(e, d, row); /* complete: the worker lost the result */
         count(e, C_RETRANSMIT_REPLIES, job_id, len);
-        return emit(e, d, len, ip, port);
+        return to_sender(e, p);
     }
     if (ahead == 0 && (e->row_format[row] != hformat || e->row_length[row] != hlength ||
                        e->row_chunk[row] != hchunk)) {
         e->arrivals[row] = ROW_REFUSED; /* ranks disagree: no rank may take this round's sums */
         count(e, C_DROPS, DROP_MISMATCH, len);
         d[0] = MSG_REFUSED;
-        return multicast(e, d, len, job->mcast_grp, ip, port);
+        return to_group(e, p, job->mcast_grp);
     }
     int32_t *v = e->value + (size_t)row * e->k;
-    const uint8_t *p = d + HEADER_BYTES;
+    const uint8_t *elements = d + HEADER_BYTES;
     uint32_t arrived;
     if (ahead) { /* the first packet of a new round writes */
         e->round[row] = hround;
         e->bitmap[row] = bit;
         arrived = 0;
-        for (uint32_t i = 0; i < e->k; i++) v[i] = (int32_t)rd32(p + 4 * i);
+        for (uint32_t i = 0; i < e->k; i++) v[i] = (int32_t)rd32(elements + 4 * i);
         e->exponent[row] = hexp;
         e->row_format[row] = hformat;
         e->row_length[row] = hlength;
@@ -424,7 +599,7 @@ static int pipeline(Engine *e, uint8_t *d, uint32_t len, uint32_t ip, uint16_t p
     } else { /* later ones add, wrapping modulo 2**32 as bit<32> does */
         e->bitmap[row] |= bit;
         arrived = e->arrivals[row];
-        for (uint32_t i = 0; i < e->k; i++) v[i] = (int32_t)((uint32_t)v[i] + rd32(p + 4 * i));
+        for (uint32_t i = 0; i < e->k; i++) v[i] = (int32_t)((uint32_t)v[i] + rd32(elements + 4 * i));
         if (hexp > e->exponent[row]) e->exponent[row] = hexp;
     }
     arrived = arrived + 1 == job->world_size ? 0 : arrived + 1;
@@ -433,7 +608,39 @@ static int pipeline(Engine *e, uint8_t *d, uint32_t len, uint32_t ip, uint16_t p
     if (arrived != 0) return 0; /* consumed: its contribution is in the registers */
     make_result(e, d, row);
     count(e, C_RESULTS, job_id, len);
-    return multicast(e, d, len, job->mcast_grp, ip, port);
+    return to_group(e, p, job->mcast_grp);
+}
+
+/* UDP mode: a datagram from (ip, port), on ingress port 0. */
+static int process_datagram(Engine *e, uint8_t *d, uint32_t len, uint32_t ip, uint16_t sport) {
+    pkt_t p = {NULL, d, len, UDP_BYTES + len, len, ip, sport, 0};
+    return aggregate(e, &p);
+}
+
+/* Raw mode: SwitchReduceParser.parse_frame, then the pipeline; traffic other than UDP to the
+ * aggregation port range is forwarded by destination MAC (a frame too short for Ethernet as if
+ * to MAC 0, as the parser leaves it). */
+static int process_frame(Engine *e, uint8_t *f, uint32_t len, uint16_t port) {
+    uint64_t dst = len >= ETH_BYTES ? rd48(f) : 0;
+    if (len >= L2_L4_BYTES && rd16(f + 12) == ETHERTYPE_IPV4 && f[IP_AT] == 0x45 &&
+        f[IP_AT + 9] == IP_PROTO_UDP && (rd16(f + UDP_AT + 2) & 0xFFF0) == UDP_PORT_MIN) {
+        pkt_t p = {f, f + L2_L4_BYTES, len - L2_L4_BYTES, rd16(f + UDP_AT + 4), len,
+                   rd32(f + IP_AT + 12), rd16(f + UDP_AT), port};
+        return aggregate(e, &p);
+    }
+    long hit = hash_find(&e->forward, mac_key(dst));
+    if (hit < 0) {
+        count(e, C_DROPS, DROP_NO_ROUTE, len);
+        return 0;
+    }
+    return emit(e, &(out_t){.data = f, .len = len, .port = e->forward.values[hit]});
+}
+
+/* A received packet (UDP mode: a datagram; raw mode: a frame) through the pipeline. */
+static int process(Engine *e, const out_t *in) {
+    e->nouts = 0;
+    return e->raw ? process_frame(e, in->data, in->len, in->port)
+                  : process_datagram(e, in->data, in->len, in->ip, in->udp_port);
 }
 
 /* -- faults --------------------------------------------------------------------------------- */
@@ -467,16 +674,19 @@ static int fate(faults_t *f) {
     return copies;
 }
 
-/* -- serving -------------------------------------------------------------------------------- */
+/* -- sending -------------------------------------------------------------------------------- */
 
-static int is_overrun(int err) {
+/* A send that found no room (a full buffer or queue: a congested port), or no link (its peer
+ * went away): the packet is lost, as on a real port. Raw mode: a frame larger than the port's
+ * MTU too. */
+static int is_overrun(const Engine *e, int err) {
     return err == EAGAIN || err == EWOULDBLOCK || err == ENOBUFS || err == ENETDOWN ||
-           err == ENXIO || err == ENODEV;
+           err == ENXIO || err == ENODEV || (e->raw && err == EMSGSIZE);
 }
 
-/* sendmmsg the first ``count`` messages; one the socket buffer has no room for is lost (a
- * congested port), counted per datagram. Returns the index of a GSO message the kernel refused
- * (nothing from it on is sent), or ``count``. */
+/* sendmmsg the first ``count`` messages of e->tx; one the socket has no room for is lost,
+ * counted per datagram. Returns the index of a GSO message the kernel refused (nothing from it
+ * on is sent), or ``count``. */
 static size_t send_messages(Engine *e, int fd, size_t count) {
     size_t i = 0, end = count;
     while (i < end) {
@@ -490,7 +700,7 @@ static size_t send_messages(Engine *e, int fd, size_t count) {
                                           errno == EMSGSIZE)) {
             return i; /* no GSO here (a device without it, a route with a smaller MTU) */
         } else {
-            if (is_overrun(errno))
+            if (is_overrun(e, errno))
                 e->tx_overruns += e->tx_count[i];
             else if (!e->error)
                 e->error = errno;
@@ -500,15 +710,15 @@ static size_t send_messages(Engine *e, int fd, size_t count) {
     return count;
 }
 
-/* Send what is queued: each destination's datagrams of one size together, in their order. */
-static void send_queued(Engine *e, int fd) {
+/* UDP mode: send what is queued, each destination's datagrams of one size together, in order. */
+static void send_datagrams(Engine *e) {
     size_t nmsg = 0;
     for (size_t i = 0; i < e->ntx; i++) { /* which message: the destination's latest, if it fits */
         const out_t *o = &e->txq[i];
         size_t m = nmsg;
         for (size_t j = nmsg; !e->gso_off && j-- > 0 && nmsg - j <= 16;) {
             const out_t *head = &e->txq[e->tx_first[j]];
-            if (head->ip == o->ip && head->port == o->port) {
+            if (head->ip == o->ip && head->udp_port == o->udp_port) {
                 if (head->len == o->len && e->tx_count[j] < GSO_SEGMENTS &&
                     (e->tx_count[j] + 1) * o->len <= GSO_BYTES)
                     m = j;
@@ -527,7 +737,7 @@ static void send_queued(Engine *e, int fd) {
         const out_t *head = &e->txq[e->tx_first[m]];
         struct sockaddr_in *to = &e->txaddr[m];
         to->sin_family = AF_INET;
-        to->sin_port = htons(head->port);
+        to->sin_port = htons(head->udp_port);
         to->sin_addr.s_addr = htonl(head->ip);
         e->tx[m].msg_hdr = (struct msghdr){.msg_name = to, .msg_namelen = sizeof(*to),
                                            .msg_iov = &e->txiov[at], .msg_iovlen = 0};
@@ -549,7 +759,7 @@ static void send_queued(Engine *e, int fd) {
         h->msg_iov[h->msg_iovlen++] = (struct iovec){e->txq[i].data, e->txq[i].len};
     }
     e->ntx = 0;
-    size_t refused = send_messages(e, fd, nmsg);
+    size_t refused = send_messages(e, e->udp_fd, nmsg);
     if (refused < nmsg) {
         /* GSO refused: from now on a datagram a message; the unsent ones again */
         e->gso_off = 1;
@@ -557,90 +767,151 @@ static void send_queued(Engine *e, int fd) {
             struct msghdr *h = &e->tx[m].msg_hdr;
             const struct sockaddr_in *to = h->msg_name;
             for (size_t v = 0; v < h->msg_iovlen; v++)
-                e->txq[e->ntx++] = (out_t){h->msg_iov[v].iov_base, (uint32_t)h->msg_iov[v].iov_len,
-                                           ntohl(to->sin_addr.s_addr), ntohs(to->sin_port)};
+                e->txq[e->ntx++] = (out_t){.data = h->msg_iov[v].iov_base,
+                                           .len = (uint32_t)h->msg_iov[v].iov_len,
+                                           .ip = ntohl(to->sin_addr.s_addr),
+                                           .udp_port = ntohs(to->sin_port)};
         }
-        send_queued(e, fd);
+        send_datagrams(e);
     }
 }
 
+/* Raw mode: send what is queued, one sendmmsg a port with its frames in order. A frame for a
+ * port the switch does not serve, or whose link is gone, is lost. */
+static void send_frames(Engine *e) {
+    uint8_t done[TX_QUEUE] = {0};
+    for (size_t first = 0; first < e->ntx; first++) {
+        if (done[first]) continue;
+        uint16_t number = e->txq[first].port;
+        int index = e->port_index[number];
+        size_t n = 0;
+        for (size_t i = first; i < e->ntx; i++) {
+            const out_t *o = &e->txq[i];
+            if (done[i] || o->port != number) continue;
+            done[i] = 1;
+            struct iovec *iov = &e->txiov[2 * n];
+            if (o->own_head) {
+                iov[0] = (struct iovec){(void *)o->head, L2_L4_BYTES};
+                iov[1] = (struct iovec){o->data + L2_L4_BYTES, o->len - L2_L4_BYTES};
+            } else {
+                iov[0] = (struct iovec){o->data, o->len};
+            }
+            e->tx[n].msg_hdr = (struct msghdr){.msg_iov = iov, .msg_iovlen = o->own_head ? 2 : 1};
+            e->tx_count[n++] = 1;
+        }
+        if (index < 0 || e->ports[index].down)
+            e->tx_overruns += n;
+        else
+            send_messages(e, e->ports[index].fd, n);
+    }
+    e->ntx = 0;
+}
+
+static void send_queued(Engine *e) {
+    if (e->raw)
+        send_frames(e);
+    else
+        send_datagrams(e);
+}
+
 /* Send what is queued, then free the heap bytes it pointed into. */
-static void flush_tx(Engine *e, int fd) {
-    send_queued(e, fd);
+static void flush_tx(Engine *e) {
+    send_queued(e);
     owned_clear(&e->scratch);
 }
 
-static void queue_tx(Engine *e, int fd, const out_t *o) {
-    if (e->ntx == TX_QUEUE) send_queued(e, fd); /* scratch stays: later datagrams point into it */
-    e->txq[e->ntx++] = *o;
+static void queue_tx(Engine *e, const out_t *o) {
+    if (e->ntx == TX_QUEUE) send_queued(e); /* scratch stays: later packets point into it */
+    out_t *slot = &e->txq[e->ntx++];
+    memcpy(slot, o, o->own_head ? sizeof(out_t) : offsetof(out_t, head));
 }
 
-/* An emitted datagram through the egress fault injector into the send queue. */
-static int egress(Engine *e, int fd, const out_t *o) {
+/* An emitted packet through the egress fault injector into the send queue. */
+static int egress(Engine *e, const out_t *o) {
     int f = fate(&e->egress);
     for (int c = 0; c < (f & 3); c++) {
         if (f & HOLD) {
-            if (owned_push(&e->egress.held, o->data, o->len, o->ip, o->port) < 0) return -1;
+            if (owned_push(&e->egress.held, o) < 0) return -1;
         } else {
-            queue_tx(e, fd, o);
+            queue_tx(e, o);
         }
     }
     if (f && !(f & HOLD) && e->egress.held.count) { /* held ones arrive after a later one */
         size_t first = e->scratch.count;
         if (owned_move(&e->scratch, &e->egress.held) < 0) return -1;
-        for (size_t i = first; i < e->scratch.count; i++) queue_tx(e, fd, &e->scratch.items[i]);
+        for (size_t i = first; i < e->scratch.count; i++) queue_tx(e, &e->scratch.items[i]);
     }
     return 0;
 }
 
-/* A received datagram through the pipeline, its output through egress; a punt is kept. */
-static int ingress_one(Engine *e, int fd, uint8_t *d, uint32_t len, uint32_t ip, uint16_t port) {
-    e->nouts = 0;
-    int verdict = pipeline(e, d, len, ip, port);
+/* -- receiving ------------------------------------------------------------------------------ */
+
+/* A received packet through the pipeline, its output through egress; a punt is kept. */
+static int ingress_one(Engine *e, const out_t *in) {
+    int verdict = process(e, in);
     if (verdict < 0) return -1;
-    if (verdict == PUNT) return owned_push(&e->punted, d, len, ip, port);
+    if (verdict == PUNT) return owned_push(&e->punted, in);
     for (size_t i = 0; i < e->nouts; i++)
-        if (egress(e, fd, &e->outs[i]) < 0) return -1;
+        if (egress(e, &e->outs[i]) < 0) return -1;
     return 0;
 }
 
 /* Process the packets ``list`` holds, in order; their bytes then belong to the scratch list. */
-static int ingress_owned(Engine *e, int fd, owned_t *list) {
+static int ingress_owned(Engine *e, owned_t *list) {
     size_t first = e->scratch.count;
     if (owned_move(&e->scratch, list) < 0) return -1;
     size_t last = e->scratch.count;
     for (size_t i = first; i < last; i++) {
         out_t item = e->scratch.items[i]; /* by value: processing may grow the scratch list */
-        if (ingress_one(e, fd, item.data, item.len, item.ip, item.port) < 0) return -1;
+        if (ingress_one(e, &item) < 0) return -1;
     }
     return 0;
 }
 
-/* A received datagram through the ingress fault injector, then the pipeline. */
-static int ingress(Engine *e, int fd, uint8_t *d, uint32_t len, uint32_t ip, uint16_t port) {
+/* A received packet through the ingress fault injector, then the pipeline. */
+static int ingress(Engine *e, const out_t *in) {
     int f = fate(&e->ingress);
     if (f == 0) return 0;
     if (f & HOLD) {
         for (int c = 0; c < (f & 3); c++)
-            if (owned_push(&e->ingress.held, d, len, ip, port) < 0) return -1;
+            if (owned_push(&e->ingress.held, in) < 0) return -1;
         return 0;
     }
     owned_t dup = {0};
-    if (f == 2 && owned_push(&dup, d, len, ip, port) < 0) return -1; /* before d is rewritten */
-    if (ingress_one(e, fd, d, len, ip, port) < 0 || ingress_owned(e, fd, &dup) < 0) {
+    if (f == 2 && owned_push(&dup, in) < 0) return -1; /* before the bytes are rewritten */
+    if (ingress_one(e, in) < 0 || ingress_owned(e, &dup) < 0) {
         owned_free(&dup);
         return -1;
     }
     free(dup.items);
-    return e->ingress.held.count ? ingress_owned(e, fd, &e->ingress.held) : 0;
+    return e->ingress.held.count ? ingress_owned(e, &e->ingress.held) : 0;
 }
 
 /* Silence on the link: held packets go on (the ingress ones through the pipeline). */
-static int release_held(Engine *e, int fd) {
-    if (ingress_owned(e, fd, &e->ingress.held) < 0) return -1;
+static int release_held(Engine *e) {
+    if (ingress_owned(e, &e->ingress.held) < 0) return -1;
     size_t first = e->scratch.count;
     if (owned_move(&e->scratch, &e->egress.held) < 0) return -1;
-    for (size_t i = first; i < e->scratch.count; i++) queue_tx(e, fd, &e->scratch.items[i]);
+    for (size_t i = first; i < e->scratch.count; i++) queue_tx(e, &e->scratch.items[i]);
+    return 0;
+}
+
+/* Nothing to read: sleep briefly so one wake-up drains a batch (as NIC interrupt coalescing
+ * does), then wait for the sockets at most IDLE_MS. Returns 1 if something came; 0 after
+ * silence (held packets then go on), a signal or a failure (in e->error): time for Python. */
+static int idle(Engine *e, struct pollfd *fds, nfds_t nfds) {
+    struct timespec nap = {0, COALESCE_NS};
+    if (nanosleep(&nap, NULL) < 0) return 0; /* a signal */
+    int ready = poll(fds, nfds, IDLE_MS);
+    if (ready > 0) return 1;
+    if (ready < 0) {
+        if (errno != EINTR && !e->error) e->error = errno;
+        return 0;
+    }
+    pthread_mutex_lock(&e->lock);
+    if (release_held(e) < 0 && !e->error) e->error = ENOMEM;
+    flush_tx(e);
+    pthread_mutex_unlock(&e->lock);
     return 0;
 }
 
@@ -650,31 +921,32 @@ static double monotonic(void) {
     return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
-/* Serve ``fd`` until ``budget`` seconds have passed, the link has been idle IDLE_MS, a packet
- * waits for the CPU, or a signal arrives: then Python checks for a stop and answers punts.
- * Returns 0 or an errno. Runs without the GIL. */
-static int serve_loop(Engine *e, int fd, double budget) {
+/* UDP mode: serve ``udp_fd`` until ``budget`` seconds have passed, the link has been idle
+ * IDLE_MS, a packet waits for the CPU, or a signal arrives: then Python checks for a stop and
+ * answers punts. Returns 0 or an errno. Runs without the GIL. */
+static int serve_loop(Engine *e, double budget) {
     double deadline = monotonic() + budget;
     uint32_t room = e->datagram + 1; /* a spare byte exposes an oversized datagram */
     for (int i = 0; i < BATCH; i++) {
         e->rxiov[i] = (struct iovec){e->rxbuf + (size_t)i * room, room};
-        e->rx[i].msg_hdr = (struct msghdr){.msg_name = &e->rxaddr[i],
-                                           .msg_namelen = sizeof(e->rxaddr[i]),
+        e->rx[i].msg_hdr = (struct msghdr){.msg_name = &e->rxaddr[i].in,
                                            .msg_iov = &e->rxiov[i], .msg_iovlen = 1};
     }
+    struct pollfd p = {e->udp_fd, POLLIN, 0};
     for (;;) {
-        for (int i = 0; i < BATCH; i++) e->rx[i].msg_hdr.msg_namelen = sizeof(e->rxaddr[i]);
-        int n = recvmmsg(fd, e->rx, BATCH, MSG_DONTWAIT, NULL);
+        for (int i = 0; i < BATCH; i++) e->rx[i].msg_hdr.msg_namelen = sizeof(e->rxaddr[i].in);
+        int n = recvmmsg(e->udp_fd, e->rx, BATCH, MSG_DONTWAIT, NULL);
         if (n > 0) {
             int failed = 0;
             pthread_mutex_lock(&e->lock);
             e->received += (unsigned)n;
             for (int i = 0; i < n && !failed; i++) {
-                const struct sockaddr_in *from = &e->rxaddr[i];
-                failed = ingress(e, fd, e->rxbuf + (size_t)i * room, e->rx[i].msg_len,
-                                 ntohl(from->sin_addr.s_addr), ntohs(from->sin_port)) < 0;
+                const struct sockaddr_in *from = &e->rxaddr[i].in;
+                out_t in = {.data = e->rxbuf + (size_t)i * room, .len = e->rx[i].msg_len,
+                            .ip = ntohl(from->sin_addr.s_addr), .udp_port = ntohs(from->sin_port)};
+                failed = ingress(e, &in) < 0;
             }
-            flush_tx(e, fd);
+            flush_tx(e);
             pthread_mutex_unlock(&e->lock);
             if (failed) return ENOMEM;
             if (e->error) return e->error;
@@ -683,20 +955,72 @@ static int serve_loop(Engine *e, int fd, double budget) {
         }
         if (n < 0 && errno == EINTR) return 0;
         if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) return errno;
-        struct timespec nap = {0, COALESCE_NS};
-        if (nanosleep(&nap, NULL) < 0) return 0; /* a signal */
-        struct pollfd p = {fd, POLLIN, 0};
-        int ready = poll(&p, 1, IDLE_MS);
-        if (ready < 0) return errno == EINTR ? 0 : errno;
-        if (ready == 0) {
+        if (!idle(e, &p, 1) || monotonic() >= deadline) return e->error;
+    }
+}
+
+/* Raw mode: read up to BATCH frames from port ``index`` into its buffers; returns how many, 0
+ * when it has none (or its link just went away), or -errno. */
+static int receive_frames(Engine *e, size_t index) {
+    port_t *port = &e->ports[index];
+    for (int i = 0; i < BATCH; i++) {
+        e->rxiov[i] = (struct iovec){port->rxbuf + (size_t)i * e->frame_room, e->frame_room};
+        e->rx[i].msg_hdr = (struct msghdr){.msg_name = &e->rxaddr[i].ll,
+                                           .msg_namelen = sizeof(e->rxaddr[i].ll),
+                                           .msg_iov = &e->rxiov[i], .msg_iovlen = 1};
+    }
+    int n = recvmmsg(port->fd, e->rx, BATCH, MSG_DONTWAIT, NULL);
+    if (n >= 0) return n;
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return 0;
+    if (errno == ENETDOWN || errno == ENXIO || errno == ENODEV) { /* its peer was deleted */
+        port->down = 1;
+        return 0;
+    }
+    return -errno;
+}
+
+/* Raw mode: serve every port as serve_loop serves the UDP socket. Each sweep reads every port
+ * (each into its own buffers, which the frames sent point into), then sends what they made. */
+static int serve_frames_loop(Engine *e, double budget) {
+    double deadline = monotonic() + budget;
+    struct pollfd fds[PORTS];
+    for (;;) {
+        int got = 0;
+        for (size_t s = 0; s < e->nports; s++) {
+            if (e->ports[s].down) continue;
+            int n = receive_frames(e, s);
+            if (n < 0) return -n;
+            if (n == 0) continue;
+            got = 1;
+            int failed = 0;
             pthread_mutex_lock(&e->lock);
-            int failed = release_held(e, fd) < 0;
-            flush_tx(e, fd);
+            for (int i = 0; i < n && !failed; i++) {
+                const struct mmsghdr *m = &e->rx[i];
+                if (e->rxaddr[i].ll.sll_pkttype == PACKET_OUTGOING) continue; /* our own */
+                e->received++;
+                if (m->msg_hdr.msg_flags & MSG_TRUNC) { /* longer than any port's MTU */
+                    e->truncated++;
+                    continue;
+                }
+                out_t in = {.data = e->rxiov[i].iov_base, .len = m->msg_len,
+                            .port = e->ports[s].number};
+                failed = ingress(e, &in) < 0;
+            }
             pthread_mutex_unlock(&e->lock);
             if (failed) return ENOMEM;
-            return e->error;
         }
-        if (monotonic() >= deadline) return 0;
+        if (got) {
+            pthread_mutex_lock(&e->lock);
+            flush_tx(e);
+            pthread_mutex_unlock(&e->lock);
+            if (e->error) return e->error;
+            if (e->punted.count || monotonic() >= deadline) return 0;
+            continue;
+        }
+        nfds_t nfds = 0;
+        for (size_t s = 0; s < e->nports; s++)
+            if (!e->ports[s].down) fds[nfds++] = (struct pollfd){e->ports[s].fd, POLLIN, 0};
+        if (!idle(e, fds, nfds) || monotonic() >= deadline) return e->error;
     }
 }
 
@@ -714,6 +1038,7 @@ static const size_t REGISTER_WIDTHS[NUM_REGISTERS] = {8, 2, 4, 1, 1, 1, 4, 4, 4}
 static size_t register_cells(const Engine *e, int r) {
     return r == R_SLOT_SESSION ? e->pool : r == R_VALUE ? (size_t)e->rows * e->k : e->rows;
 }
+
 static const char *const COUNTER_NAMES[NUM_COUNTERS] = {
     "drops", "aggregated", "results", "retransmit_replies",
 };
@@ -725,10 +1050,12 @@ static void Engine_dealloc(Engine *self) {
     if (self->groups)
         for (size_t g = 0; g < KEYS16; g++) free(self->groups[g]);
     free(self->groups);
-    free(self->wkeys);
-    free(self->wused);
+    hash_free(&self->workers);
+    hash_free(&self->forward);
     free(self->outs);
     free(self->rxbuf);
+    for (size_t p = 0; p < self->nports; p++) free(self->ports[p].rxbuf);
+    free(self->ports);
     owned_free(&self->scratch);
     owned_free(&self->punted);
     owned_free(&self->ingress.held);
@@ -738,17 +1065,19 @@ static void Engine_dealloc(Engine *self) {
 }
 
 static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"k", "pool_size", "max_jobs", "workers_size", NULL};
-    unsigned int k, pool, max_jobs, workers_size;
+    static char *kwlist[] = {"k", "pool_size", "max_jobs", "workers_size", "forward_size", NULL};
+    unsigned int k, pool, max_jobs, workers_size, forward_size;
     if (self->arena != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "an engine is initialized once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIII", kwlist, &k, &pool, &max_jobs, &workers_size))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIIII", kwlist, &k, &pool, &max_jobs,
+                                     &workers_size, &forward_size))
         return -1;
     pthread_mutex_init(&self->lock, NULL); /* before anything dealloc may meet */
     if (k == 0 || k > 4096 || pool == 0 || pool > (1u << 15) || max_jobs == 0 || max_jobs > KEYS16 ||
-        workers_size == 0 || workers_size > (1u << 24)) {
+        workers_size == 0 || workers_size > (1u << 24) || forward_size == 0 ||
+        forward_size > (1u << 24)) {
         PyErr_SetString(PyExc_ValueError, "engine sizes out of range");
         return -1;
     }
@@ -774,14 +1103,11 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
     self->jobs = calloc(KEYS16, sizeof(job_t));
     self->rewrite = calloc(KEYS16, sizeof(rewrite_t));
     self->groups = calloc(KEYS16, sizeof(group_t *));
-    uint32_t buckets = 16;
-    while (buckets < 2 * workers_size) buckets *= 2;
-    self->wmask = buckets - 1;
-    self->wkeys = calloc(buckets, sizeof(wkey_t));
-    self->wused = calloc(buckets, 1);
+    int tables = hash_init(&self->workers, workers_size) | hash_init(&self->forward, forward_size);
     self->rxbuf = malloc((size_t)BATCH * (self->datagram + 1));
-    if (!self->arena || !self->jobs || !self->rewrite || !self->groups || !self->wkeys ||
-        !self->wused || !self->rxbuf) {
+    for (size_t p = 0; p < PORTS; p++) self->port_index[p] = -1;
+    if (!self->arena || !self->jobs || !self->rewrite || !self->groups || tables < 0 ||
+        !self->rxbuf) {
         PyErr_NoMemory();
         return -1;
     }
@@ -857,6 +1183,7 @@ static int unpack_ints(PyObject *tuple, const int *widths, int n, uint64_t *out,
 static const int JOBS_KEY[] = {16}, JOBS_ARGS[] = {8, 16, 16, 16, 64};
 static const int WORKERS_KEY[] = {16, 8, 9, 32, 16};
 static const int REWRITE_KEY[] = {16}, REWRITE_ARGS[] = {48, 32, 16};
+static const int FORWARD_KEY[] = {48}, FORWARD_ARGS[] = {9};
 
 static PyObject *Engine_write_entry(Engine *self, PyObject *args) {
     int table;
@@ -874,14 +1201,23 @@ static PyObject *Engine_write_entry(Engine *self, PyObject *args) {
         self->jobs[k[0]] = (job_t){1, (uint8_t)a[0], (uint16_t)a[1], (uint16_t)a[2], (uint16_t)a[3], a[4]};
         pthread_mutex_unlock(&self->lock);
         break;
-    case T_WORKERS: {
-        if (unpack_ints(key, WORKERS_KEY, 5, k, "workers key") < 0) return NULL;
-        pthread_mutex_lock(&self->lock); /* a hit admits, whichever action the entry has */
-        int full = worker_insert(self, worker_key((uint16_t)k[0], (uint8_t)k[1], (uint32_t)k[2],
-                                                  (uint32_t)k[3], (uint16_t)k[4])) < 0;
+    case T_WORKERS:
+    case T_FORWARD: {
+        int workers = table == T_WORKERS;
+        if (workers ? unpack_ints(key, WORKERS_KEY, 5, k, "workers key") < 0
+                    : unpack_ints(key, FORWARD_KEY, 1, k, "forward key") < 0 ||
+                          (!noaction && unpack_ints(params, FORWARD_ARGS, 1, a, "set_egress_port") < 0))
+            return NULL;
+        /* workers: a hit admits, whichever action the entry has; forward: NoAction sets no
+         * port, so the frame leaves by port 0 (egress_spec as P4 leaves it) */
+        pthread_mutex_lock(&self->lock);
+        int full = workers ? hash_put(&self->workers, worker_key((uint16_t)k[0], (uint8_t)k[1],
+                                                                 (uint32_t)k[2], (uint32_t)k[3],
+                                                                 (uint16_t)k[4]), 0) < 0
+                           : hash_put(&self->forward, mac_key(k[0]), (uint16_t)a[0]) < 0;
         pthread_mutex_unlock(&self->lock);
         if (full) {
-            PyErr_SetString(PyExc_ValueError, "workers: the engine's table is full");
+            PyErr_SetString(PyExc_ValueError, "the engine's table is full");
             return NULL;
         }
         break;
@@ -891,7 +1227,7 @@ static PyObject *Engine_write_entry(Engine *self, PyObject *args) {
             (!noaction && unpack_ints(params, REWRITE_ARGS, 3, a, "rewrite_destination") < 0))
             return NULL;
         pthread_mutex_lock(&self->lock);
-        self->rewrite[k[0]] = (rewrite_t){1, (uint8_t)!noaction, (uint16_t)a[2], (uint32_t)a[1]};
+        self->rewrite[k[0]] = (rewrite_t){1, (uint8_t)!noaction, (uint16_t)a[2], (uint32_t)a[1], a[0]};
         pthread_mutex_unlock(&self->lock);
         break;
     default:
@@ -906,20 +1242,22 @@ static PyObject *Engine_delete_entry(Engine *self, PyObject *args) {
     PyObject *key;
     uint64_t k[5];
     if (!PyArg_ParseTuple(args, "iO!", &table, &PyTuple_Type, &key)) return NULL;
-    const int *widths = table == T_WORKERS ? WORKERS_KEY : table == T_JOBS ? JOBS_KEY : REWRITE_KEY;
+    static const int *const widths[NUM_TABLES] = {JOBS_KEY, WORKERS_KEY, REWRITE_KEY, FORWARD_KEY};
     if (table < 0 || table >= NUM_TABLES) {
         PyErr_Format(PyExc_ValueError, "no table %d", table);
         return NULL;
     }
-    if (unpack_ints(key, widths, table == T_WORKERS ? 5 : 1, k, "key") < 0) return NULL;
+    if (unpack_ints(key, widths[table], table == T_WORKERS ? 5 : 1, k, "key") < 0) return NULL;
     pthread_mutex_lock(&self->lock);
     if (table == T_JOBS)
         self->jobs[k[0]].present = 0;
     else if (table == T_RESULT_REWRITE)
         self->rewrite[k[0]] = (rewrite_t){0};
+    else if (table == T_FORWARD)
+        hash_delete(&self->forward, mac_key(k[0]));
     else
-        worker_delete(self, worker_key((uint16_t)k[0], (uint8_t)k[1], (uint32_t)k[2], (uint32_t)k[3],
-                                       (uint16_t)k[4]));
+        hash_delete(&self->workers, worker_key((uint16_t)k[0], (uint8_t)k[1], (uint32_t)k[2],
+                                               (uint32_t)k[3], (uint16_t)k[4]));
     pthread_mutex_unlock(&self->lock);
     Py_RETURN_NONE;
 }
@@ -937,8 +1275,7 @@ static PyObject *Engine_clear_table(Engine *self, PyObject *args) {
     } else if (table == T_RESULT_REWRITE) {
         memset(self->rewrite, 0, KEYS16 * sizeof(rewrite_t));
     } else {
-        memset(self->wused, 0, (size_t)self->wmask + 1);
-        self->wcount = 0;
+        hash_clear(table == T_FORWARD ? &self->forward : &self->workers);
     }
     pthread_mutex_unlock(&self->lock);
     Py_RETURN_NONE;
@@ -1073,55 +1410,85 @@ static PyObject *Engine_set_faults(Engine *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* A copy of the bytes ``data`` holds (the pipeline rewrites them in place). */
+static uint8_t *copy_buffer(Py_buffer *data) {
+    uint8_t *copy = malloc(data->len ? (size_t)data->len : 1);
+    if (copy != NULL) memcpy(copy, data->buf, (size_t)data->len);
+    PyBuffer_Release(data);
+    return copy;
+}
+
+/* What one packet made the pipeline emit, as Python objects: None for a punt, else a list of
+ * (IPv4 address, UDP port, datagram) in UDP mode or (port, frame) in raw mode. */
+static PyObject *emitted(Engine *self, int verdict, int frames) {
+    if (verdict < 0) return PyErr_NoMemory();
+    if (verdict == PUNT) return Py_NewRef(Py_None);
+    PyObject *out = PyList_New((Py_ssize_t)self->nouts);
+    for (size_t i = 0; out != NULL && i < self->nouts; i++) {
+        const out_t *o = &self->outs[i];
+        PyObject *item;
+        if (!frames) {
+            item = Py_BuildValue("(IHy#)", o->ip, o->udp_port, o->data, (Py_ssize_t)o->len);
+        } else {
+            PyObject *bytes = PyBytes_FromStringAndSize((const char *)o->data, (Py_ssize_t)o->len);
+            if (bytes != NULL && o->own_head) memcpy(PyBytes_AS_STRING(bytes), o->head, L2_L4_BYTES);
+            item = bytes == NULL ? NULL : Py_BuildValue("(HN)", o->port, bytes);
+        }
+        if (item == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, item);
+    }
+    return out;
+}
+
 static PyObject *Engine_process(Engine *self, PyObject *args) {
     Py_buffer data;
     unsigned int ip;
     unsigned short port;
     if (!PyArg_ParseTuple(args, "y*IH", &data, &ip, &port)) return NULL;
-    uint8_t *copy = malloc(data.len ? (size_t)data.len : 1); /* rewritten in place */
-    if (copy == NULL) {
-        PyBuffer_Release(&data);
-        return PyErr_NoMemory();
-    }
-    memcpy(copy, data.buf, (size_t)data.len);
     uint32_t len = (uint32_t)data.len;
-    PyBuffer_Release(&data);
+    uint8_t *copy = copy_buffer(&data);
+    if (copy == NULL) return PyErr_NoMemory();
     pthread_mutex_lock(&self->lock);
     self->nouts = 0;
-    int verdict = pipeline(self, copy, len, ip, port);
-    PyObject *out = NULL;
-    if (verdict < 0) {
-        PyErr_NoMemory();
-    } else if (verdict == PUNT) {
-        out = Py_NewRef(Py_None);
-    } else if ((out = PyList_New((Py_ssize_t)self->nouts)) != NULL) {
-        for (size_t i = 0; i < self->nouts; i++) {
-            const out_t *o = &self->outs[i];
-            PyObject *item = Py_BuildValue("(IHy#)", o->ip, o->port, o->data, (Py_ssize_t)o->len);
-            if (item == NULL) {
-                Py_CLEAR(out);
-                break;
-            }
-            PyList_SET_ITEM(out, (Py_ssize_t)i, item);
-        }
-    }
+    PyObject *out = emitted(self, process_datagram(self, copy, len, ip, port), 0);
     pthread_mutex_unlock(&self->lock);
     free(copy);
     return out;
 }
 
-static PyObject *Engine_serve(Engine *self, PyObject *args) {
-    int fd;
-    double budget;
-    if (!PyArg_ParseTuple(args, "id", &fd, &budget)) return NULL;
+static PyObject *Engine_process_frame(Engine *self, PyObject *args) {
+    Py_buffer data;
+    unsigned short port;
+    if (!PyArg_ParseTuple(args, "y*H", &data, &port)) return NULL;
+    uint32_t len = (uint32_t)data.len;
+    uint8_t *copy = copy_buffer(&data);
+    if (copy == NULL) return PyErr_NoMemory();
+    pthread_mutex_lock(&self->lock);
+    self->nouts = 0;
+    PyObject *out = emitted(self, process_frame(self, copy, len, port), 1);
+    pthread_mutex_unlock(&self->lock);
+    free(copy);
+    return out;
+}
+
+/* Serve with the GIL released: UDP mode's socket or raw mode's ports. */
+static PyObject *serve(Engine *self, int raw, double budget) {
     if (self->serving) {
         PyErr_SetString(PyExc_RuntimeError, "the engine is already serving");
+        return NULL;
+    }
+    if (raw != self->raw) {
+        PyErr_SetString(PyExc_RuntimeError, raw ? "serve_frames needs set_ports first"
+                                                : "the engine serves frames (set_ports)");
         return NULL;
     }
     self->serving = 1;
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = serve_loop(self, fd, budget);
+    err = raw ? serve_frames_loop(self, budget) : serve_loop(self, budget);
     Py_END_ALLOW_THREADS
     self->serving = 0;
     self->error = 0;
@@ -1132,12 +1499,84 @@ static PyObject *Engine_serve(Engine *self, PyObject *args) {
     return PyLong_FromSize_t(self->punted.count);
 }
 
+static PyObject *Engine_serve(Engine *self, PyObject *args) {
+    int fd;
+    double budget;
+    if (!PyArg_ParseTuple(args, "id", &fd, &budget)) return NULL;
+    self->udp_fd = fd;
+    return serve(self, 0, budget);
+}
+
+static PyObject *Engine_serve_frames(Engine *self, PyObject *args) {
+    double budget;
+    if (!PyArg_ParseTuple(args, "d", &budget)) return NULL;
+    return serve(self, 1, budget);
+}
+
+static PyObject *Engine_set_ports(Engine *self, PyObject *args) {
+    PyObject *ports;
+    unsigned int frame_bytes;
+    if (!PyArg_ParseTuple(args, "OI", &ports, &frame_bytes)) return NULL;
+    if (self->raw || self->serving) {
+        PyErr_SetString(PyExc_RuntimeError, "an engine's ports are set once");
+        return NULL;
+    }
+    if (frame_bytes < L2_L4_BYTES || frame_bytes > (1u << 20)) {
+        PyErr_SetString(PyExc_ValueError, "frame_bytes out of range");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(ports, "ports must be a sequence of (port, fd)");
+    if (seq == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n == 0 || n > PORTS) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "one to 512 ports");
+        return NULL;
+    }
+    self->ports = calloc((size_t)n, sizeof(port_t));
+    if (self->ports == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    self->frame_room = (frame_bytes + 63) & ~63u;
+    static const int widths[] = {9, 31};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t pf[2];
+        if (unpack_ints(PySequence_Fast_GET_ITEM(seq, i), widths, 2, pf, "port") < 0) break;
+        if (self->port_index[pf[0]] >= 0) {
+            PyErr_Format(PyExc_ValueError, "port %d given twice", (int)pf[0]);
+            break;
+        }
+        port_t *port = &self->ports[self->nports++];
+        *port = (port_t){(int)pf[1], (uint16_t)pf[0], 0, malloc((size_t)BATCH * self->frame_room)};
+        self->port_index[pf[0]] = (int16_t)i;
+        if (port->rxbuf == NULL) {
+            PyErr_NoMemory();
+            break;
+        }
+    }
+    Py_DECREF(seq);
+    if (PyErr_Occurred()) {
+        for (size_t p = 0; p < self->nports; p++) {
+            self->port_index[self->ports[p].number] = -1;
+            free(self->ports[p].rxbuf);
+        }
+        free(self->ports);
+        self->ports = NULL;
+        self->nports = 0;
+        return NULL;
+    }
+    self->raw = 1;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Engine_take_punted(Engine *self, PyObject *Py_UNUSED(ignored)) {
     pthread_mutex_lock(&self->lock);
     PyObject *out = PyList_New((Py_ssize_t)self->punted.count);
     for (size_t i = 0; out != NULL && i < self->punted.count; i++) {
         const out_t *o = &self->punted.items[i];
-        PyObject *item = Py_BuildValue("(y#IH)", o->data, (Py_ssize_t)o->len, o->ip, o->port);
+        PyObject *item = Py_BuildValue("(y#IHH)", o->data, (Py_ssize_t)o->len, o->ip, o->udp_port,
+                                       o->port);
         if (item == NULL) {
             Py_CLEAR(out);
             break;
@@ -1149,31 +1588,55 @@ static PyObject *Engine_take_punted(Engine *self, PyObject *Py_UNUSED(ignored)) 
     return out;
 }
 
-static PyObject *Engine_transmit(Engine *self, PyObject *args) {
-    int fd;
-    unsigned int ip;
-    unsigned short port;
-    Py_buffer data;
-    if (!PyArg_ParseTuple(args, "iIHy*", &fd, &ip, &port, &data)) return NULL;
-    if (self->serving) { /* its queue and scratch belong to the serving loop */
-        PyBuffer_Release(&data);
+/* One packet from the CPU through the egress fault injector and out, between serving calls
+ * (the send queue and its scratch bytes are the serving loop's while it runs). */
+static PyObject *transmit(Engine *self, Py_buffer *data, const out_t *o) {
+    if (self->serving) {
+        PyBuffer_Release(data);
         PyErr_SetString(PyExc_RuntimeError, "transmit between serve calls, not during one");
         return NULL;
     }
     pthread_mutex_lock(&self->lock);
-    out_t o = {data.buf, (uint32_t)data.len, ip, port};
-    int failed = egress(self, fd, &o) < 0;
-    flush_tx(self, fd);
+    int failed = egress(self, o) < 0;
+    flush_tx(self);
     int err = self->error;
     self->error = 0;
     pthread_mutex_unlock(&self->lock);
-    PyBuffer_Release(&data);
+    PyBuffer_Release(data);
     if (failed) return PyErr_NoMemory();
     if (err) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *Engine_transmit(Engine *self, PyObject *args) {
+    int fd;
+    unsigned int ip;
+    unsigned short port;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "iIHy*", &fd, &ip, &port, &data)) return NULL;
+    if (self->raw) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_RuntimeError, "the engine serves frames: transmit_frame");
+        return NULL;
+    }
+    self->udp_fd = fd;
+    return transmit(self, &data,
+                    &(out_t){.data = data.buf, .len = (uint32_t)data.len, .ip = ip, .udp_port = port});
+}
+
+static PyObject *Engine_transmit_frame(Engine *self, PyObject *args) {
+    unsigned short port;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "Hy*", &port, &data)) return NULL;
+    if (!self->raw) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_RuntimeError, "transmit_frame needs set_ports first");
+        return NULL;
+    }
+    return transmit(self, &data, &(out_t){.data = data.buf, .len = (uint32_t)data.len, .port = port});
 }
 
 static PyObject *fault_stats(const faults_t *f) {
@@ -1183,9 +1646,19 @@ static PyObject *fault_stats(const faults_t *f) {
 
 static PyObject *Engine_stats(Engine *self, PyObject *Py_UNUSED(ignored)) {
     pthread_mutex_lock(&self->lock);
-    PyObject *out = Py_BuildValue("{sKsKsKsNsN}", "received", self->received, "sent", self->sent,
-                                  "tx_overruns", self->tx_overruns, "ingress",
-                                  fault_stats(&self->ingress), "egress", fault_stats(&self->egress));
+    PyObject *down = PyList_New(0);
+    for (size_t p = 0; down != NULL && p < self->nports; p++) {
+        if (!self->ports[p].down) continue;
+        PyObject *number = PyLong_FromLong(self->ports[p].number);
+        if (number == NULL || PyList_Append(down, number) < 0) Py_CLEAR(down);
+        Py_XDECREF(number);
+    }
+    PyObject *out = down == NULL ? NULL
+                                 : Py_BuildValue("{sKsKsKsKsNsNsN}", "received", self->received,
+                                                 "sent", self->sent, "tx_overruns",
+                                                 self->tx_overruns, "truncated", self->truncated,
+                                                 "ingress", fault_stats(&self->ingress), "egress",
+                                                 fault_stats(&self->egress), "ports_down", down);
     pthread_mutex_unlock(&self->lock);
     return out;
 }
@@ -1202,9 +1675,13 @@ static PyMethodDef Engine_methods[] = {
     {"set_punted_jobs", (PyCFunction)Engine_set_punted_jobs, METH_VARARGS, NULL},
     {"set_faults", (PyCFunction)Engine_set_faults, METH_VARARGS, NULL},
     {"process", (PyCFunction)Engine_process, METH_VARARGS, NULL},
+    {"process_frame", (PyCFunction)Engine_process_frame, METH_VARARGS, NULL},
     {"serve", (PyCFunction)Engine_serve, METH_VARARGS, NULL},
+    {"set_ports", (PyCFunction)Engine_set_ports, METH_VARARGS, NULL},
+    {"serve_frames", (PyCFunction)Engine_serve_frames, METH_VARARGS, NULL},
     {"take_punted", (PyCFunction)Engine_take_punted, METH_NOARGS, NULL},
     {"transmit", (PyCFunction)Engine_transmit, METH_VARARGS, NULL},
+    {"transmit_frame", (PyCFunction)Engine_transmit_frame, METH_VARARGS, NULL},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
@@ -1214,7 +1691,7 @@ static PyBufferProcs Engine_as_buffer = {(getbufferproc)Engine_getbuffer, NULL};
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "switchreduce.emulation.softswitch._engine.Engine",
-    .tp_doc = PyDoc_STR("The soft switch's pipeline and UDP data path in C (see engine.py)."),
+    .tp_doc = PyDoc_STR("The soft switch's pipeline and data paths in C (see engine.py)."),
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
@@ -1243,6 +1720,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
         PyModule_AddIntConstant(m, "JOBS", T_JOBS) < 0 ||
         PyModule_AddIntConstant(m, "WORKERS", T_WORKERS) < 0 ||
         PyModule_AddIntConstant(m, "RESULT_REWRITE", T_RESULT_REWRITE) < 0 ||
+        PyModule_AddIntConstant(m, "FORWARD", T_FORWARD) < 0 ||
         PyModule_AddIntConstant(m, "BATCH", BATCH) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -1,9 +1,10 @@
-"""The soft switch's two engines for UDP mode, behind one in-process interface.
+"""The soft switch's two engines, behind one in-process interface.
 
 ``python``: the pipeline of ``pipeline.py``, one packet at a time; it is the
 specification, and where switch logic is prototyped. ``compiled``: the same
 pipeline in C (``_engine.c``, built by ``pip install``), which also serves the
-socket with batched system calls and the GIL released (``udp.UdpSwitch``).
+sockets with batched system calls and the GIL released: UDP mode's socket
+(``udp.UdpSwitch``) and raw mode's ports (``raw.RawSwitch``).
 
 The compiled engine keeps no state of its own that the control plane cannot
 see. :func:`bind` turns the switch's registers and counters into numpy views
@@ -15,9 +16,11 @@ Python one with. A JOIN for a static job is the switch CPU's business
 (``static.StaticJob``): the engine punts it to Python, as a P4 switch punts
 packet-ins to its controller.
 
-Both engines map a datagram and its source to what the switch sends
-(``process``), which is what the differential test (tests/test_engine.py)
-compares, with every register and counter.
+Both engines map a datagram and its source (UDP mode), or a frame and its
+ingress port (raw mode), to what the switch sends (``process``,
+``process_frame``), which is what the differential tests compare
+(tests/test_engine.py, tests/test_engine_raw.py), with every register and
+counter.
 """
 
 from __future__ import annotations
@@ -46,12 +49,17 @@ ENGINES: tuple[EngineName, ...] = ("compiled", "python")
 Address = tuple[str, int]
 #: What a datagram makes the switch send: (destination, UDP payload), in order.
 Emitted = list[tuple[Address, bytes]]
+#: What a frame makes the switch send: (egress port, frame), in order.
+Frames = list[tuple[int, bytes]]
+#: Raw mode has no address of its own: the frames carry theirs.
+NO_ADDRESS: Address = ("0.0.0.0", 0)
 
 
 class PythonDatapath:
-    """UDP mode through the Python pipeline (ingress port 0, as ``udp.py`` serves it)."""
+    """The Python pipeline: datagrams on ingress port 0 to and from ``address`` (UDP mode, as
+    ``udp.py`` serves it), or frames on the switch's ports (raw mode)."""
 
-    def __init__(self, switch: SoftSwitch, address: Address) -> None:
+    def __init__(self, switch: SoftSwitch, address: Address = NO_ADDRESS) -> None:
         self.switch = switch
         self.address = address
         #: Jobs from the command line: their JOINs go to the CPU.
@@ -64,15 +72,23 @@ class PythonDatapath:
             for out in answer(self.switch, self.static_jobs, pkt)
         ]
 
+    def process_frame(self, frame: bytes, port: int) -> Frames:
+        pkt = self.switch.parser.parse_frame(frame, port)
+        deparse = self.switch.deparser.frame
+        return [
+            (out.egress_port, deparse(out)) for out in answer(self.switch, self.static_jobs, pkt)
+        ]
+
 
 class CompiledDatapath:
-    """UDP mode through the compiled engine, bound to ``switch``'s tables, registers and
-    counters; a static job's JOINs go to the Python CPU path."""
+    """The compiled engine, bound to ``switch``'s tables, registers and counters; a static
+    job's JOINs go to the Python CPU path."""
 
-    def __init__(self, switch: SoftSwitch, address: Address) -> None:
+    def __init__(self, switch: SoftSwitch, address: Address = NO_ADDRESS) -> None:
         self.switch = switch
+        ingress = switch.ingress
         self.engine = _engine.Engine(
-            switch.k, switch.ingress.pool_size, MAX_JOBS, switch.ingress.workers.size
+            switch.k, ingress.pool_size, MAX_JOBS, ingress.workers.size, ingress.forward.size
         )
         bind(switch, self.engine)
         self._cpu = PythonDatapath(switch, address)
@@ -93,8 +109,16 @@ class CompiledDatapath:
         return [((int_to_ip(ip), port), data) for ip, port, data in out]
 
     def punt(self, datagram: bytes, source: Address) -> Emitted:
-        """A packet the engine punted, answered by the CPU (a static job's JOIN)."""
+        """A datagram the engine punted, answered by the CPU (a static job's JOIN)."""
         return self._cpu.process(datagram, source)
+
+    def process_frame(self, frame: bytes, port: int) -> Frames:
+        out = self.engine.process_frame(frame, port)
+        return self.punt_frame(frame, port) if out is None else out
+
+    def punt_frame(self, frame: bytes, port: int) -> Frames:
+        """A frame the engine punted, answered by the CPU (a static job's JOIN)."""
+        return self._cpu.process_frame(frame, port)
 
 
 def bind(switch: SoftSwitch, engine: _engine.Engine) -> None:
@@ -117,6 +141,7 @@ def bind(switch: SoftSwitch, engine: _engine.Engine) -> None:
     ingress = switch.ingress
     ingress.jobs.attach(_TableSink(engine, _engine.JOBS, names.SET_JOB))
     ingress.workers.attach(_TableSink(engine, _engine.WORKERS, names.ADMIT_WORKER))
+    ingress.forward.attach(_TableSink(engine, _engine.FORWARD, names.SET_EGRESS_PORT))
     switch.egress.result_rewrite.attach(
         _TableSink(engine, _engine.RESULT_REWRITE, names.REWRITE_DESTINATION)
     )

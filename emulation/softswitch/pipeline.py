@@ -320,7 +320,8 @@ class SwitchReduceIngress:
         hit, call = self.forward.lookup((pkt.eth_dst,))
         if not hit:
             return self.drop(pkt, DropReason.NO_ROUTE), 0
-        pkt.egress_port = call.args[0]
+        # NoAction sets no port: the frame leaves by port 0, egress_spec as P4 leaves it
+        pkt.egress_port = call.args[0] if call.name == names.SET_EGRESS_PORT.name else 0
         return Verdict.UNICAST, 0
 
 

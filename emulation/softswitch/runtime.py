@@ -2,9 +2,9 @@
 
 A runtime serves its sockets until stopped, in a thread of its own (``start``)
 or the caller's (``serve_forever``), and ends with a report. Two engines serve:
-``PacketLoop`` here, the Python pipeline one packet at a time (raw mode, and
-UDP mode's ``--engine python``), and the compiled engine's batched loop in
-``udp.UdpSwitch``.
+``PacketLoop``, the Python pipeline one packet at a time (``--engine python``),
+and ``EngineLoop``, the compiled engine's batched loop in C; each mode
+(``udp.py``, ``raw.py``) has one of each.
 
 ``PacketLoop`` owns one socket per switch port, reads packets into the
 pipeline and writes out what it emits, with a seeded fault injector on each
@@ -24,10 +24,14 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any
 
+from switchreduce.emulation.softswitch.engine import CompiledDatapath
 from switchreduce.emulation.softswitch.faults import FaultInjector, FaultSpec
 from switchreduce.emulation.softswitch.pipeline import DropReason, SoftSwitch
 from switchreduce.emulation.softswitch.static import StaticJob
 
+#: Longest stretch the compiled engine serves before Python checks for a stop (seconds); it
+#: returns sooner when its sockets have been idle a few milliseconds or a signal arrives.
+_BUDGET = 0.05
 _COALESCE = 0.0002  # seconds to sleep when every port is empty
 _LINK_GONE = (errno.ENETDOWN, errno.ENXIO, errno.ENODEV)
 _IDLE_MS = 5  # then wait this long for traffic; silence releases held (reordered) packets
@@ -50,7 +54,6 @@ class SwitchRuntime(ABC):
         self.sockets = sockets
         for sock in sockets.values():
             sock.setblocking(False)  # a socket timeout would poll before every call
-        self.ports_down: list[int] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._static_jobs: list[StaticJob] = []
@@ -76,7 +79,8 @@ class SwitchRuntime(ABC):
 
     @abstractmethod
     def traffic(self) -> dict[str, Any]:
-        """Datagrams received and sent, sends lost to full buffers, what the injectors did."""
+        """Packets received and sent, sends lost to full buffers (or absent links), what the
+        injectors did, the ports whose links went away."""
 
     def report(self) -> dict:
         """The engine, CPU time, drop counters by reason, per-job counters, the traffic."""
@@ -100,7 +104,6 @@ class SwitchRuntime(ABC):
             "cpu_seconds_per_million_packets": round((user + system) / handled * 1e6, 3)
             if handled
             else None,
-            "ports_down": self.ports_down,
             "drops": {r.name.lower(): int(ingress.drops.packets[r]) for r in DropReason},
             "jobs": jobs,
             **traffic,
@@ -140,6 +143,7 @@ class PacketLoop(SwitchRuntime):
         self.ingress_faults: FaultInjector[Received] = FaultInjector(spec, 1)
         self.egress_faults: FaultInjector[Emitted] = FaultInjector(spec, 2)
         self.received = self.sent = self.tx_overruns = 0
+        self.ports_down: list[int] = []
         self._poller = select.poll()
         for sock in sockets.values():
             self._poller.register(sock, select.POLLIN)
@@ -154,6 +158,9 @@ class PacketLoop(SwitchRuntime):
 
     def transmit(self, item: Emitted) -> None:
         port, data, destination = item
+        if port not in self.sockets:
+            self.tx_overruns += 1  # a port the switch does not serve: lost
+            return
         try:
             if destination is None:
                 self.sockets[port].send(data)
@@ -213,4 +220,60 @@ class PacketLoop(SwitchRuntime):
                 "ingress": vars(self.ingress_faults.stats),
                 "egress": vars(self.egress_faults.stats),
             },
+            "ports_down": self.ports_down,
+        }
+
+
+#: What the compiled engine punts to the CPU: (bytes, source IPv4, UDP source port, port).
+Punted = tuple[bytes, int, int, int]
+
+
+class EngineLoop(SwitchRuntime):
+    """The compiled engine's loop: it serves in C with the GIL released, up to ``_BUDGET``
+    seconds a call; between calls Python notices a stop and answers what the engine punted
+    (a static job's JOIN), as a P4 switch's CPU answers packet-ins."""
+
+    engine = "compiled"
+
+    def __init__(
+        self,
+        switch: SoftSwitch,
+        sockets: dict[int, socket.socket],
+        datapath: CompiledDatapath,
+        faults: FaultSpec | None,
+    ) -> None:
+        super().__init__(switch, sockets)
+        self.datapath = datapath
+        spec = faults or FaultSpec()
+        datapath.engine.set_faults(spec.loss, spec.duplicate, spec.reorder, spec.seed)
+
+    @property
+    def static_jobs(self) -> list[StaticJob]:
+        return self.datapath.static_jobs
+
+    @static_jobs.setter
+    def static_jobs(self, jobs: list[StaticJob]) -> None:
+        self.datapath.static_jobs = jobs
+
+    @abstractmethod
+    def serve_batches(self, budget: float) -> int:
+        """Let the engine serve for at most ``budget`` seconds; the punted packets waiting."""
+
+    @abstractmethod
+    def answer(self, punted: Punted) -> None:
+        """Answer one punted packet (through the engine's egress)."""
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if self.serve_batches(_BUDGET):
+                for punted in self.datapath.engine.take_punted():
+                    self.answer(punted)
+
+    def traffic(self) -> dict[str, Any]:
+        stats = self.datapath.engine.stats()
+        return {
+            "packets": {"received": stats["received"], "sent": stats["sent"]},
+            "tx_overruns": stats["tx_overruns"],
+            "faults": {"ingress": stats["ingress"], "egress": stats["egress"]},
+            "ports_down": stats["ports_down"],
         }

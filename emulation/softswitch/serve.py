@@ -5,8 +5,7 @@ interface per switch port (``serving PORT=IFNAME ...``), with a static job
 from its command line, a P4Runtime server for a controller to program it
 (``p4runtime ADDRESS``), or both; when it stops it reports its counters
 (drops by reason, injected faults, packets, CPU time) as its last line.
-UDP mode runs the compiled engine unless told ``--engine python``; raw mode
-runs the Python one.
+Either mode runs the compiled engine unless told ``--engine python``.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from switchreduce import wire
 from switchreduce.emulation.softswitch.engine import ENGINES, EngineName
 from switchreduce.emulation.softswitch.faults import FaultSpec
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
-from switchreduce.emulation.softswitch.raw import RawSwitch
+from switchreduce.emulation.softswitch.raw import raw_switch
 from switchreduce.emulation.softswitch.runtime import SwitchRuntime
 from switchreduce.emulation.softswitch.static import StaticJob, install_forwarding
 from switchreduce.emulation.softswitch.udp import udp_switch
@@ -42,7 +41,7 @@ class SwitchOptions:
     p4runtime: str | None = None
     device_id: int = 0
     faults: FaultSpec = field(default_factory=FaultSpec)
-    #: Which engine runs the pipeline; None: the mode's own (compiled in UDP mode, python raw).
+    #: Which engine runs the pipeline; None: the compiled one.
     engine: EngineName | None = None
 
     def __post_init__(self) -> None:
@@ -53,16 +52,11 @@ class SwitchOptions:
             )
         if self.engine is not None and self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if self.raw and self.engine == "compiled":
-            raise ValueError(
-                "the compiled engine serves UDP mode only so far: raw mode (--raw) runs "
-                "--engine python"
-            )
 
     @property
     def engine_name(self) -> EngineName:
         """The engine this switch runs."""
-        return self.engine or ("python" if self.raw else "compiled")
+        return self.engine or "compiled"
 
 
 def serve(options: SwitchOptions) -> int:
@@ -78,7 +72,7 @@ def serve(options: SwitchOptions) -> int:
     server: SwitchRuntime
     if options.raw:
         install_forwarding(switch, options.routes)
-        server = RawSwitch(switch, options.raw, options.faults)
+        server = raw_switch(switch, options.raw, options.faults, options.engine_name)
         up = [SERVING, *(f"{port}={name}" for port, name in options.raw.items())]
     else:
         udp = udp_switch(switch, options.listen, options.faults, options.engine_name)

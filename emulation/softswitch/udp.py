@@ -14,7 +14,6 @@ stop and to answer what the engine punts (a static job's JOIN).
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 from switchreduce import wire
 from switchreduce.emulation.softswitch.engine import (
@@ -26,15 +25,12 @@ from switchreduce.emulation.softswitch.faults import FaultSpec
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch, int_to_ip, ip_to_int
 from switchreduce.emulation.softswitch.runtime import (
     Emitted,
+    EngineLoop,
     PacketLoop,
+    Punted,
     Received,
-    SwitchRuntime,
 )
 from switchreduce.emulation.softswitch.static import StaticJob
-
-#: Longest stretch the compiled engine serves before Python checks for a stop (seconds); it
-#: returns sooner when the socket has been idle a few milliseconds or a signal arrives.
-_BUDGET = 0.05
 
 
 def force_buffers(sock: socket.socket, size: int) -> None:
@@ -53,10 +49,8 @@ def _bound(address: tuple[str, int], buffer_bytes: int) -> socket.socket:
     return sock
 
 
-class UdpSwitch(SwitchRuntime):
+class UdpSwitch(EngineLoop):
     """UDP mode on the compiled engine."""
-
-    engine = "compiled"
 
     def __init__(
         self,
@@ -66,37 +60,17 @@ class UdpSwitch(SwitchRuntime):
         buffer_bytes: int = 8 << 20,
     ) -> None:
         sock = _bound(address, buffer_bytes)
-        super().__init__(switch, {0: sock})
         self.address: tuple[str, int] = sock.getsockname()
-        self.datapath = CompiledDatapath(switch, self.address)
-        spec = faults or FaultSpec()
-        self.datapath.engine.set_faults(spec.loss, spec.duplicate, spec.reorder, spec.seed)
+        super().__init__(switch, {0: sock}, CompiledDatapath(switch, self.address), faults)
         self._fd = sock.fileno()
 
-    @property
-    def static_jobs(self) -> list[StaticJob]:
-        return self.datapath.static_jobs
+    def serve_batches(self, budget: float) -> int:
+        return self.datapath.engine.serve(self._fd, budget)
 
-    @static_jobs.setter
-    def static_jobs(self, jobs: list[StaticJob]) -> None:
-        self.datapath.static_jobs = jobs
-
-    def _serve(self) -> None:
-        engine = self.datapath.engine
-        while not self._stop.is_set():
-            if not engine.serve(self._fd, _BUDGET):
-                continue
-            for data, ip, port in engine.take_punted():
-                for (host, to_port), out in self.datapath.punt(data, (int_to_ip(ip), port)):
-                    engine.transmit(self._fd, ip_to_int(host), to_port, out)
-
-    def traffic(self) -> dict[str, Any]:
-        stats = self.datapath.engine.stats()
-        return {
-            "packets": {"received": stats["received"], "sent": stats["sent"]},
-            "tx_overruns": stats["tx_overruns"],
-            "faults": {"ingress": stats["ingress"], "egress": stats["egress"]},
-        }
+    def answer(self, punted: Punted) -> None:
+        data, ip, udp_port, _ = punted
+        for (host, to_port), out in self.datapath.punt(data, (int_to_ip(ip), udp_port)):
+            self.datapath.engine.transmit(self._fd, ip_to_int(host), to_port, out)
 
 
 class PythonUdpSwitch(PacketLoop):
