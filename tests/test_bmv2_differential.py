@@ -2,9 +2,11 @@
 
 BMv2 (``simple_switch``) runs in a network namespace of the test's own with
 one veth port per worker; the test sends each frame on its sender's port and
-collects what comes out of every port. The soft switch's pipeline gets the
-same frames. Both are configured from one source: the soft switch's tables,
-turned into simple_switch_CLI commands.
+collects what comes out of every port. The soft switch gets the same frames,
+through its Python pipeline and through its compiled engine. All three are
+configured from one source: the soft switch's tables, turned into
+simple_switch_CLI commands for BMv2; all three must end with the same
+registers and counters.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 
 from switchreduce import wire
 from switchreduce.emulation.bmv2 import compile_program
+from switchreduce.emulation.softswitch.engine import CompiledDatapath, PythonDatapath
 from switchreduce.emulation.softswitch.pipeline import DropReason, SoftSwitch
 from switchreduce.emulation.softswitch.static import (
     install_forwarding,
@@ -171,13 +174,14 @@ def _traffic() -> list[tuple[int, bytes]]:
     return out
 
 
-def _soft_outputs(frames: list[tuple[int, bytes]]) -> tuple[list, SoftSwitch]:
+def _soft_outputs(
+    frames: list[tuple[int, bytes]], engine: type[PythonDatapath | CompiledDatapath]
+) -> tuple[list, SoftSwitch]:
+    """What the soft switch on ``engine`` sends for each frame (sorted, as BMv2's ports are
+    read), and the switch with its registers and counters."""
     switch = _configured_switch()
-    outputs = []
-    for port, frame in frames:
-        emitted = switch.process(switch.parser.parse_frame(frame, port))
-        outputs.append(sorted((p.egress_port, switch.deparser.frame(p)) for p in emitted))
-    return outputs, switch
+    datapath = engine(switch)
+    return [sorted(datapath.process_frame(frame, port)) for port, frame in frames], switch
 
 
 def _run(*cmd: str, **kwargs) -> subprocess.CompletedProcess:
@@ -290,7 +294,16 @@ def _bmv2_registers(cli, names: list[str]) -> dict[str, list[int]]:
 def test_bmv2_and_the_soft_switch_agree_bit_for_bit(bmv2) -> None:
     socks, cli = bmv2
     frames = _traffic()
-    expected, soft = _soft_outputs(frames)
+    expected, soft = _soft_outputs(frames, PythonDatapath)
+    compiled_outputs, compiled = _soft_outputs(frames, CompiledDatapath)
+    assert compiled_outputs == expected
+    for name, register in compiled.registers().items():
+        cells = np.asarray(soft.registers()[name].cells).reshape(-1)
+        assert np.array_equal(register.cells.reshape(-1), cells.astype(register.cells.dtype)), name
+    for name, counter in compiled.counters().items():
+        python_counter = soft.counters()[name]
+        assert list(counter.packets) == list(python_counter.packets), name
+        assert list(counter.bytes) == list(python_counter.bytes), name
     cli(_cli_commands(_configured_switch()))
     _drain(socks)
     observed = []
