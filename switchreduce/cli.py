@@ -7,6 +7,7 @@ switchreduce train CONFIG ...     one rank of a training job (under torchrun or 
 switchreduce run CONFIG           replay an experiment: switch vs gloo, metrics and plots
 switchreduce topo ...             a Mininet star around a switch (root)
 switchreduce bench allreduce ...  a switch and N workers, measured
+switchreduce bench switch ...     a switch's own packet rate: soft (both engines), BMv2
 """
 
 # This module parses and dispatches, nothing else: argparse types check every value
@@ -378,6 +379,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fault_args(allreduce)
     # K: loopback's default, or the largest for the links' MTU in Mininet; slots: per switch kind
     allreduce.set_defaults(k=None, slots=None)
+    switch_bench = bench_sub.add_parser(
+        "switch", help="a switch's own packet rate under a load generator, against BMv2"
+    )
+    switch_bench.add_argument(
+        "--switch",
+        choices=("soft", "bmv2"),
+        action="append",
+        default=[],
+        help="measure this switch (repeat for both; default: soft, and bmv2 where it runs)",
+    )
+    switch_bench.add_argument(
+        "--engine",
+        choices=("compiled", "python"),
+        action="append",
+        default=[],
+        help="the soft switch's engine (repeat for both; default: both)",
+    )
+    switch_bench.add_argument("--workers", type=int, default=4, help="ranks the load stands for")
+    switch_bench.add_argument(
+        "--k", type=int, default=wire.MAX_K_STANDARD_MTU, choices=wire.SUPPORTED_K
+    )
+    switch_bench.add_argument(
+        "--slots", type=int, default=None, help="slots of the job (default: per switch)"
+    )
+    switch_bench.add_argument(
+        "--packets", type=int, default=None, help="contributions per run (default: per switch)"
+    )
+    switch_bench.add_argument("--repeat", type=int, default=1, help="runs per switch; medians")
+    switch_bench.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds without a result before failing"
+    )
+    switch_bench.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -497,6 +530,8 @@ def _topo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench == "switch":
+        return _bench_switch(args)
     from switchreduce.emulation.softswitch.faults import FaultSpec
     from switchreduce.experiments.bench import BenchOptions, run_bench
 
@@ -520,6 +555,26 @@ def _bench(args: argparse.Namespace) -> int:
         ),
     )
     return run_bench(options)
+
+
+def _bench_switch(args: argparse.Namespace) -> int:
+    from switchreduce.experiments.switchbench import SwitchBenchOptions, run_switch_bench
+
+    options = _options(
+        args,
+        lambda: SwitchBenchOptions(
+            switches=tuple(dict.fromkeys(args.switch)),
+            engines=tuple(dict.fromkeys(args.engine)) or SwitchBenchOptions.engines,
+            workers=args.workers,
+            k=args.k,
+            slots=args.slots,
+            packets=args.packets,
+            repeat=args.repeat,
+            timeout=args.timeout,
+            as_json=args.json,
+        ),
+    )
+    return run_switch_bench(options)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -1,0 +1,774 @@
+"""``switchreduce bench switch``: a switch's own packet rate, with the workers taken out.
+
+The allreduce bench times workers and switch together, and the workers are
+most of it. Here a load generator stands in for N ranks: it sends
+precomputed aggregation packets of the P4 program's own format (N ranks'
+contributions to every one of S slots, round after round) and checks every
+result the switch sends back against the sums it computed beforehand. Each
+slot has two rows (the round's version), so two rounds of every slot are in
+flight: the next round of all slots goes out when the round two before it
+has every result in. The switch always has the next round queued, and
+nothing is lost on the way, so the rate is the switch's, and every
+contribution is summed exactly once (a wrong, missing or repeated result
+fails the run).
+
+Measured per run: contributions the switch consumed per second and results
+it emitted per second, the switch process's CPU time (``/proc/PID/stat``,
+all its threads) per million packets in and out, and how busy the switch and
+the generator were (CPU seconds per second): a switch near one core's worth
+(or more, for BMv2's threads) with the generator below it is the bottleneck.
+
+- The soft switch in UDP mode on loopback, as the allreduce bench serves it
+  (``LoopbackSwitch``: a static job whose ranks JOIN for the session), with
+  either engine. The generator sends each rank's round as UDP GSO messages
+  (one ``send`` carries up to 64 datagrams; the kernel cuts them apart
+  before the switch's socket, which receives single datagrams as from any
+  worker) and reads results with UDP GRO (one ``recv`` returns the results
+  the switch sent one destination in one GSO message), so Python's cost per
+  packet stays below the switch's.
+- BMv2 (``simple_switch_grpc``) with the P4 program compiled for K, in a
+  network namespace of this process's own with one veth pair per rank; the
+  job is admitted over P4Runtime by the controller's own code
+  (``JobTable.admit``), and frames go in and out through AF_PACKET sockets on
+  the veths' other ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from switchreduce import wire
+from switchreduce.controller.connection import SwitchConnection
+from switchreduce.controller.jobs import JobTable
+from switchreduce.emulation.bmv2 import (
+    P4C,
+    SIMPLE_SWITCH_GRPC,
+    CompiledProgram,
+    bmv2_available,
+    compile_program,
+    wait_for_p4runtime,
+)
+from switchreduce.emulation.softswitch.engine import ENGINES, EngineName
+from switchreduce.emulation.softswitch.process import LoopbackSwitch
+from switchreduce.emulation.softswitch.udp import force_buffers
+from switchreduce.emulation.topo import SWITCH_IP, SWITCH_MAC, WORKER_UDP_PORT, host_ip, host_mac
+from switchreduce.experiments.errors import ExperimentError
+from switchreduce.launch import Child
+from switchreduce.p4program import P4_SOURCE, SOURCE_DIR
+from switchreduce.p4runtime.forwarding import parse_mac
+from switchreduce.p4runtime.jobs import Member
+from switchreduce.p4runtime.schema import load_p4info
+from switchreduce.worker.window import Join
+
+SWITCHES = ("soft", "bmv2")
+#: Contributions per run when none are asked for: a few seconds of each switch here.
+DEFAULT_PACKETS = {"compiled": 2_000_000, "python": 200_000, "bmv2": 20_000}
+#: BMv2 loses frames beyond 32 waiting at a port (no drop counter moves: they never reach
+#: its pipeline), and two rounds of every slot are in flight.
+BMV2_MAX_SLOTS = 16
+#: Slots of the job when none are asked for: enough that the switch is never left waiting.
+DEFAULT_SLOTS = {"soft": 64, "bmv2": BMV2_MAX_SLOTS}
+#: Rounds of every slot in flight: a slot has two rows (versions), so two.
+DEPTH = 2
+#: Payload variants: consecutive rounds carry different numbers, so a result summed from
+#: the wrong round's contributions is a wrong result.
+VARIANTS = 3
+JOB_ID = 1
+#: Contributions are int32 at full precision, so the switch's sums are exact.
+FORMAT = wire.encode_format("int32", 32)
+#: Element magnitudes stay below this, so 32 ranks' sums fit int32.
+_ELEMENT_BOUND = 1 << 20
+#: The kernel's UDP_MAX_SEGMENTS, and the largest UDP payload of one IPv4 datagram.
+_GSO_SEGMENTS = 64
+_GSO_BYTES = 65535 - wire.IPV4_BYTES - wire.UDP_BYTES
+_SOL_UDP = 17
+_UDP_SEGMENT = 103  # linux/udp.h: the segment size of UDP GSO sends
+_UDP_GRO = 104  # linux/udp.h: receive coalesced datagrams, with their size in a cmsg
+_ETH_P_ALL = 0x0003
+_SOL_PACKET = 263
+_PACKET_IGNORE_OUTGOING = 23  # linux/if_packet.h: not what this host sends on the link
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # an int: the flag enum's operators cost microseconds
+
+
+class SwitchBenchError(ExperimentError):
+    """The switch did not answer every contribution in time."""
+
+
+@dataclass(frozen=True)
+class SwitchBenchOptions:
+    """Which switches, how many ranks and slots, how many packets, how often."""
+
+    #: Switches measured in turn, in the same run; empty: the soft switch, and BMv2 where
+    #: it runs (root, simple_switch_grpc and p4c on PATH).
+    switches: tuple[str, ...] = ()
+    #: The soft switch's engines, each measured.
+    engines: tuple[EngineName, ...] = ENGINES
+    workers: int = 4
+    #: 256: the largest K a 1500-byte MTU carries, and BMv2's README figure's.
+    k: int = wire.MAX_K_STANDARD_MTU
+    #: Slots of the job; None: DEFAULT_SLOTS of each switch.
+    slots: int | None = None
+    #: Contributions per run (rounded up to whole rounds); None: DEFAULT_PACKETS.
+    packets: int | None = None
+    #: Runs per switch, interleaved; the summary takes their medians.
+    repeat: int = 1
+    #: Seconds without a new result before a run fails.
+    timeout: float = 10.0
+    as_json: bool = False
+
+    def __post_init__(self) -> None:
+        wire.check_k(self.k)
+        if unknown := set(self.switches) - set(SWITCHES):
+            raise ValueError(f"switches are {SWITCHES}, got {sorted(unknown)}")
+        if not_engines := set(self.engines) - set(ENGINES):
+            raise ValueError(f"engines are {ENGINES}, got {sorted(not_engines)}")
+        if not 1 <= self.workers <= wire.MAX_WORKERS:
+            raise ValueError(f"workers must be 1..{wire.MAX_WORKERS}, got {self.workers}")
+        if self.slots is not None and not 1 <= self.slots <= wire.MAX_SLOTS:
+            raise ValueError(f"slots must be 1..{wire.MAX_SLOTS}, got {self.slots}")
+        if self.slots is not None and self.slots > BMV2_MAX_SLOTS and "bmv2" in self.switches:
+            raise ValueError(
+                f"BMv2 takes at most {BMV2_MAX_SLOTS} slots here: two rounds of each are "
+                f"{2 * BMV2_MAX_SLOTS} frames per port at once, and it loses what comes beyond "
+                "that before its pipeline sees it"
+            )
+        if self.packets is not None and self.packets < 1:
+            raise ValueError(f"packets must be positive, got {self.packets}")
+        if self.repeat < 1 or not self.timeout > 0:
+            raise ValueError("repeat must be at least 1 and timeout positive")
+        if "bmv2" in self.switches and os.geteuid() != 0:
+            raise ValueError("BMv2 runs in a network namespace: that needs root")
+        if "bmv2" in self.switches and not bmv2_available():
+            raise ValueError(f"BMv2 needs {SIMPLE_SWITCH_GRPC} and {P4C} on PATH")
+
+    def targets(self) -> list[tuple[str, EngineName | None]]:
+        """(switch, engine) of every measurement, in order."""
+        switches = self.switches or (
+            ("soft", "bmv2") if os.geteuid() == 0 and bmv2_available() else ("soft",)
+        )
+        return [
+            (switch, engine)
+            for switch in switches
+            for engine in (self.engines if switch == "soft" else (None,))
+        ]
+
+    def slot_count(self, switch: str) -> int:
+        return self.slots or DEFAULT_SLOTS[switch]
+
+    def rounds(self, switch: str, engine: EngineName | None) -> int:
+        packets = self.packets or DEFAULT_PACKETS[engine or switch]
+        return max(DEPTH, -(-packets // (self.workers * self.slot_count(switch))))
+
+
+# -- the traffic ----------------------------------------------------------------------------
+
+
+def record_dtype(k: int, prefix: int = 0) -> np.dtype:
+    """One packet as numpy sees it: ``prefix`` bytes (Ethernet, IPv4, UDP), then the
+    aggregation header in wire.HEADER_FIELDS' order (version and slot share 16 bits), then K
+    big-endian int32. A test checks it against wire's own encoding."""
+    fields: list[tuple[Any, ...]] = [("prefix", "V", prefix)] if prefix else []
+    fields += [
+        ("msg_type", "u1"), ("rank", "u1"), ("job_id", ">u2"), ("vslot", ">u2"),
+        ("exponent", "u1"), ("format", "u1"), ("round", ">u2"), ("count", ">u2"),
+        ("chunk", ">u4"), ("length", ">u4"), ("session", ">u8"), ("elements", ">i4", (k,)),
+    ]  # fmt: skip
+    dtype = np.dtype(fields)
+    assert dtype.itemsize == prefix + wire.datagram_bytes(k)
+    return dtype
+
+
+class Traffic:
+    """Every rank's contributions to every slot, for VARIANTS kinds of round, and the results
+    the switch must send for them.
+
+    The slots are cut into groups of ``group`` slots, and the traffic into
+    batches: batch ``b`` is round b // groups + 1 of group b % groups (chunk
+    round_index * slots + slot), with variant round_index % VARIANTS's
+    numbers. ``batch`` patches the round's fields into the precomputed
+    packets and expected results in place. ``prefixes`` (one per rank) put
+    each packet in a frame.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        k: int,
+        slots: int,
+        rounds: int,
+        session: int,
+        group: int = 16,
+        prefixes: Sequence[bytes] = (),
+        seed: int = 0,
+    ) -> None:
+        self.workers, self.k, self.slots, self.rounds, self.session = (
+            workers, k, slots, rounds, session,
+        )  # fmt: skip
+        self.group = min(group, slots)
+        self.groups = -(-slots // self.group)
+        self.batches = rounds * self.groups
+        self.prefix = len(prefixes[0]) if prefixes else 0
+        self.dtype = record_dtype(k, self.prefix)
+        length = min(rounds * slots * k, wire.MAX_LENGTH)
+        rng = np.random.default_rng(seed)
+        elements = rng.integers(
+            -_ELEMENT_BOUND, _ELEMENT_BOUND, (VARIANTS, workers, slots, k), dtype=np.int32
+        )
+        self.packets = np.zeros((VARIANTS, workers, slots), self.dtype)
+        #: What every rank must receive for each slot: the rank field is the completing
+        #: rank's, whichever it is, so it is left 0 here and zeroed in what arrives.
+        self.results = np.zeros((VARIANTS, slots), self.dtype)
+        for records in (self.packets, self.results):
+            records["job_id"] = JOB_ID
+            records["format"] = FORMAT
+            records["count"] = k
+            records["length"] = length
+            records["session"] = session
+        p = self.packets
+        if prefixes:
+            p["prefix"] = np.array(prefixes, dtype=f"V{self.prefix}")[None, :, None]
+        p["msg_type"] = wire.MsgType.DATA
+        p["rank"] = np.arange(workers)[None, :, None]
+        p["exponent"] = wire.EXPONENT_BIAS + p["rank"]
+        p["elements"] = elements
+        self.results["msg_type"] = wire.MsgType.RESULT
+        self.results["exponent"] = wire.EXPONENT_BIAS + workers - 1  # the max of the ranks'
+        self.results["elements"] = elements.sum(axis=1, dtype=np.int64)  # fits: |sum| < 2**25
+
+    def slots_of(self, batch: int) -> slice:
+        first = batch % self.groups * self.group
+        return slice(first, min(first + self.group, self.slots))
+
+    def batch(self, b: int) -> np.ndarray:
+        """Batch ``b``'s packets, ranks x its slots, each rank's contiguous; its expected
+        results are in ``results`` (both valid until round b // groups + VARIANTS)."""
+        round_index, where = b // self.groups, self.slots_of(b)
+        round_ = (round_index + 1) & 0xFFFF
+        index = np.arange(where.start, where.stop)
+        for records in (self.packets[round_index % VARIANTS], self.results[round_index % VARIANTS]):
+            records[..., where]["round"] = round_
+            records[..., where]["vslot"] = (round_ & 1) << 15 | index
+            records[..., where]["chunk"] = (round_index * self.slots + index) & 0xFFFFFFFF
+        return self.packets[round_index % VARIANTS][:, where]
+
+
+class Window:
+    """Which batches are out, which results have come back, and what was wrong with them.
+
+    A batch is sent once the batch of its slots two rounds before has every
+    result in (a slot has two rows, by the round's version), and batches
+    complete in order; so the rounds in flight of a slot are at most two
+    consecutive ones, and (round mod VARIANTS, slot) names each.
+    """
+
+    def __init__(self, traffic: Traffic) -> None:
+        t = self.traffic = traffic
+        self.sent = 0  # batches sent
+        self.completed = 0  # batches with every result in, oldest first
+        self.results = 0
+        #: rank -> (variant, slot) results received, of the batches in flight
+        self._seen = np.zeros((t.workers, VARIANTS * t.slots), dtype=bool)
+        self._expected = t.results.reshape(-1).view(np.uint8).reshape(VARIANTS * t.slots, -1)
+        fields = t.dtype.fields
+        assert fields is not None
+        self._rank_byte = fields["rank"][1]
+
+    def _columns(self, batch: int) -> slice:
+        """Batch ``batch``'s columns of ``_seen``."""
+        t = self.traffic
+        where, offset = t.slots_of(batch), batch // t.groups % VARIANTS * t.slots
+        return slice(offset + where.start, offset + where.stop)
+
+    def due(self) -> list[int]:
+        """Batches that may be sent now; they count as sent."""
+        t = self.traffic
+        out = []
+        while self.sent < t.batches and self.sent - self.completed < DEPTH * t.groups:
+            self._seen[:, self._columns(self.sent)] = False
+            out.append(self.sent)
+            self.sent += 1
+        return out
+
+    @property
+    def missing(self) -> int:
+        return sum(
+            int((~self._seen[:, self._columns(b)]).sum()) for b in range(self.completed, self.sent)
+        )
+
+    def take(self, rank: int, records: np.ndarray) -> None:
+        """Check and count the results rank ``rank`` received (JOINED answers to a repeated
+        JOIN are skipped); SwitchBenchError at the first that is not its round's exact
+        result (header and sums), is for a round not in flight, or came before.
+        ``records`` is overwritten (its rank field, whichever rank completed the slot)."""
+        if (joined := records["msg_type"] == wire.MsgType.JOINED).any():
+            records = records[~joined]
+        t = self.traffic
+        slot = (records["vslot"] & 0x7FFF).astype(np.int64)
+        oldest = self.completed // t.groups  # round index of the oldest batch in flight
+        round_index = oldest + ((records["round"].astype(np.int64) - 1 - oldest) & 0xFFFF)
+        batch = round_index * t.groups + slot // t.group
+        known = (slot < t.slots) & (batch >= self.completed) & (batch < self.sent)
+        rows = np.where(known, round_index % VARIANTS * t.slots + slot, 0)
+        data = records.view(np.uint8).reshape(len(records), -1)
+        data[:, self._rank_byte] = 0
+        exact = known & (data[:, t.prefix :] == self._expected[rows, t.prefix :]).all(axis=1)
+        arrived = np.bincount(rows[exact], minlength=self._seen.shape[1])
+        first = (arrived > 0) & ~self._seen[rank]
+        if int(first.sum()) != len(records):
+            raise SwitchBenchError(self._describe(rank, data, known, exact, rows))
+        self._seen[rank] |= first
+        self.results += len(records)
+        while self.completed < self.sent and self._seen[:, self._columns(self.completed)].all():
+            self.completed += 1
+
+    def _describe(
+        self, rank: int, data: np.ndarray, known: np.ndarray, exact: np.ndarray, rows: np.ndarray
+    ) -> str:
+        """What is wrong with the first result of ``data`` that is wrong."""
+        t, seen = self.traffic, self._seen[rank].copy()
+        for i, record in enumerate(data[:, t.prefix :]):
+            got = record.tobytes()
+            header = wire.unpack_header(got)
+            what = f"rank {rank} received a result for slot {header.slot} round {header.round}"
+            if not known[i]:
+                return f"{what}, which is not in flight"
+            if not exact[i]:
+                expected = self._expected[rows[i], t.prefix :].tobytes()
+                fields = [
+                    f"{name} {value} (expected {want})"
+                    for (name, value), want in zip(
+                        header._asdict().items(), wire.unpack_header(expected), strict=True
+                    )
+                    if value != want and name != "rank"
+                ]
+                sums = wire.decode_elements(got, t.k) != wire.decode_elements(expected, t.k)
+                if sums.any():
+                    fields.append(f"{int(sums.sum())} of its {t.k} sums wrong")
+                return f"{what}: {', '.join(fields)}"
+            if seen[rows[i]]:
+                return f"{what} twice"
+            seen[rows[i]] = True
+        raise AssertionError("no result is wrong")
+
+
+# -- moving packets ---------------------------------------------------------------------------
+
+
+class Ports(Protocol):
+    """The generator's end of each rank's link to the switch."""
+
+    def send(self, rank: int, packets: np.ndarray) -> None:
+        """Send a rank's contiguous packets, in order."""
+
+    def receive(self, timeout: float) -> Iterator[tuple[int, np.ndarray]]:
+        """(rank, packets) of whatever has arrived, waiting up to ``timeout`` for the first."""
+
+
+class _Ports:
+    """One socket per rank, polled together; each rank's arrivals land in a buffer of its own
+    and are handed over as one array per rank and wake-up."""
+
+    def __init__(self, sockets: list[socket.socket], dtype: np.dtype, in_flight: int) -> None:
+        self.sockets = sockets
+        self.dtype = dtype
+        self._rank_of = {sock.fileno(): rank for rank, sock in enumerate(sockets)}
+        self._poller = select.poll()
+        for sock in sockets:
+            sock.setblocking(False)
+            self._poller.register(sock, select.POLLIN)
+        # room for every packet a rank can have outstanding, and one more read of 64 KiB
+        self._buffers = [bytearray(in_flight * dtype.itemsize + 65536) for _ in sockets]
+
+    def receive(self, timeout: float) -> Iterator[tuple[int, np.ndarray]]:
+        for fd, _ in self._poller.poll(timeout * 1000):
+            rank = self._rank_of[fd]
+            buffer = self._buffers[rank]
+            view = memoryview(buffer)
+            end = 0
+            while end + 65536 <= len(buffer):
+                try:
+                    end += self._read(self.sockets[rank], view[end:])
+                except BlockingIOError:
+                    break
+            if count := end // self.dtype.itemsize:
+                yield rank, np.frombuffer(buffer, self.dtype, count)
+
+    def _read(self, sock: socket.socket, into: memoryview) -> int:
+        """Bytes of whole packets read into ``into`` (0 for something to ignore)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+class UdpPorts(_Ports):
+    """Loopback UDP sockets, one per rank: GSO to send, GRO to receive."""
+
+    def __init__(self, workers: int, dtype: np.dtype, in_flight: int) -> None:
+        sockets = []
+        for _ in range(workers):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            force_buffers(sock, 8 << 20)
+            sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        super().__init__(sockets, dtype, in_flight)
+        self.ports = [sock.getsockname()[1] for sock in sockets]
+        self._per_send = min(_GSO_SEGMENTS, _GSO_BYTES // dtype.itemsize)
+
+    def connect(self, address: tuple[str, int]) -> None:
+        """Send to the switch; only the switch's datagrams are received from now on."""
+        for sock in self.sockets:
+            sock.connect(address)
+            sock.setsockopt(_SOL_UDP, _UDP_SEGMENT, self.dtype.itemsize)
+
+    def join(self, k: int, timeout: float) -> int:
+        """Every rank JOINs the switch's static job; the session it hands out."""
+        joins = [Join(JOB_ID, rank, k, wire.new_session()) for rank in range(len(self.sockets))]
+        session: dict[int, int] = {}
+        deadline = time.monotonic() + timeout
+        while len(session) < len(joins):
+            if time.monotonic() > deadline:
+                raise SwitchBenchError(f"the switch did not answer JOIN within {timeout:g} s")
+            for rank, joining in enumerate(joins):
+                if rank not in session:
+                    for datagram in joining.expire(time.monotonic()):
+                        self.sockets[rank].send(datagram)
+            for fd, _ in self._poller.poll(50):
+                rank = self._rank_of[fd]
+                while True:
+                    try:
+                        datagram = self.sockets[rank].recv(65536)
+                    except BlockingIOError:
+                        break
+                    if (answer := joins[rank].receive(datagram)) is not None:
+                        session[rank] = answer.session
+        if len(set(session.values())) != 1:
+            raise SwitchBenchError(f"ranks were given different sessions: {session}")
+        return session[0]
+
+    def send(self, rank: int, packets: np.ndarray) -> None:
+        data = packets.view(np.uint8)
+        step = self._per_send * self.dtype.itemsize
+        for start in range(0, len(data), step):
+            self.sockets[rank].send(data[start : start + step].data)
+
+    def _read(self, sock: socket.socket, into: memoryview) -> int:
+        n, _, flags, _ = sock.recvmsg_into([into], socket.CMSG_SPACE(4))
+        if flags & _MSG_TRUNC or n % self.dtype.itemsize:
+            raise SwitchBenchError(f"a datagram of {n} bytes is not whole results")
+        return n
+
+
+class FramePorts(_Ports):
+    """AF_PACKET sockets on the hosts' ends of the switch's links, one per rank."""
+
+    def __init__(self, interfaces: list[str], dtype: np.dtype, in_flight: int) -> None:
+        sockets = []
+        for name in interfaces:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
+            force_buffers(sock, 8 << 20)
+            sock.setsockopt(_SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
+            sock.bind((name, 0))
+            sockets.append(sock)
+        super().__init__(sockets, dtype, in_flight)
+        #: Frames that were not a result's size (the rest are checked as results).
+        self.other = 0
+
+    def send(self, rank: int, packets: np.ndarray) -> None:
+        for frame in packets.view(np.uint8).reshape(len(packets), -1):
+            self.sockets[rank].send(frame.data)
+
+    def _read(self, sock: socket.socket, into: memoryview) -> int:
+        n = sock.recv_into(into)
+        if n != self.dtype.itemsize:
+            self.other += 1
+            return 0
+        return n
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid``, all its threads."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drive(traffic: Traffic, ports: Ports, switch_pid: int, timeout: float) -> dict[str, Any]:
+    """Send every batch through the switch and check every result; what it took."""
+    window = Window(traffic)
+    start_cpu, start_own = _cpu_seconds(switch_pid), time.process_time()
+    start = last_progress = time.perf_counter()
+    while window.completed < traffic.batches:
+        for batch in window.due():
+            packets = traffic.batch(batch)
+            for rank in range(traffic.workers):
+                ports.send(rank, packets[rank])
+        before = window.results
+        for rank, records in ports.receive(min(timeout, 0.05)):
+            window.take(rank, records)
+        now = time.perf_counter()
+        if window.results > before:
+            last_progress = now
+        elif now - last_progress > timeout:
+            raise SwitchBenchError(
+                f"no result for {timeout:g} s: {window.missing} results of the "
+                f"{window.sent - window.completed} batches in flight missing"
+            )
+    seconds = time.perf_counter() - start
+    switch_cpu = _cpu_seconds(switch_pid) - start_cpu
+    own_cpu = time.process_time() - start_own
+    contributions = traffic.rounds * traffic.workers * traffic.slots
+    handled = contributions + window.results
+    return {
+        "slots": traffic.slots,
+        "rounds": traffic.rounds,
+        "contributions": contributions,
+        "results": window.results,
+        "seconds": round(seconds, 4),
+        "contributions_per_s": round(contributions / seconds),
+        "results_per_s": round(window.results / seconds),
+        "switch_cpu_seconds": round(switch_cpu, 3),
+        # packets in (contributions) and out (results)
+        # None when the switch used less than a clock tick (a run too short to tell)
+        "switch_cpu_seconds_per_million_packets": round(switch_cpu / handled * 1e6, 3)
+        if switch_cpu
+        else None,
+        # CPU seconds per second: about 1 for a one-thread switch that is the bottleneck
+        "switch_busy": round(switch_cpu / seconds, 3),
+        "generator_busy": round(own_cpu / seconds, 3),
+    }
+
+
+# -- the switches ------------------------------------------------------------------------------
+
+
+def soft_udp(options: SwitchBenchOptions, engine: EngineName) -> dict[str, Any]:
+    """The soft switch in UDP mode on loopback, as the allreduce bench runs it."""
+    n, k, slots = options.workers, options.k, options.slot_count("soft")
+    rounds = options.rounds("soft", engine)
+    ports = UdpPorts(n, record_dtype(k), DEPTH * slots)
+    try:
+        with LoopbackSwitch(ports.ports, k, slots, engine=engine) as switch:
+            host, _, port = switch.address.rpartition(":")
+            ports.connect((host, int(port)))
+            session = ports.join(k, options.timeout)
+            traffic = Traffic(n, k, slots, rounds, session)
+            measured = drive(traffic, ports, switch.child.pid, options.timeout)
+    finally:
+        ports.close()
+    report = switch.report or {}
+    return {
+        "switch": "soft",
+        "engine": engine,
+        "transport": "udp",
+        **measured,
+        "switch_report": {key: report.get(key) for key in ("engine", "packets", "drops")},
+    }
+
+
+def _run(*command: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SwitchBenchError(f"{' '.join(command)}: {result.stderr.strip()}")
+
+
+@contextmanager
+def namespace(links: int) -> Iterator[tuple[str, list[str], list[str]]]:
+    """A network namespace of this process's own with ``links`` veth pairs: yields its name,
+    the switch's ends in it (ports 1..links) and the hosts' ends outside. Exactly these are
+    deleted again, whatever happens."""
+    tag = f"sb{os.getpid()}"
+    ns, made = f"{tag}ns", []
+    outside = [f"{tag}h{i}" for i in range(1, links + 1)]
+    inside = [f"{tag}s{i}" for i in range(1, links + 1)]
+    _run("ip", "netns", "add", ns)
+    try:
+        in_ns = ("ip", "netns", "exec", ns)
+        for scope in ("all", "default"):  # no IPv6 chatter on the switch's ports
+            _run(*in_ns, "sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1")
+        for host_end, switch_end in zip(outside, inside, strict=True):
+            _run("ip", "link", "add", host_end, "type", "veth", "peer", "name", switch_end,
+                 "netns", ns)  # fmt: skip
+            made.append(host_end)
+            _run("sysctl", "-qw", f"net.ipv6.conf.{host_end}.disable_ipv6=1")
+            for where, name in (((), host_end), (in_ns, switch_end)):
+                _run(*where, "ip", "link", "set", name, "up")
+                # the frames are whole: no checksum or segmentation left to the NIC
+                subprocess.run([*where, "ethtool", "-K", name, "tx", "off", "rx", "off"],
+                               capture_output=True)  # fmt: skip
+        yield ns, inside, outside
+    finally:
+        for link in made:
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def p4_program(k: int, scratch: Path) -> CompiledProgram:
+    """The P4 program for K: p4src/build's (``make p4``) if newer than every source, else
+    compiled into ``scratch``."""
+    build = P4_SOURCE.parent / "build"
+    built = CompiledProgram(
+        build / f"switchreduce_k{k}.json", build / f"switchreduce_k{k}.p4info.txtpb"
+    )
+    sources = [P4_SOURCE, *SOURCE_DIR.glob("include/*.p4")]
+    newest = max(path.stat().st_mtime for path in sources)
+    if all(p.exists() and p.stat().st_mtime > newest for p in (built.bmv2_json, built.p4info)):
+        return built
+    return compile_program(scratch, k)
+
+
+def _frame_prefix(index: int, datagram_bytes: int) -> bytes:
+    """Ethernet, IPv4 and UDP headers of host ``index``'s packets to the switch (a zero UDP
+    checksum, as the switch's own results carry)."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    frame = (
+        Ether(src=host_mac(index), dst=SWITCH_MAC)
+        / IP(src=host_ip(index), dst=SWITCH_IP)
+        / UDP(sport=WORKER_UDP_PORT, dport=wire.DEFAULT_SWITCH_PORT, chksum=0)
+        / bytes(datagram_bytes)
+    )
+    return bytes(frame)[: wire.L2_L4_BYTES]
+
+
+def bmv2(options: SwitchBenchOptions) -> dict[str, Any]:
+    """BMv2 on veth pairs in a namespace of its own, the job admitted over P4Runtime."""
+    n, k, slots = options.workers, options.k, options.slot_count("bmv2")
+    with ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="switchbench-")))
+        program = p4_program(k, scratch)
+        ns, inside, outside = stack.enter_context(namespace(n))
+        address, log = f"unix:{scratch / 'p4runtime.sock'}", scratch / "bmv2.log"
+        switch = stack.enter_context(
+            Child(
+                ["ip", "netns", "exec", ns, SIMPLE_SWITCH_GRPC, "--device-id", "0", "--no-p4",
+                 *(arg for port, name in enumerate(inside, 1) for arg in ("-i", f"{port}@{name}")),
+                 "--", "--grpc-server-addr", address],
+                "simple_switch_grpc", log=log, speaks=False,
+            )
+        )  # fmt: skip
+        wait_for_p4runtime(switch.proc, address, log)
+        conn = stack.enter_context(SwitchConnection(address, p4info=load_p4info(program.p4info)))
+        conn.push_pipeline(program.bmv2_json.read_bytes())
+        members = [  # rank r is host r + 1 on switch port r + 1, as in the Mininet star
+            Member(port - 1, host_ip(port), WORKER_UDP_PORT, parse_mac(host_mac(port)), port)
+            for port in range(1, n + 1)
+        ]
+        job = JobTable(conn).admit(JOB_ID, members, slots)
+        datagram = wire.datagram_bytes(k)
+        prefixes = [_frame_prefix(rank + 1, datagram) for rank in range(n)]
+        traffic = Traffic(n, k, slots, options.rounds("bmv2", None), job.session, prefixes=prefixes)
+        ports = FramePorts(outside, traffic.dtype, DEPTH * slots)
+        stack.callback(ports.close)
+        measured = drive(traffic, ports, switch.pid, options.timeout)
+    return {"switch": "bmv2", "engine": None, "transport": "veth", **measured,
+            "other_frames": ports.other}  # fmt: skip
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def _label(run: dict[str, Any]) -> str:
+    return run["switch"] if run["engine"] is None else f"{run['switch']} {run['engine']}"
+
+
+def run_switch_bench(options: SwitchBenchOptions) -> int:
+    """Measure every switch ``repeat`` times, interleaved; print the summary (or one JSON
+    object). A run that does not get every result once and exact raises SwitchBenchError."""
+    targets = options.targets()
+    runs: list[dict[str, Any]] = []
+    for _ in range(options.repeat):
+        runs += [
+            bmv2(options) if engine is None else soft_udp(options, engine)
+            for _switch, engine in targets
+        ]
+    summary = summarize(options, runs)
+    if options.as_json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median of the values measured (None: none was)."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 1) if a is not None and b else None
+
+
+def summarize(options: SwitchBenchOptions, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians per switch over its runs, and each soft engine's ratios to BMv2."""
+    medians: dict[str, dict[str, float | None]] = {}
+    for label in dict.fromkeys(_label(run) for run in runs):
+        mine = [run for run in runs if _label(run) == label]
+        medians[label] = {
+            key: _median([run[key] for run in mine])
+            for key in ("slots", "contributions_per_s", "results_per_s", "switch_busy",
+                        "switch_cpu_seconds_per_million_packets", "generator_busy")
+        }  # fmt: skip
+    ratios = {}
+    if (base := medians.get("bmv2")) is not None:
+        for label, m in medians.items():
+            if label != "bmv2":
+                ratios[f"{label} / bmv2"] = {
+                    "packet_rate": _ratio(m["contributions_per_s"], base["contributions_per_s"]),
+                    # how many times less CPU per packet than BMv2
+                    "cpu_per_packet": _ratio(
+                        base["switch_cpu_seconds_per_million_packets"],
+                        m["switch_cpu_seconds_per_million_packets"],
+                    ),
+                }
+    return {
+        "workers": options.workers,
+        "k": options.k,
+        "repeat": options.repeat,
+        "medians": medians,
+        "ratios": ratios,
+        "runs": runs,
+    }
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    print(
+        f"{s['workers']} ranks, K={s['k']}, two rounds of every slot in flight; "
+        f"medians of {s['repeat']} run(s) each"
+    )
+    print(
+        f"  {'switch':14} {'slots':>5} {'contributions/s':>15} {'results/s':>11} "
+        f"{'CPU s/M pkts':>12} {'switch busy':>11} {'generator busy':>14}"
+    )
+    for label, m in s["medians"].items():
+        cpu = m["switch_cpu_seconds_per_million_packets"]
+        print(
+            f"  {label:14} {m['slots']:5.0f} {m['contributions_per_s']:15,.0f} "
+            f"{m['results_per_s']:11,.0f} {'-' if cpu is None else f'{cpu:.3f}':>12} "
+            f"{m['switch_busy']:11.2f} {m['generator_busy']:14.2f}"
+        )
+    for label, ratio in s["ratios"].items():
+        print(
+            f"  {label}: {ratio['packet_rate']}x the packet rate, "
+            f"{ratio['cpu_per_packet'] or '-'}x less CPU per packet"
+        )
+    results = sum(run["results"] for run in s["runs"])
+    print(f"  every one of the {results:,} results came once, and exact")
