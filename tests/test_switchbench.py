@@ -1,0 +1,205 @@
+"""The switch bench: its load is the P4 program's packets, its check fails on any wrong,
+repeated or stray result, and it measures the soft switch (both engines) and BMv2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from switchreduce import wire
+from switchreduce.cli import build_parser, main
+from switchreduce.emulation.softswitch.pipeline import SoftSwitch, int_to_ip
+from switchreduce.emulation.softswitch.process import LoopbackSwitch
+from switchreduce.emulation.softswitch.static import install_static_job
+from switchreduce.experiments import switchbench
+from switchreduce.experiments.switchbench import (
+    JOB_ID,
+    SwitchBenchError,
+    SwitchBenchOptions,
+    Traffic,
+    UdpPorts,
+    Window,
+    drive,
+)
+from switchreduce.p4runtime.jobs import Job, Member
+from tests.helpers.processes import left_behind, record_children
+
+WORKERS, K, SLOTS = 3, 64, 8
+SESSION = 0x5EED_0000_0000_0001
+
+
+def _results(traffic: Traffic, batches: list[int]) -> dict[int, list[bytes]]:
+    """What the Python pipeline sends each rank for ``batches`` of the traffic: rank -> the
+    result datagrams, in order."""
+    switch = SoftSwitch(k=traffic.k)
+    ranks = {("127.0.0.1", 40000 + r): r for r in range(traffic.workers)}
+    members = tuple(Member(r, ip, port) for (ip, port), r in ranks.items())
+    install_static_job(switch, Job(JOB_ID, traffic.workers, 0, traffic.slots, SESSION, members))
+    out = defaultdict(list)
+    for batch in batches:
+        for rank, packets in enumerate(traffic.batch(batch)):
+            for packet in packets:
+                pkt = switch.parser.parse_datagram(
+                    packet.tobytes(), ("127.0.0.1", 40000 + rank), ("127.0.0.1", 48864)
+                )
+                for result in switch.process(pkt):
+                    to = ranks[(int_to_ip(result.ip_dst), result.udp_dport)]
+                    out[to].append(switch.deparser.datagram(result))
+    return out
+
+
+def _records(traffic: Traffic, datagrams: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(datagrams), traffic.dtype).copy()
+
+
+@pytest.mark.fast
+def test_the_load_is_the_wire_format() -> None:
+    """Every packet decodes with wire.py to the header the bench means, and its elements."""
+    traffic = Traffic(WORKERS, K, SLOTS, rounds=5, session=SESSION, group=4)
+    assert traffic.groups == 2 and traffic.batches == 10
+    packets = traffic.batch(7)  # round 4 of slots 4..7
+    assert packets.shape == (WORKERS, 4)
+    datagram = packets[2, 1].tobytes()
+    assert wire.unpack_header(datagram) == wire.Header(
+        wire.MsgType.DATA, JOB_ID, rank=2, slot=5, version=0, exponent=wire.EXPONENT_BIAS + 2,
+        round=4, chunk=3 * SLOTS + 5, count=K, format=wire.encode_format("int32", 32),
+        length=5 * SLOTS * K, session=SESSION,
+    )  # fmt: skip
+    assert np.array_equal(wire.decode_elements(datagram, K), packets[2, 1]["elements"])
+
+
+@pytest.mark.fast
+def test_results_of_the_p4_pipeline_are_taken_and_complete_the_rounds() -> None:
+    """The Python pipeline's results for the first batches, as every rank receives them."""
+    traffic = Traffic(WORKERS, K, SLOTS, rounds=3, session=SESSION, group=4)
+    window = Window(traffic)
+    due = window.due()
+    assert due == [0, 1, 2, 3]  # two rounds of both groups of slots
+    results = _results(traffic, due)
+    for rank in range(WORKERS):
+        assert len(results[rank]) == 2 * SLOTS
+        window.take(rank, _records(traffic, results[rank]))
+    assert (window.completed, window.results, window.missing) == (4, 2 * SLOTS * WORKERS, 0)
+    assert window.due() == [4, 5]  # the last round
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    "spoil, error",
+    [
+        (lambda r: r["elements"].__setitem__((1, 0), r["elements"][1, 0] + 1), "1 of its 64 sums"),
+        (lambda r: r["exponent"].__setitem__(0, 1), "exponent 1 \\(expected 129\\)"),
+        (lambda r: r["session"].__setitem__(0, 7), "session 7"),
+        (lambda r: r["round"].__setitem__(0, 9), "which is not in flight"),
+        (lambda r: r.__setitem__(1, r[0]), "twice"),
+    ],
+)
+def test_a_wrong_result_fails_the_run(spoil, error: str) -> None:
+    """Wrong sums, a wrong header field, a round not in flight, a repeat: each is an error
+    naming it, and nothing of the batch counts."""
+    traffic = Traffic(WORKERS, K, SLOTS, rounds=3, session=SESSION, group=4)
+    window = Window(traffic)
+    results = _results(traffic, window.due())
+    records = _records(traffic, results[0][:4])
+    spoil(records)
+    with pytest.raises(SwitchBenchError, match=error):
+        window.take(0, records)
+    assert window.results == 0
+
+
+def test_the_soft_switch_is_measured_with_both_engines(capsys, monkeypatch) -> None:
+    """Real runs on loopback: every result exact, rates and CPU per packet positive, the
+    switch's own counters agree, and nothing is left running."""
+    children = record_children(monkeypatch)
+    options = SwitchBenchOptions(switches=("soft",), packets=20_000, repeat=1, as_json=True)
+    assert switchbench.run_switch_bench(options) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ratios"] == {}
+    assert [run["engine"] for run in summary["runs"]] == ["compiled", "python"]
+    for run in summary["runs"]:
+        contributions = run["rounds"] * options.workers * run["slots"]
+        assert run["contributions"] == run["results"] == contributions >= 20_000
+        assert run["contributions_per_s"] > 0 and run["switch_cpu_seconds"] >= 0
+        assert run["switch_report"]["engine"] == run["engine"]
+        packets = run["switch_report"]["packets"]
+        assert packets["received"] == contributions + options.workers  # and a JOIN each
+        assert packets["sent"] == contributions + options.workers  # and a JOINED each
+        assert not any(run["switch_report"]["drops"].values())
+    assert set(summary["medians"]) == {"soft compiled", "soft python"}
+    assert not any(left_behind(child.pid) for child in children)
+
+
+def test_a_switch_that_sums_otherwise_fails_the_bench() -> None:
+    """A real switch, and a load whose expected sums are off by one in one slot: the run
+    stops at that slot's first result, naming it."""
+    ports = UdpPorts(2, switchbench.record_dtype(K), 2 * SLOTS)
+    try:
+        with LoopbackSwitch(ports.ports, K, SLOTS) as switch:
+            host, _, port = switch.address.rpartition(":")
+            ports.connect((host, int(port)))
+            traffic = Traffic(2, K, SLOTS, rounds=50, session=ports.join(K, 10.0))
+            traffic.results["elements"][1, 3, 0] += 1  # round 2 (variant 1), slot 3
+            with pytest.raises(SwitchBenchError, match="slot 3 round 2: 1 of its 64 sums wrong"):
+                drive(traffic, ports, switch.child.pid, timeout=10.0)
+    finally:
+        ports.close()
+
+
+def test_a_switch_that_loses_fails_the_bench() -> None:
+    """Contributions the switch never sees: the run fails after the timeout, counting what
+    is missing."""
+    ports = UdpPorts(2, switchbench.record_dtype(K), 2 * SLOTS)
+    try:
+        with LoopbackSwitch(ports.ports, K, SLOTS) as switch:
+            host, _, port = switch.address.rpartition(":")
+            ports.connect((host, int(port)))
+            traffic = Traffic(2, K, SLOTS, rounds=50, session=ports.join(K, 10.0))
+            traffic.packets["job_id"][:, 1, 2] = 99  # rank 1's slot 2: an unknown job
+            missing = "no result for 1 s: 4 results of the 2 batches in flight missing"
+            with pytest.raises(SwitchBenchError, match=missing):
+                drive(traffic, ports, switch.child.pid, timeout=1.0)
+    finally:
+        ports.close()
+
+
+@pytest.mark.fast
+def test_the_command_line_makes_the_options() -> None:
+    args = build_parser().parse_args(
+        ["bench", "switch", "--switch", "soft", "--engine", "python", "--packets", "10"]
+    )
+    assert (args.switch, args.engine, args.packets, args.slots) == (["soft"], ["python"], 10, None)
+    with pytest.raises(SystemExit, match="BMv2 takes at most 16 slots"):
+        main(["bench", "switch", "--switch", "bmv2", "--slots", "64"])
+    assert SwitchBenchOptions(switches=("soft",)).targets() == [
+        ("soft", "compiled"),
+        ("soft", "python"),
+    ]
+
+
+@pytest.mark.requires_root
+@pytest.mark.requires_bmv2
+@pytest.mark.requires_p4c
+def test_bmv2_is_measured_against_the_soft_switch(capsys, monkeypatch) -> None:
+    """BMv2 on veths in a namespace of the bench's own, beside the compiled soft switch: the
+    ratio of the two in the same run; the namespace and links are gone afterwards."""
+    children = record_children(monkeypatch)
+    options = SwitchBenchOptions(
+        switches=("soft", "bmv2"), engines=("compiled",), k=K, packets=2_000, as_json=True
+    )
+    assert switchbench.run_switch_bench(options) == 0
+    summary = json.loads(capsys.readouterr().out)
+    soft, bmv2 = summary["runs"]
+    assert bmv2["switch"] == "bmv2" and bmv2["other_frames"] == 0
+    assert bmv2["contributions"] == bmv2["results"] >= 2_000
+    assert bmv2["switch_cpu_seconds"] > 0 and bmv2["switch_busy"] > 0
+    ratio = summary["ratios"]["soft compiled / bmv2"]["packet_rate"]
+    assert ratio == pytest.approx(soft["contributions_per_s"] / bmv2["contributions_per_s"], 0.01)
+    tag = f"sb{os.getpid()}"
+    assert tag not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert tag not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+    assert not any(left_behind(child.pid) for child in children)
