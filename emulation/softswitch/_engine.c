@@ -30,6 +30,13 @@
  * and differ in their own 42 bytes of Ethernet, IPv4 and UDP header (two iovecs a frame), so no
  * payload is copied. raw.py's sockets do not hear what they send (PACKET_IGNORE_OUTGOING; a
  * PACKET_OUTGOING frame is skipped should one come) and keep the qdisc (tc shapes the ports).
+ * recvmmsg, not a PACKET_MMAP ring, by measurement: 1,100-byte frames from one veth end to a
+ * reader of the other, 40,000 and 120,000 a second, CPU a frame of sender and reader together
+ * (the copy into a ring runs in the sender's softirq). recvmmsg 5.7-6.2 us at 40,000/s and
+ * 3.7-4.3 at 120,000/s; a TPACKET_V2 ring 5.3-5.8 and 3.5-3.8, within the noise of a shared
+ * 2-core machine; TPACKET_V3 4.2-4.4 and 3.3-3.6, since it wakes the reader once a block, but
+ * so it holds frames until a block is full or its timer (1 ms at least) fires: 0.35-0.5 ms more
+ * latency a frame at 40,000/s (0.05-0.1 at 120,000/s), paid at every hop of every round.
  *
  * Threads. A serving call runs with the GIL released and holds the engine's mutex while a batch
  * goes through the pipeline; every write from Python takes the same mutex, so a controller's
