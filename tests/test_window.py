@@ -381,9 +381,11 @@ def observe(net: Network, calls: list[Call]) -> list[Any]:
 
 def assert_windows_agree(calls: list[Call], **network: Any) -> list[Any]:
     """Both windows through alike-seeded networks: the same observations, call by call."""
-    python, compiled = (
-        observe(Network(**copy.deepcopy(network), window=w), calls) for w in WINDOWS
-    )
+    # A forged exponent below a block's own overflows quantization (INT32_MIN), alike in both.
+    with np.errstate(invalid="ignore"):
+        python, compiled = (
+            observe(Network(**copy.deepcopy(network), window=w), calls) for w in WINDOWS
+        )
     assert len(python) == len(compiled)
     for step, (expected, got) in enumerate(zip(python, compiled, strict=True)):
         if isinstance(expected, dict):

@@ -28,6 +28,7 @@
 #include <math.h>
 #include <netinet/in.h>
 #include <netinet/udp.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -176,17 +177,42 @@ static inline double scale_of(const Transfer *t, uint8_t exponent) {
     return ldexp(t->peak_level, EXPONENT_BIAS - (int)exponent);
 }
 
-/* quantize.quantize_block into big-endian int32: rint(x * scale) as int32. */
+/* Four int32 between host (little-endian) and wire (big-endian) order, with SSE2 alone. */
+static inline __m128i swap4(__m128i v) {
+    v = _mm_or_si128(_mm_slli_epi16(v, 8), _mm_srli_epi16(v, 8)); /* the bytes of each half */
+    v = _mm_shufflelo_epi16(v, _MM_SHUFFLE(2, 3, 0, 1));          /* then the halves */
+    return _mm_shufflehi_epi16(v, _MM_SHUFFLE(2, 3, 0, 1));
+}
+
+/* quantize.quantize_block into big-endian int32: rint(x * scale) as int32, four at a time.
+ * cvtpd2dq rounds half to even (the default rounding mode) and makes anything out of range
+ * INT32_MIN, as numpy's rint and cast do. */
 static void quantize_into(uint8_t *dst, const float *x, size_t n, double scale) {
-    for (size_t i = 0; i < n; i++) {
+    const __m128d scale2 = _mm_set1_pd(scale);
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        __m128 f = _mm_loadu_ps(x + i);
+        __m128i lo = _mm_cvtpd_epi32(_mm_mul_pd(_mm_cvtps_pd(f), scale2));
+        __m128i hi = _mm_cvtpd_epi32(_mm_mul_pd(_mm_cvtps_pd(_mm_movehl_ps(f, f)), scale2));
+        _mm_storeu_si128((__m128i *)(dst + i * ELEMENT_BYTES), swap4(_mm_unpacklo_epi64(lo, hi)));
+    }
+    for (; i < n; i++) {
         uint32_t level = __builtin_bswap32((uint32_t)_mm_cvtsd_si32(_mm_set_sd((double)x[i] * scale)));
         memcpy(dst + i * ELEMENT_BYTES, &level, ELEMENT_BYTES);
     }
 }
 
-/* quantize.dequantize: float32 of (float64 sum) / scale. */
+/* quantize.dequantize: float32 of (float64 sum) / scale, four at a time. */
 static void dequantize_into(float *dst, const uint8_t *sums, size_t n, double scale) {
-    for (size_t i = 0; i < n; i++) {
+    const __m128d scale2 = _mm_set1_pd(scale);
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        __m128i v = swap4(_mm_loadu_si128((const __m128i *)(sums + i * ELEMENT_BYTES)));
+        __m128d lo = _mm_div_pd(_mm_cvtepi32_pd(v), scale2);
+        __m128d hi = _mm_div_pd(_mm_cvtepi32_pd(_mm_unpackhi_epi64(v, v)), scale2);
+        _mm_storeu_ps(dst + i, _mm_movelh_ps(_mm_cvtpd_ps(lo), _mm_cvtpd_ps(hi)));
+    }
+    for (; i < n; i++) {
         uint32_t big;
         memcpy(&big, sums + i * ELEMENT_BYTES, ELEMENT_BYTES);
         dst[i] = (float)((double)(int32_t)__builtin_bswap32(big) / scale);
@@ -195,7 +221,11 @@ static void dequantize_into(float *dst, const uint8_t *sums, size_t n, double sc
 
 /* int32 elements between host order and the wire's big-endian order. */
 static void copy_swapped(uint8_t *dst, const uint8_t *src, size_t n) {
-    for (size_t i = 0; i < n; i++) {
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        _mm_storeu_si128((__m128i *)(dst + i * ELEMENT_BYTES),
+                         swap4(_mm_loadu_si128((const __m128i *)(src + i * ELEMENT_BYTES))));
+    for (; i < n; i++) {
         uint32_t v;
         memcpy(&v, src + i * ELEMENT_BYTES, ELEMENT_BYTES);
         v = __builtin_bswap32(v);
@@ -623,16 +653,18 @@ static int take_batch(Driver *d, Transfer *t, int n, double now) {
 /* Drive the transfer until it is done (DONE), no result came for ``timeout`` seconds (STALLED),
  * the switch answered STALE or REFUSED, the socket failed (FAILED, errno in last_error), or a
  * signal arrived or CHECK_IN_S passed (CHECK_IN: Python runs its signal handlers, then the loop
- * goes on). When nothing waits it sleeps ``coalesce`` seconds, so that one wake-up takes a
- * batch. Runs without the GIL. */
-static int drive(Driver *d, Transfer *t, double timeout, double coalesce) {
+ * goes on). Everything waiting is read before the timers are looked at, so that a late wake-up
+ * does not resend what has come. With nothing to read it waits in poll() for the socket or the
+ * next timer: the switch sends a rank each batch's results as one GSO message, so one wake-up
+ * takes a batch (shim.py's loop sleeps instead, as a wake-up costs Python far more). Runs
+ * without the GIL. */
+static int drive(Driver *d, Transfer *t, double timeout) {
     t->drain = flush;
     t->drain_context = d;
     if (!t->started) {
         core_start(t, monotonic());
         flush(t, d);
     }
-    struct timespec nap = {(time_t)coalesce, (long)((coalesce - (double)(time_t)coalesce) * 1e9)};
     double check_in = monotonic() + CHECK_IN_S;
     for (;;) {
         if (t->active == 0) return DONE;
@@ -642,6 +674,7 @@ static int drive(Driver *d, Transfer *t, double timeout, double coalesce) {
         if (n > 0) {
             int verdict = take_batch(d, t, n, now);
             if (verdict != GOING) return verdict;
+            if (n == RX_BATCH) continue; /* more may wait */
         } else if (errno == EINTR) {
             return CHECK_IN;
         } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != ECONNREFUSED) {
@@ -651,7 +684,13 @@ static int drive(Driver *d, Transfer *t, double timeout, double coalesce) {
         if (now - t->progress_at > timeout) return STALLED;
         core_expire(t, now);
         flush(t, d);
-        if (now >= check_in || (n <= 0 && nanosleep(&nap, NULL) < 0)) return CHECK_IN;
+        if (now >= check_in) return CHECK_IN;
+        if (n > 0) continue;
+        double until = check_in; /* the next timer, the stall, or the check-in */
+        if (t->nheap && t->uses[t->heap[0]].deadline < until) until = t->uses[t->heap[0]].deadline;
+        if (t->progress_at + timeout < until) until = t->progress_at + timeout;
+        struct pollfd readable = {d->fd, POLLIN, 0};
+        if (poll(&readable, 1, until > now ? (int)ceil((until - now) * 1e3) : 0) < 0) return CHECK_IN;
     }
 }
 
@@ -1019,15 +1058,15 @@ static void set_gro(int fd, int on) { setsockopt(fd, SOL_UDP, UDP_GRO, &on, size
 
 static PyObject *Driver_run(Driver *self, PyObject *args) {
     Transfer *t;
-    double timeout, coalesce;
-    if (!PyArg_ParseTuple(args, "O!dd", &TransferType, &t, &timeout, &coalesce)) return NULL;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "O!d", &TransferType, &t, &timeout)) return NULL;
     if (self->rxbuf == NULL || check_idle(t) < 0) return NULL;
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError, "the driver is running another transfer");
         return NULL;
     }
-    if (!(coalesce >= 0) || !(timeout > 0)) {
-        PyErr_SetString(PyExc_ValueError, "need timeout > 0 and coalesce >= 0");
+    if (!(timeout > 0)) {
+        PyErr_SetString(PyExc_ValueError, "the timeout must be positive");
         return NULL;
     }
     if (grow_tx(self, t->slots ? t->slots : 1) < 0) return PyErr_NoMemory();
@@ -1036,7 +1075,7 @@ static PyObject *Driver_run(Driver *self, PyObject *args) {
     set_gro(self->fd, 1);
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
-        verdict = drive(self, t, timeout, coalesce);
+        verdict = drive(self, t, timeout);
         Py_END_ALLOW_THREADS
         if (verdict != CHECK_IN || PyErr_CheckSignals() < 0) break;
     }
@@ -1057,7 +1096,7 @@ static PyObject *Driver_get_last_error(Driver *self, void *Py_UNUSED(closure)) {
 
 static PyMethodDef Driver_methods[] = {
     {"run", (PyCFunction)Driver_run, METH_VARARGS,
-     "run(transfer, timeout, coalesce): drive it on the socket, GIL released; True when done, "
+     "run(transfer, timeout): drive it on the socket, GIL released; True when done, "
      "False when no result came for timeout seconds; raises Stale or Refused."},
     {NULL, NULL, 0, NULL},
 };

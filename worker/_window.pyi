@@ -69,7 +69,7 @@ class Driver:
     """Runs transfers on a connected non-blocking UDP socket (shim.py's _run)."""
 
     def __init__(self, fd: int) -> None: ...
-    def run(self, transfer: Transfer, timeout: float, coalesce: float, /) -> bool:
+    def run(self, transfer: Transfer, timeout: float, /) -> bool:
         """Drive it on the socket, GIL released: True when done, False when no result came for
         ``timeout`` seconds; raises Stale or Refused."""
     @property

@@ -107,10 +107,10 @@ class CompiledTransfer:
     def missing(self) -> np.ndarray:
         return np.array(self._core.missing(), dtype=np.intp)
 
-    def run(self, loop: _window.Driver, timeout: float, coalesce: float) -> bool:
+    def run(self, loop: _window.Driver, timeout: float) -> bool:
         """The whole transfer on ``loop``'s socket: True when done, False when no result came
-        for ``timeout`` seconds; sleeps ``coalesce`` seconds whenever nothing waits."""
-        return self._step(loop.run, self._core, timeout, coalesce)
+        for ``timeout`` seconds."""
+        return self._step(loop.run, self._core, timeout)
 
     def _step(self, method: Callable[..., T], *args: object) -> T:
         """Call the C window; its verdicts become window.Transfer's errors, and the caller's

@@ -52,6 +52,7 @@ class WorkerOptions:
     max_rto: float = 1.0
     #: Seconds to sleep when no result is waiting, so that one wake-up drains a batch of
     #: them instead of costing a context switch per packet (the window hides the delay).
+    #: The Python engine's; the compiled one wakes when the switch's next batch arrives.
     coalesce: float = 0.0005
     #: Kernel socket buffer sizes; a window's worth of packets must fit.
     socket_buffer: int = 4 << 20
@@ -286,7 +287,7 @@ class SwitchCommunicator:
     def _run_compiled(self, xfer: CompiledTransfer) -> None:
         """The same loop in C, on the socket's descriptor, with batched system calls."""
         assert self._loop is not None
-        done = xfer.run(self._loop, self.options.timeout, self.options.coalesce)
+        done = xfer.run(self._loop, self.options.timeout)
         if self._loop.last_error:
             self._last_error = OSError(self._loop.last_error, os.strerror(self._loop.last_error))
         if not done:
