@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -85,8 +86,9 @@ DEFAULT_SLOTS = {"soft": 64, "bmv2": BMV2_MAX_SLOTS}
 #: Rounds of every slot in flight: a slot has two rows (versions), so two.
 DEPTH = 2
 #: Payload variants: consecutive rounds carry different numbers, so a result summed from
-#: the wrong round's contributions is a wrong result.
-VARIANTS = 3
+#: the wrong round's contributions is a wrong result. A power of two (it divides the 16-bit
+#: round's cycle, so the round alone names its variant) above DEPTH.
+VARIANTS = 4
 JOB_ID = 1
 #: Contributions are int32 at full precision, so the switch's sums are exact.
 FORMAT = wire.encode_format("int32", 32)
@@ -102,6 +104,7 @@ _ETH_P_ALL = 0x0003
 _SOL_PACKET = 263
 _PACKET_IGNORE_OUTGOING = 23  # linux/if_packet.h: not what this host sends on the link
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # an int: the flag enum's operators cost microseconds
+_READ = 65536  # room a read needs: a whole GRO datagram, or a frame
 
 
 class SwitchBenchError(ExperimentError):
@@ -267,12 +270,15 @@ class Traffic:
 
 
 class Window:
-    """Which batches are out, which results have come back, and what was wrong with them.
+    """Which batches are out, which results have come back, and whether each was right.
 
     A batch is sent once the batch of its slots two rounds before has every
     result in (a slot has two rows, by the round's version), and batches
-    complete in order; so the rounds in flight of a slot are at most two
-    consecutive ones, and (round mod VARIANTS, slot) names each.
+    complete in order. A result's round names its variant ((round - 1) mod
+    VARIANTS), and its variant and slot the row of ``Traffic.results`` it
+    must equal byte for byte, round and chunk included: one of a round long
+    gone or not yet sent differs there, and one of a round still listed as
+    received came twice.
     """
 
     def __init__(self, traffic: Traffic) -> None:
@@ -280,7 +286,7 @@ class Window:
         self.sent = 0  # batches sent
         self.completed = 0  # batches with every result in, oldest first
         self.results = 0
-        #: rank -> (variant, slot) results received, of the batches in flight
+        #: rank x (variant, slot): received, since the row was last sent
         self._seen = np.zeros((t.workers, VARIANTS * t.slots), dtype=bool)
         self._expected = t.results.reshape(-1).view(np.uint8).reshape(VARIANTS * t.slots, -1)
         fields = t.dtype.fields
@@ -309,43 +315,38 @@ class Window:
             int((~self._seen[:, self._columns(b)]).sum()) for b in range(self.completed, self.sent)
         )
 
-    def take(self, rank: int, records: np.ndarray) -> None:
-        """Check and count the results rank ``rank`` received (JOINED answers to a repeated
-        JOIN are skipped); SwitchBenchError at the first that is not its round's exact
-        result (header and sums), is for a round not in flight, or came before.
-        ``records`` is overwritten (its rank field, whichever rank completed the slot)."""
+    def take(self, ranks: np.ndarray, records: np.ndarray) -> None:
+        """Check and count results, ``records[i]`` received by rank ``ranks[i]`` (JOINED
+        answers to a repeated JOIN are skipped); SwitchBenchError at the first that is not
+        the exact result of a round in flight, or came before. ``records`` is overwritten
+        (the rank field: whichever rank completed the slot)."""
         if (joined := records["msg_type"] == wire.MsgType.JOINED).any():
-            records = records[~joined]
-        t = self.traffic
-        slot = (records["vslot"] & 0x7FFF).astype(np.int64)
-        oldest = self.completed // t.groups  # round index of the oldest batch in flight
-        round_index = oldest + ((records["round"].astype(np.int64) - 1 - oldest) & 0xFFFF)
-        batch = round_index * t.groups + slot // t.group
-        known = (slot < t.slots) & (batch >= self.completed) & (batch < self.sent)
-        rows = np.where(known, round_index % VARIANTS * t.slots + slot, 0)
+            ranks, records = ranks[~joined], records[~joined]
+        t, seen = self.traffic, self._seen
+        rows = ((records["round"] - 1) & (VARIANTS - 1)).astype(np.intp) * t.slots
+        rows += records["vslot"] & 0x7FFF
+        np.minimum(rows, seen.shape[1] - 1, out=rows)  # a slot out of range: a wrong result
         data = records.view(np.uint8).reshape(len(records), -1)
         data[:, self._rank_byte] = 0
-        exact = known & (data[:, t.prefix :] == self._expected[rows, t.prefix :]).all(axis=1)
-        arrived = np.bincount(rows[exact], minlength=self._seen.shape[1])
-        first = (arrived > 0) & ~self._seen[rank]
-        if int(first.sum()) != len(records):
-            raise SwitchBenchError(self._describe(rank, data, known, exact, rows))
-        self._seen[rank] |= first
+        exact = (data[:, t.prefix :] == self._expected[rows, t.prefix :]).all(axis=1)
+        cells = ranks * seen.shape[1] + rows
+        first = (np.bincount(cells, minlength=seen.size) > 0) & ~seen.reshape(-1)
+        if not exact.all() or int(first.sum()) != len(records):
+            raise SwitchBenchError(self._describe(ranks, data, exact, rows))
+        seen.reshape(-1)[first] = True
         self.results += len(records)
-        while self.completed < self.sent and self._seen[:, self._columns(self.completed)].all():
+        while self.completed < self.sent and seen[:, self._columns(self.completed)].all():
             self.completed += 1
 
     def _describe(
-        self, rank: int, data: np.ndarray, known: np.ndarray, exact: np.ndarray, rows: np.ndarray
+        self, ranks: np.ndarray, data: np.ndarray, exact: np.ndarray, rows: np.ndarray
     ) -> str:
         """What is wrong with the first result of ``data`` that is wrong."""
-        t, seen = self.traffic, self._seen[rank].copy()
+        t, seen = self.traffic, self._seen.copy()
         for i, record in enumerate(data[:, t.prefix :]):
             got = record.tobytes()
             header = wire.unpack_header(got)
-            what = f"rank {rank} received a result for slot {header.slot} round {header.round}"
-            if not known[i]:
-                return f"{what}, which is not in flight"
+            what = f"rank {ranks[i]}'s result for slot {header.slot} round {header.round}"
             if not exact[i]:
                 expected = self._expected[rows[i], t.prefix :].tobytes()
                 fields = [
@@ -359,9 +360,9 @@ class Window:
                 if sums.any():
                     fields.append(f"{int(sums.sum())} of its {t.k} sums wrong")
                 return f"{what}: {', '.join(fields)}"
-            if seen[rows[i]]:
-                return f"{what} twice"
-            seen[rows[i]] = True
+            if seen[ranks[i], rows[i]]:
+                return f"{what} came twice"
+            seen[ranks[i], rows[i]] = True
         raise AssertionError("no result is wrong")
 
 
@@ -374,13 +375,14 @@ class Ports(Protocol):
     def send(self, rank: int, packets: np.ndarray) -> None:
         """Send a rank's contiguous packets, in order."""
 
-    def receive(self, timeout: float) -> Iterator[tuple[int, np.ndarray]]:
-        """(rank, packets) of whatever has arrived, waiting up to ``timeout`` for the first."""
+    def receive(self, timeout: float) -> tuple[np.ndarray, np.ndarray]:
+        """(ranks, packets): whatever has arrived, each with the rank that received it,
+        waiting up to ``timeout`` for the first."""
 
 
-class _Ports:
-    """One socket per rank, polled together; each rank's arrivals land in a buffer of its own
-    and are handed over as one array per rank and wake-up."""
+class _Ports(ABC):
+    """One socket per rank, polled together; what arrives lands in one buffer, handed over
+    as one array per wake-up (numpy's cost is per call, not per packet)."""
 
     def __init__(self, sockets: list[socket.socket], dtype: np.dtype, in_flight: int) -> None:
         self.sockets = sockets
@@ -390,26 +392,27 @@ class _Ports:
         for sock in sockets:
             sock.setblocking(False)
             self._poller.register(sock, select.POLLIN)
-        # room for every packet a rank can have outstanding, and one more read of 64 KiB
-        self._buffers = [bytearray(in_flight * dtype.itemsize + 65536) for _ in sockets]
+        # room for every packet the ranks can have outstanding, and one more read of 64 KiB
+        self._buffer = bytearray(len(sockets) * in_flight * dtype.itemsize + _READ)
 
-    def receive(self, timeout: float) -> Iterator[tuple[int, np.ndarray]]:
+    def receive(self, timeout: float) -> tuple[np.ndarray, np.ndarray]:
+        view, end = memoryview(self._buffer), 0
+        ranks, counts = [], []
         for fd, _ in self._poller.poll(timeout * 1000):
-            rank = self._rank_of[fd]
-            buffer = self._buffers[rank]
-            view = memoryview(buffer)
-            end = 0
-            while end + 65536 <= len(buffer):
+            start = end
+            while end + _READ <= len(view):
                 try:
-                    end += self._read(self.sockets[rank], view[end:])
+                    end += self._read(self.sockets[self._rank_of[fd]], view[end:])
                 except BlockingIOError:
                     break
-            if count := end // self.dtype.itemsize:
-                yield rank, np.frombuffer(buffer, self.dtype, count)
+            ranks.append(self._rank_of[fd])
+            counts.append((end - start) // self.dtype.itemsize)
+        records = np.frombuffer(self._buffer, self.dtype, end // self.dtype.itemsize)
+        return np.repeat(np.array(ranks, dtype=np.intp), counts), records
 
+    @abstractmethod
     def _read(self, sock: socket.socket, into: memoryview) -> int:
         """Bytes of whole packets read into ``into`` (0 for something to ignore)."""
-        raise NotImplementedError
 
     def close(self) -> None:
         for sock in self.sockets:
@@ -519,11 +522,10 @@ def drive(traffic: Traffic, ports: Ports, switch_pid: int, timeout: float) -> di
             packets = traffic.batch(batch)
             for rank in range(traffic.workers):
                 ports.send(rank, packets[rank])
-        before = window.results
-        for rank, records in ports.receive(min(timeout, 0.05)):
-            window.take(rank, records)
+        ranks, records = ports.receive(min(timeout, 0.05))
         now = time.perf_counter()
-        if window.results > before:
+        if len(records):
+            window.take(ranks, records)
             last_progress = now
         elif now - last_progress > timeout:
             raise SwitchBenchError(

@@ -53,8 +53,10 @@ def _results(traffic: Traffic, batches: list[int]) -> dict[int, list[bytes]]:
     return out
 
 
-def _records(traffic: Traffic, datagrams: list[bytes]) -> np.ndarray:
-    return np.frombuffer(b"".join(datagrams), traffic.dtype).copy()
+def _received(traffic: Traffic, rank: int, datagrams: list[bytes]) -> tuple:
+    """(ranks, records) as the ports hand them over."""
+    records = np.frombuffer(b"".join(datagrams), traffic.dtype).copy()
+    return np.full(len(records), rank), records
 
 
 @pytest.mark.fast
@@ -83,7 +85,7 @@ def test_results_of_the_p4_pipeline_are_taken_and_complete_the_rounds() -> None:
     results = _results(traffic, due)
     for rank in range(WORKERS):
         assert len(results[rank]) == 2 * SLOTS
-        window.take(rank, _records(traffic, results[rank]))
+        window.take(*_received(traffic, rank, results[rank]))
     assert (window.completed, window.results, window.missing) == (4, 2 * SLOTS * WORKERS, 0)
     assert window.due() == [4, 5]  # the last round
 
@@ -95,20 +97,20 @@ def test_results_of_the_p4_pipeline_are_taken_and_complete_the_rounds() -> None:
         (lambda r: r["elements"].__setitem__((1, 0), r["elements"][1, 0] + 1), "1 of its 64 sums"),
         (lambda r: r["exponent"].__setitem__(0, 1), "exponent 1 \\(expected 129\\)"),
         (lambda r: r["session"].__setitem__(0, 7), "session 7"),
-        (lambda r: r["round"].__setitem__(0, 9), "which is not in flight"),
-        (lambda r: r.__setitem__(1, r[0]), "twice"),
+        (lambda r: r["round"].__setitem__(0, 5), "slot 0 round 5: round 5 \\(expected 1\\)$"),
+        (lambda r: r.__setitem__(1, r[0]), "slot 0 round 1 came twice"),
     ],
 )
 def test_a_wrong_result_fails_the_run(spoil, error: str) -> None:
-    """Wrong sums, a wrong header field, a round not in flight, a repeat: each is an error
-    naming it, and nothing of the batch counts."""
+    """Wrong sums, a wrong header field, a round not in flight (the same variant of the
+    payload, four rounds on), a repeat: each is an error naming it, and nothing counts."""
     traffic = Traffic(WORKERS, K, SLOTS, rounds=3, session=SESSION, group=4)
     window = Window(traffic)
     results = _results(traffic, window.due())
-    records = _records(traffic, results[0][:4])
+    ranks, records = _received(traffic, 0, results[0][:4])
     spoil(records)
     with pytest.raises(SwitchBenchError, match=error):
-        window.take(0, records)
+        window.take(ranks, records)
     assert window.results == 0
 
 
@@ -194,7 +196,7 @@ def test_bmv2_is_measured_against_the_soft_switch(capsys, monkeypatch) -> None:
     assert switchbench.run_switch_bench(options) == 0
     summary = json.loads(capsys.readouterr().out)
     soft, bmv2 = summary["runs"]
-    assert bmv2["switch"] == "bmv2" and bmv2["other_frames"] == 0
+    assert bmv2["switch"] == "bmv2"
     assert bmv2["contributions"] == bmv2["results"] >= 2_000
     assert bmv2["switch_cpu_seconds"] > 0 and bmv2["switch_busy"] > 0
     ratio = summary["ratios"]["soft compiled / bmv2"]["packet_rate"]
