@@ -155,24 +155,35 @@ def test_compute_and_allreduce_alone_are_the_two_parts_of_a_training_iteration(t
     config = _short(
         model={"name": "cnn", "hidden": 8},
         data={"name": "synthetic", "samples": 400},
-        train={"baseline": False, "iterations": 5, "eval_every": 5, "bucket_cap_mb": 0.03},
+        train={"iterations": 5, "eval_every": 5, "bucket_cap_mb": 0.03},
     )
     raw = json.loads(config.to_json())
-    raw["sweep"] = {"parameter": "train.measure", "values": ["compute", "allreduce", "training"]}
+    measures = ("compute", "allreduce", "training")
+    raw["sweep"] = {"parameter": "train.measure", "values": list(measures)}
     run_experiment(from_dict(raw), tmp_path, show=_quiet)
     runs = {
-        m: _records(tmp_path / f"train.measure={m}") for m in ("compute", "allreduce", "training")
+        (m, backend): [
+            r for r in _records(tmp_path / f"train.measure={m}") if r["backend"] == backend
+        ]
+        for m in measures
+        for backend in ("switch", "gloo")
     }
-    assert all(r["bytes_sent"] == 0 for r in runs["compute"])
+    assert all(r["bytes_sent"] == 0 for r in runs["compute", "switch"])
+    # Each rank kept its own gradients with either backend: the same losses, none summed.
+    assert [r["loss"] for r in runs["compute", "switch"]] == [
+        r["loss"] for r in runs["compute", "gloo"]
+    ]
+    assert runs["compute", "switch"][-1]["loss"] != runs["training", "switch"][-1]["loss"]
     datagram = wire.datagram_bytes(config.switch.k)
 
     def first_sends(record: dict) -> float:  # datagrams sent, resends left out
         return record["bytes_sent"] / datagram - record["retransmissions"]
 
-    steady = first_sends(runs["training"][-1])  # DDP's buckets, cut after the first pass
-    assert steady != first_sends(runs["training"][0])  # one bucket at first, so other chunks
-    assert [first_sends(r) for r in runs["allreduce"]] == [steady] * 5
-    assert len({r["loss"] for r in runs["allreduce"]}) == 1  # the model never changes
+    steady = first_sends(runs["training", "switch"][-1])  # DDP's buckets, cut after one pass
+    assert steady != first_sends(runs["training", "switch"][0])  # one bucket at first
+    assert [first_sends(r) for r in runs["allreduce", "switch"]] == [steady] * 5
+    for backend in ("switch", "gloo"):  # no training: the model never changes
+        assert len({r["loss"] for r in runs["allreduce", backend]}) == 1
 
 
 def test_shaped_links_on_loopback_are_an_error_not_ignored(tmp_path) -> None:
