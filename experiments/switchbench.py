@@ -35,6 +35,7 @@ the generator were (CPU seconds per second): a switch near one core's worth
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -68,7 +69,7 @@ from switchreduce.emulation.softswitch.process import LoopbackSwitch
 from switchreduce.emulation.softswitch.udp import force_buffers
 from switchreduce.emulation.topo import SWITCH_IP, SWITCH_MAC, WORKER_UDP_PORT, host_ip, host_mac
 from switchreduce.experiments.errors import ExperimentError
-from switchreduce.launch import Child
+from switchreduce.launch import SERVING, Child, cli_command
 from switchreduce.p4program import P4_SOURCE, SOURCE_DIR
 from switchreduce.p4runtime.forwarding import parse_mac
 from switchreduce.p4runtime.jobs import Member
@@ -76,6 +77,8 @@ from switchreduce.p4runtime.schema import load_p4info
 from switchreduce.worker.window import Join
 
 SWITCHES = ("soft", "bmv2")
+#: The soft switch's modes: a UDP socket on loopback, or frames on veth pairs (root).
+MODES = ("udp", "raw")
 #: Contributions per run when none are asked for: a few seconds of each switch here.
 DEFAULT_PACKETS = {"compiled": 2_000_000, "python": 200_000, "bmv2": 20_000}
 #: BMv2 loses frames beyond 32 waiting at a port (no drop counter moves: they never reach
@@ -120,6 +123,8 @@ class SwitchBenchOptions:
     switches: tuple[str, ...] = ()
     #: The soft switch's engines, each measured.
     engines: tuple[EngineName, ...] = ENGINES
+    #: The soft switch's modes, each measured; empty: udp, and raw where root.
+    modes: tuple[str, ...] = ()
     workers: int = 4
     #: 256: the largest K a 1500-byte MTU carries, and BMv2's README figure's.
     k: int = wire.MAX_K_STANDARD_MTU
@@ -139,6 +144,8 @@ class SwitchBenchOptions:
             raise ValueError(f"switches are {SWITCHES}, got {sorted(unknown)}")
         if not_engines := set(self.engines) - set(ENGINES):
             raise ValueError(f"engines are {ENGINES}, got {sorted(not_engines)}")
+        if not_modes := set(self.modes) - set(MODES):
+            raise ValueError(f"modes are {MODES}, got {sorted(not_modes)}")
         if not 1 <= self.workers <= wire.MAX_WORKERS:
             raise ValueError(f"workers must be 1..{wire.MAX_WORKERS}, got {self.workers}")
         if self.slots is not None and not 1 <= self.slots <= wire.MAX_SLOTS:
@@ -153,26 +160,29 @@ class SwitchBenchOptions:
             raise ValueError(f"packets must be positive, got {self.packets}")
         if self.repeat < 1 or not self.timeout > 0:
             raise ValueError("repeat must be at least 1 and timeout positive")
-        if "bmv2" in self.switches and os.geteuid() != 0:
-            raise ValueError("BMv2 runs in a network namespace: that needs root")
+        if ("bmv2" in self.switches or "raw" in self.modes) and os.geteuid() != 0:
+            raise ValueError("BMv2 and raw mode run on veth pairs in a namespace: that needs root")
         if "bmv2" in self.switches and not bmv2_available():
             raise ValueError(f"BMv2 needs {SIMPLE_SWITCH_GRPC} and {P4C} on PATH")
 
-    def targets(self) -> list[tuple[str, EngineName | None]]:
-        """(switch, engine) of every measurement, in order."""
-        switches = self.switches or (
-            ("soft", "bmv2") if os.geteuid() == 0 and bmv2_available() else ("soft",)
-        )
+    def targets(self) -> list[Target]:
+        """Every measurement of a run, in order."""
+        root = os.geteuid() == 0
+        switches = self.switches or (("soft", "bmv2") if root and bmv2_available() else ("soft",))
+        modes = self.modes or (MODES if root else ("udp",))
         return [
-            (switch, engine)
+            Target(switch, engine, mode) if switch == "soft" else Target(switch)
             for switch in switches
             for engine in (self.engines if switch == "soft" else (None,))
+            for mode in (modes if switch == "soft" else (None,))
         ]
 
     def slot_count(self, switch: str) -> int:
         return self.slots or DEFAULT_SLOTS[switch]
 
-    def rounds(self, switch: str, engine: EngineName | None) -> int:
+    def rounds(self, engine: EngineName | None) -> int:
+        """Rounds of every slot in a run of the soft switch's ``engine``, or of BMv2."""
+        switch = "soft" if engine else "bmv2"
         packets = self.packets or DEFAULT_PACKETS[engine or switch]
         return max(DEPTH, -(-packets // (self.workers * self.slot_count(switch))))
 
@@ -214,8 +224,8 @@ class Traffic:
         slots: int,
         rounds: int,
         session: int,
-        group: int = 16,
         prefixes: Sequence[bytes] = (),
+        group: int = 16,
         seed: int = 0,
     ) -> None:
         self.workers, self.k, self.slots, self.rounds, self.session = (
@@ -242,7 +252,7 @@ class Traffic:
             records["length"] = length
             records["session"] = session
         p = self.packets
-        if prefixes:
+        if self.prefix:
             p["prefix"] = np.array(prefixes, dtype=f"V{self.prefix}")[None, :, None]
         p["msg_type"] = wire.MsgType.DATA
         p["rank"] = np.arange(workers)[None, :, None]
@@ -375,6 +385,9 @@ class Ports(Protocol):
     def send(self, rank: int, packets: np.ndarray) -> None:
         """Send a rank's contiguous packets, in order."""
 
+    def expect(self, in_flight: int) -> None:
+        """Make room for ``in_flight`` packets of every rank."""
+
     def receive(self, timeout: float) -> tuple[np.ndarray, np.ndarray]:
         """(ranks, packets): whatever has arrived, each with the rank that received it,
         waiting up to ``timeout`` for the first."""
@@ -382,18 +395,24 @@ class Ports(Protocol):
 
 class _Ports(ABC):
     """One socket per rank, polled together; what arrives lands in one buffer, handed over
-    as one array per wake-up (numpy's cost is per call, not per packet)."""
+    as one array per wake-up (numpy's cost is per call, not per packet). ``prefixes`` are
+    what comes before each rank's datagrams: nothing, or its frames' headers."""
 
-    def __init__(self, sockets: list[socket.socket], dtype: np.dtype, in_flight: int) -> None:
+    def __init__(self, sockets: list[socket.socket], k: int, prefixes: list[bytes]) -> None:
         self.sockets = sockets
-        self.dtype = dtype
+        self.k = k
+        self.prefixes = prefixes
+        self.dtype = record_dtype(k, len(prefixes[0]))
         self._rank_of = {sock.fileno(): rank for rank, sock in enumerate(sockets)}
         self._poller = select.poll()
         for sock in sockets:
             sock.setblocking(False)
             self._poller.register(sock, select.POLLIN)
-        # room for every packet the ranks can have outstanding, and one more read of 64 KiB
-        self._buffer = bytearray(len(sockets) * in_flight * dtype.itemsize + _READ)
+        self._buffer = bytearray()
+
+    def expect(self, in_flight: int) -> None:
+        """Make room for ``in_flight`` packets of every rank, and one more read."""
+        self._buffer = bytearray(len(self.sockets) * in_flight * self.dtype.itemsize + _READ)
 
     def receive(self, timeout: float) -> tuple[np.ndarray, np.ndarray]:
         view, end = memoryview(self._buffer), 0
@@ -410,6 +429,30 @@ class _Ports(ABC):
         records = np.frombuffer(self._buffer, self.dtype, end // self.dtype.itemsize)
         return np.repeat(np.array(ranks, dtype=np.intp), counts), records
 
+    def join(self, timeout: float) -> int:
+        """Every rank JOINs the switch's static job; the session it hands out."""
+        joins = [
+            Join(JOB_ID, rank, self.k, wire.new_session()) for rank in range(len(self.sockets))
+        ]
+        sessions: dict[int, int] = {}
+        deadline = time.monotonic() + timeout
+        self.expect(1)
+        while len(sessions) < len(joins):
+            if time.monotonic() > deadline:
+                raise SwitchBenchError(f"the switch did not answer JOIN within {timeout:g} s")
+            for rank, joining in enumerate(joins):
+                if rank not in sessions:
+                    for datagram in joining.expire(time.monotonic()):
+                        self.sockets[rank].send(self.prefixes[rank] + datagram)
+            ranks, records = self.receive(0.05)
+            skip = len(self.prefixes[0])
+            for rank, record in zip(ranks, records, strict=True):
+                if (answer := joins[rank].receive(record.tobytes()[skip:])) is not None:
+                    sessions[rank] = answer.session
+        if len(set(sessions.values())) != 1:
+            raise SwitchBenchError(f"ranks were given different sessions: {sessions}")
+        return sessions[0]
+
     @abstractmethod
     def _read(self, sock: socket.socket, into: memoryview) -> int:
         """Bytes of whole packets read into ``into`` (0 for something to ignore)."""
@@ -422,7 +465,7 @@ class _Ports(ABC):
 class UdpPorts(_Ports):
     """Loopback UDP sockets, one per rank: GSO to send, GRO to receive."""
 
-    def __init__(self, workers: int, dtype: np.dtype, in_flight: int) -> None:
+    def __init__(self, workers: int, k: int) -> None:
         sockets = []
         for _ in range(workers):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -430,40 +473,15 @@ class UdpPorts(_Ports):
             sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
             sock.bind(("127.0.0.1", 0))
             sockets.append(sock)
-        super().__init__(sockets, dtype, in_flight)
+        super().__init__(sockets, k, [b""] * workers)
         self.ports = [sock.getsockname()[1] for sock in sockets]
-        self._per_send = min(_GSO_SEGMENTS, _GSO_BYTES // dtype.itemsize)
+        self._per_send = min(_GSO_SEGMENTS, _GSO_BYTES // self.dtype.itemsize)
 
     def connect(self, address: tuple[str, int]) -> None:
         """Send to the switch; only the switch's datagrams are received from now on."""
         for sock in self.sockets:
             sock.connect(address)
             sock.setsockopt(_SOL_UDP, _UDP_SEGMENT, self.dtype.itemsize)
-
-    def join(self, k: int, timeout: float) -> int:
-        """Every rank JOINs the switch's static job; the session it hands out."""
-        joins = [Join(JOB_ID, rank, k, wire.new_session()) for rank in range(len(self.sockets))]
-        session: dict[int, int] = {}
-        deadline = time.monotonic() + timeout
-        while len(session) < len(joins):
-            if time.monotonic() > deadline:
-                raise SwitchBenchError(f"the switch did not answer JOIN within {timeout:g} s")
-            for rank, joining in enumerate(joins):
-                if rank not in session:
-                    for datagram in joining.expire(time.monotonic()):
-                        self.sockets[rank].send(datagram)
-            for fd, _ in self._poller.poll(50):
-                rank = self._rank_of[fd]
-                while True:
-                    try:
-                        datagram = self.sockets[rank].recv(65536)
-                    except BlockingIOError:
-                        break
-                    if (answer := joins[rank].receive(datagram)) is not None:
-                        session[rank] = answer.session
-        if len(set(session.values())) != 1:
-            raise SwitchBenchError(f"ranks were given different sessions: {session}")
-        return session[0]
 
     def send(self, rank: int, packets: np.ndarray) -> None:
         data = packets.view(np.uint8)
@@ -479,9 +497,10 @@ class UdpPorts(_Ports):
 
 
 class FramePorts(_Ports):
-    """AF_PACKET sockets on the hosts' ends of the switch's links, one per rank."""
+    """AF_PACKET sockets on the hosts' ends of the switch's links: rank r is host r + 1 on
+    switch port r + 1, addressed as in the Mininet star."""
 
-    def __init__(self, interfaces: list[str], dtype: np.dtype, in_flight: int) -> None:
+    def __init__(self, interfaces: list[str], k: int) -> None:
         sockets = []
         for name in interfaces:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
@@ -489,9 +508,18 @@ class FramePorts(_Ports):
             sock.setsockopt(_SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
             sock.bind((name, 0))
             sockets.append(sock)
-        super().__init__(sockets, dtype, in_flight)
+        datagram = wire.datagram_bytes(k)
+        prefixes = [_frame_prefix(host, datagram) for host in range(1, len(sockets) + 1)]
+        super().__init__(sockets, k, prefixes)
         #: Frames that were not a result's size (the rest are checked as results).
         self.other = 0
+
+    def members(self) -> list[Member]:
+        """Each rank as the switch's job must bind it."""
+        return [
+            Member(host - 1, host_ip(host), WORKER_UDP_PORT, parse_mac(host_mac(host)), host)
+            for host in range(1, len(self.sockets) + 1)
+        ]
 
     def send(self, rank: int, packets: np.ndarray) -> None:
         for frame in packets.view(np.uint8).reshape(len(packets), -1):
@@ -505,6 +533,21 @@ class FramePorts(_Ports):
         return n
 
 
+def _frame_prefix(host: int, datagram_bytes: int) -> bytes:
+    """Ethernet, IPv4 and UDP headers of host ``host``'s packets to the switch (a zero UDP
+    checksum, as the switch's own results carry)."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    frame = (
+        Ether(src=host_mac(host), dst=SWITCH_MAC)
+        / IP(src=host_ip(host), dst=SWITCH_IP)
+        / UDP(sport=WORKER_UDP_PORT, dport=wire.DEFAULT_SWITCH_PORT, chksum=0)
+        / bytes(datagram_bytes)
+    )
+    return bytes(frame)[: wire.L2_L4_BYTES]
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid``, all its threads."""
     with open(f"/proc/{pid}/stat") as stat:
@@ -515,6 +558,7 @@ def _cpu_seconds(pid: int) -> float:
 def drive(traffic: Traffic, ports: Ports, switch_pid: int, timeout: float) -> dict[str, Any]:
     """Send every batch through the switch and check every result; what it took."""
     window = Window(traffic)
+    ports.expect(DEPTH * traffic.slots)
     start_cpu, start_own = _cpu_seconds(switch_pid), time.process_time()
     start = last_progress = time.perf_counter()
     while window.completed < traffic.batches:
@@ -546,11 +590,13 @@ def drive(traffic: Traffic, ports: Ports, switch_pid: int, timeout: float) -> di
         "contributions_per_s": round(contributions / seconds),
         "results_per_s": round(window.results / seconds),
         "switch_cpu_seconds": round(switch_cpu, 3),
-        # packets in (contributions) and out (results)
-        # None when the switch used less than a clock tick (a run too short to tell)
+        # per million packets in (contributions) and out (results), and contributions per
+        # second of the switch's CPU: its rate with a core of its own. None when the switch
+        # used less than a clock tick (a run too short to tell)
         "switch_cpu_seconds_per_million_packets": round(switch_cpu / handled * 1e6, 3)
         if switch_cpu
         else None,
+        "contributions_per_cpu_second": round(contributions / switch_cpu) if switch_cpu else None,
         # CPU seconds per second: about 1 for a one-thread switch that is the bottleneck
         "switch_busy": round(switch_cpu / seconds, 3),
         "generator_busy": round(own_cpu / seconds, 3),
@@ -563,25 +609,46 @@ def drive(traffic: Traffic, ports: Ports, switch_pid: int, timeout: float) -> di
 def soft_udp(options: SwitchBenchOptions, engine: EngineName) -> dict[str, Any]:
     """The soft switch in UDP mode on loopback, as the allreduce bench runs it."""
     n, k, slots = options.workers, options.k, options.slot_count("soft")
-    rounds = options.rounds("soft", engine)
-    ports = UdpPorts(n, record_dtype(k), DEPTH * slots)
+    ports = UdpPorts(n, k)
     try:
         with LoopbackSwitch(ports.ports, k, slots, engine=engine) as switch:
             host, _, port = switch.address.rpartition(":")
             ports.connect((host, int(port)))
-            session = ports.join(k, options.timeout)
-            traffic = Traffic(n, k, slots, rounds, session)
+            traffic = Traffic(n, k, slots, options.rounds(engine), ports.join(options.timeout))
             measured = drive(traffic, ports, switch.child.pid, options.timeout)
     finally:
         ports.close()
-    report = switch.report or {}
-    return {
-        "switch": "soft",
-        "engine": engine,
-        "transport": "udp",
-        **measured,
-        "switch_report": {key: report.get(key) for key in ("engine", "packets", "drops")},
-    }
+    return {**measured, "switch_report": _counters(switch.report or {})}
+
+
+def soft_raw(options: SwitchBenchOptions, engine: EngineName) -> dict[str, Any]:
+    """The soft switch in raw mode on veth pairs, as Mininet's switch node runs it."""
+    n, k, slots = options.workers, options.k, options.slot_count("soft")
+    with ExitStack() as stack:
+        ns, inside, ports = stack.enter_context(_links(n, k))
+        job = [f"--worker={m.rank}={m.ip}:{m.udp_port}@{m.port}/{host_mac(m.port)}"
+               for m in ports.members()]  # fmt: skip
+        switch = stack.enter_context(
+            Child(
+                ["ip", "netns", "exec", ns, *cli_command(
+                    "switch", *(f"--raw={port}={name}" for port, name in enumerate(inside, 1)),
+                    "--world-size", str(n), "--k", str(k), "--slots", str(slots),
+                    "--engine", engine, *job,
+                )],
+                "the soft switch",
+            )
+        )  # fmt: skip
+        switch.wait_for(SERVING)
+        traffic = Traffic(
+            n, k, slots, options.rounds(engine), ports.join(options.timeout), ports.prefixes
+        )
+        measured = drive(traffic, ports, switch.pid, options.timeout)
+    return {**measured, "switch_report": _counters(switch.report(timeout=0))}
+
+
+def _counters(report: dict[str, Any]) -> dict[str, Any]:
+    """What the soft switch's own report says of the run: its engine, packets and drops."""
+    return {key: report.get(key) for key in ("engine", "packets", "drops")}
 
 
 def _run(*command: str) -> None:
@@ -621,6 +688,17 @@ def namespace(links: int) -> Iterator[tuple[str, list[str], list[str]]]:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+@contextmanager
+def _links(workers: int, k: int) -> Iterator[tuple[str, list[str], FramePorts]]:
+    """``namespace``, with the generator's sockets on the hosts' ends."""
+    with namespace(workers) as (ns, inside, outside):
+        ports = FramePorts(outside, k)
+        try:
+            yield ns, inside, ports
+        finally:
+            ports.close()
+
+
 def p4_program(k: int, scratch: Path) -> CompiledProgram:
     """The P4 program for K: p4src/build's (``make p4``) if newer than every source, else
     compiled into ``scratch``."""
@@ -635,28 +713,14 @@ def p4_program(k: int, scratch: Path) -> CompiledProgram:
     return compile_program(scratch, k)
 
 
-def _frame_prefix(index: int, datagram_bytes: int) -> bytes:
-    """Ethernet, IPv4 and UDP headers of host ``index``'s packets to the switch (a zero UDP
-    checksum, as the switch's own results carry)."""
-    from scapy.layers.inet import IP, UDP
-    from scapy.layers.l2 import Ether
-
-    frame = (
-        Ether(src=host_mac(index), dst=SWITCH_MAC)
-        / IP(src=host_ip(index), dst=SWITCH_IP)
-        / UDP(sport=WORKER_UDP_PORT, dport=wire.DEFAULT_SWITCH_PORT, chksum=0)
-        / bytes(datagram_bytes)
-    )
-    return bytes(frame)[: wire.L2_L4_BYTES]
-
-
 def bmv2(options: SwitchBenchOptions) -> dict[str, Any]:
-    """BMv2 on veth pairs in a namespace of its own, the job admitted over P4Runtime."""
+    """BMv2 on veth pairs, as Mininet's switch node runs it, the job admitted over P4Runtime
+    by the controller's own code."""
     n, k, slots = options.workers, options.k, options.slot_count("bmv2")
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="switchbench-")))
         program = p4_program(k, scratch)
-        ns, inside, outside = stack.enter_context(namespace(n))
+        ns, inside, ports = stack.enter_context(_links(n, k))
         address, log = f"unix:{scratch / 'p4runtime.sock'}", scratch / "bmv2.log"
         switch = stack.enter_context(
             Child(
@@ -669,38 +733,44 @@ def bmv2(options: SwitchBenchOptions) -> dict[str, Any]:
         wait_for_p4runtime(switch.proc, address, log)
         conn = stack.enter_context(SwitchConnection(address, p4info=load_p4info(program.p4info)))
         conn.push_pipeline(program.bmv2_json.read_bytes())
-        members = [  # rank r is host r + 1 on switch port r + 1, as in the Mininet star
-            Member(port - 1, host_ip(port), WORKER_UDP_PORT, parse_mac(host_mac(port)), port)
-            for port in range(1, n + 1)
-        ]
-        job = JobTable(conn).admit(JOB_ID, members, slots)
-        datagram = wire.datagram_bytes(k)
-        prefixes = [_frame_prefix(rank + 1, datagram) for rank in range(n)]
-        traffic = Traffic(n, k, slots, options.rounds("bmv2", None), job.session, prefixes=prefixes)
-        ports = FramePorts(outside, traffic.dtype, DEPTH * slots)
-        stack.callback(ports.close)
+        job = JobTable(conn).admit(JOB_ID, ports.members(), slots)
+        traffic = Traffic(n, k, slots, options.rounds(None), job.session, ports.prefixes)
         measured = drive(traffic, ports, switch.pid, options.timeout)
-    return {"switch": "bmv2", "engine": None, "transport": "veth", **measured,
-            "other_frames": ports.other}  # fmt: skip
+    return {**measured, "other_frames": ports.other}
 
 
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _label(run: dict[str, Any]) -> str:
-    return run["switch"] if run["engine"] is None else f"{run['switch']} {run['engine']}"
+@dataclass(frozen=True)
+class Target:
+    """One measurement: a switch and, for the soft switch, its engine and mode."""
+
+    switch: str
+    engine: EngineName | None = None
+    #: The soft switch's: udp (a socket on loopback) or raw (frames on veth pairs).
+    mode: str | None = None
+
+    @property
+    def label(self) -> str:
+        return " ".join(part for part in (self.switch, self.engine, self.mode) if part)
+
+    def measure(self, options: SwitchBenchOptions) -> dict[str, Any]:
+        """One run: what drive measured, and where."""
+        if self.engine is None:
+            measured = bmv2(options)
+        elif self.mode == "raw":
+            measured = soft_raw(options, self.engine)
+        else:
+            measured = soft_udp(options, self.engine)
+        return {"label": self.label, **dataclasses.asdict(self), **measured}
 
 
 def run_switch_bench(options: SwitchBenchOptions) -> int:
     """Measure every switch ``repeat`` times, interleaved; print the summary (or one JSON
     object). A run that does not get every result once and exact raises SwitchBenchError."""
     targets = options.targets()
-    runs: list[dict[str, Any]] = []
-    for _ in range(options.repeat):
-        runs += [
-            bmv2(options) if engine is None else soft_udp(options, engine)
-            for _switch, engine in targets
-        ]
+    runs = [target.measure(options) for _ in range(options.repeat) for target in targets]
     summary = summarize(options, runs)
     if options.as_json:
         print(json.dumps(summary))
@@ -722,12 +792,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def summarize(options: SwitchBenchOptions, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians per switch over its runs, and each soft engine's ratios to BMv2."""
     medians: dict[str, dict[str, float | None]] = {}
-    for label in dict.fromkeys(_label(run) for run in runs):
-        mine = [run for run in runs if _label(run) == label]
+    for label in dict.fromkeys(run["label"] for run in runs):
+        mine = [run for run in runs if run["label"] == label]
         medians[label] = {
             key: _median([run[key] for run in mine])
             for key in ("slots", "contributions_per_s", "results_per_s", "switch_busy",
-                        "switch_cpu_seconds_per_million_packets", "generator_busy")
+                        "switch_cpu_seconds_per_million_packets", "contributions_per_cpu_second",
+                        "generator_busy")
         }  # fmt: skip
     ratios = {}
     if (base := medians.get("bmv2")) is not None:
@@ -757,14 +828,18 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"medians of {s['repeat']} run(s) each"
     )
     print(
-        f"  {'switch':14} {'slots':>5} {'contributions/s':>15} {'results/s':>11} "
-        f"{'CPU s/M pkts':>12} {'switch busy':>11} {'generator busy':>14}"
+        f"  {'switch':18} {'slots':>5} {'contributions/s':>15} {'results/s':>10} "
+        f"{'CPU s/M pkts':>12} {'contrib./CPU s':>14} {'switch busy':>11} {'generator busy':>14}"
     )
     for label, m in s["medians"].items():
-        cpu = m["switch_cpu_seconds_per_million_packets"]
+        cpu, per_cpu = (
+            m["switch_cpu_seconds_per_million_packets"],
+            m["contributions_per_cpu_second"],
+        )
         print(
-            f"  {label:14} {m['slots']:5.0f} {m['contributions_per_s']:15,.0f} "
-            f"{m['results_per_s']:11,.0f} {'-' if cpu is None else f'{cpu:.3f}':>12} "
+            f"  {label:18} {m['slots']:5.0f} {m['contributions_per_s']:15,.0f} "
+            f"{m['results_per_s']:10,.0f} {'-' if cpu is None else f'{cpu:.3f}':>12} "
+            f"{'-' if per_cpu is None else f'{per_cpu:,.0f}':>14} "
             f"{m['switch_busy']:11.2f} {m['generator_busy']:14.2f}"
         )
     for label, ratio in s["ratios"].items():

@@ -396,6 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="the soft switch's engine (repeat for both; default: both)",
     )
+    switch_bench.add_argument(
+        "--mode",
+        choices=("udp", "raw"),
+        action="append",
+        default=[],
+        help="the soft switch's: a UDP socket on loopback, or frames on veth pairs (root); "
+        "repeat for both (default: both where root)",
+    )
     switch_bench.add_argument("--workers", type=int, default=4, help="ranks the load stands for")
     switch_bench.add_argument(
         "--k", type=int, default=wire.MAX_K_STANDARD_MTU, choices=wire.SUPPORTED_K
@@ -565,6 +573,7 @@ def _bench_switch(args: argparse.Namespace) -> int:
         lambda: SwitchBenchOptions(
             switches=tuple(dict.fromkeys(args.switch)),
             engines=tuple(dict.fromkeys(args.engine)) or SwitchBenchOptions.engines,
+            modes=tuple(dict.fromkeys(args.mode)),
             workers=args.workers,
             k=args.k,
             slots=args.slots,

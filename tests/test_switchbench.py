@@ -114,16 +114,20 @@ def test_a_wrong_result_fails_the_run(spoil, error: str) -> None:
     assert window.results == 0
 
 
-def test_the_soft_switch_is_measured_with_both_engines(capsys, monkeypatch) -> None:
-    """Real runs on loopback: every result exact, rates and CPU per packet positive, the
-    switch's own counters agree, and nothing is left running."""
+@pytest.mark.parametrize("mode", ["udp", pytest.param("raw", marks=pytest.mark.requires_root)])
+def test_the_soft_switch_is_measured_with_both_engines(mode: str, capsys, monkeypatch) -> None:
+    """Real runs, on loopback (UDP mode) or veth pairs (raw mode): every result exact, rates
+    positive, the switch's own counters agree, and nothing is left running."""
     children = record_children(monkeypatch)
-    options = SwitchBenchOptions(switches=("soft",), packets=20_000, repeat=1, as_json=True)
+    options = SwitchBenchOptions(
+        switches=("soft",), modes=(mode,), packets=20_000, repeat=2, as_json=True
+    )
     assert switchbench.run_switch_bench(options) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["ratios"] == {}
-    assert [run["engine"] for run in summary["runs"]] == ["compiled", "python"]
+    assert [run["engine"] for run in summary["runs"]] == ["compiled", "python"] * 2
     for run in summary["runs"]:
+        assert run["mode"] == mode
         contributions = run["rounds"] * options.workers * run["slots"]
         assert run["contributions"] == run["results"] == contributions >= 20_000
         assert run["contributions_per_s"] > 0 and run["switch_cpu_seconds"] >= 0
@@ -132,19 +136,25 @@ def test_the_soft_switch_is_measured_with_both_engines(capsys, monkeypatch) -> N
         assert packets["received"] == contributions + options.workers  # and a JOIN each
         assert packets["sent"] == contributions + options.workers  # and a JOINED each
         assert not any(run["switch_report"]["drops"].values())
-    assert set(summary["medians"]) == {"soft compiled", "soft python"}
+    medians = summary["medians"]
+    assert list(medians) == [f"soft compiled {mode}", f"soft python {mode}"]
+    for label, median in medians.items():
+        rates = sorted(
+            run["contributions_per_s"] for run in summary["runs"] if run["label"] == label
+        )
+        assert median["contributions_per_s"] == sum(rates) / 2  # the median of two
     assert not any(left_behind(child.pid) for child in children)
 
 
 def test_a_switch_that_sums_otherwise_fails_the_bench() -> None:
     """A real switch, and a load whose expected sums are off by one in one slot: the run
     stops at that slot's first result, naming it."""
-    ports = UdpPorts(2, switchbench.record_dtype(K), 2 * SLOTS)
+    ports = UdpPorts(2, K)
     try:
         with LoopbackSwitch(ports.ports, K, SLOTS) as switch:
             host, _, port = switch.address.rpartition(":")
             ports.connect((host, int(port)))
-            traffic = Traffic(2, K, SLOTS, rounds=50, session=ports.join(K, 10.0))
+            traffic = Traffic(2, K, SLOTS, rounds=50, session=ports.join(10.0))
             traffic.results["elements"][1, 3, 0] += 1  # round 2 (variant 1), slot 3
             with pytest.raises(SwitchBenchError, match="slot 3 round 2: 1 of its 64 sums wrong"):
                 drive(traffic, ports, switch.child.pid, timeout=10.0)
@@ -155,12 +165,12 @@ def test_a_switch_that_sums_otherwise_fails_the_bench() -> None:
 def test_a_switch_that_loses_fails_the_bench() -> None:
     """Contributions the switch never sees: the run fails after the timeout, counting what
     is missing."""
-    ports = UdpPorts(2, switchbench.record_dtype(K), 2 * SLOTS)
+    ports = UdpPorts(2, K)
     try:
         with LoopbackSwitch(ports.ports, K, SLOTS) as switch:
             host, _, port = switch.address.rpartition(":")
             ports.connect((host, int(port)))
-            traffic = Traffic(2, K, SLOTS, rounds=50, session=ports.join(K, 10.0))
+            traffic = Traffic(2, K, SLOTS, rounds=50, session=ports.join(10.0))
             traffic.packets["job_id"][:, 1, 2] = 99  # rank 1's slot 2: an unknown job
             missing = "no result for 1 s: 4 results of the 2 batches in flight missing"
             with pytest.raises(SwitchBenchError, match=missing):
@@ -177,10 +187,8 @@ def test_the_command_line_makes_the_options() -> None:
     assert (args.switch, args.engine, args.packets, args.slots) == (["soft"], ["python"], 10, None)
     with pytest.raises(SystemExit, match="BMv2 takes at most 16 slots"):
         main(["bench", "switch", "--switch", "bmv2", "--slots", "64"])
-    assert SwitchBenchOptions(switches=("soft",)).targets() == [
-        ("soft", "compiled"),
-        ("soft", "python"),
-    ]
+    targets = SwitchBenchOptions(switches=("soft",), modes=("udp",)).targets()
+    assert [target.label for target in targets] == ["soft compiled udp", "soft python udp"]
 
 
 @pytest.mark.requires_root
@@ -191,7 +199,12 @@ def test_bmv2_is_measured_against_the_soft_switch(capsys, monkeypatch) -> None:
     ratio of the two in the same run; the namespace and links are gone afterwards."""
     children = record_children(monkeypatch)
     options = SwitchBenchOptions(
-        switches=("soft", "bmv2"), engines=("compiled",), k=K, packets=2_000, as_json=True
+        switches=("soft", "bmv2"),
+        engines=("compiled",),
+        modes=("udp",),
+        k=K,
+        packets=2_000,
+        as_json=True,
     )
     assert switchbench.run_switch_bench(options) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -199,7 +212,7 @@ def test_bmv2_is_measured_against_the_soft_switch(capsys, monkeypatch) -> None:
     assert bmv2["switch"] == "bmv2"
     assert bmv2["contributions"] == bmv2["results"] >= 2_000
     assert bmv2["switch_cpu_seconds"] > 0 and bmv2["switch_busy"] > 0
-    ratio = summary["ratios"]["soft compiled / bmv2"]["packet_rate"]
+    ratio = summary["ratios"]["soft compiled udp / bmv2"]["packet_rate"]
     assert ratio == pytest.approx(soft["contributions_per_s"] / bmv2["contributions_per_s"], 0.01)
     tag = f"sb{os.getpid()}"
     assert tag not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
