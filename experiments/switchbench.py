@@ -205,6 +205,11 @@ def record_dtype(k: int, prefix: int = 0) -> np.dtype:
     return dtype
 
 
+#: What Traffic.batch writes a batch's round into: its packets, the round and chunk fields of
+#: its packets and expected results, and its slots.
+_BatchViews = tuple[np.ndarray, list[np.ndarray], list[np.ndarray], np.ndarray]
+
+
 class Traffic:
     """Every rank's contributions to every slot, for VARIANTS kinds of round, and the results
     the switch must send for them.
@@ -261,6 +266,7 @@ class Traffic:
         self.results["msg_type"] = wire.MsgType.RESULT
         self.results["exponent"] = wire.EXPONENT_BIAS + workers - 1  # the max of the ranks'
         self.results["elements"] = elements.sum(axis=1, dtype=np.int64)  # fits: |sum| < 2**25
+        self._views = self._batch_views()
 
     def slots_of(self, batch: int) -> slice:
         first = batch % self.groups * self.group
@@ -269,14 +275,34 @@ class Traffic:
     def batch(self, b: int) -> np.ndarray:
         """Batch ``b``'s packets, ranks x its slots, each rank's contiguous; its expected
         results are in ``results`` (both valid until round b // groups + VARIANTS)."""
-        round_index, where = b // self.groups, self.slots_of(b)
-        round_ = (round_index + 1) & 0xFFFF
-        index = np.arange(where.start, where.stop)
-        for records in (self.packets[round_index % VARIANTS], self.results[round_index % VARIANTS]):
-            records[..., where]["round"] = round_
-            records[..., where]["vslot"] = (round_ & 1) << 15 | index
-            records[..., where]["chunk"] = (round_index * self.slots + index) & 0xFFFFFFFF
-        return self.packets[round_index % VARIANTS][:, where]
+        round_index = b // self.groups
+        packets, rounds, chunks, slots = self._views[round_index % VARIANTS][b % self.groups]
+        for field in rounds:
+            field[...] = (round_index + 1) & 0xFFFF
+        chunk = slots + round_index * self.slots  # mod 2**32, likewise
+        for field in chunks:
+            field[...] = chunk
+        return packets
+
+    def _batch_views(self) -> list[list[_BatchViews]]:
+        """Per variant and group of slots: the packets, the round and chunk fields of packets
+        and results, and the slots (what ``batch`` writes, made once: numpy's cost is per
+        call). The version, and so the vslot field, is the variant's."""
+        views: list[list[_BatchViews]] = []
+        for variant in range(VARIANTS):
+            self.packets[variant]["vslot"] = (variant + 1) % 2 << 15 | np.arange(self.slots)
+            self.results[variant]["vslot"] = self.packets[variant][0]["vslot"]
+            views.append([])
+            for group in range(self.groups):
+                where = self.slots_of(group)
+                mine = [self.packets[variant][:, where], self.results[variant][where]]
+                views[variant].append((
+                    mine[0],
+                    [records["round"] for records in mine],
+                    [records["chunk"] for records in mine],
+                    np.arange(where.start, where.stop, dtype=np.uint64),
+                ))  # fmt: skip
+        return views
 
 
 class Window:

@@ -73,6 +73,9 @@ def test_the_load_is_the_wire_format() -> None:
         length=5 * SLOTS * K, session=SESSION,
     )  # fmt: skip
     assert np.array_equal(wire.decode_elements(datagram, K), packets[2, 1]["elements"])
+    late = wire.unpack_header(traffic.batch(2 * 70_000 + 1)[0, 0].tobytes())  # it wraps
+    assert (late.slot, late.version, late.round) == (4, 1, 70_001 - 65_536)
+    assert late.chunk == 70_000 * SLOTS + 4
 
 
 @pytest.mark.fast
