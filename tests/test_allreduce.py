@@ -7,6 +7,7 @@ loop (the default) and the Python window, the reference.
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 
@@ -202,3 +203,24 @@ def test_a_signal_interrupts_a_compiled_transfer_that_waits(job_factory) -> None
 def test_an_unknown_engine_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="worker engine must be one of compiled, python, got 'c'"):
         WorkerOptions(engine="c")  # type: ignore[arg-type]
+
+
+#: SO_NO_CHECK: no UDP checksums on send, with which the kernel refuses GSO (EINVAL).
+_SO_NO_CHECK = 11
+
+
+def test_a_socket_that_refuses_gso_sends_datagram_by_datagram(job_factory) -> None:
+    """Where the kernel or the route refuses UDP GSO (here: a socket without checksums), the
+    compiled loop sends one datagram per message from then on; nothing is lost for it."""
+    world_size, length = 2, 100 * K
+    inputs = [synthetic_tensor(7, r, length, "int32") for r in range(world_size)]
+    options = WorkerOptions(k=K, timeout=20.0, engine="compiled")
+    with job_factory(world_size, k=K, slots=16, options=options) as job:
+        for comm in job.comms:
+            comm.sock.setsockopt(socket.SOL_SOCKET, _SO_NO_CHECK, 1)
+        results = job.allreduce(inputs)
+        stats = [c.stats for c in job.comms]
+    expected = np.sum(inputs, axis=0, dtype=np.int64).astype(np.int32)
+    assert all(np.array_equal(r, expected) for r in results)
+    for s in stats:
+        assert s.packets_sent == 100 + s.retransmissions

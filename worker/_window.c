@@ -4,7 +4,8 @@
  * datagrams and the time and says what to send (quantization with the agreed block exponents,
  * packets laid out as wire.py lays them out, chunk c in slot c % S, the priming uses, the
  * exponent of chunk c + S riding in chunk c, rounds kept by the caller across calls, RFC 6298's
- * timeout with Karn's rule, the gap rule's fast retransmission, duplicates, STALE and REFUSED). tests/test_window.py runs both
+ * timeout with Karn's rule, the gap rule's fast retransmission, duplicates, STALE and REFUSED).
+ * tests/test_window.py runs both
  * through the same seeded lossy network and requires the same datagrams, in the same order, the
  * same sums, statistics, rounds and round-trip state.
  *
@@ -160,7 +161,8 @@ static uint8_t block_exponent(const float *x, size_t n) {
     const __m128 magnitude = _mm_castsi128_ps(_mm_set1_epi32(0x7FFFFFFF));
     __m128 peak4 = _mm_setzero_ps();
     size_t i = 0;
-    for (; i + 4 <= n; i += 4) peak4 = _mm_max_ps(peak4, _mm_and_ps(_mm_loadu_ps(x + i), magnitude));
+    for (; i + 4 <= n; i += 4)
+        peak4 = _mm_max_ps(peak4, _mm_and_ps(_mm_loadu_ps(x + i), magnitude));
     float lanes[4];
     _mm_storeu_ps(lanes, peak4);
     float peak = 0.0f;
@@ -197,8 +199,9 @@ static void quantize_into(uint8_t *dst, const float *x, size_t n, double scale) 
         _mm_storeu_si128((__m128i *)(dst + i * ELEMENT_BYTES), swap4(_mm_unpacklo_epi64(lo, hi)));
     }
     for (; i < n; i++) {
-        uint32_t level = __builtin_bswap32((uint32_t)_mm_cvtsd_si32(_mm_set_sd((double)x[i] * scale)));
-        memcpy(dst + i * ELEMENT_BYTES, &level, ELEMENT_BYTES);
+        int32_t level = _mm_cvtsd_si32(_mm_set_sd((double)x[i] * scale));
+        uint32_t big = __builtin_bswap32((uint32_t)level);
+        memcpy(dst + i * ELEMENT_BYTES, &big, ELEMENT_BYTES);
     }
 }
 
@@ -439,7 +442,8 @@ static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
 static void core_start(Transfer *t, double now) {
     t->started = 1;
     t->progress_at = now;
-    for (uint32_t slot = 0; slot < t->slots; slot++) send_use(t, slot, t->scaled ? PRIME : (int64_t)slot, now);
+    for (uint32_t slot = 0; slot < t->slots; slot++)
+        send_use(t, slot, t->scaled ? PRIME : (int64_t)slot, now);
 }
 
 /* Transfer._store: a result's sums into the output. */
@@ -447,7 +451,8 @@ static void store(Transfer *t, int64_t chunk, size_t count, const uint8_t *datag
     size_t first = (size_t)chunk * t->k;
     const uint8_t *sums = datagram + HEADER_BYTES;
     if (t->scaled)
-        dequantize_into((float *)t->out.buf + first, sums, count, scale_of(t, t->global_exp[chunk]));
+        dequantize_into((float *)t->out.buf + first, sums, count,
+                        scale_of(t, t->global_exp[chunk]));
     else
         copy_swapped((uint8_t *)t->out.buf + first * ELEMENT_BYTES, sums, count);
 }
@@ -552,6 +557,12 @@ static int grow_tx(Driver *d, size_t cap) {
     return 0;
 }
 
+/* What sendmmsg says of a GSO message a device or route cannot take (a veth without it, a path
+ * whose MTU is smaller than the datagrams): send datagram by datagram instead. */
+static int refuses_gso(int err) {
+    return err == EINVAL || err == EIO || err == ENOPROTOOPT || err == EMSGSIZE;
+}
+
 /* Send the ``n`` datagrams txiov holds, in order. A full buffer loses them, as a congested port
  * would (the window's timers resend); a socket error (an ICMP port unreachable while the switch
  * restarts, say) is kept for the stall report, as shim.py's _send keeps it. */
@@ -590,8 +601,7 @@ static void send_datagrams(Driver *d, Transfer *t, uint32_t n) {
                 m += (size_t)sent;
             } else if (errno == EINTR) {
                 continue;
-            } else if (d->tx[m].msg_hdr.msg_iovlen > 1 &&
-                       (errno == EINVAL || errno == EIO || errno == ENOPROTOOPT || errno == EMSGSIZE)) {
+            } else if (d->tx[m].msg_hdr.msg_iovlen > 1 && refuses_gso(errno)) {
                 d->gso_off = 1; /* no GSO here: the rest again, a datagram a message */
                 at = d->txfirst[m];
                 break;
@@ -690,7 +700,8 @@ static int drive(Driver *d, Transfer *t, double timeout) {
         if (t->nheap && t->uses[t->heap[0]].deadline < until) until = t->uses[t->heap[0]].deadline;
         if (t->progress_at + timeout < until) until = t->progress_at + timeout;
         struct pollfd readable = {d->fd, POLLIN, 0};
-        if (poll(&readable, 1, until > now ? (int)ceil((until - now) * 1e3) : 0) < 0) return CHECK_IN;
+        int wait_ms = until > now ? (int)ceil((until - now) * 1e3) : 0;
+        if (poll(&readable, 1, wait_ms) < 0) return CHECK_IN;
     }
 }
 
@@ -800,7 +811,8 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
         PyErr_NoMemory();
         return -1;
     }
-    for (size_t s = 0; s < slots; s++) self->uses[s].heap_at = self->uses[s].older = self->uses[s].newer = -1;
+    for (size_t s = 0; s < slots; s++)
+        self->uses[s].heap_at = self->uses[s].older = self->uses[s].newer = -1;
     self->oldest = self->newest = -1;
     if (self->scaled) {
         const float *x = self->flat.buf;
@@ -918,8 +930,8 @@ static PyObject *Transfer_missing(Transfer *self, PyObject *Py_UNUSED(ignored)) 
     for (uint32_t slot = 0; slot < self->slots; slot++) {
         const use_t *u = &self->uses[slot];
         if (!u->active) continue;
-        for (int64_t c = u->chunk == PRIME ? slot : u->chunk; c < self->chunks; c += self->slot_count)
-            open[c] = 1;
+        int64_t first = u->chunk == PRIME ? slot : u->chunk;
+        for (int64_t c = first; c < self->chunks; c += self->slot_count) open[c] = 1;
     }
     PyObject *list = PyList_New(0);
     for (uint32_t c = 0; list && c < self->chunks; c++) {
