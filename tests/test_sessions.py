@@ -23,7 +23,7 @@ from switchreduce import wire
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.emulation.softswitch.static import StaticJob
 from switchreduce.emulation.softswitch.udp import UdpSwitch
-from switchreduce.launch import LISTENING, Child, cli_command
+from switchreduce.launch import GO, LISTENING, READY, Child, cli_command
 from switchreduce.p4runtime.jobs import Job, Member
 from switchreduce.ports import free_udp_ports
 from switchreduce.worker.errors import (
@@ -238,14 +238,24 @@ def test_a_killed_switch_is_one_clear_timeout_naming_job_rank_switch_and_chunks(
     with switch_process(ports) as (switch, address):
         workers = [
             subprocess.Popen(
-                _worker(address, port, rank, 2, "--elements", "20000000", "--timeout", "2"),
+                _worker(
+                    address, port, rank, 2, "--elements", "20000000", "--timeout", "2",
+                    "--wait-for-go",
+                ),
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
             for rank, port in enumerate(ports)
-        ]
-        time.sleep(3.0)  # into the transfer
+        ]  # fmt: skip
+        for worker in workers:  # joined, tensor built: all start together
+            assert worker.stdout is not None and worker.stdin is not None
+            assert worker.stdout.readline().strip() == READY
+        for worker in workers:
+            worker.stdin.write(f"{GO}\n")
+            worker.stdin.flush()
+        time.sleep(0.3)  # into the transfer (20 M elements take seconds)
         switch.kill()
         killed = time.monotonic()
         for rank, worker in enumerate(workers):
