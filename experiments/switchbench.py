@@ -39,8 +39,10 @@ import dataclasses
 import json
 import os
 import select
+import signal
 import socket
 import statistics
+import struct
 import subprocess
 import tempfile
 import time
@@ -106,6 +108,10 @@ _UDP_GRO = 104  # linux/udp.h: receive coalesced datagrams, with their size in a
 _ETH_P_ALL = 0x0003
 _SOL_PACKET = 263
 _PACKET_IGNORE_OUTGOING = 23  # linux/if_packet.h: not what this host sends on the link
+_PACKET_VNET_HDR = 15  # linux/if_packet.h: frames sent start with a virtio_net_hdr
+_VNET_NEEDS_CSUM = 1  # linux/virtio_net.h: VIRTIO_NET_HDR_F_NEEDS_CSUM
+_VNET_GSO_UDP_L4 = 5  # linux/virtio_net.h: VIRTIO_NET_HDR_GSO_UDP_L4
+_VNET_PLAIN = bytes(10)  # a virtio_net_hdr that asks nothing: one frame as it is
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # an int: the flag enum's operators cost microseconds
 _READ = 65536  # room a read needs: a whole GRO datagram, or a frame
 
@@ -469,7 +475,7 @@ class _Ports(ABC):
             for rank, joining in enumerate(joins):
                 if rank not in sessions:
                     for datagram in joining.expire(time.monotonic()):
-                        self.sockets[rank].send(self.prefixes[rank] + datagram)
+                        self.transmit(rank, datagram)
             ranks, records = self.receive(0.05)
             skip = len(self.prefixes[0])
             for rank, record in zip(ranks, records, strict=True):
@@ -478,6 +484,10 @@ class _Ports(ABC):
         if len(set(sessions.values())) != 1:
             raise SwitchBenchError(f"ranks were given different sessions: {sessions}")
         return sessions[0]
+
+    @abstractmethod
+    def transmit(self, rank: int, datagram: bytes) -> None:
+        """Send one datagram from rank ``rank``."""
 
     @abstractmethod
     def _read(self, sock: socket.socket, into: memoryview) -> int:
@@ -509,6 +519,9 @@ class UdpPorts(_Ports):
             sock.connect(address)
             sock.setsockopt(_SOL_UDP, _UDP_SEGMENT, self.dtype.itemsize)
 
+    def transmit(self, rank: int, datagram: bytes) -> None:
+        self.sockets[rank].send(datagram)
+
     def send(self, rank: int, packets: np.ndarray) -> None:
         data = packets.view(np.uint8)
         step = self._per_send * self.dtype.itemsize
@@ -524,19 +537,35 @@ class UdpPorts(_Ports):
 
 class FramePorts(_Ports):
     """AF_PACKET sockets on the hosts' ends of the switch's links: rank r is host r + 1 on
-    switch port r + 1, addressed as in the Mininet star."""
+    switch port r + 1, addressed as in the Mininet star.
+
+    Each rank sends through a socket of its own that hands the kernel a whole batch as one
+    UDP GSO frame (PACKET_VNET_HDR): the kernel cuts it into one frame a datagram, each with
+    its own IPv4 and UDP lengths and checksums, before the link (its segmentation offload is
+    off), so the switch receives ordinary frames, and Python pays one call a batch.
+    """
 
     def __init__(self, interfaces: list[str], k: int) -> None:
-        sockets = []
+        sockets, self._senders = [], []
         for name in interfaces:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
             force_buffers(sock, 8 << 20)
             sock.setsockopt(_SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
             sock.bind((name, 0))
             sockets.append(sock)
-        datagram = wire.datagram_bytes(k)
-        prefixes = [_frame_prefix(host, datagram) for host in range(1, len(sockets) + 1)]
+            sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: deaf
+            sender.setsockopt(_SOL_PACKET, _PACKET_VNET_HDR, 1)
+            sender.bind((name, 0))
+            self._senders.append(sender)
+        self._datagram = wire.datagram_bytes(k)
+        prefixes = [_frame_prefix(host, self._datagram) for host in range(1, len(sockets) + 1)]
         super().__init__(sockets, k, prefixes)
+        self._per_send = min(_GSO_SEGMENTS, _GSO_BYTES // self._datagram)
+        self._gso = struct.pack(
+            "<BBHHHH", _VNET_NEEDS_CSUM, _VNET_GSO_UDP_L4, wire.L2_L4_BYTES, self._datagram,
+            wire.ETH_BYTES + wire.IPV4_BYTES, 6,  # the UDP checksum's offset in its header
+        )  # fmt: skip
+        self._headers: dict[tuple[int, int], bytes] = {}  # (rank, datagrams) -> their headers
         #: Frames that were not a result's size (the rest are checked as results).
         self.other = 0
 
@@ -547,9 +576,19 @@ class FramePorts(_Ports):
             for host in range(1, len(self.sockets) + 1)
         ]
 
+    def transmit(self, rank: int, datagram: bytes) -> None:
+        self._senders[rank].send(_VNET_PLAIN + self.prefixes[rank] + datagram)
+
     def send(self, rank: int, packets: np.ndarray) -> None:
-        for frame in packets.view(np.uint8).reshape(len(packets), -1):
-            self.sockets[rank].send(frame.data)
+        frames = packets.view(np.uint8).reshape(len(packets), -1)[:, wire.L2_L4_BYTES :]
+        for start in range(0, len(frames), self._per_send):
+            datagrams = [frame.data for frame in frames[start : start + self._per_send]]
+            headers = self._headers.get((rank, len(datagrams)))
+            if headers is None:
+                headers = self._headers[rank, len(datagrams)] = _gso_headers(
+                    rank + 1, len(datagrams) * self._datagram
+                )
+            self._senders[rank].sendmsg([self._gso, headers, *datagrams])
 
     def _read(self, sock: socket.socket, into: memoryview) -> int:
         n = sock.recv_into(into)
@@ -558,20 +597,36 @@ class FramePorts(_Ports):
             return 0
         return n
 
+    def close(self) -> None:
+        super().close()
+        for sender in self._senders:
+            sender.close()
 
-def _frame_prefix(host: int, datagram_bytes: int) -> bytes:
-    """Ethernet, IPv4 and UDP headers of host ``host``'s packets to the switch (a zero UDP
-    checksum, as the switch's own results carry)."""
+
+def _frame_prefix(host: int, payload_bytes: int, udp_checksum: int = 0) -> bytes:
+    """Ethernet, IPv4 and UDP headers of host ``host``'s packets to the switch, for a UDP
+    payload of ``payload_bytes`` (a zero UDP checksum, as the switch's own results carry)."""
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
 
     frame = (
         Ether(src=host_mac(host), dst=SWITCH_MAC)
         / IP(src=host_ip(host), dst=SWITCH_IP)
-        / UDP(sport=WORKER_UDP_PORT, dport=wire.DEFAULT_SWITCH_PORT, chksum=0)
-        / bytes(datagram_bytes)
+        / UDP(sport=WORKER_UDP_PORT, dport=wire.DEFAULT_SWITCH_PORT, chksum=udp_checksum)
+        / bytes(payload_bytes)
     )
     return bytes(frame)[: wire.L2_L4_BYTES]
+
+
+def _gso_headers(host: int, payload_bytes: int) -> bytes:
+    """The headers of a GSO frame: as ``_frame_prefix``'s, with the UDP checksum holding the
+    sum of the pseudo-header, which the kernel completes for each datagram it cuts."""
+    length = wire.UDP_BYTES + payload_bytes
+    pseudo = socket.inet_aton(host_ip(host)) + socket.inet_aton(SWITCH_IP)
+    total = sum(struct.unpack("!4H", pseudo)) + wire.IP_PROTO_UDP + length
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return _frame_prefix(host, payload_bytes, total)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -704,7 +759,7 @@ def namespace(links: int) -> Iterator[tuple[str, list[str], list[str]]]:
             _run("sysctl", "-qw", f"net.ipv6.conf.{host_end}.disable_ipv6=1")
             for where, name in (((), host_end), (in_ns, switch_end)):
                 _run(*where, "ip", "link", "set", name, "up")
-                # the frames are whole: no checksum or segmentation left to the NIC
+                # no checksum, so no UDP segmentation, left to the link: its frames are whole
                 subprocess.run([*where, "ethtool", "-K", name, "tx", "off", "rx", "off"],
                                capture_output=True)  # fmt: skip
         yield ns, inside, outside
@@ -796,13 +851,22 @@ def run_switch_bench(options: SwitchBenchOptions) -> int:
     """Measure every switch ``repeat`` times, interleaved; print the summary (or one JSON
     object). A run that does not get every result once and exact raises SwitchBenchError."""
     targets = options.targets()
-    runs = [target.measure(options) for _ in range(options.repeat) for target in targets]
+    # a SIGTERM unwinds like Ctrl-C: the switches stop, the namespaces and links go
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        runs = [target.measure(options) for _ in range(options.repeat) for target in targets]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary = summarize(options, runs)
     if options.as_json:
         print(json.dumps(summary))
     else:
         _print_summary(summary)
     return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _median(values: list[float | None]) -> float | None:

@@ -412,7 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--slots", type=int, default=None, help="slots of the job (default: per switch)"
     )
     switch_bench.add_argument(
-        "--packets", type=int, default=None, help="contributions per run (default: per switch)"
+        "--packets",
+        type=int,
+        default=None,
+        help="contributions per run of every switch (default: per switch; BMv2 takes a few "
+        "hundred a second)",
     )
     switch_bench.add_argument("--repeat", type=int, default=1, help="runs per switch; medians")
     switch_bench.add_argument(

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +29,7 @@ from switchreduce.experiments.switchbench import (
     Window,
     drive,
 )
+from switchreduce.launch import Child, cli_command
 from switchreduce.p4runtime.jobs import Job, Member
 from tests.helpers.processes import left_behind, record_children
 
@@ -221,3 +225,40 @@ def test_bmv2_is_measured_against_the_soft_switch(capsys, monkeypatch) -> None:
     assert tag not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert tag not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
     assert not any(left_behind(child.pid) for child in children)
+
+
+def _with_tag(tag: str) -> list[str]:
+    """Namespaces, links and command lines that name ``tag``."""
+    found = [
+        line
+        for command in (["ip", "netns", "list"], ["ip", "-o", "link"])
+        for line in subprocess.run(command, capture_output=True, text=True).stdout.splitlines()
+        if tag in line
+    ]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if tag in (args := cmdline.read_bytes().replace(b"\0", b" ").decode()):
+                found.append(args)
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
+@pytest.mark.requires_root
+def test_a_terminated_bench_leaves_nothing_behind() -> None:
+    """SIGTERM in the middle of a raw-mode run: the switch stops, its namespace and links
+    are deleted."""
+    with Child(
+        cli_command(
+            "bench", "switch", "--switch", "soft", "--mode", "raw", "--packets", "10000000"
+        ),
+        "the bench",
+    ) as bench:
+        tag = f"sb{bench.pid}"
+        deadline = time.monotonic() + 30
+        while not any("switch --raw" in line for line in _with_tag(tag)):  # the switch runs
+            assert time.monotonic() < deadline, "the bench did not start its switch"
+            time.sleep(0.1)
+        bench.signal_group(signal.SIGTERM)
+        assert bench.finish(timeout=30) != 0
+    assert _with_tag(tag) == []
