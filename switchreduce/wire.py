@@ -1,11 +1,17 @@
 """The SwitchReduce wire format: the one module that knows offsets and constants.
 
-A packet is Ethernet / IPv4 / UDP / aggregation header / K signed 32-bit
-big-endian elements. ``round`` counts the uses of a slot (mod 2**16) and its
-low bit is ``version``, the shadow copy the packet belongs to; see
-docs/protocol.md. Every part of the system (worker, soft switch,
-controller, tests, the scapy decoder) imports its layout from here; the P4
-headers in ``p4src/`` mirror :data:`HEADER_FIELDS` field for field.
+A packet is Ethernet / IPv4 / UDP / aggregation header / K 32-bit
+big-endian words. A word holds one signed element (32-bit lanes), or
+32 / L unsigned lanes of L = 16 or 8 bits: lane i of word w is element
+``w * 32 / L + i``, least significant lane first, so the switch's 32-bit
+add of two words sums every lane at once (:func:`encode_lanes`).
+The ``count`` of a packet is the words it fills (at most K, which the
+switch checks); a rank knows the elements from ``length`` and the chunk.
+``round`` counts the uses of a slot (mod 2**16) and its low bit is
+``version``, the shadow copy the packet belongs to; see docs/protocol.md.
+Every part of the system (worker, soft switch, controller, tests, the scapy
+decoder) imports its layout from here; the P4 headers in ``p4src/`` mirror
+:data:`HEADER_FIELDS` field for field.
 
 Header (28 bytes, network byte order)::
 
@@ -71,22 +77,44 @@ EXPONENT_MIN = 1 - EXPONENT_BIAS
 #: The tensor types a ``format`` byte names: bits 7..5 index this tuple, bits 4..0 hold
 #: the fixed-point precision minus one (32 for int32, which is summed exactly).
 FORMAT_DTYPES = ("int32", "float32", "bfloat16", "float16")
+#: Lane widths (bits per element on the wire); 32 is one element per word.
+LANE_BITS = (32, 16, 8)
+#: Bits 7..5 of a narrow-lane format: its lane width (the lane sets the grid, so bits 4..0
+#: hold the tensor's dtype code instead of a precision). Every 32-bit format byte is unchanged.
+_LANE_CODES = {16: 4, 8: 5}
 #: ``length`` is 32 bits: the most elements one allreduce call sums.
 MAX_LENGTH = (1 << 32) - 1
 
 
-def encode_format(dtype: str, bits: int) -> int:
-    """The ``format`` byte of a tensor of ``dtype`` quantized to ``bits`` (1..32)."""
+def check_lanes(lane_bits: int) -> int:
+    """Validate a lane width."""
+    if lane_bits not in LANE_BITS:
+        raise ValueError(f"lane width must be one of {LANE_BITS} bits, got {lane_bits}")
+    return lane_bits
+
+
+def encode_format(dtype: str, bits: int, lane_bits: int = 32) -> int:
+    """The ``format`` byte of a tensor of ``dtype`` quantized to ``bits`` (1..32) in 32-bit
+    lanes, or to its ``lane_bits`` lanes (16 or 8; float tensors only)."""
+    if check_lanes(lane_bits) != 32:
+        if dtype == "int32":
+            raise ValueError("int32 tensors are summed exactly, in 32-bit lanes only")
+        return _LANE_CODES[lane_bits] << 5 | FORMAT_DTYPES.index(dtype)
     if not 1 <= bits <= 32:
         raise ValueError(f"precision must be 1..32 bits, got {bits}")
     return FORMAT_DTYPES.index(dtype) << 5 | (bits - 1)
 
 
 def describe_format(byte: int) -> str:
-    """'float32 at 16 bits' for a ``format`` byte (names an unknown dtype code as such)."""
-    code, bits = byte >> 5, (byte & 0x1F) + 1
+    """'float32 at 16 bits' or 'float32 in 8-bit lanes' for a ``format`` byte (names an
+    unknown code as such)."""
+    code, low = byte >> 5, byte & 0x1F
+    lanes = {code: lane for lane, code in _LANE_CODES.items()}
+    if code in lanes:
+        dtype = FORMAT_DTYPES[low] if low < len(FORMAT_DTYPES) else f"dtype code {low}"
+        return f"{dtype} in {lanes[code]}-bit lanes"
     dtype = FORMAT_DTYPES[code] if code < len(FORMAT_DTYPES) else f"dtype code {code}"
-    return f"{dtype} at {bits} bits"
+    return f"{dtype} at {low + 1} bits"
 
 
 def new_session() -> int:
@@ -255,6 +283,32 @@ def encode(header: Header, elements: np.ndarray) -> bytes:
 def decode_elements(buf: bytes | bytearray | memoryview, k: int, offset: int = 0) -> np.ndarray:
     """The K elements after the header at ``offset``, as a read-only big-endian view."""
     return np.frombuffer(buf, dtype=ELEMENT_DTYPE, count=k, offset=offset + HEADER_BYTES)
+
+
+def lanes_per_word(lane_bits: int) -> int:
+    return 32 // check_lanes(lane_bits)
+
+
+def encode_lanes(lanes: np.ndarray, lane_bits: int, k: int) -> bytes:
+    """K words holding ``lanes`` (unsigned, each < 2**lane_bits), least significant lane
+    first; the lanes of words past the last element are zero."""
+    per_word = lanes_per_word(lane_bits)
+    padded = np.zeros(k * per_word, dtype=np.uint32)
+    padded[: lanes.size] = lanes
+    shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(lane_bits)
+    words = np.bitwise_or.reduce(padded.reshape(k, per_word) << shifts, axis=1)
+    return words.astype(">u4").tobytes()
+
+
+def decode_lanes(
+    buf: bytes | bytearray | memoryview, lane_bits: int, k: int, offset: int = 0
+) -> np.ndarray:
+    """The K * 32 / lane_bits lanes of the K words after the header at ``offset`` (uint32)."""
+    per_word = lanes_per_word(lane_bits)
+    words = np.frombuffer(buf, dtype=">u4", count=k, offset=offset + HEADER_BYTES)
+    shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(lane_bits)
+    mask = np.uint32((1 << lane_bits) - 1)
+    return ((words.astype(np.uint32)[:, None] >> shifts) & mask).reshape(-1)
 
 
 def scapy_layer():

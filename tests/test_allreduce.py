@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from switchreduce import wire
 from switchreduce.emulation.softswitch.faults import FaultSpec
 from switchreduce.worker.engine import ENGINES
 from switchreduce.worker.errors import NonFiniteError
@@ -71,6 +72,39 @@ def test_fewer_precision_bits_coarsen_the_sum_within_their_bound(
         verdict = check(result, inputs, K, bits)
         assert verdict.exact and verdict.within_bound, verdict
     assert not full.exact  # it really is another grid than the 32-bit one
+
+
+@pytest.mark.parametrize("lanes", [16, 8])
+@pytest.mark.parametrize("world_size", [1, 3, 8])
+def test_narrow_lanes_sum_exactly_on_their_grid_in_fewer_bytes(
+    job_factory, lanes: int, world_size: int, engine: str
+) -> None:
+    """The switch adds packed lanes without a carry between them: each rank gets the lanes'
+    fixed-point sum bit for bit, within their bound, in 1/2 or 1/4 of the packets."""
+    length = 200_000
+    inputs = [synthetic_tensor(4, r, length, "float32") for r in range(world_size)]
+    per_packet = K * 32 // lanes
+    sent = {}
+    for lane_bits in (32, lanes):
+        options = WorkerOptions(k=K, timeout=20.0, lane_bits=lane_bits, engine=engine)
+        with job_factory(world_size, k=K, slots=8, options=options) as job:
+            results = job.allreduce(inputs)
+            stats = job.comms[0].stats
+            sent[lane_bits] = stats.bytes_sent - stats.retransmissions * (wire.HEADER_BYTES + K * 4)
+    for result in results:
+        verdict = check(result, inputs, per_packet, lane_bits=lanes)
+        assert verdict.exact and verdict.within_bound, verdict
+    packets_of = -(-length // per_packet)  # plus one priming packet per slot; no resends
+    assert sent[lanes] == (packets_of + 8) * (wire.HEADER_BYTES + K * 4)
+    assert sent[lanes] <= {16: 0.55, 8: 0.3}[lanes] * sent[32]
+
+
+def test_int32_tensors_are_refused_with_narrow_lanes(job_factory) -> None:
+    options = WorkerOptions(k=K, lane_bits=8)
+    with job_factory(1, k=K, options=options) as job, pytest.raises(TypeError, match="32-bit"):
+        job.comms[0].allreduce(np.zeros(10, dtype=np.int32))
+    with pytest.raises(ValueError, match="precision_bits must stay 32"):
+        WorkerOptions(lane_bits=16, precision_bits=12)
 
 
 def test_successive_calls_of_mixed_dtypes_and_shapes(job_factory, engine: str) -> None:

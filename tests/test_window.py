@@ -122,20 +122,24 @@ class Network:
         heapq.heappush(self._events, (at, self._seq, target, packet))
 
     def allreduce(
-        self, inputs: list[np.ndarray], session: int = SESSION, bits: int = 32
+        self, inputs: list[np.ndarray], session: int = SESSION, bits: int = 32, lanes: int = 32
     ) -> list[np.ndarray]:
-        """Every rank sums its input through the switch; each rank's result."""
-        self.transfers = transfers = [
-            self.window(
-                Job(1, r, self.world_size, self.slots, K, session, bits),
-                x.reshape(-1),
-                wire.encode_format(x.dtype.name, bits if x.dtype == np.float32 else 32),
-                self.rounds[r],
-                self.rtts[r],
-                self.stats[r],
+        """Every rank sums its input through the switch; each rank's result (int32 tensors
+        travel in 32-bit lanes whatever ``lanes`` says)."""
+        self.transfers = transfers = []
+        for r, x in enumerate(inputs):
+            lane_bits = lanes if x.dtype == np.float32 else 32
+            bits_used = bits if x.dtype == np.float32 else 32
+            transfers.append(
+                self.window(
+                    Job(1, r, self.world_size, self.slots, K, session, bits, lane_bits),
+                    x.reshape(-1),
+                    wire.encode_format(x.dtype.name, bits_used, lane_bits),
+                    self.rounds[r],
+                    self.rtts[r],
+                    self.stats[r],
+                )
             )
-            for r, x in enumerate(inputs)
-        ]
         for rank, transfer in enumerate(transfers):
             self._send(rank, transfer.start(self.now))
         while not all(t.done for t in transfers):
@@ -224,15 +228,17 @@ class Network:
     duplicate=st.sampled_from([0.0, 0.1]),
     reorder=st.sampled_from([0.0, 0.3]),
     dtype=st.sampled_from(["float32", "int32"]),
+    lanes=st.sampled_from(wire.LANE_BITS),
 )
 def test_every_rank_gets_the_exact_sum_through_loss_duplication_and_reordering(
-    seed, world_size, slots, elements, loss, duplicate, reorder, dtype
+    seed, world_size, slots, elements, loss, duplicate, reorder, dtype, lanes
 ) -> None:
     net = Network(world_size, slots, seed, loss, duplicate, reorder)
+    lanes = lanes if dtype == "float32" else 32
     for call in range(2):  # rounds continue across calls
         inputs = [synthetic_tensor(seed + call, r, elements, dtype) for r in range(world_size)]
-        expected = reference_sum(inputs, K)
-        for result in net.allreduce(inputs):
+        expected = reference_sum(inputs, K * 32 // lanes, lane_bits=lanes)
+        for result in net.allreduce(inputs, lanes=lanes):
             assert np.array_equal(result, expected)
     if loss == 0 and duplicate == 0 and reorder == 0:
         assert sum(s.retransmissions for s in net.stats) == 0
@@ -356,6 +362,7 @@ class Call:
     inputs: tuple[np.ndarray, ...]
     session: int = SESSION
     bits: int = 32
+    lanes: int = 32
     #: Before the call: a new switch holding the job with ``session`` (the ranks keep their
     #: rounds), or that and the ranks' rounds back to 0 as after a JOIN.
     restart: str | None = None
@@ -371,7 +378,7 @@ def observe(net: Network, calls: list[Call]) -> list[Any]:
                 for rounds in net.rounds:
                     rounds[:] = [0] * len(rounds)
         try:
-            results = net.allreduce(list(call.inputs), call.session, call.bits)
+            results = net.allreduce(list(call.inputs), call.session, call.bits, call.lanes)
             seen.append([(r.dtype.str, r.shape, r.tobytes()) for r in results])
         except (StaleSession, MismatchError) as exc:
             seen.append((type(exc).__name__, str(exc)))
@@ -396,9 +403,11 @@ def assert_windows_agree(calls: list[Call], **network: Any) -> list[Any]:
     return python
 
 
-def calls_of(seed: int, world_size: int, elements: list[int], dtypes: list[str]) -> list[Call]:
+def calls_of(
+    seed: int, world_size: int, elements: list[int], dtypes: list[str], lanes: int = 32
+) -> list[Call]:
     return [
-        Call(tuple(synthetic_tensor(seed + i, r, n, dtype) for r in range(world_size)))
+        Call(tuple(synthetic_tensor(seed + i, r, n, dtype) for r in range(world_size)), lanes=lanes)
         for i, (n, dtype) in enumerate(zip(elements, dtypes, strict=True))
     ]
 
@@ -415,11 +424,12 @@ def calls_of(seed: int, world_size: int, elements: list[int], dtypes: list[str])
     reorder=st.sampled_from([0.0, 0.3]),
     hostile=st.sampled_from([0.0, 0.05]),
     restart=st.sampled_from([None, "switch", "join"]),
+    lanes=st.sampled_from(wire.LANE_BITS),
 )
 def test_the_compiled_window_sends_and_sums_what_the_python_window_does(
-    seed, world_size, slots, elements, dtypes, loss, duplicate, reorder, hostile, restart
+    seed, world_size, slots, elements, dtypes, loss, duplicate, reorder, hostile, restart, lanes
 ) -> None:
-    calls = calls_of(seed, world_size, elements, dtypes[: len(elements)])
+    calls = calls_of(seed, world_size, elements, dtypes[: len(elements)], lanes)
     if len(calls) > 1:  # the switch restarts before the last call, with or without a new run
         session = SESSION + 1 if restart == "join" else SESSION
         calls[-1] = dataclasses.replace(calls[-1], restart=restart, session=session)
@@ -492,11 +502,16 @@ def edge_values(seed: int, n: int) -> np.ndarray:
     return values.astype(np.float32)
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
-@pytest.mark.parametrize("bits", [32, 24, 9])
-def test_the_windows_quantize_alike_at_the_edges(world_size, bits) -> None:
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5, 32])
+@pytest.mark.parametrize(("bits", "lanes"), [(32, 32), (24, 32), (9, 32), (32, 16), (32, 8)])
+def test_the_windows_quantize_alike_at_the_edges(world_size, bits, lanes) -> None:
+    elements = (9 * K + 3) * 32 // lanes
     calls = [
-        Call(tuple(edge_values(seed * 7 + r, 9 * K + 3) for r in range(world_size)), bits=bits)
+        Call(
+            tuple(edge_values(seed * 7 + r, elements) for r in range(world_size)),
+            bits=bits,
+            lanes=lanes,
+        )
         for seed in range(2)
     ]
     with np.errstate(over="ignore"):  # sums past float32's range are inf alike

@@ -111,8 +111,10 @@ struct Transfer {
     uint16_t job_id;
     uint8_t rank, format;
     uint32_t world_size, slot_count, k, datagram;
+    uint32_t lane_bits, per_word, chunk_elements; /* Job.lane_bits, 32 / lane_bits, K * that */
     uint64_t session;
     double peak_level; /* quantize.peak_level: m */
+    int64_t lane_bias; /* n * m, subtracted from each narrow lane's sum (quantize.from_lanes) */
     /* the tensor */
     Py_buffer flat, out;
     int scaled; /* float32: quantized per block; int32: sent as is */
@@ -223,6 +225,36 @@ static void dequantize_into(float *dst, const uint8_t *sums, size_t n, double sc
         uint32_t big;
         memcpy(&big, sums + i * ELEMENT_BYTES, ELEMENT_BYTES);
         dst[i] = (float)((double)(int32_t)__builtin_bswap32(big) / scale);
+    }
+}
+
+/* quantize.to_lanes and wire.encode_lanes: rint(x * scale) + m in lanes of ``lane_bits``,
+ * least significant lane first, into big-endian words (the last word's unused lanes zero).
+ * Returns the words written. */
+static size_t quantize_lanes_into(uint8_t *dst, const float *x, size_t n, double scale,
+                                  const Transfer *t) {
+    const uint32_t bias = (uint32_t)t->peak_level;
+    size_t words = (n + t->per_word - 1) / t->per_word;
+    for (size_t w = 0; w < words; w++) {
+        uint32_t word = 0;
+        for (uint32_t i = 0; i < t->per_word && w * t->per_word + i < n; i++) {
+            int32_t level = _mm_cvtsd_si32(_mm_set_sd((double)x[w * t->per_word + i] * scale));
+            word |= ((uint32_t)level + bias) << (i * t->lane_bits);
+        }
+        wr32(dst + w * ELEMENT_BYTES, word);
+    }
+    return words;
+}
+
+/* wire.decode_lanes, quantize.from_lanes and quantize.dequantize: float32 of (lane sum - n * m)
+ * / scale for the first ``n`` lanes. */
+static void dequantize_lanes_into(float *dst, const uint8_t *sums, size_t n, double scale,
+                                  const Transfer *t) {
+    const uint32_t mask = (1u << t->lane_bits) - 1;
+    for (size_t e = 0; e < n; e++) {
+        uint32_t word = rd32(sums + e / t->per_word * ELEMENT_BYTES);
+        uint32_t lane = word >> (e % t->per_word * t->lane_bits) & mask;
+        dst[e] = (float)((double)((int64_t)lane - t->lane_bias) / scale);
     }
 }
 
@@ -400,7 +432,7 @@ static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
     uint16_t round = t->rounds[slot] = (uint16_t)(t->rounds[slot] + 1);
     uint8_t *p = t->packets + (size_t)slot * t->datagram;
     uint8_t *payload = p + HEADER_BYTES;
-    size_t k = t->k, count = 0;
+    size_t k = t->chunk_elements, count = 0;
     uint8_t exponent;
     uint32_t wire_chunk;
     if (chunk == PRIME) {
@@ -411,14 +443,17 @@ static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
         exponent = t->scaled && ahead < t->chunks ? t->local_exp[ahead] : 0;
         size_t first = (size_t)chunk * k;
         count = t->length - first < k ? t->length - first : k;
-        if (t->scaled)
+        if (t->per_word > 1)
+            count = quantize_lanes_into(payload, (const float *)t->flat.buf + first, count,
+                                        scale_of(t, t->global_exp[chunk]), t);
+        else if (t->scaled)
             quantize_into(payload, (const float *)t->flat.buf + first, count,
                           scale_of(t, t->global_exp[chunk]));
         else
             copy_swapped(payload, (const uint8_t *)t->flat.buf + first * ELEMENT_BYTES, count);
         wire_chunk = (uint32_t)chunk;
     }
-    memset(payload + count * ELEMENT_BYTES, 0, (k - count) * ELEMENT_BYTES);
+    memset(payload + count * ELEMENT_BYTES, 0, (t->k - count) * ELEMENT_BYTES);
     p[AT_MSG_TYPE] = MSG_DATA;
     p[AT_RANK] = t->rank;
     wr16(p + AT_JOB_ID, t->job_id);
@@ -452,9 +487,13 @@ static void core_start(Transfer *t, double now) {
 
 /* Transfer._store: a result's sums into the output. */
 static void store(Transfer *t, int64_t chunk, size_t count, const uint8_t *datagram) {
-    size_t first = (size_t)chunk * t->k;
+    size_t first = (size_t)chunk * t->chunk_elements;
     const uint8_t *sums = datagram + HEADER_BYTES;
-    if (t->scaled)
+    if (t->per_word > 1) {
+        size_t n = t->length - first < t->chunk_elements ? t->length - first : t->chunk_elements;
+        dequantize_lanes_into((float *)t->out.buf + first, sums, n,
+                              scale_of(t, t->global_exp[chunk]), t);
+    } else if (t->scaled)
         dequantize_into((float *)t->out.buf + first, sums, count,
                         scale_of(t, t->global_exp[chunk]));
     else
@@ -735,9 +774,9 @@ static int element_kind(const Py_buffer *view) {
 
 static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"job_id", "rank", "world_size", "slot_count", "k", "session",
-                             "precision_bits", "format", "flat", "out", "rounds", "min_rto",
+                             "precision_bits", "lane_bits", "format", "flat", "out", "rounds", "min_rto",
                              "max_rto", "srtt", "rttvar", "min_rtt", NULL};
-    unsigned int job_id, rank, world_size, slot_count, k, bits, format;
+    unsigned int job_id, rank, world_size, slot_count, k, bits, lane_bits, format;
     unsigned long long session;
     PyObject *flat, *out, *rounds, *srtt, *min_rtt;
     double min_rto, max_rto, rttvar;
@@ -745,12 +784,14 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_RuntimeError, "a transfer is initialized once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIIIIKIIOOOddOdO", kwlist, &job_id, &rank,
-                                     &world_size, &slot_count, &k, &session, &bits, &format, &flat,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIIIIKIIIOOOddOdO", kwlist, &job_id, &rank,
+                                     &world_size, &slot_count, &k, &session, &bits, &lane_bits,
+                                     &format, &flat,
                                      &out, &rounds, &min_rto, &max_rto, &srtt, &rttvar, &min_rtt))
         return -1;
     if (job_id > 0xFFFF || rank > 0xFF || world_size == 0 || world_size > 32 || slot_count == 0 ||
         slot_count > (1u << 15) || k == 0 || k > 4096 || bits < 1 || bits > 32 || format > 0xFF ||
+        (lane_bits != 32 && lane_bits != 16 && lane_bits != 8) ||
         !(min_rto > 0) || !(max_rto >= min_rto)) {
         PyErr_SetString(PyExc_ValueError, "transfer parameters out of range");
         return -1;
@@ -759,6 +800,10 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
         PyObject_GetBuffer(out, &self->out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
         return -1;
     int kind = element_kind(&self->flat);
+    if (kind == 'i' && lane_bits != 32) {
+        PyErr_SetString(PyExc_TypeError, "int32 tensors are summed exactly, in 32-bit lanes only");
+        return -1;
+    }
     if (kind == 0 || element_kind(&self->out) != kind || self->out.len != self->flat.len ||
         self->flat.len / 4 > UINT32_MAX) {
         PyErr_SetString(PyExc_TypeError,
@@ -790,10 +835,16 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     self->datagram = HEADER_BYTES + k * ELEMENT_BYTES;
     self->session = session;
     self->format = (uint8_t)format;
-    self->peak_level = (double)(((1ull << (bits - 1)) - 1) / world_size);
+    self->lane_bits = lane_bits;
+    self->per_word = 32 / lane_bits;
+    self->chunk_elements = k * self->per_word;
+    self->peak_level = lane_bits == 32 ? (double)(((1ull << (bits - 1)) - 1) / world_size)
+                                       : (double)(((1ull << lane_bits) - 1) / (2 * world_size));
+    self->lane_bias = (int64_t)world_size * (int64_t)self->peak_level;
     self->scaled = kind == 'f';
     self->length = (uint32_t)(self->flat.len / 4);
-    self->chunks = (uint32_t)(((uint64_t)self->length + k - 1) / k);
+    self->chunks =
+        (uint32_t)(((uint64_t)self->length + self->chunk_elements - 1) / self->chunk_elements);
     self->slots = self->chunks < slot_count ? self->chunks : slot_count;
     self->min_rto = min_rto;
     self->max_rto = max_rto;
@@ -822,7 +873,8 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
         const float *x = self->flat.buf;
         Py_BEGIN_ALLOW_THREADS
         for (uint32_t c = 0; c < self->chunks; c++) {
-            size_t first = (size_t)c * k, n = self->length - first < k ? self->length - first : k;
+            size_t e = self->chunk_elements, first = (size_t)c * e;
+            size_t n = self->length - first < e ? self->length - first : e;
             self->local_exp[c] = block_exponent(x + first, n);
         }
         Py_END_ALLOW_THREADS

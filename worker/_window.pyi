@@ -31,6 +31,7 @@ class Transfer:
         k: int,
         session: int,
         precision_bits: int,
+        lane_bits: int,
         format: int,
         flat: np.ndarray,
         out: np.ndarray,

@@ -65,6 +65,7 @@ class CompiledTransfer:
             job.k,
             job.session,
             job.precision_bits,
+            job.lane_bits,
             format,
             flat,
             self.out,

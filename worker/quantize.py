@@ -23,6 +23,16 @@ and the final rounding to float32). A sum beyond float32's range becomes
 and e = 0 the first term is about 1.9e-9. Exponents travel as one byte,
 ``e + EXPONENT_BIAS``, with 0 meaning "no data" so that max over workers
 ignores empty blocks.
+
+Narrow lanes (``lane_bits`` L = 16 or 8; wire.encode_lanes lays them out):
+a 32-bit word carries 32 / L elements, and the switch still adds words.
+Each rank's level is then ``m = floor((2**L - 1) / (2n))`` and a level
+``q`` in [-m, m] travels biased, as ``q + m`` in [0, 2m]; n of them sum to
+at most ``2nm <= 2**L - 1``, so no lane carries into the next, and the
+rank subtracts ``n * m`` from each lane's sum. The grid is the lane's
+(``precision_bits`` stays 32), and the bound above holds with this ``m``:
+about ``n**2 * 2**e / 2**L`` per element, e.g. for e = 0 and n = 4,
+2.4e-4 with 16-bit lanes and 6.3e-2 with 8-bit ones (m = 3 for n = 32).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import math
 
 import numpy as np
 
+from switchreduce import wire
 from switchreduce.wire import EXPONENT_BIAS, EXPONENT_MIN, EXPONENT_NONE
 from switchreduce.worker.errors import NonFiniteError
 
@@ -68,20 +79,39 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"precision must be {MIN_BITS}..{MAX_BITS} bits, got {bits}")
 
 
-def peak_level(world_size: int, bits: int = MAX_BITS) -> int:
-    """``m``: the largest level one worker may contribute, so that n of them fit ``bits``."""
+def peak_level(world_size: int, bits: int = MAX_BITS, lane_bits: int = MAX_BITS) -> int:
+    """``m``: the largest level one worker may contribute, so that n of them fit ``bits``
+    (signed, 32-bit lanes) or, biased by ``m``, a lane of ``lane_bits`` (16 or 8)."""
     check_bits(bits)
+    if wire.check_lanes(lane_bits) != MAX_BITS:
+        return (2**lane_bits - 1) // (2 * world_size)
     return (2 ** (bits - 1) - 1) // world_size
 
 
-def scales(exponents: np.ndarray, world_size: int, bits: int = MAX_BITS) -> np.ndarray:
+def scales(
+    exponents: np.ndarray, world_size: int, bits: int = MAX_BITS, lane_bits: int = MAX_BITS
+) -> np.ndarray:
     """Scale factor per block for the agreed exponent bytes (any for all-zero blocks)."""
     e = np.asarray(exponents, dtype=np.int32) - EXPONENT_BIAS
-    return np.ldexp(float(peak_level(world_size, bits)), -e)
+    return np.ldexp(float(peak_level(world_size, bits, lane_bits)), -e)
+
+
+def to_lanes(levels: np.ndarray, world_size: int, lane_bits: int) -> np.ndarray:
+    """One rank's levels (in [-m, m]) biased into unsigned lanes (in [0, 2m])."""
+    return (levels + peak_level(world_size, lane_bits=lane_bits)).astype(np.uint32)
+
+
+def from_lanes(sums: np.ndarray, world_size: int, lane_bits: int) -> np.ndarray:
+    """The signed sum of levels from the lanes' sums: each lane minus n * m (int64)."""
+    return sums.astype(np.int64) - world_size * peak_level(world_size, lane_bits=lane_bits)
 
 
 def quantize_block(
-    block: np.ndarray, exponent: int, world_size: int, bits: int = MAX_BITS
+    block: np.ndarray,
+    exponent: int,
+    world_size: int,
+    bits: int = MAX_BITS,
+    lane_bits: int = MAX_BITS,
 ) -> np.ndarray:
     """int32 fixed point of one block for its agreed exponent byte.
 
@@ -89,33 +119,47 @@ def quantize_block(
     exact in float64), so this equals the matching row of :func:`quantize`
     bit for bit; the worker quantizes each block as its exponent arrives.
     """
-    scale = math.ldexp(float(peak_level(world_size, bits)), EXPONENT_BIAS - int(exponent))
+    level = peak_level(world_size, bits, lane_bits)
+    scale = math.ldexp(float(level), EXPONENT_BIAS - int(exponent))
     scaled = np.multiply(block, scale, dtype=np.float64)
     return np.rint(scaled, out=scaled).astype(np.int32)
 
 
 def quantize(
-    blocks: np.ndarray, exponents: np.ndarray, world_size: int, bits: int = MAX_BITS
+    blocks: np.ndarray,
+    exponents: np.ndarray,
+    world_size: int,
+    bits: int = MAX_BITS,
+    lane_bits: int = MAX_BITS,
 ) -> np.ndarray:
     """int32 fixed point of ``blocks`` (shape (B, K)) for agreed exponent bytes (shape (B,))."""
-    scaled = blocks.astype(np.float64) * scales(exponents, world_size, bits)[:, None]
+    scaled = blocks.astype(np.float64) * scales(exponents, world_size, bits, lane_bits)[:, None]
     return np.rint(scaled).astype(np.int32)
 
 
 def dequantize(
-    sums: np.ndarray, exponents: np.ndarray, world_size: int, bits: int = MAX_BITS
+    sums: np.ndarray,
+    exponents: np.ndarray,
+    world_size: int,
+    bits: int = MAX_BITS,
+    lane_bits: int = MAX_BITS,
 ) -> np.ndarray:
     """float32 value of integer block sums (shape (B, K)) for their exponent bytes."""
-    values = sums.astype(np.float64) / scales(exponents, world_size, bits)[:, None]
+    values = sums.astype(np.float64) / scales(exponents, world_size, bits, lane_bits)[:, None]
     with np.errstate(over="ignore"):  # beyond float32's range is +-inf, as in float32 sums
         return values.astype(np.float32)
 
 
 def error_bound(
-    exponents: np.ndarray, world_size: int, result: np.ndarray, bits: int = MAX_BITS
+    exponents: np.ndarray,
+    world_size: int,
+    result: np.ndarray,
+    bits: int = MAX_BITS,
+    lane_bits: int = MAX_BITS,
 ) -> np.ndarray:
     """The documented per-element bound on |dequantized sum - exact sum| (finite results)."""
-    quant = world_size * ROUNDING_UNITS / scales(exponents, world_size, bits)[:, None]
+    scale = scales(exponents, world_size, bits, lane_bits)[:, None]
+    quant = world_size * ROUNDING_UNITS / scale
     with np.errstate(over="ignore"):
         ulp = np.spacing(np.abs(result).astype(np.float32)).astype(np.float64)
     return quant + ulp / 2

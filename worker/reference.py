@@ -32,28 +32,40 @@ class Check:
     within_bound: bool  # every element within worker.quantize's documented bound
 
 
-def reference_sum(inputs: list[np.ndarray], k: int, bits: int = q.MAX_BITS) -> np.ndarray:
-    """What the switch must return: the integer sum, or the dequantized fixed-point sum."""
+def reference_sum(
+    inputs: list[np.ndarray], k: int, bits: int = q.MAX_BITS, lane_bits: int = q.MAX_BITS
+) -> np.ndarray:
+    """What the switch must return: the integer sum, or the dequantized fixed-point sum
+    (``k``: elements per packet, which narrow lanes multiply)."""
     if inputs[0].dtype == np.int32:
         return np.stack(inputs).sum(axis=0, dtype=np.int64).astype(np.int32)
     n = len(inputs)
     blocks = [_blocks(x, k) for x in inputs]
     exps = np.max([q.block_exponents(b) for b in blocks], axis=0)
-    total = np.stack([q.quantize(b, exps, n, bits) for b in blocks]).sum(axis=0, dtype=np.int64)
-    assert np.abs(total).max(initial=0) <= q.INT32_MAX, "quantizer overflowed int32"
-    return q.dequantize(total.astype(np.int32), exps, n, bits).reshape(-1)[: inputs[0].size]
+    levels = [q.quantize(b, exps, n, bits, lane_bits) for b in blocks]
+    total = np.stack(levels).sum(axis=0, dtype=np.int64)
+    peak = q.INT32_MAX if lane_bits == q.MAX_BITS else n * q.peak_level(n, lane_bits=lane_bits)
+    assert np.abs(total).max(initial=0) <= peak, "quantizer overflowed its lanes"
+    return q.dequantize(total, exps, n, bits, lane_bits).reshape(-1)[: inputs[0].size]
 
 
-def check(result: np.ndarray, inputs: list[np.ndarray], k: int, bits: int = q.MAX_BITS) -> Check:
+def check(
+    result: np.ndarray,
+    inputs: list[np.ndarray],
+    k: int,
+    bits: int = q.MAX_BITS,
+    lane_bits: int = q.MAX_BITS,
+) -> Check:
     exact_sum = np.sum([x.astype(np.float64) for x in inputs], axis=0)
     error = np.abs(result.astype(np.float64) - exact_sum)  # inf where float32 overflowed
-    expected = reference_sum(inputs, k, bits)
+    expected = reference_sum(inputs, k, bits, lane_bits)
     if result.dtype == np.int32:
         bound = np.zeros_like(error)
     else:
         n = len(inputs)
         exps = np.max([q.block_exponents(_blocks(x, k)) for x in inputs], axis=0)
-        bound = q.error_bound(exps, n, _blocks(result, k), bits).reshape(-1)[: result.size]
+        bound = q.error_bound(exps, n, _blocks(result, k), bits, lane_bits)
+        bound = bound.reshape(-1)[: result.size]
     return Check(
         exact=bool(np.array_equal(result, expected)),
         max_abs_error=float(error.max(initial=0.0)),

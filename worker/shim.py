@@ -45,6 +45,9 @@ class WorkerOptions:
     k: int = wire.DEFAULT_K
     #: Fixed-point precision of float tensors (worker.quantize); every rank must agree.
     precision_bits: int = q.MAX_BITS
+    #: Bits per float element on the wire (32, 16 or 8: worker.quantize); every rank must agree.
+    #: Narrow lanes set the grid themselves, so they leave precision_bits at 32.
+    lane_bits: int = q.MAX_BITS
     #: Seconds without any new result (or JOIN answer) after which SwitchTimeoutError is raised.
     timeout: float = 10.0
     #: Bounds of the adaptive retransmission timeout, in seconds.
@@ -64,6 +67,12 @@ class WorkerOptions:
         check_engine(self.engine)
         wire.check_k(self.k)
         q.check_bits(self.precision_bits)
+        wire.check_lanes(self.lane_bits)
+        if self.lane_bits != q.MAX_BITS and self.precision_bits != q.MAX_BITS:
+            raise ValueError(
+                f"{self.lane_bits}-bit lanes set the grid themselves; precision_bits must stay "
+                f"{q.MAX_BITS}, got {self.precision_bits}"
+            )
         if not 0 < self.min_rto <= self.max_rto:
             raise ValueError(f"need 0 < min_rto <= max_rto, got {self.min_rto}, {self.max_rto}")
         if self.timeout <= 0:
@@ -236,6 +245,11 @@ class SwitchCommunicator:
         flat = array.reshape(-1)
         if flat.size == 0:
             return array.copy()
+        if array.dtype == np.int32 and self.options.lane_bits != q.MAX_BITS:
+            raise TypeError(
+                f"int32 tensors are summed exactly, in 32-bit lanes only; this communicator "
+                f"sends {self.options.lane_bits}-bit lanes"
+            )
         bits = self.options.precision_bits if array.dtype == np.float32 else q.MAX_BITS
         while True:
             b = self.binding
@@ -247,10 +261,10 @@ class SwitchCommunicator:
                 self.options.k,
                 self.session,
                 self.options.precision_bits,
+                self.options.lane_bits,
             )
-            xfer = self._transfer(
-                job, flat, wire.encode_format(dtype_name, bits), self._rounds, self._rtt, self.stats
-            )
+            format = wire.encode_format(dtype_name, bits, self.options.lane_bits)
+            xfer = self._transfer(job, flat, format, self._rounds, self._rtt, self.stats)
             try:
                 self._run(xfer)
                 break

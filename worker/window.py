@@ -114,6 +114,13 @@ class Job:
     k: int
     session: int
     precision_bits: int = q.MAX_BITS
+    #: Bits per element on the wire (wire.LANE_BITS); 16 and 8 carry float tensors only.
+    lane_bits: int = q.MAX_BITS
+
+    @property
+    def chunk_elements(self) -> int:
+        """Elements one packet carries: K words of 32 / lane_bits lanes."""
+        return self.k * wire.lanes_per_word(self.lane_bits)
 
 
 @dataclass
@@ -159,9 +166,11 @@ class Transfer:
     _next_timer: int = 0  # unique across all uses and resends of the transfer
 
     def __post_init__(self) -> None:
-        k = self.job.k
+        k = self.job.chunk_elements
         self.chunks = -(-self.flat.size // k)
         self.scaled = self.flat.dtype == np.float32
+        if not self.scaled and self.job.lane_bits != q.MAX_BITS:
+            raise TypeError("int32 tensors are summed exactly, in 32-bit lanes only")
         self.out = np.empty_like(self.flat)
         self._local_exp = np.zeros(self.chunks, dtype=np.uint8)
         self._global_exp = np.zeros(self.chunks, dtype=np.uint8)
@@ -170,8 +179,8 @@ class Transfer:
             self._local_exp[:full] = q.block_exponents(self.flat[: full * k].reshape(full, k))
             if self.chunks > full:
                 self._local_exp[full:] = q.block_exponents(self.flat[full * k :].reshape(1, -1))
-        self._zero_payload = bytes(k * wire.ELEMENT_BYTES)
-        self._datagram_bytes = wire.datagram_bytes(k)
+        self._zero_payload = bytes(self.job.k * wire.ELEMENT_BYTES)
+        self._datagram_bytes = wire.datagram_bytes(self.job.k)
 
     @property
     def done(self) -> bool:
@@ -256,7 +265,7 @@ class Transfer:
 
     def _send(self, slot: int, chunk: int, now: float) -> bytes:
         """Start the next use of ``slot``: its packet carries ``chunk`` (or primes it)."""
-        job, k = self.job, self.job.k
+        job, k = self.job, self.job.chunk_elements
         round_ = self.rounds[slot] = (self.rounds[slot] + 1) & 0xFFFF
         if chunk == PRIME:
             exponent, count, payload = self._local_exp[slot], 0, self._zero_payload
@@ -268,10 +277,18 @@ class Transfer:
             count = values.size
             if self.scaled:
                 values = q.quantize_block(
-                    values, self._global_exp[chunk], job.world_size, job.precision_bits
+                    values,
+                    self._global_exp[chunk],
+                    job.world_size,
+                    job.precision_bits,
+                    job.lane_bits,
                 )
-            payload = values.astype(wire.ELEMENT_DTYPE).tobytes()
-            if count < k:
+            if job.lane_bits != q.MAX_BITS:
+                lanes = q.to_lanes(values, job.world_size, job.lane_bits)
+                payload = wire.encode_lanes(lanes, job.lane_bits, job.k)
+                count = -(-count // wire.lanes_per_word(job.lane_bits))  # words: the switch's K
+            else:
+                payload = values.astype(wire.ELEMENT_DTYPE).tobytes()
                 payload += self._zero_payload[count * wire.ELEMENT_BYTES :]
             wire_chunk = chunk
         header = wire.Header(
@@ -329,14 +346,19 @@ class Transfer:
         heapq.heappush(self._timers, (now + self.rtt.rto(use.retries), slot, use.timer))
 
     def _store(self, chunk: int, count: int, datagram: bytes | bytearray | memoryview) -> None:
-        """Write a result's sums into the output."""
-        sums = wire.decode_elements(datagram, self.job.k)[:count]
-        lo = chunk * self.job.k
+        """Write a result's sums into the output (``count`` words)."""
+        job = self.job
+        lo = chunk * job.chunk_elements
+        if job.lane_bits != q.MAX_BITS:
+            count = min(job.chunk_elements, self.flat.size - lo)
+            lanes = wire.decode_lanes(datagram, job.lane_bits, job.k)[:count]
+            sums = q.from_lanes(lanes, job.world_size, job.lane_bits)
+        else:
+            sums = wire.decode_elements(datagram, job.k)[:count]
         if self.scaled:
             exponent = self._global_exp[chunk : chunk + 1]
-            job = self.job
             self.out[lo : lo + count] = q.dequantize(
-                sums[None, :], exponent, job.world_size, job.precision_bits
+                sums[None, :], exponent, job.world_size, job.precision_bits, job.lane_bits
             )[0]
         else:
             self.out[lo : lo + count] = sums
