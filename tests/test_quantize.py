@@ -86,3 +86,30 @@ def test_non_finite_values_raise_with_their_index(bad: float) -> None:
     values[42] = bad
     with pytest.raises(NonFiniteError, match="index 42"):
         q.check_finite(values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(worker_blocks(), st.sampled_from([16, 8]))
+def test_narrow_lanes_never_carry_and_stay_within_their_bound(
+    inputs: list[np.ndarray], lane_bits: int
+) -> None:
+    """Biased levels of n ranks sum within one lane, and the lanes' sum meets the bound."""
+    n = len(inputs)
+    exps = np.max([q.block_exponents(b) for b in inputs], axis=0)
+    levels = [q.quantize(b, exps, n, lane_bits=lane_bits) for b in inputs]
+    lanes = np.sum([q.to_lanes(x, n, lane_bits).astype(np.int64) for x in levels], axis=0)
+    assert lanes.min() >= 0 and lanes.max() <= 2**lane_bits - 1
+    result = q.dequantize(q.from_lanes(lanes, n, lane_bits), exps, n, lane_bits=lane_bits)
+    exact = np.sum([b.astype(np.float64) for b in inputs], axis=0)
+    bound = q.error_bound(exps, n, result, lane_bits=lane_bits)
+    finite = np.isfinite(result)
+    error = np.abs(result[finite].astype(np.float64) - exact[finite])
+    assert (error <= bound[finite]).all()
+
+
+@pytest.mark.parametrize("lane_bits", [16, 8])
+@pytest.mark.parametrize("n", range(1, 33))
+def test_lane_level_is_documented_and_leaves_no_room_for_a_carry(lane_bits: int, n: int) -> None:
+    m = q.peak_level(n, lane_bits=lane_bits)
+    assert m == (2**lane_bits - 1) // (2 * n) and m >= 3
+    assert 2 * n * m <= 2**lane_bits - 1 < 2 * n * (m + 1)

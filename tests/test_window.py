@@ -28,6 +28,7 @@ from switchreduce.emulation.softswitch.static import install_static_job
 from switchreduce.p4runtime.jobs import Job as JobEntry
 from switchreduce.p4runtime.jobs import Member
 from switchreduce.worker import _window
+from switchreduce.worker import quantize as q
 from switchreduce.worker.engine import CompiledTransfer
 from switchreduce.worker.errors import MismatchError
 from switchreduce.worker.reference import reference_sum, synthetic_tensor
@@ -122,13 +123,18 @@ class Network:
         heapq.heappush(self._events, (at, self._seq, target, packet))
 
     def allreduce(
-        self, inputs: list[np.ndarray], session: int = SESSION, bits: int = 32, lanes: int = 32
+        self,
+        inputs: list[np.ndarray],
+        session: int = SESSION,
+        bits: int = 32,
+        lanes: int | list[int] = 32,
     ) -> list[np.ndarray]:
-        """Every rank sums its input through the switch; each rank's result (int32 tensors
-        travel in 32-bit lanes whatever ``lanes`` says)."""
+        """Every rank sums its input through the switch; each rank's result. ``lanes``: every
+        rank's lane width, or each one's (int32 tensors travel in 32-bit lanes)."""
         self.transfers = transfers = []
         for r, x in enumerate(inputs):
-            lane_bits = lanes if x.dtype == np.float32 else 32
+            rank_lanes = lanes if isinstance(lanes, int) else lanes[r]
+            lane_bits = rank_lanes if x.dtype == np.float32 else 32
             bits_used = bits if x.dtype == np.float32 else 32
             transfers.append(
                 self.window(
@@ -540,3 +546,31 @@ def test_the_compiled_window_lays_out_packets_as_wire_does() -> None:
         elements[:count] = flat[chunk * K : chunk * K + count]
         assert packet == wire.encode(header, elements)
     assert rounds == [0x8000, 0, 1, 4, 9]  # wrapped at 16 bits; slot 4 unused (4 chunks)
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("lanes", [16, 8])
+def test_narrow_lanes_sum_exactly_at_their_extremes_for_up_to_32_ranks(window, lanes) -> None:
+    """Every rank at +m, at -m, or half and half: lanes hold 2nm, 0 or nm, and no lane carries
+    into its neighbour in the switch's 32-bit add (the result is exactly +-n, or 0)."""
+    below_one = np.nextafter(np.float32(1.0), np.float32(0.0))  # levels m, as 2**0 bounds it
+    elements = 2 * K * 32 // lanes + 5
+    for n in range(1, 33):
+        m = q.peak_level(n, lane_bits=lanes)
+        for signs in ([1] * n, [-1] * n, [(-1) ** r for r in range(n)]):
+            net = Network(n, 2, seed=n, window=window)
+            inputs = [np.full(elements, below_one * s, np.float32) for s in signs]
+            for result in net.allreduce(inputs, lanes=lanes):
+                assert np.array_equal(result, np.full(elements, float(sum(signs)), np.float32))
+            data = [p for p in net.sent[0] if wire.unpack_header(p).count]
+            lane_values = wire.decode_lanes(data[0], lanes, K)
+            assert set(lane_values.tolist()) == {m + signs[0] * m}
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_ranks_on_other_lane_widths_raise_mismatch_naming_them(window) -> None:
+    net = Network(2, 2, seed=1, window=window)
+    ones = [np.ones(4 * K, np.float32)] * 2
+    lanes = r"float32 in (16|8)-bit lanes\[256\]"
+    with pytest.raises(MismatchError, match=f"rank [01] sums {lanes}, this rank {lanes}"):
+        net.allreduce(ones, lanes=[16, 8])

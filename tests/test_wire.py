@@ -95,3 +95,39 @@ def test_scapy_decodes_a_captured_packet(tmp_path) -> None:
         if name != "reserved":
             assert getattr(agg, name) == getattr(header, name), name
     assert agg.elements == elements.tolist()
+
+
+def test_every_32_bit_format_byte_is_unchanged_and_lanes_have_their_own() -> None:
+    """Old bytes keep their meaning; a lane width makes another byte, named by describe_format."""
+    for code, dtype in enumerate(wire.FORMAT_DTYPES):
+        for bits in range(1, 33):
+            assert wire.encode_format(dtype, bits) == code << 5 | (bits - 1)
+    narrow = {
+        wire.encode_format(dtype, 32, lanes): (dtype, lanes)
+        for dtype in wire.FORMAT_DTYPES[1:]
+        for lanes in (16, 8)
+    }
+    assert len(narrow) == 6 and not set(narrow) & {
+        wire.encode_format(d, b) for d in wire.FORMAT_DTYPES for b in range(1, 33)
+    }
+    for byte, (dtype, lanes) in narrow.items():
+        assert wire.describe_format(byte) == f"{dtype} in {lanes}-bit lanes"
+    assert wire.describe_format(wire.encode_format("float32", 12)) == "float32 at 12 bits"
+    with pytest.raises(ValueError, match="int32"):
+        wire.encode_format("int32", 32, 8)
+    with pytest.raises(ValueError, match="lane width"):
+        wire.encode_format("float32", 32, 4)
+
+
+@pytest.mark.parametrize("lane_bits", [16, 8])
+def test_lanes_fill_each_word_least_significant_first(lane_bits: int) -> None:
+    per_word = 32 // lane_bits
+    lanes = np.arange(1, 3 * per_word, dtype=np.uint32)  # the last word is one lane short
+    payload = wire.encode_lanes(lanes, lane_bits, 4)
+    words = np.frombuffer(payload, dtype=">u4")
+    assert words[0] == sum(int(v) << (i * lane_bits) for i, v in enumerate(lanes[:per_word]))
+    assert words[3] == 0
+    header = wire.Header(wire.MsgType.DATA, 0, 0, 0, 0, 0, 0, 0, 3).pack()
+    decoded = wire.decode_lanes(header + payload, lane_bits, 4)
+    assert decoded[: lanes.size].tolist() == lanes.tolist()
+    assert not decoded[lanes.size :].any()

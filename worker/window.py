@@ -374,7 +374,7 @@ def refusal_message(job: Job, format: int, length: int, hdr: wire.Header) -> str
     return (
         f"job {job.job_id} rank {job.rank}: the switch refused the allreduce: ranks disagree "
         f"on what they sum ({other}, this rank {mine}); every rank must pass the same "
-        f"dtype, length and precision"
+        f"dtype, length, precision and lane width"
     )
 
 
