@@ -796,13 +796,12 @@ def p4_program(k: int, scratch: Path) -> CompiledProgram:
     return compile_program(scratch, k)
 
 
-def bmv2(options: SwitchBenchOptions) -> dict[str, Any]:
-    """BMv2 on veth pairs, as Mininet's switch node runs it, the job admitted over P4Runtime
-    by the controller's own code."""
+def bmv2(options: SwitchBenchOptions, program: CompiledProgram) -> dict[str, Any]:
+    """BMv2 running ``program`` on veth pairs, as Mininet's switch node runs it, the job
+    admitted over P4Runtime by the controller's own code."""
     n, k, slots = options.workers, options.k, options.slot_count("bmv2")
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="switchbench-")))
-        program = p4_program(k, scratch)
         ns, inside, ports = stack.enter_context(_links(n, k))
         address, log = f"unix:{scratch / 'p4runtime.sock'}", scratch / "bmv2.log"
         switch = stack.enter_context(
@@ -838,10 +837,13 @@ class Target:
     def label(self) -> str:
         return " ".join(part for part in (self.switch, self.engine, self.mode) if part)
 
-    def measure(self, options: SwitchBenchOptions) -> dict[str, Any]:
-        """One run: what drive measured, and where."""
+    def measure(
+        self, options: SwitchBenchOptions, program: CompiledProgram | None
+    ) -> dict[str, Any]:
+        """One run: what drive measured, and where. BMv2 runs ``program``."""
         if self.engine is None:
-            measured = bmv2(options)
+            assert program is not None
+            measured = bmv2(options, program)
         elif self.mode == "raw":
             measured = soft_raw(options, self.engine)
         else:
@@ -856,7 +858,14 @@ def run_switch_bench(options: SwitchBenchOptions) -> int:
     # a SIGTERM unwinds like Ctrl-C: the switches stop, the namespaces and links go
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        runs = [target.measure(options) for _ in range(options.repeat) for target in targets]
+        with tempfile.TemporaryDirectory(prefix="switchbench-") as scratch:
+            uses_bmv2 = any(target.switch == "bmv2" for target in targets)
+            program = p4_program(options.k, Path(scratch)) if uses_bmv2 else None
+            runs = [
+                target.measure(options, program)
+                for _ in range(options.repeat)
+                for target in targets
+            ]
     finally:
         signal.signal(signal.SIGTERM, previous)
     summary = summarize(options, runs)
