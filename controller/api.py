@@ -4,12 +4,15 @@ GET    /v1/switch
     {"data_plane": "host:port", "k", "switch": "available" | "unavailable"}: where workers
     send. A worker connects its socket there first, so that it registers the source
     address its packets will carry (a socket bound to 0.0.0.0 has none until then).
-POST   /v1/jobs/{job_id}/workers   {"rank", "world_size", "ip", "udp_port", "k"[, "mac", "port"]}
+POST   /v1/jobs/{job_id}/workers   {"rank", "world_size", "ip", "udp_port", "k"[, "lane_bits",
+    "mac", "port"]}
     Every field is checked before anything is held: 400 {"error", "field"} names the
     first bad one. Waits until all ranks of the job have registered, admits the job once
     with a fresh session, then answers every rank: {"job_id", "rank", "world_size",
-    "slot_count", "k", "switch": "host:port", "session", "lease"}. 409 for a rank already
-    taken, a world size that disagrees or a job already running; 503 when the switch has
+    "slot_count", "k", "lane_bits", "switch": "host:port", "session", "lease"}.
+    ``lane_bits`` (32, 16 or 8; 32 if not given) is the job's width of a float element on
+    the wire (worker.quantize): the first rank sets it. 409 for a rank already taken, a
+    world size or lane width that disagrees or a job already running; 503 when the switch has
     no room now (slots, jobs) or is unavailable; 504 if the others do not come in time
     (the registration is then withdrawn); 502 if the switch refuses the writes. Whatever
     the failure, nothing of the job stays, on the switch or here.
@@ -72,7 +75,7 @@ _JOB = re.compile(r"^/v1/jobs/(\d+)$")
 
 #: A registration is a few hundred bytes; anything much larger is not one.
 _MAX_BODY = 64 * 1024
-_REGISTRATION_FIELDS = ("rank", "world_size", "ip", "udp_port", "k", "mac", "port")
+_REGISTRATION_FIELDS = ("rank", "world_size", "ip", "udp_port", "k", "lane_bits", "mac", "port")
 
 
 class BadRequest(ControllerError):
@@ -148,6 +151,7 @@ class Registration:
     world_size: int
     member: Member
     k: int
+    lane_bits: int = 32
 
 
 def parse_registration(job_text: str, body: dict, k: int, max_job_id: int) -> Registration:
@@ -169,14 +173,18 @@ def parse_registration(job_text: str, body: dict, k: int, max_job_id: int) -> Re
     asked = _integer(body, "k", 1, wire.MAX_LENGTH)
     if asked != k:
         raise BadRequest("k", f"the switch runs K={k}, the worker asked for K={asked}")
-    return Registration(job_id, world_size, Member(rank, ip, udp_port, mac, port), k)
+    lane_bits = _integer(body, "lane_bits", 0, 0xFF, default=32)
+    if lane_bits not in wire.LANE_BITS:
+        raise BadRequest("lane_bits", f"must be one of {wire.LANE_BITS}, got {lane_bits}")
+    return Registration(job_id, world_size, Member(rank, ip, udp_port, mac, port), k, lane_bits)
 
 
 class _Pending:
     """Registrations of a job not yet admitted."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, lane_bits: int) -> None:
         self.world_size = world_size
+        self.lane_bits = lane_bits
         self.members: dict[int, Member] = {}
         self.done = threading.Event()
         self.job: Job | None = None
@@ -251,10 +259,15 @@ class Registry:
             pending = self._pending.get(reg.job_id)
             if pending is None:
                 jobs.check_capacity(self.slot_count)  # now, not once every rank has waited
-                pending = _Pending(reg.world_size)
+                pending = _Pending(reg.world_size, reg.lane_bits)
             elif pending.world_size != reg.world_size:
                 raise Conflict(
                     f"job {reg.job_id} has world size {pending.world_size}, not {reg.world_size}"
+                )
+            elif pending.lane_bits != reg.lane_bits:
+                raise Conflict(
+                    f"job {reg.job_id} sends {pending.lane_bits}-bit lanes, not "
+                    f"{reg.lane_bits}-bit: every rank of a job must use the same lane width"
                 )
             if member.rank in pending.members:
                 raise Conflict(f"rank {member.rank} of job {reg.job_id} is already registered")
@@ -276,6 +289,7 @@ class Registry:
             "world_size": job.world_size,
             "slot_count": job.slot_count,
             "k": self.k,
+            "lane_bits": pending.lane_bits,
             "switch": self.data_plane,
             "session": job.session,
             "lease": self.lease,

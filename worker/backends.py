@@ -44,6 +44,8 @@ class GroupOptions:
     controller: str | None = None
     bind: tuple[str, int] = ("0.0.0.0", 0)
     precision_bits: int = q.MAX_BITS
+    #: Bits per float element on the wire (32, 16 or 8); a controller admits the job's.
+    lane_bits: int = q.MAX_BITS
     min_rto: float = DEFAULT_MIN_RTO
     #: The switch backend's window: compiled, or python (worker/engine.py).
     engine: EngineName = "compiled"
@@ -138,12 +140,14 @@ class SwitchBackend(Backend):
                     slots=o.slots,
                     controller=o.controller,
                     timeout=o.timeout * 6,
+                    lane_bits=o.lane_bits,
                 )
             )
             worker_options = WorkerOptions(
                 k=o.k,
                 timeout=o.timeout,
                 precision_bits=o.precision_bits,
+                lane_bits=o.lane_bits,
                 min_rto=o.min_rto,
                 engine=o.engine,
             )

@@ -153,11 +153,12 @@ def join(
     slots: int | None = None,
     controller: str | None = None,
     timeout: float = 60.0,
+    lane_bits: int = 32,
 ) -> Membership:
-    """This rank's membership: from the controller, or for a job installed statically at
-    ``switch`` with ``slots`` slots."""
+    """This rank's membership: from the controller (which admits the job's ``lane_bits``),
+    or for a job installed statically at ``switch`` with ``slots`` slots."""
     if controller is not None:
-        return register(controller, job_id, rank, world_size, sock, k, timeout)
+        return register(controller, job_id, rank, world_size, sock, k, timeout, lane_bits)
     if switch is None or slots is None:
         raise WorkerError("give the switch's HOST:PORT and slot count, or a controller URL")
     return Membership(JobBinding(job_id, rank, world_size, slots, switch))
@@ -171,8 +172,10 @@ def register(
     sock: socket.socket,
     k: int,
     timeout: float = 60.0,
+    lane_bits: int = 32,
 ) -> Membership:
-    """Register this rank's address for ``job_id``; returns once every rank has registered."""
+    """Register this rank's address for ``job_id``; returns once every rank has registered.
+    The first rank's ``lane_bits`` is the job's; a rank that asks for another is refused."""
     what = f"rank {rank} of job {job_id}"
     try:
         info = _call(controller, "GET", "/v1/switch", timeout=timeout)
@@ -183,7 +186,14 @@ def register(
             controller,
             "POST",
             f"/v1/jobs/{job_id}/workers",
-            {"rank": rank, "world_size": world_size, "ip": ip, "udp_port": udp_port, "k": k},
+            {
+                "rank": rank,
+                "world_size": world_size,
+                "ip": ip,
+                "udp_port": udp_port,
+                "k": k,
+                "lane_bits": lane_bits,
+            },
             timeout=timeout,
         )
     except RegistrationError as exc:
@@ -193,6 +203,12 @@ def register(
         raise RegistrationError(f"{what}: cannot reach the switch's data plane: {exc}") from None
     host, _, port = answer["switch"].rpartition(":")
     binding = JobBinding(
-        job_id, rank, world_size, answer["slot_count"], (host, int(port)), session=answer["session"]
+        job_id,
+        rank,
+        world_size,
+        answer["slot_count"],
+        (host, int(port)),
+        session=answer["session"],
+        lane_bits=answer["lane_bits"],
     )
     return Membership(binding, controller, answer["lease"])

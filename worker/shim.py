@@ -25,7 +25,12 @@ import numpy as np
 from switchreduce import wire
 from switchreduce.worker import quantize as q
 from switchreduce.worker.engine import CompiledTransfer, EngineName, SocketLoop, check_engine
-from switchreduce.worker.errors import SessionEndedError, SwitchTimeoutError, WorkerError
+from switchreduce.worker.errors import (
+    MismatchError,
+    SessionEndedError,
+    SwitchTimeoutError,
+    WorkerError,
+)
 from switchreduce.worker.ordered import OrderedExecutor
 from switchreduce.worker.window import (
     DEFAULT_MIN_RTO,
@@ -91,6 +96,9 @@ class JobBinding:
     #: The session the controller admitted the job with; None for a job installed on the
     #: switch's command line, whose ranks ask the switch for one (JOIN) when they start.
     session: int | None = None
+    #: The lane width the controller admitted the job with (its ranks' options must match);
+    #: None for a static job, whose ranks only the switch's check of each round compares.
+    lane_bits: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.world_size <= wire.MAX_WORKERS:
@@ -133,6 +141,12 @@ class SwitchCommunicator:
     ) -> None:
         self.binding = binding
         self.options = options or WorkerOptions()
+        if binding.lane_bits not in (None, self.options.lane_bits):
+            raise MismatchError(
+                f"job {binding.job_id} rank {binding.rank}: the job was admitted with "
+                f"{binding.lane_bits}-bit lanes, this rank was started with "
+                f"{self.options.lane_bits}-bit lanes; every rank must use the job's lane width"
+            )
         self.stats = WorkerStats()
         self.sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
