@@ -17,6 +17,7 @@ import torch
 
 from switchreduce import wire
 from switchreduce.emulation.softswitch.faults import FaultSpec
+from switchreduce.worker import quantize as q
 from switchreduce.worker.engine import ENGINES
 from switchreduce.worker.errors import NonFiniteError
 from switchreduce.worker.reference import check, reference_sum, synthetic_tensor
@@ -97,6 +98,31 @@ def test_narrow_lanes_sum_exactly_on_their_grid_in_fewer_bytes(
     packets_of = -(-length // per_packet)  # plus one priming packet per slot; no resends
     assert sent[lanes] == (packets_of + 8) * (wire.HEADER_BYTES + K * 4)
     assert sent[lanes] <= {16: 0.55, 8: 0.3}[lanes] * sent[32]
+
+
+@pytest.mark.parametrize("lanes", [32, 8])
+def test_stochastic_rounding_sums_exactly_what_each_ranks_noise_gives(
+    job_factory, lanes: int, engine: str
+) -> None:
+    """Each rank rounds with its own noise (quantize.call_key of the seed, its rank and the
+    call), so the result is known bit for bit, differs from rounding to nearest, and stays
+    within the stochastic bound; a second call draws other noise."""
+    world_size, seed = 3, 99
+    options = WorkerOptions(
+        k=K, timeout=20.0, lane_bits=lanes, rounding="stochastic", rounding_seed=seed,
+        engine=engine,
+    )  # fmt: skip
+    per_packet = K * 32 // lanes
+    with job_factory(world_size, k=K, options=options) as job:
+        for call in (1, 2):
+            inputs = [synthetic_tensor(call, r, 30_000, "float32") for r in range(world_size)]
+            results = job.allreduce(inputs)
+            keys = [q.call_key(seed, r, call) for r in range(world_size)]
+            nearest = reference_sum(inputs, per_packet, lane_bits=lanes)
+            for result in results:
+                verdict = check(result, inputs, per_packet, lane_bits=lanes, noise_keys=keys)
+                assert verdict.exact and verdict.within_bound, verdict
+                assert not np.array_equal(result, nearest)
 
 
 def test_int32_tensors_are_refused_with_narrow_lanes(job_factory) -> None:

@@ -113,3 +113,51 @@ def test_lane_level_is_documented_and_leaves_no_room_for_a_carry(lane_bits: int,
     m = q.peak_level(n, lane_bits=lane_bits)
     assert m == (2**lane_bits - 1) // (2 * n) and m >= 3
     assert 2 * n * m <= 2**lane_bits - 1 < 2 * n * (m + 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(worker_blocks(), st.sampled_from([32, 16, 8]), st.integers(0, 2**64 - 1))
+def test_stochastic_rounding_stays_in_range_and_within_its_bound(
+    inputs: list[np.ndarray], lane_bits: int, seed: int
+) -> None:
+    n = len(inputs)
+    exps = np.max([q.block_exponents(b) for b in inputs], axis=0)
+    noise = [q.uniforms(q.call_key(seed, r, 1), 0, b.size).reshape(b.shape) for r, b in
+             enumerate(inputs)]  # fmt: skip
+    levels = [q.quantize(b, exps, n, lane_bits=lane_bits, noise=u) for b, u in
+              zip(inputs, noise, strict=True)]  # fmt: skip
+    m = q.peak_level(n, lane_bits=lane_bits)
+    assert all(np.abs(x).max() <= m for x in levels)
+    total = np.sum([x.astype(np.int64) for x in levels], axis=0)
+    result = q.dequantize(total, exps, n, lane_bits=lane_bits)
+    exact = np.sum([b.astype(np.float64) for b in inputs], axis=0)
+    bound = q.error_bound(exps, n, result, lane_bits=lane_bits, stochastic=True)
+    finite = np.isfinite(result)
+    assert (np.abs(result[finite].astype(np.float64) - exact[finite]) <= bound[finite]).all()
+
+
+def test_stochastic_rounding_is_unbiased_where_rounding_to_nearest_is_not() -> None:
+    """A level of 0.3 rounds to 0 every time to nearest, and to 1 in about 30% of calls
+    stochastically (4,000 calls: the mean is within 5 standard errors of 0.3)."""
+    m = q.peak_level(1, lane_bits=8)
+    block = np.full((1, K), np.float32(0.3 / m), dtype=np.float32)  # levels 0.3: e = 0
+    block[0, 0] = np.nextafter(np.float32(1.0), np.float32(0.0))
+    exps = q.block_exponents(block)
+    scaled = float(np.float64(block[0, 1]) * m)
+    calls = [
+        q.quantize(block, exps, 1, lane_bits=8, noise=q.uniforms(q.call_key(3, 0, c), 0, K)[None])
+        for c in range(4000)
+    ]
+    ones = np.array([x[0, 1:] for x in calls], dtype=np.float64)
+    assert set(np.unique(ones)) == {0.0, 1.0}
+    spread = np.sqrt(scaled * (1 - scaled) / ones.size)
+    assert abs(ones.mean() - scaled) < 5 * spread
+    assert not q.quantize(block, exps, 1, lane_bits=8)[0, 1:].any()  # to nearest: always 0
+
+
+def test_uniforms_are_splitmix64_of_key_plus_index() -> None:
+    """The generator the compiled engine mirrors, pinned to splitmix64's reference value."""
+    assert q.splitmix64(0) == 0xE220A8397B1DCDAF  # the first output of splitmix64 seeded 0
+    key = q.call_key(1, 2, 3)
+    expected = [(q.splitmix64((key + i) % 2**64) >> 11) * 2.0**-53 for i in range(10, 14)]
+    assert q.uniforms(key, 10, 4).tolist() == expected

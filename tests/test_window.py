@@ -69,6 +69,7 @@ class Network:
     #: The window every rank runs.
     window: type[Transfer] | type[CompiledTransfer] = Transfer
     now: float = 0.0
+    calls: int = 0
     switch: SoftSwitch = field(init=False)
     rounds: list[list[int]] = field(init=False)
     rtts: list[RoundTrip] = field(init=False)
@@ -128,17 +129,31 @@ class Network:
         session: int = SESSION,
         bits: int = 32,
         lanes: int | list[int] = 32,
+        noise_seed: int | None = None,
     ) -> list[np.ndarray]:
         """Every rank sums its input through the switch; each rank's result. ``lanes``: every
-        rank's lane width, or each one's (int32 tensors travel in 32-bit lanes)."""
+        rank's lane width, or each one's (int32 tensors travel in 32-bit lanes);
+        ``noise_seed``: round stochastically, with the keys :meth:`noise_keys` gives."""
+        self.calls += 1
         self.transfers = transfers = []
+        keys = self.noise_keys(noise_seed)
         for r, x in enumerate(inputs):
             rank_lanes = lanes if isinstance(lanes, int) else lanes[r]
             lane_bits = rank_lanes if x.dtype == np.float32 else 32
             bits_used = bits if x.dtype == np.float32 else 32
             transfers.append(
                 self.window(
-                    Job(1, r, self.world_size, self.slots, K, session, bits, lane_bits),
+                    Job(
+                        1,
+                        r,
+                        self.world_size,
+                        self.slots,
+                        K,
+                        session,
+                        bits,
+                        lane_bits,
+                        keys[r] if x.dtype == np.float32 else None,
+                    ),
                     x.reshape(-1),
                     wire.encode_format(x.dtype.name, bits_used, lane_bits),
                     self.rounds[r],
@@ -159,6 +174,12 @@ class Network:
             for rank, transfer in enumerate(transfers):
                 self._send(rank, transfer.expire(self.now))
         return [t.out.reshape(x.shape) for t, x in zip(transfers, inputs, strict=True)]
+
+    def noise_keys(self, noise_seed: int | None) -> list[int | None]:
+        """Each rank's stochastic rounding key for the current call (None: to nearest)."""
+        if noise_seed is None:
+            return [None] * self.world_size
+        return [q.call_key(noise_seed, r, self.calls) for r in range(self.world_size)]
 
     def _send(self, rank: int, packets: list[bytes]) -> None:
         self.sent[rank].extend(packets)
@@ -235,16 +256,20 @@ class Network:
     reorder=st.sampled_from([0.0, 0.3]),
     dtype=st.sampled_from(["float32", "int32"]),
     lanes=st.sampled_from(wire.LANE_BITS),
+    stochastic=st.booleans(),
 )
 def test_every_rank_gets_the_exact_sum_through_loss_duplication_and_reordering(
-    seed, world_size, slots, elements, loss, duplicate, reorder, dtype, lanes
+    seed, world_size, slots, elements, loss, duplicate, reorder, dtype, lanes, stochastic
 ) -> None:
     net = Network(world_size, slots, seed, loss, duplicate, reorder)
     lanes = lanes if dtype == "float32" else 32
+    noise_seed = seed if stochastic and dtype == "float32" else None
     for call in range(2):  # rounds continue across calls
         inputs = [synthetic_tensor(seed + call, r, elements, dtype) for r in range(world_size)]
-        expected = reference_sum(inputs, K * 32 // lanes, lane_bits=lanes)
-        for result in net.allreduce(inputs, lanes=lanes):
+        results = net.allreduce(inputs, lanes=lanes, noise_seed=noise_seed)
+        keys = None if noise_seed is None else net.noise_keys(noise_seed)
+        expected = reference_sum(inputs, K * 32 // lanes, lane_bits=lanes, noise_keys=keys)
+        for result in results:
             assert np.array_equal(result, expected)
     if loss == 0 and duplicate == 0 and reorder == 0:
         assert sum(s.retransmissions for s in net.stats) == 0
@@ -369,6 +394,7 @@ class Call:
     session: int = SESSION
     bits: int = 32
     lanes: int = 32
+    noise_seed: int | None = None
     #: Before the call: a new switch holding the job with ``session`` (the ranks keep their
     #: rounds), or that and the ranks' rounds back to 0 as after a JOIN.
     restart: str | None = None
@@ -384,7 +410,9 @@ def observe(net: Network, calls: list[Call]) -> list[Any]:
                 for rounds in net.rounds:
                     rounds[:] = [0] * len(rounds)
         try:
-            results = net.allreduce(list(call.inputs), call.session, call.bits, call.lanes)
+            results = net.allreduce(
+                list(call.inputs), call.session, call.bits, call.lanes, call.noise_seed
+            )
             seen.append([(r.dtype.str, r.shape, r.tobytes()) for r in results])
         except (StaleSession, MismatchError) as exc:
             seen.append((type(exc).__name__, str(exc)))
@@ -410,10 +438,19 @@ def assert_windows_agree(calls: list[Call], **network: Any) -> list[Any]:
 
 
 def calls_of(
-    seed: int, world_size: int, elements: list[int], dtypes: list[str], lanes: int = 32
+    seed: int,
+    world_size: int,
+    elements: list[int],
+    dtypes: list[str],
+    lanes: int = 32,
+    noise_seed: int | None = None,
 ) -> list[Call]:
     return [
-        Call(tuple(synthetic_tensor(seed + i, r, n, dtype) for r in range(world_size)), lanes=lanes)
+        Call(
+            tuple(synthetic_tensor(seed + i, r, n, dtype) for r in range(world_size)),
+            lanes=lanes,
+            noise_seed=noise_seed,
+        )
         for i, (n, dtype) in enumerate(zip(elements, dtypes, strict=True))
     ]
 
@@ -431,11 +468,23 @@ def calls_of(
     hostile=st.sampled_from([0.0, 0.05]),
     restart=st.sampled_from([None, "switch", "join"]),
     lanes=st.sampled_from(wire.LANE_BITS),
+    noise_seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
 )
 def test_the_compiled_window_sends_and_sums_what_the_python_window_does(
-    seed, world_size, slots, elements, dtypes, loss, duplicate, reorder, hostile, restart, lanes
+    seed,
+    world_size,
+    slots,
+    elements,
+    dtypes,
+    loss,
+    duplicate,
+    reorder,
+    hostile,
+    restart,
+    lanes,
+    noise_seed,
 ) -> None:
-    calls = calls_of(seed, world_size, elements, dtypes[: len(elements)], lanes)
+    calls = calls_of(seed, world_size, elements, dtypes[: len(elements)], lanes, noise_seed)
     if len(calls) > 1:  # the switch restarts before the last call, with or without a new run
         session = SESSION + 1 if restart == "join" else SESSION
         calls[-1] = dataclasses.replace(calls[-1], restart=restart, session=session)
@@ -509,14 +558,19 @@ def edge_values(seed: int, n: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5, 32])
-@pytest.mark.parametrize(("bits", "lanes"), [(32, 32), (24, 32), (9, 32), (32, 16), (32, 8)])
-def test_the_windows_quantize_alike_at_the_edges(world_size, bits, lanes) -> None:
+@pytest.mark.parametrize(
+    ("bits", "lanes", "noise_seed"),
+    [(32, 32, None), (24, 32, None), (9, 32, None), (32, 16, None), (32, 8, None), (32, 32, 7),
+     (9, 32, 8), (32, 16, 9), (32, 8, 2**64 - 1)],
+)  # fmt: skip
+def test_the_windows_quantize_alike_at_the_edges(world_size, bits, lanes, noise_seed) -> None:
     elements = (9 * K + 3) * 32 // lanes
     calls = [
         Call(
             tuple(edge_values(seed * 7 + r, elements) for r in range(world_size)),
             bits=bits,
             lanes=lanes,
+            noise_seed=noise_seed,
         )
         for seed in range(2)
     ]

@@ -115,6 +115,8 @@ struct Transfer {
     uint64_t session;
     double peak_level; /* quantize.peak_level: m */
     int64_t lane_bias; /* n * m, subtracted from each narrow lane's sum (quantize.from_lanes) */
+    int stochastic;     /* Job.noise_key is set: round stochastically (quantize.uniforms) */
+    uint64_t noise_key;
     /* the tensor */
     Py_buffer flat, out;
     int scaled; /* float32: quantized per block; int32: sent as is */
@@ -185,6 +187,23 @@ static inline double scale_of(const Transfer *t, uint8_t exponent) {
     return ldexp(t->peak_level, EXPONENT_BIAS - (int)exponent);
 }
 
+/* quantize.uniforms of one element: splitmix64(key + index), its top 53 bits times 2**-53. */
+static inline double uniform(uint64_t key, uint64_t index) {
+    uint64_t z = key + index + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * 0x1p-53;
+}
+
+/* quantize.quantize_block of element ``index`` of the call: rint(x * scale), or with stochastic
+ * rounding floor(x * scale + u). Anything out of range is INT32_MIN, as numpy's cast makes it. */
+static inline int32_t level_of(const Transfer *t, float x, double scale, uint64_t index) {
+    double scaled = (double)x * scale;
+    if (t->stochastic) scaled = floor(scaled + uniform(t->noise_key, index));
+    return _mm_cvtsd_si32(_mm_set_sd(scaled));
+}
+
 /* Four int32 between host (little-endian) and wire (big-endian) order, with SSE2 alone. */
 static inline __m128i swap4(__m128i v) {
     v = _mm_or_si128(_mm_slli_epi16(v, 8), _mm_srli_epi16(v, 8)); /* the bytes of each half */
@@ -232,13 +251,14 @@ static void dequantize_into(float *dst, const uint8_t *sums, size_t n, double sc
  * least significant lane first, into big-endian words (the last word's unused lanes zero).
  * Returns the words written. */
 static size_t quantize_lanes_into(uint8_t *dst, const float *x, size_t n, double scale,
-                                  const Transfer *t) {
+                                  const Transfer *t, uint64_t first) {
     const uint32_t bias = (uint32_t)t->peak_level;
     size_t words = (n + t->per_word - 1) / t->per_word;
     for (size_t w = 0; w < words; w++) {
         uint32_t word = 0;
         for (uint32_t i = 0; i < t->per_word && w * t->per_word + i < n; i++) {
-            int32_t level = _mm_cvtsd_si32(_mm_set_sd((double)x[w * t->per_word + i] * scale));
+            size_t e = w * t->per_word + i;
+            int32_t level = level_of(t, x[e], scale, first + e);
             word |= ((uint32_t)level + bias) << (i * t->lane_bits);
         }
         wr32(dst + w * ELEMENT_BYTES, word);
@@ -445,7 +465,12 @@ static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
         count = t->length - first < k ? t->length - first : k;
         if (t->per_word > 1)
             count = quantize_lanes_into(payload, (const float *)t->flat.buf + first, count,
-                                        scale_of(t, t->global_exp[chunk]), t);
+                                        scale_of(t, t->global_exp[chunk]), t, first);
+        else if (t->scaled && t->stochastic)
+            for (size_t i = 0; i < count; i++)
+                wr32(payload + i * ELEMENT_BYTES,
+                     (uint32_t)level_of(t, ((const float *)t->flat.buf)[first + i],
+                                        scale_of(t, t->global_exp[chunk]), first + i));
         else if (t->scaled)
             quantize_into(payload, (const float *)t->flat.buf + first, count,
                           scale_of(t, t->global_exp[chunk]));
@@ -774,19 +799,19 @@ static int element_kind(const Py_buffer *view) {
 
 static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"job_id", "rank", "world_size", "slot_count", "k", "session",
-                             "precision_bits", "lane_bits", "format", "flat", "out", "rounds", "min_rto",
+                             "precision_bits", "lane_bits", "noise_key", "format", "flat", "out", "rounds", "min_rto",
                              "max_rto", "srtt", "rttvar", "min_rtt", NULL};
     unsigned int job_id, rank, world_size, slot_count, k, bits, lane_bits, format;
     unsigned long long session;
-    PyObject *flat, *out, *rounds, *srtt, *min_rtt;
+    PyObject *flat, *out, *rounds, *srtt, *min_rtt, *noise_key;
     double min_rto, max_rto, rttvar;
     if (self->uses != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "a transfer is initialized once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIIIIKIIIOOOddOdO", kwlist, &job_id, &rank,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIIIIKIIOIOOOddOdO", kwlist, &job_id, &rank,
                                      &world_size, &slot_count, &k, &session, &bits, &lane_bits,
-                                     &format, &flat,
+                                     &noise_key, &format, &flat,
                                      &out, &rounds, &min_rto, &max_rto, &srtt, &rttvar, &min_rtt))
         return -1;
     if (job_id > 0xFFFF || rank > 0xFF || world_size == 0 || world_size > 32 || slot_count == 0 ||
@@ -841,6 +866,9 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     self->peak_level = lane_bits == 32 ? (double)(((1ull << (bits - 1)) - 1) / world_size)
                                        : (double)(((1ull << lane_bits) - 1) / (2 * world_size));
     self->lane_bias = (int64_t)world_size * (int64_t)self->peak_level;
+    self->stochastic = noise_key != Py_None;
+    self->noise_key = self->stochastic ? PyLong_AsUnsignedLongLong(noise_key) : 0;
+    if (PyErr_Occurred()) return -1;
     self->scaled = kind == 'f';
     self->length = (uint32_t)(self->flat.len / 4);
     self->chunks =

@@ -32,6 +32,7 @@ class Transfer:
         session: int,
         precision_bits: int,
         lane_bits: int,
+        noise_key: int | None,
         format: int,
         flat: np.ndarray,
         out: np.ndarray,

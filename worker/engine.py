@@ -66,6 +66,7 @@ class CompiledTransfer:
             job.session,
             job.precision_bits,
             job.lane_bits,
+            job.noise_key,
             format,
             flat,
             self.out,

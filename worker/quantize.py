@@ -33,11 +33,20 @@ rank subtracts ``n * m`` from each lane's sum. The grid is the lane's
 (``precision_bits`` stays 32), and the bound above holds with this ``m``:
 about ``n**2 * 2**e / 2**L`` per element, e.g. for e = 0 and n = 4,
 2.4e-4 with 16-bit lanes and 6.3e-2 with 8-bit ones (m = 3 for n = 32).
+
+Stochastic rounding (an option beside round-to-nearest) takes
+``q = floor(x * scale + u)`` with ``u`` in [0, 1) drawn per element, so
+``q`` is ``x * scale`` in expectation and still in [-m, m]; each worker
+then errs by less than one unit, so the bound's 1/2 becomes 1. ``u`` is
+:func:`uniforms`: splitmix64 of a per-call key plus the element's index,
+its top 53 bits over 2**53, which the compiled engine computes alike, so
+both engines send the same packets.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 
@@ -51,6 +60,36 @@ MAX_BITS = 32
 MIN_BITS = 8
 #: Per-element rounding allowance per worker, in units of 1/scale (see module docstring).
 ROUNDING_UNITS = 0.5 + 2.0**-20
+#: The same with stochastic rounding: less than one unit, and the product's error.
+STOCHASTIC_UNITS = 1.0 + 2.0**-20
+_MASK64 = (1 << 64) - 1
+#: How a float element meets the grid: round to nearest (ties to even), or stochastically.
+Rounding = Literal["nearest", "stochastic"]
+ROUNDINGS: tuple[Rounding, ...] = ("nearest", "stochastic")
+
+
+def splitmix64(value: int) -> int:
+    """Steele, Lea and Flood's splitmix64 finalizer of a 64-bit value (bijective, well mixed)."""
+    z = (value + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def call_key(seed: int, rank: int, call: int) -> int:
+    """The noise key of a rank's ``call``-th allreduce: distinct streams per rank and call."""
+    return splitmix64(splitmix64(splitmix64(seed & _MASK64) ^ rank) ^ call)
+
+
+def uniforms(key: int, first: int, count: int) -> np.ndarray:
+    """Stochastic rounding's ``u`` for elements ``first .. first + count - 1`` of a call:
+    splitmix64(key + index) (mod 2**64), its top 53 bits times 2**-53, in [0, 1)."""
+    z = np.arange(first, first + count, dtype=np.uint64) + np.uint64(key)
+    z += np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def check_finite(values: np.ndarray) -> None:
@@ -112,8 +151,10 @@ def quantize_block(
     world_size: int,
     bits: int = MAX_BITS,
     lane_bits: int = MAX_BITS,
+    noise: np.ndarray | None = None,
 ) -> np.ndarray:
-    """int32 fixed point of one block for its agreed exponent byte.
+    """int32 fixed point of one block for its agreed exponent byte (rounded stochastically
+    with ``noise``, :func:`uniforms` of its elements, else to nearest).
 
     ``x * (m / 2**e)`` is one rounding of the exact product (``m / 2**e`` is
     exact in float64), so this equals the matching row of :func:`quantize`
@@ -122,6 +163,8 @@ def quantize_block(
     level = peak_level(world_size, bits, lane_bits)
     scale = math.ldexp(float(level), EXPONENT_BIAS - int(exponent))
     scaled = np.multiply(block, scale, dtype=np.float64)
+    if noise is not None:
+        return np.floor(np.add(scaled, noise, out=scaled), out=scaled).astype(np.int32)
     return np.rint(scaled, out=scaled).astype(np.int32)
 
 
@@ -131,9 +174,13 @@ def quantize(
     world_size: int,
     bits: int = MAX_BITS,
     lane_bits: int = MAX_BITS,
+    noise: np.ndarray | None = None,
 ) -> np.ndarray:
-    """int32 fixed point of ``blocks`` (shape (B, K)) for agreed exponent bytes (shape (B,))."""
+    """int32 fixed point of ``blocks`` (shape (B, K)) for agreed exponent bytes (shape (B,)),
+    rounded stochastically with ``noise`` (shaped like ``blocks``), else to nearest."""
     scaled = blocks.astype(np.float64) * scales(exponents, world_size, bits, lane_bits)[:, None]
+    if noise is not None:
+        return np.floor(scaled + noise).astype(np.int32)
     return np.rint(scaled).astype(np.int32)
 
 
@@ -156,10 +203,11 @@ def error_bound(
     result: np.ndarray,
     bits: int = MAX_BITS,
     lane_bits: int = MAX_BITS,
+    stochastic: bool = False,
 ) -> np.ndarray:
     """The documented per-element bound on |dequantized sum - exact sum| (finite results)."""
     scale = scales(exponents, world_size, bits, lane_bits)[:, None]
-    quant = world_size * ROUNDING_UNITS / scale
+    quant = world_size * (STOCHASTIC_UNITS if stochastic else ROUNDING_UNITS) / scale
     with np.errstate(over="ignore"):
         ulp = np.spacing(np.abs(result).astype(np.float32)).astype(np.float64)
     return quant + ulp / 2

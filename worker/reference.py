@@ -33,16 +33,29 @@ class Check:
 
 
 def reference_sum(
-    inputs: list[np.ndarray], k: int, bits: int = q.MAX_BITS, lane_bits: int = q.MAX_BITS
+    inputs: list[np.ndarray],
+    k: int,
+    bits: int = q.MAX_BITS,
+    lane_bits: int = q.MAX_BITS,
+    noise_keys: list[int] | None = None,
 ) -> np.ndarray:
     """What the switch must return: the integer sum, or the dequantized fixed-point sum
-    (``k``: elements per packet, which narrow lanes multiply)."""
+    (``k``: elements per packet, which narrow lanes multiply; ``noise_keys``: each rank's
+    stochastic rounding key, or None for rounding to nearest)."""
     if inputs[0].dtype == np.int32:
         return np.stack(inputs).sum(axis=0, dtype=np.int64).astype(np.int32)
     n = len(inputs)
     blocks = [_blocks(x, k) for x in inputs]
     exps = np.max([q.block_exponents(b) for b in blocks], axis=0)
-    levels = [q.quantize(b, exps, n, bits, lane_bits) for b in blocks]
+    noise: list[np.ndarray | None] = [None] * n
+    if noise_keys is not None:
+        noise = [
+            q.uniforms(key, 0, b.size).reshape(b.shape)
+            for key, b in zip(noise_keys, blocks, strict=True)
+        ]
+    levels = [
+        q.quantize(b, exps, n, bits, lane_bits, u) for b, u in zip(blocks, noise, strict=True)
+    ]
     total = np.stack(levels).sum(axis=0, dtype=np.int64)
     peak = q.INT32_MAX if lane_bits == q.MAX_BITS else n * q.peak_level(n, lane_bits=lane_bits)
     assert np.abs(total).max(initial=0) <= peak, "quantizer overflowed its lanes"
@@ -55,16 +68,18 @@ def check(
     k: int,
     bits: int = q.MAX_BITS,
     lane_bits: int = q.MAX_BITS,
+    noise_keys: list[int] | None = None,
 ) -> Check:
     exact_sum = np.sum([x.astype(np.float64) for x in inputs], axis=0)
     error = np.abs(result.astype(np.float64) - exact_sum)  # inf where float32 overflowed
-    expected = reference_sum(inputs, k, bits, lane_bits)
+    expected = reference_sum(inputs, k, bits, lane_bits, noise_keys)
     if result.dtype == np.int32:
         bound = np.zeros_like(error)
     else:
         n = len(inputs)
         exps = np.max([q.block_exponents(_blocks(x, k)) for x in inputs], axis=0)
-        bound = q.error_bound(exps, n, _blocks(result, k), bits, lane_bits)
+        stochastic = noise_keys is not None
+        bound = q.error_bound(exps, n, _blocks(result, k), bits, lane_bits, stochastic)
         bound = bound.reshape(-1)[: result.size]
     return Check(
         exact=bool(np.array_equal(result, expected)),

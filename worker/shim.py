@@ -53,6 +53,10 @@ class WorkerOptions:
     #: Bits per float element on the wire (32, 16 or 8: worker.quantize); every rank must agree.
     #: Narrow lanes set the grid themselves, so they leave precision_bits at 32.
     lane_bits: int = q.MAX_BITS
+    #: Rounding of float elements to the grid: to nearest, or stochastically (unbiased; the
+    #: noise of a rank's n-th call is quantize.call_key(rounding_seed, rank, n)'s).
+    rounding: q.Rounding = "nearest"
+    rounding_seed: int = 0
     #: Seconds without any new result (or JOIN answer) after which SwitchTimeoutError is raised.
     timeout: float = 10.0
     #: Bounds of the adaptive retransmission timeout, in seconds.
@@ -73,6 +77,10 @@ class WorkerOptions:
         wire.check_k(self.k)
         q.check_bits(self.precision_bits)
         wire.check_lanes(self.lane_bits)
+        if self.rounding not in q.ROUNDINGS:
+            raise ValueError(
+                f"rounding must be one of {', '.join(q.ROUNDINGS)}, got {self.rounding!r}"
+            )
         if self.lane_bits != q.MAX_BITS and self.precision_bits != q.MAX_BITS:
             raise ValueError(
                 f"{self.lane_bits}-bit lanes set the grid themselves; precision_bits must stay "
@@ -167,6 +175,7 @@ class SwitchCommunicator:
             self._transfer = CompiledTransfer if compiled else Transfer
             self._buf = bytearray(wire.datagram_bytes(self.options.k) + 1)  # +1 shows oversize
             self._rounds = [0] * binding.slot_count  # last round used, per slot
+            self._calls = 0  # allreduce calls begun: stochastic rounding's stream per call
             self._rtt = RoundTrip(self.options.min_rto, self.options.max_rto)
             self._results_in_session = 0
             self._broken: WorkerError | None = None
@@ -265,6 +274,10 @@ class SwitchCommunicator:
                 f"sends {self.options.lane_bits}-bit lanes"
             )
         bits = self.options.precision_bits if array.dtype == np.float32 else q.MAX_BITS
+        self._calls += 1
+        noise_key = None
+        if self.options.rounding == "stochastic" and array.dtype == np.float32:
+            noise_key = q.call_key(self.options.rounding_seed, self.binding.rank, self._calls)
         while True:
             b = self.binding
             job = Job(
@@ -276,6 +289,7 @@ class SwitchCommunicator:
                 self.session,
                 self.options.precision_bits,
                 self.options.lane_bits,
+                noise_key,
             )
             format = wire.encode_format(dtype_name, bits, self.options.lane_bits)
             xfer = self._transfer(job, flat, format, self._rounds, self._rtt, self.stats)

@@ -116,6 +116,8 @@ class Job:
     precision_bits: int = q.MAX_BITS
     #: Bits per element on the wire (wire.LANE_BITS); 16 and 8 carry float tensors only.
     lane_bits: int = q.MAX_BITS
+    #: Stochastic rounding's key for this call (quantize.call_key); None: round to nearest.
+    noise_key: int | None = None
 
     @property
     def chunk_elements(self) -> int:
@@ -276,12 +278,16 @@ class Transfer:
             values = self.flat[chunk * k : (chunk + 1) * k]
             count = values.size
             if self.scaled:
+                noise = None
+                if job.noise_key is not None:
+                    noise = q.uniforms(job.noise_key, chunk * k, count)
                 values = q.quantize_block(
                     values,
                     self._global_exp[chunk],
                     job.world_size,
                     job.precision_bits,
                     job.lane_bits,
+                    noise,
                 )
             if job.lane_bits != q.MAX_BITS:
                 lanes = q.to_lanes(values, job.world_size, job.lane_bits)
