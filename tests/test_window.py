@@ -380,7 +380,15 @@ def state(net: Network) -> dict[str, Any]:
         "rtts": [dataclasses.asdict(r) for r in net.rtts],
         "now": net.now,
         "transfers": [
-            (t.done, t.results, t.progress_at, t.chunks, t.next_deadline(), t.missing().tolist())
+            (
+                t.done,
+                t.results,
+                t.progress_at,
+                t.chunks,
+                t.next_deadline(),
+                t.missing().tolist(),
+                t.exponents.tolist(),
+            )
             for t in net.transfers
         ],
     }

@@ -1081,6 +1081,11 @@ static PyObject *Transfer_get_chunks(Transfer *self, void *Py_UNUSED(closure)) {
     return PyLong_FromUnsignedLong(self->chunks);
 }
 
+static PyObject *Transfer_get_exponents(Transfer *self, void *Py_UNUSED(closure)) {
+    if (check_idle(self) < 0) return NULL;
+    return PyBytes_FromStringAndSize((const char *)self->global_exp, self->chunks);
+}
+
 static PyMethodDef Transfer_methods[] = {
     {"start", (PyCFunction)Transfer_start, METH_O, "The first use of every slot: packets."},
     {"receive", (PyCFunction)Transfer_receive, METH_VARARGS,
@@ -1103,6 +1108,8 @@ static PyGetSetDef Transfer_getset[] = {
     {"results", (getter)Transfer_get_results, NULL, "Results taken.", NULL},
     {"progress_at", (getter)Transfer_get_progress_at, NULL, "When the last result came.", NULL},
     {"chunks", (getter)Transfer_get_chunks, NULL, "Packets the tensor takes.", NULL},
+    {"exponents", (getter)Transfer_get_exponents, NULL, "The agreed exponent byte per chunk.",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

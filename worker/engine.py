@@ -83,6 +83,10 @@ class CompiledTransfer:
         return self._core.chunks
 
     @property
+    def exponents(self) -> np.ndarray:
+        return np.frombuffer(self._core.exponents, dtype=np.uint8)
+
+    @property
     def done(self) -> bool:
         return self._core.done
 

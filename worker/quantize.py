@@ -184,6 +184,29 @@ def quantize(
     return np.rint(scaled).astype(np.int32)
 
 
+def own_contribution(
+    flat: np.ndarray,
+    exponents: np.ndarray,
+    world_size: int,
+    chunk_elements: int,
+    bits: int = MAX_BITS,
+    lane_bits: int = MAX_BITS,
+    noise_key: int | None = None,
+) -> np.ndarray:
+    """What one rank's float32 ``flat`` added to the sum (float64): its levels, as the window
+    quantized them with the agreed exponents (one per chunk of ``chunk_elements``), over the
+    scale. Error feedback keeps ``flat`` minus this for the next call."""
+    chunks = len(exponents)
+    blocks = np.zeros((chunks, chunk_elements), dtype=np.float32)
+    blocks.reshape(-1)[: flat.size] = flat
+    noise = None
+    if noise_key is not None:
+        noise = uniforms(noise_key, 0, blocks.size).reshape(blocks.shape)
+    levels = quantize(blocks, exponents, world_size, bits, lane_bits, noise)
+    own = levels / scales(exponents, world_size, bits, lane_bits)[:, None]
+    return own.reshape(-1)[: flat.size]
+
+
 def dequantize(
     sums: np.ndarray,
     exponents: np.ndarray,

@@ -57,6 +57,10 @@ class WorkerOptions:
     #: noise of a rank's n-th call is quantize.call_key(rounding_seed, rank, n)'s).
     rounding: q.Rounding = "nearest"
     rounding_seed: int = 0
+    #: EF-SGD's error feedback: a float tensor's quantization error (what this rank meant to
+    #: add minus what it added) is added to the same call position's tensor of the next step
+    #: (SwitchCommunicator.step).
+    error_feedback: bool = False
     #: Seconds without any new result (or JOIN answer) after which SwitchTimeoutError is raised.
     timeout: float = 10.0
     #: Bounds of the adaptive retransmission timeout, in seconds.
@@ -176,6 +180,8 @@ class SwitchCommunicator:
             self._buf = bytearray(wire.datagram_bytes(self.options.k) + 1)  # +1 shows oversize
             self._rounds = [0] * binding.slot_count  # last round used, per slot
             self._calls = 0  # allreduce calls begun: stochastic rounding's stream per call
+            self._residuals: list[np.ndarray] = []  # error feedback's, by call position
+            self._position = 0  # the next call's position in the step
             self._rtt = RoundTrip(self.options.min_rto, self.options.max_rto)
             self._results_in_session = 0
             self._broken: WorkerError | None = None
@@ -202,6 +208,31 @@ class SwitchCommunicator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def step(self) -> None:
+        """End a training step for error feedback: the next call is the step's first again.
+
+        The k-th float call of a step gets the residual the k-th call of the previous step
+        left, if it has the same length (as DDP's buckets do, step after step), else none.
+        Runs after the allreduces already asked for, as they do.
+        """
+        self._ordered.run(self._restart_positions)
+
+    def _restart_positions(self) -> None:
+        self._position = 0
+
+    def _residual(self, size: int) -> np.ndarray:
+        """The residual of this call's position (zeros for a new position or length)."""
+        position = self._position
+        self._position += 1
+        if position < len(self._residuals) and self._residuals[position].size == size:
+            return self._residuals[position]
+        residual = np.zeros(size, dtype=np.float32)
+        if position < len(self._residuals):
+            self._residuals[position] = residual
+        else:
+            self._residuals.append(residual)
+        return residual
 
     def allreduce(self, tensor):
         """Sum of ``tensor`` over all ranks, same type, shape and dtype.
@@ -278,6 +309,11 @@ class SwitchCommunicator:
         noise_key = None
         if self.options.rounding == "stochastic" and array.dtype == np.float32:
             noise_key = q.call_key(self.options.rounding_seed, self.binding.rank, self._calls)
+        residual = None
+        if self.options.error_feedback and array.dtype == np.float32:
+            residual = self._residual(flat.size)
+            flat = flat + residual
+            q.check_finite(flat)
         while True:
             b = self.binding
             job = Job(
@@ -301,6 +337,17 @@ class SwitchCommunicator:
             except WorkerError as exc:
                 self._broken = exc
                 raise
+        if residual is not None:
+            own = q.own_contribution(
+                flat,
+                xfer.exponents,
+                job.world_size,
+                job.chunk_elements,
+                job.precision_bits,
+                job.lane_bits,
+                noise_key,
+            )
+            np.subtract(flat, own, out=residual, casting="same_kind")
         return xfer.out.reshape(array.shape)
 
     def _run(self, xfer: Transfer | CompiledTransfer) -> None:

@@ -257,6 +257,11 @@ class Transfer:
             heapq.heappop(self._timers)
         return None
 
+    @property
+    def exponents(self) -> np.ndarray:
+        """The exponent byte every rank agreed on, per chunk (0 until its result is in)."""
+        return self._global_exp
+
     def missing(self) -> np.ndarray:
         """Indices of the chunks whose result has not arrived."""
         done = np.ones(self.chunks, dtype=bool)
