@@ -49,6 +49,7 @@ def switch_allreduce_hook(
     comm: SwitchCommunicator, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
     """Average ``bucket`` over all ranks through the switch, overlapped with the backward pass."""
+    _mark_step(comm, bucket)
     return average(comm, bucket.buffer())
 
 
@@ -56,7 +57,14 @@ def switch_blocking_hook(
     comm: SwitchCommunicator, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
     """Average ``bucket`` over all ranks through the switch before the backward pass goes on."""
+    _mark_step(comm, bucket)
     return average_now(comm, bucket.buffer())
+
+
+def _mark_step(comm: SwitchCommunicator, bucket: dist.GradBucket) -> None:
+    """A backward pass's first bucket begins a step (error feedback's call positions)."""
+    if bucket.index() == 0:  # DDP hands its buckets over in index order
+        comm.step()
 
 
 def local_gradients_hook(
