@@ -158,7 +158,7 @@ class SwitchBenchOptions:
             raise ValueError(f"workers must be 1..{wire.MAX_WORKERS}, got {self.workers}")
         if self.slots is not None and not 1 <= self.slots <= wire.MAX_SLOTS:
             raise ValueError(f"slots must be 1..{wire.MAX_SLOTS}, got {self.slots}")
-        if self.slots is not None and self.slots > BMV2_MAX_SLOTS and "bmv2" in self.switches:
+        if self.slots is not None and self.slots > BMV2_MAX_SLOTS and self.measures_bmv2:
             raise ValueError(
                 f"BMv2 takes at most {BMV2_MAX_SLOTS} slots here: two rounds of each are "
                 f"{2 * BMV2_MAX_SLOTS} frames per port at once, and it loses what comes beyond "
@@ -172,6 +172,10 @@ class SwitchBenchOptions:
             raise ValueError("BMv2 and raw mode run on veth pairs in a namespace: that needs root")
         if "bmv2" in self.switches and not bmv2_available():
             raise ValueError(f"BMv2 needs {SIMPLE_SWITCH_GRPC} and {P4C} on PATH")
+
+    @property
+    def measures_bmv2(self) -> bool:
+        return any(target.switch == "bmv2" for target in self.targets())
 
     def targets(self) -> list[Target]:
         """Every measurement of a run, in order."""
@@ -243,9 +247,7 @@ class Traffic:
         group: int = 32,
         seed: int = 0,
     ) -> None:
-        self.workers, self.k, self.slots, self.rounds, self.session = (
-            workers, k, slots, rounds, session,
-        )  # fmt: skip
+        self.workers, self.k, self.slots, self.rounds = workers, k, slots, rounds
         self.group = min(group, slots)
         self.groups = -(-slots // self.group)
         self.batches = rounds * self.groups
@@ -289,7 +291,7 @@ class Traffic:
         packets, rounds, chunks, slots = self._views[round_index % VARIANTS][b % self.groups]
         for field in rounds:
             field[...] = (round_index + 1) & 0xFFFF
-        chunk = slots + round_index * self.slots  # mod 2**32, likewise
+        chunk = slots + round_index * self.slots  # the 32-bit field keeps it mod 2**32
         for field in chunks:
             field[...] = chunk
         return packets
@@ -866,8 +868,7 @@ def run_switch_bench(options: SwitchBenchOptions) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix="switchbench-") as scratch:
-            uses_bmv2 = any(target.switch == "bmv2" for target in targets)
-            program = p4_program(options.k, Path(scratch)) if uses_bmv2 else None
+            program = p4_program(options.k, Path(scratch)) if options.measures_bmv2 else None
             runs = [
                 target.measure(options, program)
                 for _ in range(options.repeat)
