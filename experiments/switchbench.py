@@ -864,6 +864,7 @@ def run_switch_bench(options: SwitchBenchOptions) -> int:
     """Measure every switch ``repeat`` times, interleaved; print the summary (or one JSON
     object). A run that does not get every result once and exact raises SwitchBenchError."""
     targets = options.targets()
+    load_before = os.getloadavg()
     # a SIGTERM unwinds like Ctrl-C: the switches stop, the namespaces and links go
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -877,6 +878,8 @@ def run_switch_bench(options: SwitchBenchOptions) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     summary = summarize(options, runs)
+    # the machine's 1-, 5- and 15-minute load: other work on it slows the runs down
+    summary["load_average"] = {"before": load_before, "after": os.getloadavg()}
     if options.as_json:
         print(json.dumps(summary))
     else:
@@ -934,7 +937,8 @@ def summarize(options: SwitchBenchOptions, runs: list[dict[str, Any]]) -> dict[s
 def _print_summary(s: dict[str, Any]) -> None:
     print(
         f"{s['workers']} ranks, K={s['k']}, two rounds of every slot in flight; "
-        f"medians of {s['repeat']} run(s) each"
+        f"medians of {s['repeat']} run(s) each; load average "
+        f"{s['load_average']['before'][0]:.2f} before, {s['load_average']['after'][0]:.2f} after"
     )
     print(
         f"  {'switch':18} {'slots':>5} {'contributions/s':>15} {'results/s':>10} "
