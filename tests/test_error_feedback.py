@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from switchreduce.worker import quantize as q
+from switchreduce.worker import shim
 from switchreduce.worker.engine import ENGINES
+from switchreduce.worker.errors import WorkerError
 from switchreduce.worker.reference import reference_sum, synthetic_tensor
 from switchreduce.worker.shim import WorkerOptions
 
@@ -90,3 +92,17 @@ def test_a_call_of_another_length_at_a_position_starts_without_a_residual(job_fa
         assert np.array_equal(comm.allreduce(b), plain_b)  # a's residual is not b's
         comm.step()
         assert not np.array_equal(comm.allreduce(b), plain_b)  # b's own residual is
+
+
+def test_calls_without_step_beyond_the_bound_are_refused_not_kept(job_factory, monkeypatch) -> None:
+    """A residual per call position: a caller that never ends a step is told so, rather than
+    holding a residual for every call it ever made."""
+    monkeypatch.setattr(shim, "MAX_STEP_CALLS", 3)
+    options = WorkerOptions(k=K, timeout=20.0, lane_bits=8, error_feedback=True)
+    x = synthetic_tensor(1, 0, 1_000, "float32")
+    with job_factory(1, k=K, options=options) as job:
+        comm = job.comms[0]
+        for _ in range(3):
+            comm.allreduce(x)
+        with pytest.raises(WorkerError, match="3 calls came without step"):
+            comm.allreduce(x)

@@ -137,6 +137,9 @@ class _Rejoin(Exception):
     """STALE before this session produced any result: a join raced another; join again."""
 
 
+#: Error feedback's residuals per step at most: more calls without step() is a usage error.
+MAX_STEP_CALLS = 1024
+
 #: Tensor types summed through the float32 path and returned in their own type.
 _VIA_FLOAT32 = ("bfloat16", "float16")
 
@@ -227,6 +230,12 @@ class SwitchCommunicator:
         self._position += 1
         if position < len(self._residuals) and self._residuals[position].size == size:
             return self._residuals[position]
+        if position >= MAX_STEP_CALLS:
+            raise WorkerError(
+                f"error feedback keeps a residual per call of a training step, and "
+                f"{MAX_STEP_CALLS} calls came without step(): call SwitchCommunicator.step() "
+                f"once per step (DDP's switch hooks do)"
+            )
         residual = np.zeros(size, dtype=np.float32)
         if position < len(self._residuals):
             self._residuals[position] = residual
