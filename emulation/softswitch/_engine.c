@@ -36,7 +36,9 @@
  * 3.7-4.3 at 120,000/s; a TPACKET_V2 ring 5.3-5.8 and 3.5-3.8, within the noise of a shared
  * 2-core machine; TPACKET_V3 4.2-4.4 and 3.3-3.6, since it wakes the reader once a block, but
  * so it holds frames until a block is full or its timer (1 ms at least) fires: 0.35-0.5 ms more
- * latency a frame at 40,000/s (0.05-0.1 at 120,000/s), paid at every hop of every round.
+ * latency a frame at 40,000/s (0.05-0.1 at 120,000/s), paid at every hop of every round. In
+ * Mininet (4 hosts, 1 Gbit/s, MTU 9000, K = 1024, 4 M float32) the switch spent 0.24-0.27 s of
+ * CPU an allreduce reading a V2 ring, 0.25-0.28 s with recvmmsg.
  *
  * Threads. A serving call runs with the GIL released and holds the engine's mutex while a batch
  * goes through the pipeline; every write from Python takes the same mutex, so a controller's
