@@ -32,7 +32,14 @@ from switchreduce.worker import quantize as q
 from switchreduce.worker.engine import CompiledTransfer
 from switchreduce.worker.errors import MismatchError
 from switchreduce.worker.reference import reference_sum, synthetic_tensor
-from switchreduce.worker.window import Job, RoundTrip, StaleSession, Transfer, WindowStats
+from switchreduce.worker.window import (
+    Job,
+    RoundTrip,
+    StaleSession,
+    Transfer,
+    WindowStats,
+    refusal_message,
+)
 
 #: The two windows: the specification and the compiled one.
 WINDOWS = (Transfer, CompiledTransfer)
@@ -636,3 +643,12 @@ def test_ranks_on_other_lane_widths_raise_mismatch_naming_them(window) -> None:
     lanes = r"float32 in (16|8)-bit lanes\[256\]"
     with pytest.raises(MismatchError, match=f"rank [01] sums {lanes}, this rank {lanes}"):
         net.allreduce(ones, lanes=[16, 8])
+
+
+def test_a_refusal_with_the_same_format_and_length_is_named_a_chunk_disagreement() -> None:
+    job = Job(1, 0, 2, 2, K, SESSION)
+    fmt = wire.encode_format("float32", 32)
+    hdr = wire.Header(wire.MsgType.REFUSED, 1, 1, 0, 0, 0, 3, 7, 0, fmt, 100, SESSION)
+    assert "another chunk than 7 in this round" in refusal_message(job, fmt, 100, hdr)
+    other = hdr._replace(length=101)
+    assert "rank 1 sums float32 at 32 bits[101]" in refusal_message(job, fmt, 100, other)

@@ -378,8 +378,10 @@ class Transfer:
 def refusal_message(job: Job, format: int, length: int, hdr: wire.Header) -> str:
     """What a REFUSED answer (``hdr``) to a transfer of ``length`` elements in ``format`` means."""
     mine = f"{wire.describe_format(format)}[{length}]"
-    if hdr.rank == job.rank:
-        other = "another rank sums something else"
+    if hdr.rank == job.rank:  # our own packet echoed: the row says no more
+        other = "another rank sums something else, or sends another chunk in this round"
+    elif (hdr.format, hdr.length) == (format, length):  # then the row's chunk disagreed
+        other = f"a rank sends another chunk than {hdr.chunk} in this round: rounds out of step"
     else:
         other = f"rank {hdr.rank} sums {wire.describe_format(hdr.format)}[{hdr.length}]"
     return (
