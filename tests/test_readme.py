@@ -44,20 +44,22 @@ LONG = [
     "--elements 50000",
     "switchreduce run experiments/configs/headline.toml",
     'switchreduce run "$(ls -d runs/headline-* | tail -n 1)/config.json"',
-    "for k in 256 512 1024; do for p in 0 0.01; do switchreduce bench allreduce --workers 4 "
-    "--elements 10000000 --k $k --loss $p --json; done; done",
     "switchreduce bench allreduce --topo mininet --workers 4 --bw 20 --elements 4000000 --json",
     "switchreduce bench allreduce --topo mininet --switch bmv2 --workers 4 --bw 1 --slots 4 "
     "--elements 50000 --json",
-    "for k in 1024 256; do for e in compiled python; do switchreduce bench allreduce --workers 4 "
-    "--elements 10000000 --k $k --engine $e --json; done; done",
-    "switchreduce bench allreduce --workers 4 --elements 10000000 --engine python --json",
+    "for e in compiled python; do switchreduce bench allreduce --workers 4 --elements 10000000 "
+    "--engine $e --json; done",
+    "for e in compiled python; do switchreduce bench allreduce --workers 4 --elements 10000000 "
+    "--worker-engine $e --json; done",
+    "switchreduce bench allreduce --workers 4 --elements 2000000 --loss 0.05 --worker-engine "
+    "python --json",
     "for bw in 20 100 1000; do switchreduce bench allreduce --topo mininet --workers 4 --bw $bw "
     "--elements 4000000 --json; done",
     "switchreduce bench allreduce --topo mininet --workers 4 --bw 1000 --mtu 9000 "
     "--elements 4000000 --json",
     "switchreduce bench allreduce --topo mininet --workers 4 --bw 100 --elements 4000000 "
     "--loss 0.01 --json",
+    "switchreduce bench allreduce --topo mininet --workers 4 --bw 100 --elements 4000000 --json",
 ]
 #: CI runs this one; running it from a test would run the suite inside itself.
 CI_RUNS = ["make test"]
