@@ -175,6 +175,7 @@ class SwitchBackend(Backend):
         from switchreduce.worker.ddp import average, average_now
 
         start = average if self.overlap else average_now
+        self.comm.step()  # a backward pass's buckets are a step, as the hooks mark them
         return torch.futures.wait_all([start(self.comm, bucket) for bucket in buckets])
 
     def stats(self) -> dict[str, int]:
