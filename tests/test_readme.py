@@ -60,6 +60,7 @@ LONG = [
     "switchreduce bench allreduce --topo mininet --workers 4 --bw 100 --elements 4000000 "
     "--loss 0.01 --json",
     "switchreduce bench allreduce --topo mininet --workers 4 --bw 100 --elements 4000000 --json",
+    "switchreduce bench switch --repeat 3 --json",
 ]
 #: CI runs this one; running it from a test would run the suite inside itself.
 CI_RUNS = ["make test"]
