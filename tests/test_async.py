@@ -12,7 +12,7 @@ import torch
 
 from switchreduce.worker.ddp import average
 from switchreduce.worker.errors import MismatchError, SwitchTimeoutError
-from switchreduce.worker.ordered import ClosedError
+from switchreduce.worker.ordered import ClosedError, OrderedExecutor
 from switchreduce.worker.reference import check, synthetic_tensor
 from switchreduce.worker.shim import SwitchCommunicator, WorkerOptions
 
@@ -151,3 +151,32 @@ def test_a_numpy_future_cannot_be_cancelled_once_queued(job_factory) -> None:
         future = job.comms[0].allreduce_async(np.arange(10, dtype=np.int32))
         assert not future.cancel()
         assert np.array_equal(future.result(timeout=10), np.arange(10, dtype=np.int32))
+
+
+def test_a_synchronous_call_from_the_communicators_own_thread_is_refused_not_a_deadlock() -> None:
+    """A callback runs on the executor's thread; waiting there for queued calls never ends."""
+    executor = OrderedExecutor("test")
+    started, release = threading.Event(), threading.Event()
+    inner: concurrent.futures.Future[BaseException | None] = concurrent.futures.Future()
+
+    def blocker() -> None:
+        started.set()
+        release.wait(5)
+
+    def calls_sync() -> None:
+        try:
+            executor.run(lambda: None)
+        except RuntimeError as exc:
+            inner.set_result(exc)
+        else:
+            inner.set_result(None)
+
+    executor.submit(blocker, concurrent.futures.Future())
+    executor.submit(calls_sync, concurrent.futures.Future())
+    executor.submit(
+        lambda: None, concurrent.futures.Future()
+    )  # queued behind: the sync call would wait for it
+    started.wait(5)
+    release.set()
+    assert "own thread" in str(inner.result(timeout=5))
+    executor.close()

@@ -74,6 +74,12 @@ class OrderedExecutor:
             in_place = self._pending == 0
         if in_place:
             return call()
+        if threading.current_thread() is self._thread:  # e.g. from a future's callback
+            raise RuntimeError(
+                f"{self._name}: a synchronous allreduce on the communicator's own thread (from "
+                f"a future's callback) would wait for the calls queued behind it; use "
+                f"allreduce_async there"
+            )
         future: Future[T] = Future()
         future.set_running_or_notify_cancel()
         self.submit(call, future)
