@@ -61,6 +61,8 @@ LONG = [
     "--loss 0.01 --json",
     "switchreduce bench allreduce --topo mininet --workers 4 --bw 100 --elements 4000000 --json",
     "switchreduce bench switch --repeat 3 --json",
+    "switchreduce run experiments/configs/overlap-parts.toml",
+    "switchreduce run experiments/configs/overlap.toml",
 ]
 #: CI runs this one; running it from a test would run the suite inside itself.
 CI_RUNS = ["make test"]
