@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -28,14 +29,19 @@ def _members(socks: list[socket.socket]) -> list[Member]:
     return [Member(r, "127.0.0.1", s.getsockname()[1]) for r, s in enumerate(socks)]
 
 
-def _run_jobs(socks: dict, inputs: dict, jobs: JobTable, data_address) -> tuple[list, dict]:
-    """Start every rank of every job in a thread; returns (threads, results by (job, rank))."""
+def _run_jobs(
+    socks: dict, inputs: dict, jobs: JobTable, data_address, hold: threading.Event | None = None
+) -> tuple[list, dict]:
+    """Start every rank of every job in a thread; returns (threads, results by (job, rank)).
+    With ``hold``, each job's last rank waits for it before it sends: no job can finish."""
     results: dict[tuple[int, int], np.ndarray] = {}
 
     def run(job_id: int, rank: int) -> None:
         session = jobs.jobs[job_id].session
         binding = JobBinding(job_id, rank, len(socks[job_id]), 32, data_address, session)
         comm = SwitchCommunicator(binding, WorkerOptions(k=K, timeout=20), socks[job_id][rank])
+        if hold is not None and rank == len(socks[job_id]) - 1:
+            assert hold.wait(20)
         results[job_id, rank] = comm.allreduce(inputs[job_id][rank])
 
     threads = [
@@ -228,7 +234,13 @@ def test_jobs_survive_a_controller_restart_and_a_spoofer_mid_transfer(programmab
         job_id: [synthetic_tensor(job_id, r, 400_000, "int32") for r in range(len(s))]
         for job_id, s in socks.items()
     }
-    threads, results = _run_jobs(socks, inputs, jobs, data_address)
+    hold = threading.Event()
+    threads, results = _run_jobs(socks, inputs, jobs, data_address, hold)
+    aggregated = soft.ingress.job_stats[JobStat.AGGREGATED].packets
+    deadline = time.monotonic() + 10
+    while not (aggregated[3] and aggregated[4]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert aggregated[3] and aggregated[4], "the jobs never started"
     spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     forged = wire.encode(
         wire.Header(wire.MsgType.DATA, 3, 0, 0, 1, 0, 1, 0, K), np.full(K, 10**6, dtype=np.int32)
@@ -239,7 +251,8 @@ def test_jobs_survive_a_controller_restart_and_a_spoofer_mid_transfer(programmab
         replacement = JobTable(conn)
         replacement.recover()
         assert sorted(replacement.jobs) == [3, 4]
-        assert len(results) < 7, "the jobs finished before the restart: nothing was tested"
+        assert not results  # mid-transfer: every job waits for its held rank
+    hold.set()
     for t in threads:
         t.join()
     for (job_id, _), result in results.items():
