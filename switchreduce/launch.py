@@ -152,6 +152,13 @@ class Child:
         """Everything the child has written to stdout so far (as far as it has been read)."""
         return self._out.decode(errors="replace")
 
+    @property
+    def errors(self) -> str:
+        """What the child has written to stderr so far (its log, when it has one)."""
+        if self.log is not None:
+            return self.log.read_text(errors="replace") if self.log.exists() else ""
+        return self._err.decode(errors="replace")
+
     def __enter__(self) -> Child:
         return self
 
@@ -285,11 +292,7 @@ class Child:
         self._ended()  # its last words
         code = self.proc.poll()
         status = "still running" if code is None else f"exit status {code}"
-        if self.log is not None:
-            errors = self.log.read_text(errors="replace") if self.log.exists() else ""
-        else:
-            errors = self._err.decode(errors="replace")
-        tail = errors.strip()[-2000:]
+        tail = self.errors.strip()[-2000:]
         return LaunchError(f"{self.name} {what} ({status})" + (f":\n{tail}" if tail else ""))
 
     def _take(self, pipe: IO[bytes]) -> None:

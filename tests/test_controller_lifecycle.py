@@ -376,6 +376,32 @@ def test_a_restarted_controller_recovers_the_jobs_and_their_leases(tmp_path) -> 
         sock.close()
 
 
+def test_a_rank_leaves_through_a_controller_that_was_down_when_it_left(tmp_path) -> None:
+    """A rank that finishes while its controller restarts asks again: the job ends because its
+    ranks left, not seconds later by its lease (CI once found a job held after its ranks)."""
+    switch = SwitchProcess(tmp_path).start()
+    first = ControllerProcess(switch, tmp_path, "--slots", "32", "--lease", "20").start()
+    second = ControllerProcess(switch, tmp_path, "--slots", "32", "--lease", "20")
+    second.listen, second.url = first.listen, first.url
+    try:
+        ranks = Ranks(first.url, 12, 1)
+        ranks.allreduce_exactly(seed=5)
+        first.stop(kill=True)
+        leaving = threading.Thread(target=ranks.close)
+        leaving.start()
+        time.sleep(1.0)  # the rank's first attempts find nobody listening
+        assert leaving.is_alive()
+        second.start()
+        leaving.join(timeout=15)
+        assert not leaving.is_alive()
+        assert second.jobs()["jobs"] == []
+        assert "job 12 released: its ranks left" in second.log.read_text()
+    finally:
+        second.stop()
+        first.stop()
+        switch.stop()
+
+
 @pytest.mark.parametrize("kill", [True, False], ids=["kill-9", "clean"])
 def test_a_new_int32_job_after_a_controller_restart_sums_its_own_data(tmp_path, kill) -> None:
     """Issue 8's second reproduction: release a job, restart the controller, admit a job of

@@ -19,13 +19,18 @@ import json
 import logging
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
+from http import HTTPStatus
 
 from switchreduce.worker.errors import WorkerError
 from switchreduce.worker.shim import JobBinding
 
 log = logging.getLogger(__name__)
+
+#: First pause before asking an unreachable controller again to let a rank leave.
+LEAVE_RETRY = 0.2
 
 
 class RegistrationError(WorkerError):
@@ -113,27 +118,45 @@ class Membership:
                 return
 
     def close(self) -> None:
-        """Stop renewing and tell the controller this rank is done (best effort: if the
-        controller cannot be told, the lease ends the job)."""
+        """Stop renewing and tell the controller this rank is done.
+
+        A controller that cannot be reached (restarting, or its packets lost on a
+        saturated switch) is asked again until the lease would have ended the job
+        anyway; a job the controller no longer holds has nothing left to leave (an
+        earlier attempt may have released it, its answer lost)."""
         if self._thread is None or self.controller is None:  # a static job: nothing to tell
             return
         self._stop.set()
         self._thread.join()
         self._thread = None
-        try:
-            _call(
-                self.controller,
-                "DELETE",
-                self._path(f"workers/{self.binding.rank}"),
-                {"session": self.binding.session},
-            )
-        except RegistrationError as exc:
-            log.warning(
-                "job %d rank %d: could not leave the job: %s",
-                self.binding.job_id,
-                self.binding.rank,
-                exc,
-            )
+        assert self.lease is not None  # a thread runs only for a controller's lease
+        deadline = time.monotonic() + self.lease
+        pause = LEAVE_RETRY
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                _call(
+                    self.controller,
+                    "DELETE",
+                    self._path(f"workers/{self.binding.rank}"),
+                    {"session": self.binding.session},
+                    timeout=max(0.1, min(10.0, remaining)),
+                )
+                return
+            except RegistrationError as exc:
+                if exc.status == HTTPStatus.NOT_FOUND:
+                    return
+                if exc.status is None and remaining > pause:
+                    time.sleep(pause)
+                    pause = min(2 * pause, 2.0)
+                    continue
+                log.warning(
+                    "job %d rank %d: could not leave the job (its lease will end it): %s",
+                    self.binding.job_id,
+                    self.binding.rank,
+                    exc,
+                )
+                return
 
     def __enter__(self) -> Membership:
         return self
