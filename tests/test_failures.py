@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,61 +15,33 @@ import pytest
 
 from switchreduce import wire
 from switchreduce.emulation.softswitch.process import LoopbackSwitch
-from switchreduce.launch import GO, READY, cli_command
+from switchreduce.launch import START_TIMEOUT, cli_command, release
 from switchreduce.ports import free_udp_ports
 from switchreduce.worker.reference import check, synthetic_tensor
 from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
+from tests.helpers.workers import loopback_workers
 
 K = 256
 
 
 def test_survivors_time_out_naming_missing_chunks_when_a_worker_dies() -> None:
     """Three worker processes; one is killed mid-job; the others raise TimeoutError in time."""
-    world_size, timeout = 3, 2.0
-    ports = free_udp_ports(world_size)
-    with LoopbackSwitch(ports, K, 64) as switch:
-        workers = [
-            subprocess.Popen(
-                cli_command(
-                    "worker",
-                    "--switch",
-                    switch.address,
-                    "--bind",
-                    f"127.0.0.1:{port}",
-                    "--rank",
-                    str(rank),
-                    "--world-size",
-                    str(world_size),
-                    "--k",
-                    str(K),
-                    "--elements",
-                    "30000000",
-                    "--timeout",
-                    str(timeout),
-                    "--wait-for-go",
-                ),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for rank, port in enumerate(ports)
-        ]
-        for worker in workers:  # joined, tensor built: all start together
-            assert worker.stdout is not None and worker.stdin is not None
-            assert worker.stdout.readline().strip() == READY
-        for worker in workers:
-            worker.stdin.write(f"{GO}\n")
-            worker.stdin.flush()
+    timeout = 2.0
+    ports = free_udp_ports(3)
+    options = ("--k", str(K), "--elements", "30000000", "--timeout", str(timeout))
+    with (
+        LoopbackSwitch(ports, K, 64) as switch,
+        loopback_workers(switch.address, ports, *options, wait_for_go=True) as workers,
+    ):
+        release(workers, START_TIMEOUT)  # joined, tensor built: all start together
         time.sleep(0.3)  # into the transfer (30 M elements take seconds)
-        workers[2].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
+        workers[2].kill()
         for survivor in workers[:2]:
-            _, stderr = survivor.communicate(timeout=60)
-            assert survivor.returncode != 0
+            assert survivor.finish(timeout=60) != 0, survivor.errors[-2000:]
+            stderr = survivor.errors
             assert "TimeoutError" in stderr and "chunks missing" in stderr, stderr[-2000:]
         assert time.monotonic() - killed_at < timeout + 10
-        workers[2].wait()
 
 
 def test_hostile_traffic_is_dropped_and_counted_while_a_job_stays_exact(job_factory) -> None:

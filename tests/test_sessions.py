@@ -6,9 +6,7 @@ Every case here once returned a silently wrong sum or a bare socket error
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
 import threading
 import time
 import tracemalloc
@@ -23,7 +21,7 @@ from switchreduce import wire
 from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.emulation.softswitch.static import StaticJob
 from switchreduce.emulation.softswitch.udp import UdpSwitch
-from switchreduce.launch import GO, LISTENING, READY, Child, cli_command
+from switchreduce.launch import LISTENING, START_TIMEOUT, Child, cli_command, release
 from switchreduce.p4runtime.jobs import Job, Member
 from switchreduce.ports import free_udp_ports
 from switchreduce.worker.errors import (
@@ -35,6 +33,7 @@ from switchreduce.worker.errors import (
 from switchreduce.worker.reference import check, synthetic_tensor
 from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
+from tests.helpers.workers import assert_exact, loopback_workers
 
 K = 64
 SLOTS = 4
@@ -196,19 +195,16 @@ def test_an_allreduce_allocates_at_most_three_times_its_input() -> None:
 # -- real processes ---------------------------------------------------------------
 
 
-def _worker(switch: str, port: int, rank: int, world_size: int, *extra: str) -> list[str]:
-    return cli_command(
-        "worker", "--switch", switch, "--bind", f"127.0.0.1:{port}", "--rank", str(rank),
-        "--world-size", str(world_size), "--k", "256", "--slots", "16", *extra,
-    )  # fmt: skip
+#: The static job's shape, on the switch's command line and on each worker's.
+JOB_SHAPE = ("--k", "256", "--slots", "16")
 
 
 @contextmanager
 def switch_process(ports: list[int], listen: str = "127.0.0.1:0") -> Iterator[tuple[Child, str]]:
     """``switchreduce switch`` with a static job for ``ports``; it and where it listens."""
     command = cli_command(
-        "switch", "--listen", listen, "--world-size", str(len(ports)), "--k", "256",
-        "--slots", "16", *(f"--worker={r}=127.0.0.1:{p}" for r, p in enumerate(ports)),
+        "switch", "--listen", listen, "--world-size", str(len(ports)), *JOB_SHAPE,
+        *(f"--worker={r}=127.0.0.1:{p}" for r, p in enumerate(ports)),
     )  # fmt: skip
     with Child(command, "switch") as switch:
         yield switch, switch.wait_for(LISTENING)
@@ -219,48 +215,25 @@ def test_worker_commands_rerun_against_one_switch_process_are_exact() -> None:
     ports = free_udp_ports(2)
     with switch_process(ports) as (_, address):
         for seed in ("1", "2"):
-            workers = [
-                subprocess.Popen(
-                    _worker(address, port, rank, 2, "--elements", "1000", "--seed", seed),
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                for rank, port in enumerate(ports)
-            ]
-            for worker in workers:
-                out, _ = worker.communicate(timeout=60)
-                report = json.loads(out.splitlines()[-1])
-                assert worker.returncode == 0 and report["exact"], out
+            options = (*JOB_SHAPE, "--elements", "1000", "--seed", seed)
+            with loopback_workers(address, ports, *options) as workers:
+                assert_exact(workers, timeout=60)
 
 
 def test_a_killed_switch_is_one_clear_timeout_naming_job_rank_switch_and_chunks() -> None:
     ports = free_udp_ports(2)
-    with switch_process(ports) as (switch, address):
-        workers = [
-            subprocess.Popen(
-                _worker(
-                    address, port, rank, 2, "--elements", "20000000", "--timeout", "2",
-                    "--wait-for-go",
-                ),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for rank, port in enumerate(ports)
-        ]  # fmt: skip
-        for worker in workers:  # joined, tensor built: all start together
-            assert worker.stdout is not None and worker.stdin is not None
-            assert worker.stdout.readline().strip() == READY
-        for worker in workers:
-            worker.stdin.write(f"{GO}\n")
-            worker.stdin.flush()
+    options = (*JOB_SHAPE, "--elements", "20000000", "--timeout", "2")
+    with (
+        switch_process(ports) as (switch, address),
+        loopback_workers(address, ports, *options, wait_for_go=True) as workers,
+    ):
+        release(workers, START_TIMEOUT)  # joined, tensor built: all start together
         time.sleep(0.3)  # into the transfer (20 M elements take seconds)
-        switch.kill()
         killed = time.monotonic()
+        switch.kill()
         for rank, worker in enumerate(workers):
-            _, err = worker.communicate(timeout=60)
-            assert worker.returncode != 0
+            assert worker.finish(timeout=60) != 0, worker.errors[-1500:]
+            err = worker.errors
             assert "SwitchTimeoutError" in err and "ConnectionRefused" not in err, err[-1500:]
             assert f"job 1 rank {rank}: no result from switch {address}" in err
             assert "chunks missing" in err
@@ -272,19 +245,11 @@ def test_a_switch_that_comes_up_within_the_timeout_does_not_fail_the_job() -> No
     ports = free_udp_ports(2)
     (listen_port,) = free_udp_ports(1)
     address = f"127.0.0.1:{listen_port}"
-    workers = [
-        subprocess.Popen(
-            _worker(address, port, rank, 2, "--elements", "100000", "--timeout", "10"),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for rank, port in enumerate(ports)
-    ]
-    time.sleep(1.5)
-    with switch_process(ports, listen=address):
-        for worker in workers:
-            out, _ = worker.communicate(timeout=60)
-            assert worker.returncode == 0 and json.loads(out.splitlines()[-1])["exact"], out
+    options = (*JOB_SHAPE, "--elements", "100000", "--timeout", "10")
+    with loopback_workers(address, ports, *options) as workers:
+        time.sleep(1.5)
+        with switch_process(ports, listen=address):
+            assert_exact(workers, timeout=60)
 
 
 @pytest.mark.requires_root
