@@ -9,6 +9,8 @@ import signal
 import subprocess
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,11 @@ def _results(traffic: Traffic, batches: list[int]) -> dict[int, list[bytes]]:
     return out
 
 
+def _traffic(rounds: int = 3) -> Traffic:
+    """The fast tests' load: WORKERS ranks, K elements, SLOTS slots in two groups of four."""
+    return Traffic(WORKERS, K, SLOTS, rounds=rounds, session=SESSION, group=4)
+
+
 def _received(traffic: Traffic, rank: int, datagrams: list[bytes]) -> tuple:
     """(ranks, records) as the ports hand them over."""
     records = np.frombuffer(b"".join(datagrams), traffic.dtype).copy()
@@ -66,7 +73,7 @@ def _received(traffic: Traffic, rank: int, datagrams: list[bytes]) -> tuple:
 @pytest.mark.fast
 def test_the_load_is_the_wire_format() -> None:
     """Every packet decodes with wire.py to the header the bench means, and its elements."""
-    traffic = Traffic(WORKERS, K, SLOTS, rounds=5, session=SESSION, group=4)
+    traffic = _traffic(rounds=5)
     assert traffic.groups == 2 and traffic.batches == 10
     packets = traffic.batch(7)  # round 4 of slots 4..7
     assert packets.shape == (WORKERS, 4)
@@ -85,7 +92,7 @@ def test_the_load_is_the_wire_format() -> None:
 @pytest.mark.fast
 def test_results_of_the_p4_pipeline_are_taken_and_complete_the_rounds() -> None:
     """The Python pipeline's results for the first batches, as every rank receives them."""
-    traffic = Traffic(WORKERS, K, SLOTS, rounds=3, session=SESSION, group=4)
+    traffic = _traffic()
     window = Window(traffic)
     due = window.due()
     assert due == [0, 1, 2, 3]  # two rounds of both groups of slots
@@ -111,7 +118,7 @@ def test_results_of_the_p4_pipeline_are_taken_and_complete_the_rounds() -> None:
 def test_a_wrong_result_fails_the_run(spoil, error: str) -> None:
     """Wrong sums, a wrong header field, a round not in flight (the same variant of the
     payload, four rounds on), a repeat: each is an error naming it, and nothing counts."""
-    traffic = Traffic(WORKERS, K, SLOTS, rounds=3, session=SESSION, group=4)
+    traffic = _traffic()
     window = Window(traffic)
     results = _results(traffic, window.due())
     ranks, records = _received(traffic, 0, results[0][:4])
@@ -119,6 +126,12 @@ def test_a_wrong_result_fails_the_run(spoil, error: str) -> None:
     with pytest.raises(SwitchBenchError, match=error):
         window.take(ranks, records)
     assert window.results == 0
+
+
+def _summary(options: SwitchBenchOptions, capsys: pytest.CaptureFixture[str]) -> dict:
+    """A successful bench run's JSON summary."""
+    assert switchbench.run_switch_bench(options) == 0
+    return json.loads(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("mode", ["udp", pytest.param("raw", marks=pytest.mark.requires_root)])
@@ -129,8 +142,7 @@ def test_the_soft_switch_is_measured_with_both_engines(mode: str, capsys, monkey
     options = SwitchBenchOptions(
         switches=("soft",), modes=(mode,), packets=20_000, repeat=2, as_json=True
     )
-    assert switchbench.run_switch_bench(options) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = _summary(options, capsys)
     assert summary["ratios"] == {}
     assert [run["engine"] for run in summary["runs"]] == ["compiled", "python"] * 2
     for run in summary["runs"]:
@@ -153,37 +165,46 @@ def test_the_soft_switch_is_measured_with_both_engines(mode: str, capsys, monkey
     assert not any(left_behind(child.pid) for child in children)
 
 
-def test_a_switch_that_sums_otherwise_fails_the_bench() -> None:
+@dataclass
+class LiveBench:
+    """The bench's load for two ranks, joined to a soft switch process's static job."""
+
+    traffic: Traffic
+    ports: UdpPorts
+    switch_pid: int
+
+    def drive(self, timeout: float) -> None:
+        drive(self.traffic, self.ports, self.switch_pid, timeout)
+
+
+@pytest.fixture
+def live_bench() -> Iterator[LiveBench]:
+    ports = UdpPorts(2, K)
+    try:
+        with LoopbackSwitch(ports.ports, K, SLOTS) as switch:
+            host, _, port = switch.address.rpartition(":")
+            ports.connect((host, int(port)))
+            traffic = Traffic(2, K, SLOTS, rounds=50, session=ports.join(10.0))
+            yield LiveBench(traffic, ports, switch.child.pid)
+    finally:
+        ports.close()
+
+
+def test_a_switch_that_sums_otherwise_fails_the_bench(live_bench: LiveBench) -> None:
     """A real switch, and a load whose expected sums are off by one in one slot: the run
     stops at that slot's first result, naming it."""
-    ports = UdpPorts(2, K)
-    try:
-        with LoopbackSwitch(ports.ports, K, SLOTS) as switch:
-            host, _, port = switch.address.rpartition(":")
-            ports.connect((host, int(port)))
-            traffic = Traffic(2, K, SLOTS, rounds=50, session=ports.join(10.0))
-            traffic.results["elements"][1, 3, 0] += 1  # round 2 (variant 1), slot 3
-            with pytest.raises(SwitchBenchError, match="slot 3 round 2: 1 of its 64 sums wrong"):
-                drive(traffic, ports, switch.child.pid, timeout=10.0)
-    finally:
-        ports.close()
+    live_bench.traffic.results["elements"][1, 3, 0] += 1  # round 2 (variant 1), slot 3
+    with pytest.raises(SwitchBenchError, match="slot 3 round 2: 1 of its 64 sums wrong"):
+        live_bench.drive(timeout=10.0)
 
 
-def test_a_switch_that_loses_fails_the_bench() -> None:
+def test_a_switch_that_loses_fails_the_bench(live_bench: LiveBench) -> None:
     """Contributions the switch never sees: the run fails after the timeout, counting what
     is missing."""
-    ports = UdpPorts(2, K)
-    try:
-        with LoopbackSwitch(ports.ports, K, SLOTS) as switch:
-            host, _, port = switch.address.rpartition(":")
-            ports.connect((host, int(port)))
-            traffic = Traffic(2, K, SLOTS, rounds=50, session=ports.join(10.0))
-            traffic.packets["job_id"][:, 1, 2] = 99  # rank 1's slot 2: an unknown job
-            missing = "no result for 1 s: 4 results of the 2 batches in flight missing"
-            with pytest.raises(SwitchBenchError, match=missing):
-                drive(traffic, ports, switch.child.pid, timeout=1.0)
-    finally:
-        ports.close()
+    live_bench.traffic.packets["job_id"][:, 1, 2] = 99  # rank 1's slot 2: an unknown job
+    missing = "no result for 1 s: 4 results of the 2 batches in flight missing"
+    with pytest.raises(SwitchBenchError, match=missing):
+        live_bench.drive(timeout=1.0)
 
 
 @pytest.mark.fast
@@ -213,18 +234,15 @@ def test_bmv2_is_measured_against_the_soft_switch(capsys, monkeypatch) -> None:
         packets=2_000,
         as_json=True,
     )
-    assert switchbench.run_switch_bench(options) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = _summary(options, capsys)
     soft, bmv2 = summary["runs"]
     assert bmv2["switch"] == "bmv2"
     assert bmv2["contributions"] == bmv2["results"] >= 2_000
     assert bmv2["switch_cpu_seconds"] > 0 and bmv2["switch_busy"] > 0
     ratio = summary["ratios"]["soft compiled udp / bmv2"]["packet_rate"]
     assert ratio == pytest.approx(soft["contributions_per_s"] / bmv2["contributions_per_s"], 0.01)
-    tag = f"sb{os.getpid()}"
-    assert tag not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert tag not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
     assert not any(left_behind(child.pid) for child in children)
+    assert _with_tag(f"sb{os.getpid()}") == []
 
 
 def _with_tag(tag: str) -> list[str]:
