@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import subprocess
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,8 +369,10 @@ class Emulation:
         backend: str = "switch",
         hosts: list | None = None,
         job_id: int | None = None,
+        worker_args: Sequence[str] = (),
     ) -> list[Child]:
-        """Start ``switchreduce worker`` on ``hosts`` (default: all) as ranks 0, 1, ...
+        """Start ``switchreduce worker`` on ``hosts`` (default: all) as ranks 0, 1, ...,
+        with ``worker_args`` added (e.g. ``--lane-bits 8``).
 
         They wait at a start line until ``launch.release``; ``launch.reports`` gathers what
         they found. With ``backend="gloo"`` the same tensor goes through torch.distributed's
@@ -389,6 +392,7 @@ class Emulation:
                 *("--k", str(options.k), "--slots", str(options.slot_count)),
                 *("--elements", str(elements), "--dtype", dtype, "--seed", str(seed)),
                 *("--timeout", str(timeout), "--wait-for-go"),
+                *worker_args,
             ]
             worker = Child(cmd, f"worker rank {rank} on {host.name}", stdin=True,
                            popen=functools.partial(self.popen, host))  # fmt: skip
@@ -415,11 +419,14 @@ class Emulation:
         timeout: float = 30.0,
         seed: int = 0,
         backend: str = "switch",
+        worker_args: Sequence[str] = (),
     ) -> list[dict[str, Any]]:
         """One job over all worker hosts; every rank's report. Whatever fails, no worker
         is left running."""
         with ExitStack() as stack:
-            workers = self.start_workers(elements, dtype, timeout, seed, backend)
+            workers = self.start_workers(
+                elements, dtype, timeout, seed, backend, worker_args=worker_args
+            )
             for worker in workers:
                 stack.enter_context(worker)
             release(workers, START_TIMEOUT + timeout)

@@ -31,6 +31,7 @@ from switchreduce.launch import START_TIMEOUT, Child, cli_command, release, repo
 from switchreduce.ports import free_tcp_port, free_udp_ports
 from switchreduce.worker.engine import EngineName as WorkerEngineName
 from switchreduce.worker.engine import check_engine
+from switchreduce.worker.quantize import ROUNDINGS
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class BenchOptions:
     engine: EngineName | None = None
     #: The loopback workers' window (worker/engine.py); None: their default (compiled).
     worker_engine: WorkerEngineName | None = None
+    #: How the switch's float elements travel (worker.quantize): lanes and rounding.
+    lane_bits: int = 32
+    rounding: str = "nearest"
     bw: float | None = None  # Mininet's links, Mbit/s
     mtu: int | None = None  # Mininet's links; None: 1500
     #: None: wire.DEFAULT_K on loopback, the largest that fits the links' MTU in Mininet.
@@ -69,6 +73,9 @@ class BenchOptions:
             check_engine(self.worker_engine)
         if self.topo == "mininet" and self.worker_engine is not None:
             raise ValueError("the worker engine is chosen on loopback; Mininet's run the default")
+        wire.check_lanes(self.lane_bits)
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.engine is not None and self.switch != "soft":
             raise ValueError("the engine is the soft switch's (--switch soft)")
         if self.topo == "mininet" and self.faults.loss and not nft_available():
@@ -76,6 +83,11 @@ class BenchOptions:
                 "loss in Mininet drops on the Linux bridge baseline too, with an nftables "
                 "rule, and nft is not installed (Debian package nftables)"
             )
+
+    @property
+    def quantizer_args(self) -> tuple[str, ...]:
+        """The switch's workers' options for it (``switchreduce worker``)."""
+        return ("--lane-bits", str(self.lane_bits), "--rounding", self.rounding)
 
     def topology(self) -> TopoOptions:
         """The Mininet star this bench runs on."""
@@ -124,7 +136,7 @@ def _loopback(options: BenchOptions) -> dict[str, Any]:
                         "--k", str(k), "--slots", str(slots),
                         "--elements", str(options.elements), "--dtype", options.dtype,
                         "--seed", str(options.faults.seed), "--timeout", str(options.timeout),
-                        "--wait-for-go", *worker_engine,
+                        "--wait-for-go", *worker_engine, *options.quantizer_args,
                     ),
                     f"worker rank {rank}",
                     stdin=True,
@@ -145,10 +157,13 @@ def _loopback(options: BenchOptions) -> dict[str, Any]:
         "slots": slots,
         "loss": options.faults.loss,
         "worker_engine": results[0]["engine"],  # what the workers say they ran
+        "lane_bits": options.lane_bits,
+        "rounding": options.rounding,
         "seconds": round(seconds, 4),
         "worker_cpu_seconds": round(sum(r["cpu_seconds"] for r in results), 3),
         "elements_per_s": round(options.elements / seconds),
         "packets": sum(r["packets_sent"] + r["packets_received"] for r in results),
+        "bytes_sent": sum(r["bytes_sent"] for r in results),
         "retransmissions": sum(r["retransmissions"] for r in results),
         "max_abs_error": max(r["max_abs_error"] for r in results),
         "exact": all(r["exact"] for r in results),
@@ -195,7 +210,7 @@ def _mininet(options: BenchOptions) -> dict[str, Any]:
     n, topology = options.workers, options.topology()
     run = (options.elements, options.dtype, options.timeout, options.faults.seed)
     with Emulation(topology) as emu:
-        through_switch = emu.allreduce(*run)
+        through_switch = emu.allreduce(*run, worker_args=options.quantizer_args)
         switch_gloo = emu.allreduce(*run, backend="gloo")
         bridge = emu.bridge(loss=options.faults.loss)
         bridge_gloo = emu.allreduce(*run, backend="gloo")
@@ -216,6 +231,8 @@ def _mininet(options: BenchOptions) -> dict[str, Any]:
         "bw_mbps": options.bw,
         "mtu": topology.mtu,
         "loss": options.faults.loss,
+        "lane_bits": options.lane_bits,
+        "rounding": options.rounding,
         "switch_seconds": round(switch_seconds, 4),
         # gloo's ring between the same hosts: its TCP forwarded by the switch node...
         "switch_gloo_seconds": round(switch_gloo_seconds, 4),
@@ -226,6 +243,7 @@ def _mininet(options: BenchOptions) -> dict[str, Any]:
         "ring_bound_ratio": round(n / (2 * (n - 1)), 4) if n > 1 else None,
         "elements_per_s": round(options.elements / switch_seconds),
         "retransmissions": sum(r["retransmissions"] for r in through_switch),
+        "bytes_sent": sum(r["bytes_sent"] for r in through_switch),
         "max_abs_error": max(r["max_abs_error"] for r in through_switch),
         "gloo_max_abs_error": max(r["max_abs_error"] for r in switch_gloo + bridge_gloo),
         "exact": all(r["exact"] for r in through_switch),
@@ -247,6 +265,7 @@ def _print_mininet_summary(s: dict[str, Any]) -> None:
         f"  through the {s['switch']} switch     {s['switch_seconds']:8.3f} s  "
         f"exact={s['exact']}  retransmissions {s['retransmissions']:,}"
     )
+    print(_wire_line(s, 27))
     print(f"  gloo through the switch    {s['switch_gloo_seconds']:8.3f} s")
     print(f"  gloo over a Linux bridge   {s['bridge_gloo_seconds']:8.3f} s")
     print(
@@ -277,6 +296,7 @@ def _print_summary(s: dict[str, Any]) -> None:
     )
     print(f"  time            {s['seconds']:.3f} s  ({s['elements_per_s'] / 1e6:.2f} M elements/s)")
     print(f"  packets         {s['packets']:,} sent+received by workers")
+    print(_wire_line(s, 16))
     print(f"  retransmissions {s['retransmissions']:,}")
     print(
         f"  injected loss   {faults['ingress']['dropped']:,} to switch, "
@@ -292,3 +312,11 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"({s['gloo_elements_per_s'] / 1e6:.2f} M elements/s, no loss)"
     )
     print(f"  switch / gloo   {s['ratio_gloo']:.2f}")
+
+
+def _wire_line(s: dict[str, Any], width: int) -> str:
+    """The switch's workers' bytes, and how their floats travelled."""
+    return (
+        f"  {'on the wire':<{width}}{s['bytes_sent']:,} bytes sent by workers "
+        f"({s['lane_bits']}-bit lanes, rounding to {s['rounding']})"
+    )

@@ -3,7 +3,7 @@
 One file is one question. Every section and key is checked: an unknown key
 is an error that names it, a value of the wrong type is an error that names
 its key, and nothing is silently defaulted except keys that are absent.
-A config may sweep one parameter over a list of values (``[sweep]``); the
+A config may sweep parameters over a list of values (``[sweep]``); the
 run then holds one sub-run per value and a table across them.
 
     name = "headline"
@@ -15,6 +15,12 @@ run then holds one sub-run per value and a table across them.
     [sweep]
     parameter = "switch.precision_bits"
     values = [12, 16, 32]
+
+or several parameters at once, one list of values per sub-run::
+
+    [sweep]
+    parameters = ["switch.lane_bits", "switch.error_feedback"]
+    values = [[32, false], [8, false], [8, true]]
 """
 
 from __future__ import annotations
@@ -94,6 +100,14 @@ class SwitchConfig:
     slots: int | None = None
     #: Fixed-point precision of gradients (worker.quantize): 32 is the switch's full width.
     precision_bits: int = quantize.MAX_BITS
+    #: Bits per gradient element on the wire: 32, 16 or 8 (a packet carries 1, 2 or 4
+    #: elements per 32-bit word; worker.quantize). Narrow lanes leave precision_bits at 32.
+    lane_bits: int = quantize.MAX_BITS
+    #: How gradients meet the grid: "nearest" (ties to even) or "stochastic" (unbiased).
+    rounding: str = "nearest"
+    #: Error feedback (EF-SGD): each rank adds its last step's quantization error to its
+    #: next gradient, so a coarse grid does not drift.
+    error_feedback: bool = False
     #: Workers join through the controller (Mininet) instead of a statically installed job.
     controller: bool = False
     #: Floor of the workers' adaptive retransmission timeout: how soon a loss is repaired.
@@ -115,6 +129,21 @@ class SwitchConfig:
             quantize.MIN_BITS <= self.precision_bits <= quantize.MAX_BITS,
             "switch.precision_bits",
             f"must be {quantize.MIN_BITS}..{quantize.MAX_BITS}",
+        )
+        _check(
+            self.lane_bits in wire.LANE_BITS,
+            "switch.lane_bits",
+            f"must be one of {', '.join(map(str, wire.LANE_BITS))}, got {self.lane_bits}",
+        )
+        _check(
+            self.lane_bits == quantize.MAX_BITS or self.precision_bits == quantize.MAX_BITS,
+            "switch.precision_bits",
+            f"must stay {quantize.MAX_BITS} with {self.lane_bits}-bit lanes (they set the grid)",
+        )
+        _check(
+            self.rounding in quantize.ROUNDINGS,
+            "switch.rounding",
+            f"must be one of {', '.join(quantize.ROUNDINGS)}, got {self.rounding!r}",
         )
 
     @property
@@ -172,6 +201,8 @@ class OptimizerConfig:
 
 
 MEASURES = ("training", "compute", "allreduce")
+#: The backends a run may train with beside the switch (worker.backends registers them).
+BASELINES = ("gloo", "gloo-fp16", "gloo-powersgd")
 
 
 @dataclass(frozen=True)
@@ -179,8 +210,16 @@ class TrainConfig:
     iterations: int = 300
     eval_every: int = 50
     seed: int = 0
-    #: Also train with torch.distributed's gloo allreduce, same seed, same hosts.
-    baseline: bool = True
+    #: What else trains on the same hosts with the same seed after the switch: gloo's
+    #: allreduce, and gloo with PyTorch's fp16_compress_hook or powerSGD_hook
+    #: (worker.backends); empty: the switch alone.
+    baselines: tuple[str, ...] = ("gloo",)
+    #: PowerSGD's rank (matrix_approximation_rank) and its warm-up: iterations of plain
+    #: allreduce before it compresses (start_powerSGD_iter).
+    powersgd_rank: int = 1
+    powersgd_warmup: int = 10
+    #: Test accuracy whose first reaching is reported as time to accuracy (None: not).
+    target_accuracy: float | None = None
     #: Seconds without progress after which a worker gives up.
     timeout: float = 30.0
     #: torch intra-op threads per rank. Emulated ranks share this machine's cores, and
@@ -206,16 +245,53 @@ class TrainConfig:
             "must be > 0",
         )
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        _check(
+            set(self.baselines) <= set(BASELINES),
+            "train.baselines",
+            f"must be among {', '.join(BASELINES)}, got {list(self.baselines)}",
+        )
+        _check(
+            len(set(self.baselines)) == len(self.baselines),
+            "train.baselines",
+            "lists a baseline twice",
+        )
+        _check(self.powersgd_rank >= 1, "train.powersgd_rank", "must be >= 1")
+        # PowerSGD's error feedback and warm start need one plain iteration first
+        _check(self.powersgd_warmup >= 2, "train.powersgd_warmup", "must be >= 2")
+        _check(
+            self.target_accuracy is None or 0 < self.target_accuracy <= 1,
+            "train.target_accuracy",
+            "must be in (0, 1]",
+        )
+        _check(
+            self.measure != "allreduce" or "gloo-powersgd" not in self.baselines,
+            "train.baselines",
+            "gloo-powersgd compresses inside the backward pass only: it cannot be timed "
+            "with train.measure = 'allreduce'",
+        )
         _check(self.timeout > 0, "train.timeout", "must be > 0")
         _check(self.threads >= 1, "train.threads", "must be >= 1")
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """One parameter, ``section.key``, over several values: one sub-run each."""
+    """One sub-run per value: of one ``parameter`` (``section.key``), or of several
+    ``parameters`` at once, each value then a list with one entry per parameter."""
 
     parameter: str = ""
+    parameters: tuple[str, ...] = ()
     values: tuple[object, ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.parameters or (self.parameter,)
+
+    def points(self) -> list[dict[str, object]]:
+        """Each sub-run's settings, ``section.key`` to value."""
+        if not self.parameters:
+            return [{self.parameter: value} for value in self.values]
+        rows = [typing.cast(tuple, value) for value in self.values]  # lists, checked on load
+        return [dict(zip(self.parameters, row, strict=True)) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -231,28 +307,52 @@ class ExperimentConfig:
     sweep: SweepConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.sweep is not None:
-            _check(bool(self.sweep.values), "sweep.values", "must list at least one value")
-            for value in self.sweep.values:  # every variant must itself be valid
-                self.with_value(self.sweep.parameter, value)
+        sweep = self.sweep
+        if sweep is not None:
+            _check(
+                bool(sweep.parameter) != bool(sweep.parameters),
+                "sweep",
+                "needs either parameter (one section.key) or parameters (a list of them)",
+            )
+            _check(bool(sweep.values), "sweep.values", "must list at least one value")
+            _check(
+                not sweep.parameters
+                or all(
+                    isinstance(v, list | tuple) and len(v) == len(sweep.parameters)
+                    for v in sweep.values
+                ),
+                "sweep.values",
+                f"must each list {len(sweep.parameters)} values, one per sweep.parameters",
+            )
+            for point in sweep.points():  # every variant must itself be valid
+                self.with_values(point)
 
     def with_value(self, parameter: str, value: object) -> ExperimentConfig:
         """This config with ``section.key`` set to ``value`` (validated), and no sweep."""
-        section, _, key = parameter.partition(".")
-        sections = {f.name for f in dataclasses.fields(self) if f.name != "sweep"}
-        sub = getattr(self, section, None) if section in sections else None
-        if not dataclasses.is_dataclass(sub):
-            raise ConfigError(f"sweep.parameter: {parameter!r} is not section.key")
-        raw = {**_table(self), section: {**_table(sub), key: value}}
+        return self.with_values({parameter: value})
+
+    def with_values(self, changes: dict[str, object]) -> ExperimentConfig:
+        """This config with each ``section.key`` set to its value (validated), and no sweep."""
+        raw = _table(self)
         raw.pop("sweep", None)
+        sections = {f.name for f in dataclasses.fields(self) if f.name != "sweep"}
+        for parameter, value in changes.items():
+            section, _, key = parameter.partition(".")
+            sub = raw.get(section) if section in sections else None
+            if not isinstance(sub, dict) or not key:
+                raise ConfigError(f"sweep: {parameter!r} is not section.key")
+            raw[section] = {**sub, key: value}
         return from_dict(raw)
 
-    def variants(self) -> list[tuple[str, ExperimentConfig]]:
-        """(label, config) per run: one per sweep value, or just this one."""
+    def variants(self) -> list[tuple[dict[str, str], ExperimentConfig]]:
+        """(the swept keys' values as labels, config) per run: one per sweep value, or just
+        this one ({})."""
         if self.sweep is None:
-            return [("", self)]
-        p = self.sweep.parameter
-        return [(f"{p}={_label(v)}", self.with_value(p, v)) for v in self.sweep.values]
+            return [({}, self)]
+        return [
+            ({key: label(value) for key, value in point.items()}, self.with_values(point))
+            for point in self.sweep.points()
+        ]
 
     def to_json(self) -> str:
         """The resolved config, every default filled in; ``load`` reads it back."""
@@ -339,7 +439,7 @@ def _table(obj: object) -> dict[str, object]:
     return plain
 
 
-def _label(value: object) -> str:
+def label(value: object) -> str:
     """A sweep value as a directory-name-friendly label: lists joined with '-'."""
     if isinstance(value, list | tuple):
         return "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)

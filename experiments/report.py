@@ -36,7 +36,16 @@ SUMMARY_FIELDS = (
     "total_s",
     "bytes_per_iteration",
     "retransmissions",
+    "target_accuracy",
+    "time_to_target_s",
 )
+#: How plots name the backends (worker.backends).
+LABELS = {
+    "switch": "through the switch",
+    "gloo": "gloo allreduce",
+    "gloo-fp16": "gloo + fp16_compress_hook",
+    "gloo-powersgd": "gloo + powerSGD_hook",
+}
 
 
 def show_progress(backend: str, record: dict) -> None:
@@ -76,9 +85,12 @@ def merge_metrics(out: Path, backends, workers: int) -> list[dict]:
     return merged
 
 
-def summarize(backend: str, records: list[dict], mode: str) -> dict:
+def summarize(backend: str, records: list[dict], mode: str, target: float | None = None) -> dict:
+    """One backend's row; ``time_to_target_s`` is the training time (evaluation excluded)
+    at the first evaluation that reached ``target`` accuracy (None: never, or no target)."""
     mine = [r for r in records if r["backend"] == backend]
     evaluated = [r for r in mine if "accuracy" in r]
+    reached = [r["elapsed"] for r in evaluated if target is not None and r["accuracy"] >= target]
     seconds = [r["seconds"] for r in mine]
     sent = [r["bytes_sent"] for r in mine]
     return {
@@ -92,6 +104,8 @@ def summarize(backend: str, records: list[dict], mode: str) -> dict:
         "total_s": mine[-1]["elapsed"],
         "bytes_per_iteration": None if None in sent else sum(sent) / len(sent),
         "retransmissions": sum(r["retransmissions"] for r in mine),
+        "target_accuracy": target,
+        "time_to_target_s": reached[0] if reached else None,
     }
 
 
@@ -100,31 +114,76 @@ def write_run(out: Path, records: list[dict], rows: list[dict]) -> None:
         for record in records:
             f.write(json.dumps(record) + "\n")
     _write_csv(out / "summary.csv", SUMMARY_FIELDS, rows)
-    _plot_run(out, records)
+    _plot_run(out, records, rows)
 
 
-def write_sweep(run_dir: Path, parameter: str, rows: list[dict]) -> None:
-    _write_csv(run_dir / "sweep.csv", (parameter, *SUMMARY_FIELDS), rows)
+def write_sweep(run_dir: Path, keys: tuple[str, ...], rows: list[dict]) -> None:
+    """sweep.csv, sweep.png (accuracy and time against the swept values) and tradeoff.png."""
+    _write_csv(run_dir / "sweep.csv", (*keys, *SUMMARY_FIELDS), rows)
     plt = _pyplot()
     fig, (acc, speed) = plt.subplots(1, 2, figsize=(10, 4))
-    for backend in ("switch", "gloo"):
+    xlabel = ", ".join(keys)
+    for backend in dict.fromkeys(r["backend"] for r in rows):
         mine = [r for r in rows if r["backend"] == backend]
-        if not mine:
+        labels = [_point(r, keys) for r in mine]
+        name = LABELS.get(backend, backend)
+        if set(labels) == {_point(dict.fromkeys(keys, "any"), keys)}:  # run once: a line
+            acc.axhline(mine[0]["final_accuracy"], color=_color(backend), ls="--", label=name)
+            speed.axhline(
+                mine[0]["median_iteration_s"] * 1000, color=_color(backend), ls="--", label=name
+            )
             continue
-        labels = [str(r[parameter]) for r in mine]
-        if labels == ["any"]:  # the baseline, run once: a reference line
-            acc.axhline(mine[0]["final_accuracy"], color="grey", ls="--", label="gloo")
-            speed.axhline(mine[0]["median_iteration_s"] * 1000, color="grey", ls="--", label="gloo")
-            continue
-        acc.plot(labels, [r["final_accuracy"] for r in mine], "o-", label=backend)
-        speed.plot(labels, [r["median_iteration_s"] * 1000 for r in mine], "o-", label=backend)
-    acc.set(xlabel=parameter, ylabel="final test accuracy")
-    speed.set(xlabel=parameter, ylabel="median iteration time (ms)")
+        acc.plot(labels, [r["final_accuracy"] for r in mine], "o-", label=name)
+        speed.plot(labels, [r["median_iteration_s"] * 1000 for r in mine], "o-", label=name)
+    acc.set(xlabel=xlabel, ylabel="final test accuracy")
+    speed.set(xlabel=xlabel, ylabel="median iteration time (ms)")
     for ax in (acc, speed):
         ax.grid(alpha=0.3)
         ax.legend()
+        ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     fig.savefig(run_dir / "sweep.png", dpi=110)
+    plt.close(fig)
+    _plot_tradeoff(run_dir / "tradeoff.png", rows, keys)
+
+
+def _point(row: dict, keys: tuple[str, ...]) -> str:
+    """A sub-run's swept values, short: the keys' last parts with their values."""
+    return ", ".join(f"{key.rpartition('.')[2]}={row[key]}" for key in keys)
+
+
+def _color(backend: str) -> str:
+    return f"C{list(LABELS).index(backend) % 10}" if backend in LABELS else "grey"
+
+
+def _plot_tradeoff(path: Path, rows: list[dict], keys: tuple[str, ...]) -> None:
+    """Final accuracy against bytes per iteration, one point per run and method: the
+    trade-off between communication and model quality. Runs without byte counts (gloo on
+    loopback) are left out."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    plotted = False
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend and r["bytes_per_iteration"] is not None]
+        if not mine:
+            continue
+        xs = [r["bytes_per_iteration"] / 1e3 for r in mine]
+        ys = [r["final_accuracy"] for r in mine]
+        ax.scatter(xs, ys, color=_color(backend), label=LABELS.get(backend, backend))
+        plotted = True
+        for x, y, r in zip(xs, ys, mine, strict=True):
+            if backend == "switch" and keys:
+                ax.annotate(_point(r, keys), (x, y), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")  # fmt: skip
+    ax.set(xlabel="bytes sent per iteration, all ranks (KB)", ylabel="final test accuracy")
+    if plotted:
+        ax.set_xscale("log")
+        ax.legend()
+    else:
+        ax.set_title("no run counted its bytes")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -152,7 +211,7 @@ def _pyplot():
 PLOTS = ("loss_vs_iteration.png", "loss_vs_time.png", "accuracy_vs_time.png")
 
 
-def _plot_run(out: Path, records: list[dict]) -> None:
+def _plot_run(out: Path, records: list[dict], rows: list[dict]) -> None:
     plt = _pyplot()
     backends = list(dict.fromkeys(r["backend"] for r in records))
     specs = [
@@ -167,7 +226,7 @@ def _plot_run(out: Path, records: list[dict]) -> None:
             ax.plot(
                 *zip(*points, strict=True),
                 "o-" if y == "accuracy" else "-",
-                label="through the switch" if backend == "switch" else "gloo allreduce",
+                label=LABELS.get(backend, backend),
             )
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
@@ -175,27 +234,32 @@ def _plot_run(out: Path, records: list[dict]) -> None:
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
+    _plot_tradeoff(out / "tradeoff.png", rows, ())
 
 
 def print_summary(run_dir: Path, config, rows: list[dict]) -> None:
     """The one screen a run ends with."""
     sweep = config.sweep
-    key = sweep.parameter if sweep else None
+    keys = sweep.keys if sweep else ()
+    target = config.train.target_accuracy
+    width = max([14, *(len(",".join(str(r[k]) for k in keys)) + 2 for r in rows)])
     print()
     print(
-        f"{'':14s}{'backend':8s}{'accuracy':>9s}{'loss':>8s}{'ms/it':>9s}{'total s':>9s}"
-        f"{'KB/it':>9s}{'retx':>7s}"
+        f"{'':{width}s}{'backend':15s}{'accuracy':>9s}{'loss':>8s}{'ms/it':>9s}{'total s':>9s}"
+        f"{'KB/it':>9s}{'retx':>7s}" + (f"{'s to ' + format(target, '.0%'):>11s}" if target else "")
     )
     for row in rows:
-        label = f"{row[key]}" if key else ""
+        label = ",".join(str(row[key]) for key in keys)
         kb = (
             "-" if row["bytes_per_iteration"] is None else f"{row['bytes_per_iteration'] / 1e3:.1f}"
         )
         acc = "-" if row["final_accuracy"] is None else f"{row['final_accuracy']:.1%}"
+        reached = row["time_to_target_s"]
+        to_target = ("-" if reached is None else f"{reached:.1f}") if target else ""
         print(
-            f"{label:14s}{row['backend']:8s}{acc:>9s}{row['final_loss']:8.4f}"
+            f"{label:{width}s}{row['backend']:15s}{acc:>9s}{row['final_loss']:8.4f}"
             f"{row['median_iteration_s'] * 1000:9.1f}{row['total_s']:9.1f}{kb:>9s}"
-            f"{row['retransmissions']:7d}"
+            f"{row['retransmissions']:7d}{to_target:>11s}"
         )
     switch = [r for r in rows if r["backend"] == "switch"]
     gloo = [r for r in rows if r["backend"] == "gloo"]
@@ -210,7 +274,8 @@ def print_summary(run_dir: Path, config, rows: list[dict]) -> None:
             print(f"final accuracy, switch - gloo: {delta:+.1f} points")
     print(f"run directory: {run_dir}")
     if sweep:
-        print(f"  {run_dir / 'sweep.csv'}\n  {run_dir / 'sweep.png'}")
+        for name in ("sweep.csv", "sweep.png", "tradeoff.png"):
+            print(f"  {run_dir / name}")
     else:
-        for name in ("summary.csv", *PLOTS):
+        for name in ("summary.csv", *PLOTS, "tradeoff.png"):
             print(f"  {run_dir / name}")

@@ -2,15 +2,18 @@
 
 For each variant of the config (one, or one per sweep value) the runner
 brings up a cluster (a Mininet star, or processes on loopback), trains
-through the switch, then with gloo's allreduce on the same cluster with the
-same seed, and writes::
+through the switch, then with each baseline (``train.baselines``: gloo's
+allreduce, gloo with PyTorch's fp16 or PowerSGD hook) on the same cluster
+with the same seed, and writes::
 
     RUN/config.json          the resolved config: `switchreduce run RUN/config.json` replays it
     RUN/metrics.jsonl        one record per backend and iteration (experiments.report)
     RUN/summary.csv          one row per backend
-    RUN/*.png                loss against iterations and against wall time
+    RUN/*.png                loss against iterations and wall time, accuracy against
+                             wall time and against bytes per iteration
     RUN/logs/                every process's output
-    RUN/sweep.csv, sweep.png with a sweep: the table across its values
+    RUN/sweep.csv, sweep.png with a sweep: the table across its values, and
+    RUN/tradeoff.png         every sub-run's accuracy against its bytes per iteration
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from switchreduce.experiments.records import PROGRESS
 from switchreduce.launch import Child, LaunchError, Starter, cli_command
 from switchreduce.ports import free_tcp_port, free_udp_ports
 
-BACKENDS = ("switch", "gloo")
 #: Called with (backend, metrics record) as rank 0 reports progress.
 Progress = Callable[[str, dict], None]
 
@@ -234,42 +236,39 @@ def run_experiment(
     (run_dir / "config.json").write_text(config.to_json())
     rows = []
     sweep = config.sweep
-    # The gloo baseline does not depend on the switch's settings: run it once.
-    switch_only = sweep is not None and sweep.parameter.startswith("switch.")
-    for i, (label, variant) in enumerate(config.variants()):
-        out = run_dir / label if label else run_dir
-        baseline = variant.train.baseline and not (switch_only and i > 0)
-        if label:
-            log.info("== %s", label)
-        variant_rows = run_variant(variant, out, baseline, show)
-        if sweep:
-            value = label.partition("=")[2]
-            rows += [
-                {
-                    sweep.parameter: "any" if row["backend"] == "gloo" and switch_only else value,
-                    **row,
-                }
-                for row in variant_rows
-            ]
-        else:
-            rows += variant_rows
+    # The baselines do not depend on the switch's settings: run them once.
+    switch_only = sweep is not None and all(key.startswith("switch.") for key in sweep.keys)
+    for i, (point, variant) in enumerate(config.variants()):
+        name = ",".join(f"{key}={value}" for key, value in point.items())
+        out = run_dir / name if name else run_dir
+        baselines = () if switch_only and i > 0 else variant.train.baselines
+        if name:
+            log.info("== %s", name)
+        for row in run_variant(variant, out, baselines, show):
+            swept = {key: "any" if row["backend"] != "switch" and switch_only else value
+                     for key, value in point.items()}  # fmt: skip
+            rows.append({**swept, **row})
     if sweep:
-        report.write_sweep(run_dir, sweep.parameter, rows)
+        report.write_sweep(run_dir, sweep.keys, rows)
     return rows
 
 
-def run_variant(config: ExperimentConfig, out: Path, baseline: bool, show: Progress) -> list[dict]:
+def run_variant(
+    config: ExperimentConfig, out: Path, baselines: tuple[str, ...], show: Progress
+) -> list[dict]:
+    """The switch's training, then each baseline's, on one cluster; their summary rows."""
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
     config_path.write_text(config.to_json())
     mode = resolve_mode(config.topology.mode)
     cluster_cls = MininetCluster if mode == "mininet" else LoopbackCluster
-    backends = BACKENDS if baseline else BACKENDS[:1]
+    backends = ("switch", *baselines)
     with cluster_cls(config, out) as cluster:
         for backend in backends:
             cluster.train(backend, config_path, show)
     records = report.merge_metrics(out, backends, config.topology.workers)
-    rows = [report.summarize(backend, records, mode) for backend in backends]
+    target = config.train.target_accuracy
+    rows = [report.summarize(backend, records, mode, target) for backend in backends]
     report.write_run(out, records, rows)
     return rows
 

@@ -28,6 +28,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,7 @@ from switchreduce.experiments.records import PROGRESS, metrics_path
 from switchreduce.experiments.workloads import Dataset, build_model, build_optimizer, load_dataset
 from switchreduce.worker.backends import Backend, GroupOptions, open_backend
 from switchreduce.worker.ddp import local_gradients_hook
+from switchreduce.worker.quantize import Rounding
 
 
 def interface_tx_bytes(name: str) -> int:
@@ -114,8 +116,14 @@ def train(config: ExperimentConfig, options: RankOptions) -> None:
             controller=options.controller,
             bind=options.bind,
             precision_bits=sw.precision_bits,
+            lane_bits=sw.lane_bits,
+            rounding=cast(Rounding, sw.rounding),  # checked by the config
+            rounding_seed=t.seed,
+            error_feedback=sw.error_feedback,
             min_rto=sw.min_rto_ms / 1000,
             overlap=sw.overlap,
+            powersgd_rank=t.powersgd_rank,
+            powersgd_warmup=t.powersgd_warmup,
         )
         chosen = stack.enter_context(open_backend(options.backend, group))
         buckets: dict[int, torch.Tensor] = {}

@@ -132,6 +132,23 @@ def _add_job_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_quantizer_args(parser: argparse.ArgumentParser) -> None:
+    """How float elements travel: every rank of a job must give the same."""
+    parser.add_argument(
+        "--lane-bits",
+        type=int,
+        choices=wire.LANE_BITS,
+        default=32,
+        help="bits per float element on the wire (16 and 8 pack 2 and 4 into a word)",
+    )
+    parser.add_argument(
+        "--rounding",
+        choices=("nearest", "stochastic"),
+        default="nearest",
+        help="how float elements meet the fixed-point grid",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchreduce",
@@ -228,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="say 'ready', then start when a line ('go') arrives on stdin",
     )
     _add_job_args(worker)
+    _add_quantizer_args(worker)
 
     ctl = sub.add_parser("controller", help="admit jobs onto a switch over P4Runtime")
     ctl.add_argument(
@@ -376,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --topo mininet: link MTU (default 1500; 9000: jumbo frames, K up to 1024)",
     )
     _add_job_args(allreduce)
+    _add_quantizer_args(allreduce)
     _add_fault_args(allreduce)
     # K: loopback's default, or the largest for the links' MTU in Mininet; slots: per switch kind
     allreduce.set_defaults(k=None, slots=None)
@@ -502,6 +521,9 @@ def _worker(args: argparse.Namespace) -> int:
         bind=args.bind,
         master=args.master,
         engine=args.engine,
+        lane_bits=args.lane_bits,
+        rounding=args.rounding,
+        rounding_seed=args.seed,
     )
     options = _options(
         args,
@@ -558,6 +580,8 @@ def _bench(args: argparse.Namespace) -> int:
             switch=args.switch,
             engine=args.engine,
             worker_engine=args.worker_engine,
+            lane_bits=args.lane_bits,
+            rounding=args.rounding,
             bw=args.bw,
             mtu=args.mtu,
             k=args.k,

@@ -41,6 +41,36 @@ def test_the_loopback_bench_times_gloo_on_loopback_too(capsys, monkeypatch) -> N
     assert not any(left_behind(child.pid) for child in children)
 
 
+def test_narrow_lanes_in_the_bench_send_fewer_bytes_and_sum_what_the_reference_says(
+    capsys,
+) -> None:
+    """``bench allreduce --lane-bits 8|16 --rounding ...``: every rank's result is bit for bit
+    the reference's for its lanes and noise (exact), and the workers' bytes fall to the
+    issue's bounds against 32-bit lanes (a tensor large enough that the window's priming
+    packets do not count), measured in the same run of the test."""
+    sent = {}
+    for lanes, rounding in ((32, "nearest"), (16, "stochastic"), (8, "nearest")):
+        options = bench.BenchOptions(
+            workers=3, elements=2_000_000, timeout=60, lane_bits=lanes, rounding=rounding,
+            as_json=True,
+        )  # fmt: skip
+        assert bench.run_bench(options) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["exact"] and report["within_bound"]
+        assert (report["lane_bits"], report["rounding"]) == (lanes, rounding)
+        resent = report["retransmissions"] * (wire.HEADER_BYTES + 4 * report["k"])
+        sent[lanes] = report["bytes_sent"] - resent
+    assert sent[16] <= 0.55 * sent[32] and sent[8] <= 0.3 * sent[32]
+
+
+@pytest.mark.fast
+def test_lanes_and_rounding_are_checked() -> None:
+    with pytest.raises(ValueError, match="lane width"):
+        bench.BenchOptions(lane_bits=4)
+    with pytest.raises(ValueError, match="rounding"):
+        bench.BenchOptions(rounding="up")
+
+
 @pytest.mark.fast
 def test_the_largest_k_is_what_the_mtu_carries() -> None:
     assert wire.largest_k(1500) == wire.MAX_K_STANDARD_MTU == 256

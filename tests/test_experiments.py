@@ -44,13 +44,36 @@ def test_every_shipped_config_is_valid_and_replays_from_its_resolved_form(path, 
         ({"switch": {"kk": 64}}, "unknown key 'switch.kk'"),
         ({"switch": {"k": "256"}}, "switch.k must be int"),
         ({"switch": {"k": 100}}, "switch.k must be one of"),
-        ({"train": {"baseline": 1}}, "train.baseline must be bool"),
+        ({"train": {"baseline": True}}, "unknown key 'train.baseline'"),
+        ({"train": {"baselines": ["nccl"]}}, "train.baselines must be among gloo, gloo-fp16"),
+        ({"train": {"baselines": ["gloo", "gloo"]}}, "train.baselines lists a baseline twice"),
+        ({"train": {"baselines": "gloo"}}, "train.baselines must be a list"),
+        ({"train": {"powersgd_warmup": 1}}, "train.powersgd_warmup must be >= 2"),
+        ({"train": {"target_accuracy": 95}}, r"train.target_accuracy must be in \(0, 1\]"),
+        (
+            {"train": {"measure": "allreduce", "baselines": ["gloo-powersgd"]}},
+            "gloo-powersgd compresses inside the backward pass only",
+        ),
+        ({"switch": {"lane_bits": 4}}, "switch.lane_bits must be one of 32, 16, 8"),
+        ({"switch": {"lane_bits": 8, "precision_bits": 16}}, "precision_bits must stay 32"),
+        ({"switch": {"rounding": "up"}}, "switch.rounding must be one of nearest, stochastic"),
+        ({"switch": {"error_feedback": 1}}, "switch.error_feedback must be bool"),
+        ({"sweep": {"values": [1]}}, "sweep needs either parameter"),
+        (
+            {"sweep": {"parameters": ["switch.lane_bits", "switch.rounding"], "values": [[8]]}},
+            "sweep.values must each list 2 values",
+        ),
+        (
+            {"sweep": {"parameters": ["switch.k"], "parameter": "switch.k", "values": [[64]]}},
+            "sweep needs either parameter",
+        ),
         ({"topology": {"workers": 3, "slowdown": [1, 2]}}, "topology.slowdown needs one factor"),
         ({"topology": {"slowdown": [1, 1, 1, "x"]}}, r"topology.slowdown\[3\] must be float"),
         ({"switch": {"precision_bits": 40}}, "switch.precision_bits must be 8..32"),
         ({"sweep": {"parameter": "switch.kk", "values": [1]}}, "unknown key 'switch.kk'"),
         ({"sweep": {"parameter": "switch.k", "values": [64, 100]}}, "switch.k must be one of"),
         ({"sweep": {"parameter": "nothing", "values": [1]}}, "is not section.key"),
+        ({"sweep": {"parameter": "model", "values": [1]}}, "is not section.key"),
         ({"sweep": {"parameter": "switch.k", "values": []}}, "sweep.values must list"),
         ({"train": {"measure": "backward"}}, "train.measure must be one of training, compute"),
         ({"train": {"bucket_cap_mb": 0}}, "train.bucket_cap_mb must be > 0"),
@@ -74,12 +97,26 @@ def test_a_config_file_error_names_the_file(tmp_path) -> None:
 def test_a_sweep_expands_into_valid_variants() -> None:
     config = from_dict({"sweep": {"parameter": "switch.precision_bits", "values": [12, 32]}})
     variants = config.variants()
-    assert [label for label, _ in variants] == [
-        "switch.precision_bits=12",
-        "switch.precision_bits=32",
+    assert [point for point, _ in variants] == [
+        {"switch.precision_bits": "12"},
+        {"switch.precision_bits": "32"},
     ]
     assert [v.switch.precision_bits for _, v in variants] == [12, 32]
     assert variants[0][1].switch.k == config.switch.k
+
+
+@pytest.mark.fast
+def test_a_sweep_of_several_parameters_sets_them_together() -> None:
+    keys = ["switch.lane_bits", "switch.error_feedback", "optimizer.lr"]
+    config = from_dict({"sweep": {"parameters": keys, "values": [[32, False, 0.1], [8, True, 1]]}})
+    variants = config.variants()
+    assert [point for point, _ in variants] == [
+        dict(zip(keys, ("32", "False", "0.1"), strict=True)),
+        dict(zip(keys, ("8", "True", "1"), strict=True)),
+    ]
+    settings = [(v.switch.lane_bits, v.switch.error_feedback, v.optimizer.lr) for _, v in variants]
+    assert settings == [(32, False, 0.1), (8, True, 1.0)]
+    assert all(v.sweep is None for _, v in variants)
 
 
 def _short(**sections) -> ExperimentConfig:
@@ -122,12 +159,39 @@ def test_a_short_loopback_run_writes_metrics_summary_and_plots(tmp_path) -> None
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_pytorch_s_compression_hooks_train_beside_narrow_lanes(tmp_path) -> None:
+    """The switch with 8-bit lanes, stochastic rounding and error feedback, then gloo plain,
+    with fp16_compress_hook and with powerSGD_hook, one seed: every method starts from the
+    same loss, and each hook changes the trajectory (it is in effect, not just named)."""
+    config = _short(
+        switch={"lane_bits": 8, "rounding": "stochastic", "error_feedback": True},
+        model={"hidden": 64},
+        train={
+            "baselines": ["gloo", "gloo-fp16", "gloo-powersgd"],
+            "powersgd_warmup": 2,
+            "target_accuracy": 0.3,
+        },
+    )
+    rows = run_experiment(config, tmp_path, show=_quiet)
+    methods = ["switch", "gloo", "gloo-fp16", "gloo-powersgd"]
+    assert [row["backend"] for row in rows] == methods
+    records = _records(tmp_path)
+    losses = {m: [r["loss"] for r in records if r["backend"] == m] for m in methods}
+    assert len({round(trail[0], 5) for trail in losses.values()}) == 1  # one model, one batch
+    for hooked in ("gloo-fp16", "gloo-powersgd", "switch"):
+        assert losses[hooked][-1] != losses["gloo"][-1]
+    assert all(row["target_accuracy"] == 0.3 for row in rows)
+    reached = [row["time_to_target_s"] for row in rows]
+    assert all(t is None or 0 < t <= row["total_s"] for t, row in zip(reached, rows, strict=True))
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_straggler_sets_the_pace_of_every_rank(tmp_path) -> None:
     config = _short(
         topology={"compute_ms": 10.0, "slowdown": [1.0, 4.0]},
         model={"name": "cnn", "hidden": 4},
         data={"name": "synthetic", "samples": 400},
-        train={"baseline": False, "iterations": 8},
+        train={"baselines": [], "iterations": 8},
     )
     run_experiment(config, tmp_path, show=_quiet)
     for rank in (0, 1):
@@ -138,15 +202,22 @@ def test_a_straggler_sets_the_pace_of_every_rank(tmp_path) -> None:
 
 def test_a_sweep_runs_every_value_and_the_baseline_once(tmp_path) -> None:
     raw = json.loads(_short(train={"iterations": 4, "eval_every": 4}).to_json())
-    raw["sweep"] = {"parameter": "switch.precision_bits", "values": [8, 32]}
+    raw["sweep"] = {
+        "parameters": ["switch.lane_bits", "switch.error_feedback"],
+        "values": [[8, False], [8, True]],
+    }
     rows = run_experiment(from_dict(raw), tmp_path, show=_quiet)
-    assert [(r["switch.precision_bits"], r["backend"]) for r in rows] == [
-        ("8", "switch"),
-        ("any", "gloo"),
-        ("32", "switch"),
+    assert [(r["switch.lane_bits"], r["switch.error_feedback"], r["backend"]) for r in rows] == [
+        ("8", "False", "switch"),
+        ("any", "any", "gloo"),
+        ("8", "True", "switch"),
     ]
-    assert (tmp_path / "sweep.png").exists() and (tmp_path / "sweep.csv").exists()
-    assert (tmp_path / "switch.precision_bits=8" / "metrics.jsonl").exists()
+    for name in ("sweep.png", "sweep.csv", "tradeoff.png"):
+        assert (tmp_path / name).exists()
+    with (tmp_path / "sweep.csv").open() as f:
+        header = next(csv.reader(f))
+    assert header[:3] == ["switch.lane_bits", "switch.error_feedback", "backend"]
+    assert (tmp_path / "switch.lane_bits=8,switch.error_feedback=True" / "metrics.jsonl").exists()
 
 
 def test_compute_and_allreduce_alone_are_the_two_parts_of_a_training_iteration(tmp_path) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from switchreduce import wire
 from switchreduce.worker import quantize as q
 from switchreduce.worker.engine import EngineName
+from switchreduce.worker.errors import WorkerError
 from switchreduce.worker.registration import join
 from switchreduce.worker.shim import SwitchCommunicator, WorkerOptions
 from switchreduce.worker.window import DEFAULT_MIN_RTO
@@ -46,11 +47,18 @@ class GroupOptions:
     precision_bits: int = q.MAX_BITS
     #: Bits per float element on the wire (32, 16 or 8); a controller admits the job's.
     lane_bits: int = q.MAX_BITS
+    #: Rounding to the grid, its noise's seed, and error feedback (worker.shim.WorkerOptions).
+    rounding: q.Rounding = "nearest"
+    rounding_seed: int = 0
+    error_feedback: bool = False
     min_rto: float = DEFAULT_MIN_RTO
     #: The switch backend's window: compiled, or python (worker/engine.py).
     engine: EngineName = "compiled"
     #: DDP: each bucket is summed while the backward pass goes on (False: before it goes on).
     overlap: bool = True
+    #: gloo-powersgd: PowerSGD's rank, and the iterations of plain allreduce before it.
+    powersgd_rank: int = 1
+    powersgd_warmup: int = 10
     #: gloo: rank 0's HOST:PORT; None when torch.distributed is set up already (torchrun).
     master: tuple[str, int] | None = None
 
@@ -148,6 +156,9 @@ class SwitchBackend(Backend):
                 timeout=o.timeout,
                 precision_bits=o.precision_bits,
                 lane_bits=o.lane_bits,
+                rounding=o.rounding,
+                rounding_seed=o.rounding_seed,
+                error_feedback=o.error_feedback,
                 min_rto=o.min_rto,
                 engine=o.engine,
             )
@@ -246,3 +257,64 @@ class GlooBackend(Backend):
 
             dist.destroy_process_group()
             self._owns_group = False
+
+
+@register
+class GlooFp16Backend(GlooBackend):
+    """gloo with PyTorch's ``fp16_compress_hook``: every bucket travels as float16, half
+    the bytes, the compression a PyTorch user turns on with one line."""
+
+    name = "gloo-fp16"
+
+    def attach(self, ddp: Any) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+
+    def average_buckets(self, buckets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """As the hook: each bucket divided and cast to float16, summed, cast back."""
+        import torch.distributed as dist
+
+        halves = [(bucket / dist.get_world_size()).half() for bucket in buckets]
+        works = [dist.all_reduce(half, async_op=True) for half in halves]
+        for work in works:
+            work.wait()
+        return [half.to(bucket.dtype) for half, bucket in zip(halves, buckets, strict=True)]
+
+    def allreduce(self, array: np.ndarray) -> np.ndarray:
+        if array.dtype != np.float32:
+            raise WorkerError(f"{self.name} sums float32 tensors, got {array.dtype}")
+        return super().allreduce(array.astype(np.float16)).astype(np.float32)
+
+
+@register
+class GlooPowerSGDBackend(GlooBackend):
+    """gloo with PyTorch's ``powerSGD_hook`` (Vogels et al., NeurIPS'19): each gradient
+    matrix travels as two rank-r factors, with error feedback, after ``powersgd_warmup``
+    iterations of plain allreduce. Its state spans iterations of DDP's backward pass, so
+    it has no meaning for a lone tensor."""
+
+    name = "gloo-powersgd"
+
+    def __init__(self, options: GroupOptions) -> None:
+        super().__init__(options)
+        self.options = options
+
+    def attach(self, ddp: Any) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=self.options.powersgd_rank,
+            start_powerSGD_iter=self.options.powersgd_warmup,
+        )
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+
+    def average_buckets(self, buckets: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise WorkerError(f"{self.name} compresses inside DDP's backward pass only")
+
+    def allreduce(self, array: np.ndarray) -> np.ndarray:
+        raise WorkerError(
+            f"{self.name} compresses DDP's gradient buckets across iterations; a lone tensor "
+            "has nothing to compress against (use gloo)"
+        )

@@ -13,7 +13,9 @@ import resource
 import time
 from dataclasses import dataclass
 
+from switchreduce import wire
 from switchreduce.launch import print_report, wait_for_go
+from switchreduce.worker import quantize as q
 from switchreduce.worker.backends import GroupOptions, open_backend
 from switchreduce.worker.reference import check, synthetic_tensor
 
@@ -51,13 +53,23 @@ def run(options: SyntheticOptions) -> int:
         synthetic_tensor(options.seed, r, options.elements, options.dtype)
         for r in range(group.world_size)
     ]
-    verdict = check(result, inputs, group.k)
+    stochastic = group.rounding == "stochastic"
+    noise_keys = [q.call_key(group.rounding_seed, r, 1) for r in range(group.world_size)]
+    verdict = check(
+        result,
+        inputs,
+        group.k * wire.lanes_per_word(group.lane_bits),  # elements per packet
+        lane_bits=group.lane_bits,
+        noise_keys=noise_keys if stochastic else None,  # the communicator's first call's
+    )
     through_switch = options.backend == "switch"
     print_report(
         {
             "rank": group.rank,
             "backend": options.backend,
             "engine": group.engine if through_switch else None,
+            "lane_bits": group.lane_bits if through_switch else None,
+            "rounding": group.rounding if through_switch else None,
             "seconds": seconds,
             "cpu_seconds": cpu_seconds,
             "context_switches": usage.ru_nvcsw + usage.ru_nivcsw,
