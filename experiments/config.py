@@ -154,7 +154,9 @@ class SwitchConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "mlp"  # mlp | cnn
+    #: mlp (on text data it embeds each character first: a character-level language
+    #: model) | cnn (images only)
+    name: str = "mlp"
     hidden: int = 256  # MLP hidden width, or CNN channels of the first convolution
 
     def __post_init__(self) -> None:
@@ -166,22 +168,26 @@ class ModelConfig:
 class DataConfig:
     """A data set that ships with a package or is generated: nothing is downloaded."""
 
-    name: str = "digits"  # digits (scikit-learn's 8x8 digits) | synthetic
+    #: digits (scikit-learn's 8x8 digits) | synthetic | text (the next character of
+    #: the data set descriptions scikit-learn ships, from the ``context`` before it)
+    name: str = "digits"
     batch_size: int = 32  # per worker
     test_fraction: float = 0.25
     samples: int = 4000  # synthetic only
     classes: int = 10  # synthetic only
+    context: int = 16  # text only: characters the model sees before the one it predicts
 
     def __post_init__(self) -> None:
         _check(
-            self.name in ("digits", "synthetic"),
+            self.name in ("digits", "synthetic", "text"),
             "data.name",
-            f"must be digits or synthetic, got {self.name!r}",
+            f"must be digits, synthetic or text, got {self.name!r}",
         )
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
         _check(self.samples >= 10, "data.samples", "must be >= 10")
         _check(2 <= self.classes <= 100, "data.classes", "must be 2..100")
+        _check(1 <= self.context <= 256, "data.context", "must be 1..256")
 
 
 @dataclass(frozen=True)
@@ -307,6 +313,12 @@ class ExperimentConfig:
     sweep: SweepConfig | None = None
 
     def __post_init__(self) -> None:
+        _check(
+            self.data.name != "text" or self.model.name == "mlp",
+            "model.name",
+            f"must be mlp with data.name = 'text' (a convolution needs images), "
+            f"got {self.model.name!r}",
+        )
         sweep = self.sweep
         if sweep is not None:
             _check(

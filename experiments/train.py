@@ -102,7 +102,7 @@ def train(config: ExperimentConfig, options: RankOptions) -> None:
         stack.callback(dist.destroy_process_group)
         torch.manual_seed(t.seed)
         data = load_dataset(config.data, t.seed)
-        model = build_model(config.model, data.classes)
+        model = build_model(config.model, data.classes, data.tokens)
         ddp = DistributedDataParallel(model, bucket_cap_mb=t.bucket_cap_mb)
         sw = config.switch
         group = GroupOptions(
