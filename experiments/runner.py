@@ -236,21 +236,29 @@ def run_experiment(
     (run_dir / "config.json").write_text(config.to_json())
     rows = []
     sweep = config.sweep
-    # The baselines do not depend on the switch's settings: run them once.
-    switch_only = sweep is not None and all(key.startswith("switch.") for key in sweep.keys)
-    for i, (point, variant) in enumerate(config.variants()):
+    # The baselines do not depend on the switch's settings: they run once for each setting
+    # of the other swept keys (a seed, say), and their rows say "any" for the switch's.
+    baselines_ran = set()
+    for point, variant in config.variants():
         name = ",".join(f"{key}={value}" for key, value in point.items())
         out = run_dir / name if name else run_dir
-        baselines = () if switch_only and i > 0 else variant.train.baselines
+        others = tuple((key, value) for key, value in point.items() if not _of_switch(key))
+        baselines = () if others in baselines_ran else variant.train.baselines
+        baselines_ran.add(others)
         if name:
             log.info("== %s", name)
         for row in run_variant(variant, out, baselines, show):
-            swept = {key: "any" if row["backend"] != "switch" and switch_only else value
+            swept = {key: "any" if row["backend"] != "switch" and _of_switch(key) else value
                      for key, value in point.items()}  # fmt: skip
             rows.append({**swept, **row})
     if sweep:
         report.write_sweep(run_dir, sweep.keys, rows)
     return rows
+
+
+def _of_switch(key: str) -> bool:
+    """A swept ``section.key`` that only the switch's training uses."""
+    return key.startswith("switch.")
 
 
 def run_variant(

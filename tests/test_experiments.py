@@ -255,24 +255,37 @@ def test_a_straggler_sets_the_pace_of_every_rank(tmp_path) -> None:
         assert seconds[len(seconds) // 2] >= 0.040  # rank 0 waits for rank 1's 40 ms
 
 
-def test_a_sweep_runs_every_value_and_the_baseline_once(tmp_path) -> None:
+def test_a_sweep_runs_every_value_and_the_baselines_once_per_other_setting(tmp_path) -> None:
+    """Baselines do not read the switch's keys: they run once per seed here, not per lane
+    width, and their rows say "any" for the switch's keys."""
     raw = json.loads(_short(train={"iterations": 4, "eval_every": 4}).to_json())
     raw["sweep"] = {
-        "parameters": ["switch.lane_bits", "switch.error_feedback"],
-        "values": [[8, False], [8, True]],
+        "parameters": ["train.seed", "switch.lane_bits", "switch.error_feedback"],
+        "values": [[0, 8, False], [0, 8, True], [1, 8, False]],
     }
     rows = run_experiment(from_dict(raw), tmp_path, show=_quiet)
-    assert [(r["switch.lane_bits"], r["switch.error_feedback"], r["backend"]) for r in rows] == [
-        ("8", "False", "switch"),
-        ("any", "any", "gloo"),
-        ("8", "True", "switch"),
+    keys = ("train.seed", "switch.lane_bits", "switch.error_feedback", "backend")
+    assert [tuple(r[key] for key in keys) for r in rows] == [
+        ("0", "8", "False", "switch"),
+        ("0", "any", "any", "gloo"),
+        ("0", "8", "True", "switch"),
+        ("1", "8", "False", "switch"),
+        ("1", "any", "any", "gloo"),
     ]
     for name in ("sweep.png", "sweep.csv", "tradeoff.png"):
         assert (tmp_path / name).exists()
     with (tmp_path / "sweep.csv").open() as f:
         header = next(csv.reader(f))
-    assert header[:3] == ["switch.lane_bits", "switch.error_feedback", "backend"]
-    assert (tmp_path / "switch.lane_bits=8,switch.error_feedback=True" / "metrics.jsonl").exists()
+    assert header[:4] == list(keys)
+    first_run, second_seed = (
+        tmp_path / "train.seed=0,switch.lane_bits=8,switch.error_feedback=False",
+        tmp_path / "train.seed=1,switch.lane_bits=8,switch.error_feedback=False",
+    )
+    gloo_losses = [
+        next(r["loss"] for r in _records(run) if r["backend"] == "gloo")
+        for run in (first_run, second_seed)
+    ]
+    assert gloo_losses[0] != gloo_losses[1]  # each seed's own model and batches
 
 
 def test_compute_and_allreduce_alone_are_the_two_parts_of_a_training_iteration(tmp_path) -> None:
