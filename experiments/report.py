@@ -39,6 +39,19 @@ SUMMARY_FIELDS = (
     "target_accuracy",
     "time_to_target_s",
 )
+#: A swept seed: sweep.csv's rows are then also averaged over it, in seeds.csv.
+SEED = "train.seed"
+ACROSS_SEEDS_FIELDS = (
+    "backend",
+    "seeds",
+    "final_accuracy_mean",
+    "final_accuracy_min",
+    "final_accuracy_max",
+    "median_iteration_s_mean",
+    "bytes_per_iteration_mean",
+    "reached_target",
+    "time_to_target_s_mean",
+)
 #: How plots name the backends (worker.backends).
 LABELS = {
     "switch": "through the switch",
@@ -118,8 +131,12 @@ def write_run(out: Path, records: list[dict], rows: list[dict]) -> None:
 
 
 def write_sweep(run_dir: Path, keys: tuple[str, ...], rows: list[dict]) -> None:
-    """sweep.csv, sweep.png (accuracy and time against the swept values) and tradeoff.png."""
+    """sweep.csv, sweep.png (accuracy and time against the swept values) and tradeoff.png;
+    with a swept seed, seeds.csv (each setting averaged over the seeds)."""
     _write_csv(run_dir / "sweep.csv", (*keys, *SUMMARY_FIELDS), rows)
+    if SEED in keys:
+        others, settings = across_seeds(keys, rows)
+        _write_csv(run_dir / "seeds.csv", (*others, *ACROSS_SEEDS_FIELDS), settings)
     plt = _pyplot()
     fig, (acc, speed) = plt.subplots(1, 2, figsize=(10, 4))
     xlabel = ", ".join(keys)
@@ -145,6 +162,38 @@ def write_sweep(run_dir: Path, keys: tuple[str, ...], rows: list[dict]) -> None:
     fig.savefig(run_dir / "sweep.png", dpi=110)
     plt.close(fig)
     _plot_tradeoff(run_dir / "tradeoff.png", rows, keys)
+
+
+def across_seeds(keys: tuple[str, ...], rows: list[dict]) -> tuple[tuple[str, ...], list[dict]]:
+    """The swept keys but the seed, and one row per setting of them and backend: accuracy's
+    mean and range over the seeds, mean time and bytes, and how many seeds reached the
+    target accuracy (their mean time to it)."""
+    others = tuple(key for key in keys if key != SEED)
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((*(row[key] for key in others), row["backend"]), []).append(row)
+    settings = []
+    for group in groups.values():
+        accuracy = [r["final_accuracy"] for r in group if r["final_accuracy"] is not None]
+        sent = [r["bytes_per_iteration"] for r in group if r["bytes_per_iteration"] is not None]
+        reached = [r["time_to_target_s"] for r in group if r["time_to_target_s"] is not None]
+        settings.append(
+            {
+                **{key: group[0][key] for key in others},
+                "backend": group[0]["backend"],
+                "seeds": len(group),
+                "final_accuracy_mean": statistics.fmean(accuracy) if accuracy else None,
+                "final_accuracy_min": min(accuracy, default=None),
+                "final_accuracy_max": max(accuracy, default=None),
+                "median_iteration_s_mean": statistics.fmean(r["median_iteration_s"] for r in group),
+                "bytes_per_iteration_mean": (
+                    statistics.fmean(sent) if len(sent) == len(group) else None
+                ),
+                "reached_target": len(reached),
+                "time_to_target_s_mean": statistics.fmean(reached) if reached else None,
+            }
+        )
+    return others, settings
 
 
 def _point(row: dict, keys: tuple[str, ...]) -> str:
@@ -272,10 +321,43 @@ def print_summary(run_dir: Path, config, rows: list[dict]) -> None:
         if s["final_accuracy"] is not None and g["final_accuracy"] is not None:
             delta = (s["final_accuracy"] - g["final_accuracy"]) * 100
             print(f"final accuracy, switch - gloo: {delta:+.1f} points")
+    if SEED in keys:
+        _print_across_seeds(keys, rows, target)
     print(f"run directory: {run_dir}")
     if sweep:
-        for name in ("sweep.csv", "sweep.png", "tradeoff.png"):
+        for name in ("sweep.csv", *(("seeds.csv",) if SEED in keys else ()), "sweep.png"):
             print(f"  {run_dir / name}")
+        print(f"  {run_dir / 'tradeoff.png'}")
     else:
         for name in ("summary.csv", *PLOTS, "tradeoff.png"):
             print(f"  {run_dir / name}")
+
+
+def _print_across_seeds(keys: tuple[str, ...], rows: list[dict], target: float | None) -> None:
+    others, settings = across_seeds(keys, rows)
+    width = max([14, *(len(",".join(str(r[k]) for k in others)) + 2 for r in settings)])
+    print()
+    print(
+        f"{'':{width}s}{'backend':15s}{'seeds':>6s}{'accuracy (min to max)':>24s}{'ms/it':>9s}"
+        f"{'KB/it':>9s}" + (f"{'reached':>9s}{'s to it':>9s}" if target else "")
+    )
+    for row in settings:
+        label = ",".join(str(row[key]) for key in others)
+        acc = "-"
+        if row["final_accuracy_mean"] is not None:
+            acc = (
+                f"{row['final_accuracy_mean']:.1%} ({row['final_accuracy_min']:.1%} to "
+                f"{row['final_accuracy_max']:.1%})"
+            )
+        sent = row["bytes_per_iteration_mean"]
+        kb = "-" if sent is None else f"{sent / 1e3:.1f}"
+        reached = row["time_to_target_s_mean"]
+        to_target = (
+            f"{row['reached_target']:>9d}{'-' if reached is None else f'{reached:.1f}':>9s}"
+            if target
+            else ""
+        )
+        print(
+            f"{label:{width}s}{row['backend']:15s}{row['seeds']:6d}{acc:>24s}"
+            f"{row['median_iteration_s_mean'] * 1000:9.1f}{kb:>9s}{to_target}"
+        )

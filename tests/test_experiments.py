@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from switchreduce import wire
+from switchreduce.experiments import report
 from switchreduce.experiments.config import ExperimentConfig, from_dict, load
 from switchreduce.experiments.errors import ConfigError, ExperimentError
 from switchreduce.experiments.runner import run_experiment
@@ -255,15 +256,18 @@ def test_a_straggler_sets_the_pace_of_every_rank(tmp_path) -> None:
         assert seconds[len(seconds) // 2] >= 0.040  # rank 0 waits for rank 1's 40 ms
 
 
-def test_a_sweep_runs_every_value_and_the_baselines_once_per_other_setting(tmp_path) -> None:
+def test_a_sweep_runs_every_value_and_the_baselines_once_per_other_setting(
+    tmp_path, capsys
+) -> None:
     """Baselines do not read the switch's keys: they run once per seed here, not per lane
-    width, and their rows say "any" for the switch's keys."""
+    width, and their rows say "any" for the switch's keys. A swept seed is averaged over."""
     raw = json.loads(_short(train={"iterations": 4, "eval_every": 4}).to_json())
     raw["sweep"] = {
         "parameters": ["train.seed", "switch.lane_bits", "switch.error_feedback"],
         "values": [[0, 8, False], [0, 8, True], [1, 8, False]],
     }
-    rows = run_experiment(from_dict(raw), tmp_path, show=_quiet)
+    config = from_dict(raw)
+    rows = run_experiment(config, tmp_path, show=_quiet)
     keys = ("train.seed", "switch.lane_bits", "switch.error_feedback", "backend")
     assert [tuple(r[key] for key in keys) for r in rows] == [
         ("0", "8", "False", "switch"),
@@ -286,6 +290,19 @@ def test_a_sweep_runs_every_value_and_the_baselines_once_per_other_setting(tmp_p
         for run in (first_run, second_seed)
     ]
     assert gloo_losses[0] != gloo_losses[1]  # each seed's own model and batches
+    with (tmp_path / "seeds.csv").open() as f:
+        settings = list(csv.DictReader(f))
+    assert [(s["switch.error_feedback"], s["backend"], s["seeds"]) for s in settings] == [
+        ("False", "switch", "2"),
+        ("any", "gloo", "2"),
+        ("True", "switch", "1"),
+    ]
+    plain = [r["final_accuracy"] for r in rows if r["switch.error_feedback"] == "False"]
+    assert float(settings[0]["final_accuracy_mean"]) == pytest.approx(sum(plain) / 2, 1e-5)
+    assert float(settings[0]["final_accuracy_min"]) == pytest.approx(min(plain), 1e-5)
+    report.print_summary(tmp_path, config, rows)
+    shown = capsys.readouterr().out
+    assert "accuracy (min to max)" in shown and str(tmp_path / "seeds.csv") in shown
 
 
 def test_compute_and_allreduce_alone_are_the_two_parts_of_a_training_iteration(tmp_path) -> None:
