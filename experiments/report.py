@@ -206,33 +206,40 @@ def _color(backend: str) -> str:
 
 
 def _plot_tradeoff(path: Path, rows: list[dict], keys: tuple[str, ...]) -> None:
-    """Final accuracy against bytes per iteration, one point per run and method: the
-    trade-off between communication and model quality. Runs without byte counts (gloo on
-    loopback) are left out."""
+    """Final accuracy against bytes per iteration, one point per method and setting (with a
+    swept seed, the mean over the seeds with their range as an error bar): the trade-off
+    between communication and model quality. Runs without byte counts (gloo on loopback)
+    are left out."""
+    if SEED in keys:
+        keys, settings = across_seeds(keys, rows)
+        points = [
+            (s, s["bytes_per_iteration_mean"], s["final_accuracy_mean"],
+             (s["final_accuracy_mean"] - s["final_accuracy_min"],
+              s["final_accuracy_max"] - s["final_accuracy_mean"]))
+            for s in settings if s["final_accuracy_mean"] is not None
+        ]  # fmt: skip
+    else:
+        points = [(r, r["bytes_per_iteration"], r["final_accuracy"], (0.0, 0.0)) for r in rows]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    plotted = False
-    for backend in dict.fromkeys(r["backend"] for r in rows):
-        mine = [r for r in rows if r["backend"] == backend and r["bytes_per_iteration"] is not None]
-        if not mine:
-            continue
-        xs = [r["bytes_per_iteration"] / 1e3 for r in mine]
-        ys = [r["final_accuracy"] for r in mine]
-        ax.scatter(xs, ys, color=_color(backend), label=LABELS.get(backend, backend))
-        plotted = True
-        for x, y, r in zip(xs, ys, mine, strict=True):
-            if backend == "switch" and keys:
-                ax.annotate(_point(r, keys), (x, y), fontsize=7, xytext=(4, 4),
-                            textcoords="offset points")  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 6))
+    counted = [(row, x, y, err) for row, x, y, err in points if x is not None and y is not None]
+    for i, (row, x, y, (below, above)) in enumerate(counted):
+        name = LABELS.get(row["backend"], row["backend"])
+        if any(row[key] != "any" for key in keys):
+            name = f"{name}: {_point(row, keys)}"
+        ax.errorbar(
+            x / 1e3, y, yerr=[[below], [above]], fmt="os^vDPX*"[i % 8], color=f"C{i % 10}",
+            capsize=3, label=name,
+        )  # fmt: skip
     ax.set(xlabel="bytes sent per iteration, all ranks (KB)", ylabel="final test accuracy")
-    if plotted:
+    if counted:
         ax.set_xscale("log")
-        ax.legend()
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     else:
         ax.set_title("no run counted its bytes")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
