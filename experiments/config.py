@@ -30,8 +30,11 @@ import json
 import tomllib
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from switchreduce import wire
 from switchreduce.emulation.topo import DEFAULT_SLOTS
@@ -57,6 +60,12 @@ class TopologyConfig:
     compute_ms: float = 0.0
     #: One factor per worker (empty: all 1): a straggler has a factor above 1.
     slowdown: tuple[float, ...] = ()
+    #: Mean of a random extra compute time in ms, drawn for every worker and iteration
+    #: from a Pareto (Lomax) distribution of shape ``jitter_tail``, seeded by train.seed:
+    #: a cluster where a different worker is now and then much later than the rest.
+    jitter_ms: float = 0.0
+    #: The Pareto shape: the smaller (above 1), the heavier the tail.
+    jitter_tail: float = 1.5
 
     def __post_init__(self) -> None:
         _check(
@@ -84,9 +93,25 @@ class TopologyConfig:
             f"needs one factor per worker ({self.workers}), got {len(self.slowdown)}",
         )
         _check(all(f >= 1 for f in self.slowdown), "topology.slowdown", "factors must be >= 1")
+        _check(self.jitter_ms >= 0, "topology.jitter_ms", "must be >= 0")
+        _check(
+            self.jitter_tail > 1,
+            "topology.jitter_tail",
+            f"must be > 1 (a finite mean), got {self.jitter_tail}",
+        )
 
     def slowdown_of(self, rank: int) -> float:
         return self.slowdown[rank] if self.slowdown else 1.0
+
+    def compute_times(self, seed: int, rank: int) -> Iterator[float]:
+        """The seconds ``rank`` computes in each iteration: ``compute_ms`` times its
+        slowdown, plus its jitter draw (the same for the same seed and rank, whatever
+        the backend, so every backend meets the same unevenness)."""
+        steady = self.compute_ms / 1000 * self.slowdown_of(rank)
+        rng = np.random.default_rng([seed, rank, 0x5EED])
+        scale = self.jitter_ms / 1000 * (self.jitter_tail - 1)  # a Lomax's mean is scale/(a-1)
+        while True:
+            yield steady + (scale * rng.pareto(self.jitter_tail) if self.jitter_ms else 0.0)
 
 
 @dataclass(frozen=True)

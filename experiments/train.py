@@ -150,7 +150,7 @@ def _loop(
     t = config.train
     x, y = data.shard(rank, world_size)
     batch = min(config.data.batch_size, len(y))
-    compute = config.topology.compute_ms / 1000 * config.topology.slowdown_of(rank)
+    compute_times = config.topology.compute_times(t.seed, rank)
     generator = torch.Generator().manual_seed(t.seed * 1000 + rank)
     order = torch.randperm(len(y), generator=generator)
     cursor, elapsed = 0, 0.0
@@ -164,6 +164,7 @@ def _loop(
         cursor += batch
         ddp.train()
         loss = loss_fn(ddp(x[idx]), y[idx])
+        compute = next(compute_times)
         if compute:
             time.sleep(compute)  # the emulated rest of a bigger model's compute
         optimizer.zero_grad()

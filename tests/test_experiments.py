@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,6 +85,8 @@ def test_every_shipped_config_is_valid_and_replays_from_its_resolved_form(path, 
         ({"data": {"name": "text"}, "model": {"name": "cnn"}}, "model.name must be mlp with data"),
         ({"data": {"name": "words"}}, "data.name must be digits, synthetic or text"),
         ({"data": {"context": 0}}, "data.context must be 1..256"),
+        ({"topology": {"jitter_tail": 1}}, r"topology.jitter_tail must be > 1 \(a finite mean\)"),
+        ({"topology": {"jitter_ms": -1}}, "topology.jitter_ms must be >= 0"),
     ],
 )
 def test_bad_configs_are_rejected_naming_the_key(raw: dict, message: str) -> None:
@@ -240,6 +244,42 @@ def test_the_text_workload_trains_through_8_bit_lanes_beside_gloo(tmp_path) -> N
     assert len({round(trail[0], 5) for trail in trails}) == 1  # one model, one batch
     assert all(trail[-1] < trail[0] for trail in trails)
     assert rows[2]["bytes_per_iteration"] < 0.3 * rows[0]["bytes_per_iteration"]
+
+
+@pytest.mark.fast
+def test_jitter_draws_are_seeded_per_rank_and_heavy_tailed_around_their_mean() -> None:
+    topology = from_dict({"topology": {"compute_ms": 10, "jitter_ms": 20}}).topology
+    draws = [list(itertools.islice(topology.compute_times(7, rank), 20_000)) for rank in (0, 1)]
+    assert draws[0][:50] == list(itertools.islice(topology.compute_times(7, 0), 50))
+    assert draws[0][:50] != draws[1][:50]
+    assert draws[0][:50] != list(itertools.islice(topology.compute_times(8, 0), 50))
+    extra = np.array(draws[0]) - 0.010
+    assert extra.min() >= 0
+    # Lomax(a = 1.5, scale = 10 ms): median scale * (2**(1/a) - 1), mean 20 ms, a heavy tail
+    assert np.median(extra) == pytest.approx(0.010 * (2 ** (1 / 1.5) - 1), rel=0.05)
+    assert np.quantile(extra, 0.999) > 20 * 0.020
+    light = from_dict({"topology": {"jitter_ms": 20, "jitter_tail": 6}}).topology
+    assert np.mean(list(itertools.islice(light.compute_times(0, 0), 20_000))) == pytest.approx(
+        0.020, rel=0.05
+    )
+
+
+def test_every_rank_waits_for_the_late_one_of_each_iteration(tmp_path) -> None:
+    """Random delays, a different late rank in different iterations: an iteration takes at
+    least the longest delay any rank drew for it, on every rank."""
+    config = _short(topology={"jitter_ms": 30}, train={"baselines": [], "iterations": 10})
+    run_experiment(config, tmp_path, show=_quiet)
+    delays = [
+        list(itertools.islice(config.topology.compute_times(config.train.seed, rank), 10))
+        for rank in (0, 1)
+    ]
+    late = [0 if a > b else 1 for a, b in zip(*delays, strict=True)]
+    assert set(late) == {0, 1}  # each rank is the late one now and then
+    for rank in (0, 1):
+        lines = (tmp_path / f"metrics-switch-rank{rank}.jsonl").read_text().splitlines()
+        seconds = [json.loads(line)["seconds"] for line in lines]
+        for iteration, (took, a, b) in enumerate(zip(seconds, *delays, strict=True)):
+            assert took >= max(a, b) - 0.005, (rank, iteration, took, a, b)
 
 
 def test_a_straggler_sets_the_pace_of_every_rank(tmp_path) -> None:
