@@ -298,23 +298,20 @@ def print_summary(run_dir: Path, config, rows: list[dict]) -> None:
     sweep = config.sweep
     keys = sweep.keys if sweep else ()
     target = config.train.target_accuracy
-    width = max([14, *(len(",".join(str(r[k]) for k in keys)) + 2 for r in rows)])
+    labels, width = _labels(rows, keys)
     print()
     print(
         f"{'':{width}s}{'backend':15s}{'accuracy':>9s}{'loss':>8s}{'ms/it':>9s}{'total s':>9s}"
         f"{'KB/it':>9s}{'retx':>7s}" + (f"{'s to ' + format(target, '.0%'):>11s}" if target else "")
     )
-    for row in rows:
-        label = ",".join(str(row[key]) for key in keys)
-        kb = (
-            "-" if row["bytes_per_iteration"] is None else f"{row['bytes_per_iteration'] / 1e3:.1f}"
-        )
+    for label, row in zip(labels, rows, strict=True):
         acc = "-" if row["final_accuracy"] is None else f"{row['final_accuracy']:.1%}"
         reached = row["time_to_target_s"]
         to_target = ("-" if reached is None else f"{reached:.1f}") if target else ""
         print(
             f"{label:{width}s}{row['backend']:15s}{acc:>9s}{row['final_loss']:8.4f}"
-            f"{row['median_iteration_s'] * 1000:9.1f}{row['total_s']:9.1f}{kb:>9s}"
+            f"{row['median_iteration_s'] * 1000:9.1f}{row['total_s']:9.1f}"
+            f"{_kilobytes(row['bytes_per_iteration']):>9s}"
             f"{row['retransmissions']:7d}{to_target:>11s}"
         )
     switch = [r for r in rows if r["backend"] == "switch"]
@@ -342,22 +339,19 @@ def print_summary(run_dir: Path, config, rows: list[dict]) -> None:
 
 def _print_across_seeds(keys: tuple[str, ...], rows: list[dict], target: float | None) -> None:
     others, settings = across_seeds(keys, rows)
-    width = max([14, *(len(",".join(str(r[k]) for k in others)) + 2 for r in settings)])
+    labels, width = _labels(settings, others)
     print()
     print(
         f"{'':{width}s}{'backend':15s}{'seeds':>6s}{'accuracy (min to max)':>24s}{'ms/it':>9s}"
         f"{'KB/it':>9s}" + (f"{'reached':>9s}{'s to it':>9s}" if target else "")
     )
-    for row in settings:
-        label = ",".join(str(row[key]) for key in others)
+    for label, row in zip(labels, settings, strict=True):
         acc = "-"
         if row["final_accuracy_mean"] is not None:
             acc = (
                 f"{row['final_accuracy_mean']:.1%} ({row['final_accuracy_min']:.1%} to "
                 f"{row['final_accuracy_max']:.1%})"
             )
-        sent = row["bytes_per_iteration_mean"]
-        kb = "-" if sent is None else f"{sent / 1e3:.1f}"
         reached = row["time_to_target_s_mean"]
         to_target = (
             f"{row['reached_target']:>9d}{'-' if reached is None else f'{reached:.1f}':>9s}"
@@ -366,5 +360,16 @@ def _print_across_seeds(keys: tuple[str, ...], rows: list[dict], target: float |
         )
         print(
             f"{label:{width}s}{row['backend']:15s}{row['seeds']:6d}{acc:>24s}"
-            f"{row['median_iteration_s_mean'] * 1000:9.1f}{kb:>9s}{to_target}"
+            f"{row['median_iteration_s_mean'] * 1000:9.1f}"
+            f"{_kilobytes(row['bytes_per_iteration_mean']):>9s}{to_target}"
         )
+
+
+def _labels(rows: list[dict], keys: tuple[str, ...]) -> tuple[list[str], int]:
+    """Each row's swept values, and the width of a column that holds them."""
+    labels = [",".join(str(row[key]) for key in keys) for row in rows]
+    return labels, max([14, *(len(label) + 2 for label in labels)])
+
+
+def _kilobytes(sent: float | None) -> str:
+    return "-" if sent is None else f"{sent / 1e3:.1f}"
