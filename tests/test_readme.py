@@ -63,6 +63,8 @@ LONG = [
     "switchreduce bench switch --repeat 3 --json",
     "switchreduce run experiments/configs/overlap-parts.toml",
     "switchreduce run experiments/configs/overlap.toml",
+    "switchreduce run experiments/configs/compression.toml",
+    "switchreduce run experiments/configs/compression-text.toml",
 ]
 #: CI runs this one; running it from a test would run the suite inside itself.
 CI_RUNS = ["make test"]
@@ -97,6 +99,6 @@ def test_long_readme_command_runs_as_written(command: str) -> None:
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=3600,  # compression-text.toml trains 27 times
     )
     assert result.returncode == 0, f"{command!r}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
