@@ -6,7 +6,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -25,7 +25,7 @@ from switchreduce.ports import free_tcp_port
 from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
 
-_NEEDS = {
+_NEEDS: dict[str, tuple[Callable[[], bool], str]] = {
     "requires_root": (lambda: os.geteuid() == 0, "needs root"),
     "requires_p4c": (lambda: shutil.which("p4c-bm2-ss") is not None, "p4c-bm2-ss not on PATH"),
     "requires_netem": (netem_available, "the kernel has no sch_netem (tc link loss and delay)"),
@@ -122,7 +122,7 @@ def running_job(
 
 
 @pytest.fixture
-def job_factory() -> Callable[..., contextmanager]:
+def job_factory() -> Callable[..., AbstractContextManager[RunningJob]]:
     return running_job
 
 
@@ -140,7 +140,8 @@ def programmable_switch() -> Iterator[ProgrammableSwitch]:
     switch = SoftSwitch(k=256)
     address = f"127.0.0.1:{free_tcp_port()}"
     grpc_server = serve(switch, address)
-    data_plane = UdpSwitch(switch, ("127.0.0.1", 0)).start()
+    data_plane = UdpSwitch(switch, ("127.0.0.1", 0))
+    data_plane.start()
     yield ProgrammableSwitch(switch, address, data_plane.address)
     data_plane.stop()
     grpc_server.stop(grace=None)

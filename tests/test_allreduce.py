@@ -18,7 +18,7 @@ import torch
 from switchreduce import wire
 from switchreduce.emulation.softswitch.faults import FaultSpec
 from switchreduce.worker import quantize as q
-from switchreduce.worker.engine import ENGINES
+from switchreduce.worker.engine import ENGINES, EngineName
 from switchreduce.worker.errors import NonFiniteError
 from switchreduce.worker.reference import check, reference_sum, synthetic_tensor
 from switchreduce.worker.shim import WorkerOptions
@@ -27,13 +27,13 @@ K = 256
 
 
 @pytest.fixture(params=ENGINES)
-def engine(request: pytest.FixtureRequest) -> str:
+def engine(request: pytest.FixtureRequest) -> EngineName:
     """The worker engine a test runs (each test runs both)."""
     return request.param
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7, 8])
-def test_int32_sums_are_exact(job_factory, world_size: int, engine: str) -> None:
+def test_int32_sums_are_exact(job_factory, world_size: int, engine: EngineName) -> None:
     inputs = [synthetic_tensor(1, r, 20_000, "int32") for r in range(world_size)]
     options = WorkerOptions(k=K, timeout=20.0, engine=engine)
     with job_factory(world_size, k=K, options=options) as job:
@@ -46,7 +46,7 @@ def test_int32_sums_are_exact(job_factory, world_size: int, engine: str) -> None
 
 @pytest.mark.parametrize("length", [0, 1, K - 1, K, K + 1, 1_000_000])
 def test_float32_sums_are_within_the_bound_for_any_length(
-    job_factory, length: int, engine: str
+    job_factory, length: int, engine: EngineName
 ) -> None:
     world_size = 3
     inputs = [synthetic_tensor(2, r, length, "float32") for r in range(world_size)]
@@ -61,7 +61,7 @@ def test_float32_sums_are_within_the_bound_for_any_length(
 
 @pytest.mark.parametrize("bits", [8, 16, 24])
 def test_fewer_precision_bits_coarsen_the_sum_within_their_bound(
-    job_factory, bits: int, engine: str
+    job_factory, bits: int, engine: EngineName
 ) -> None:
     world_size = 4
     inputs = [synthetic_tensor(3, r, 10_000, "float32") for r in range(world_size)]
@@ -78,7 +78,7 @@ def test_fewer_precision_bits_coarsen_the_sum_within_their_bound(
 @pytest.mark.parametrize("lanes", [16, 8])
 @pytest.mark.parametrize("world_size", [1, 3, 8])
 def test_narrow_lanes_sum_exactly_on_their_grid_in_fewer_bytes(
-    job_factory, lanes: int, world_size: int, engine: str
+    job_factory, lanes: int, world_size: int, engine: EngineName
 ) -> None:
     """The switch adds packed lanes without a carry between them: each rank gets the lanes'
     fixed-point sum bit for bit, within their bound, in 1/2 or 1/4 of the packets."""
@@ -102,7 +102,7 @@ def test_narrow_lanes_sum_exactly_on_their_grid_in_fewer_bytes(
 
 @pytest.mark.parametrize("lanes", [32, 8])
 def test_stochastic_rounding_sums_exactly_what_each_ranks_noise_gives(
-    job_factory, lanes: int, engine: str
+    job_factory, lanes: int, engine: EngineName
 ) -> None:
     """Each rank rounds with its own noise (quantize.call_key of the seed, its rank and the
     call), so the result is known bit for bit, differs from rounding to nearest, and stays
@@ -133,7 +133,7 @@ def test_int32_tensors_are_refused_with_narrow_lanes(job_factory) -> None:
         WorkerOptions(lane_bits=16, precision_bits=12)
 
 
-def test_successive_calls_of_mixed_dtypes_and_shapes(job_factory, engine: str) -> None:
+def test_successive_calls_of_mixed_dtypes_and_shapes(job_factory, engine: EngineName) -> None:
     """Slot versions carry over between calls; each call still gets its own exact sum."""
     rng = np.random.default_rng(3)
     calls = [
@@ -153,7 +153,7 @@ def test_successive_calls_of_mixed_dtypes_and_shapes(job_factory, engine: str) -
                 assert np.array_equal(result, expected)
 
 
-def test_torch_tensors_come_back_as_torch_tensors(job_factory, engine: str) -> None:
+def test_torch_tensors_come_back_as_torch_tensors(job_factory, engine: EngineName) -> None:
     inputs = [torch.arange(1000, dtype=torch.float32).reshape(10, 100) * (r + 1) for r in range(3)]
     with job_factory(3, k=K, options=WorkerOptions(k=K, engine=engine)) as job:
         results = job.allreduce(inputs)
@@ -178,7 +178,7 @@ def test_nan_is_rejected_before_anything_is_sent(job_factory) -> None:
 
 
 @pytest.mark.parametrize("loss", [0.01, 0.10, 0.30])
-def test_exact_under_loss_in_both_directions(job_factory, loss: float, engine: str) -> None:
+def test_exact_under_loss_in_both_directions(job_factory, loss: float, engine: EngineName) -> None:
     world_size = 4
     inputs = [synthetic_tensor(4, r, 50_000, "float32") for r in range(world_size)]
     faults = FaultSpec(loss=loss, seed=7)
@@ -194,7 +194,7 @@ def test_exact_under_loss_in_both_directions(job_factory, loss: float, engine: s
         assert verdict.exact and verdict.within_bound, verdict
 
 
-def test_exact_under_duplication_and_reordering(job_factory, engine: str) -> None:
+def test_exact_under_duplication_and_reordering(job_factory, engine: EngineName) -> None:
     world_size = 4
     inputs = [synthetic_tensor(5, r, 50_000, "int32") for r in range(world_size)]
     faults = FaultSpec(loss=0.02, duplicate=0.1, reorder=0.1, seed=11)

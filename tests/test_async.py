@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ def _thread_names() -> set[str]:
     return {thread.name for thread in threading.enumerate()}
 
 
-def _outcome(future) -> object:
+def _outcome(future) -> Any:
     """A torch or concurrent.futures future's value, or the exception it failed with."""
     try:
         return future.wait() if isinstance(future, torch.futures.Future) else future.result()

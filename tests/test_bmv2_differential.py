@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import time
+from typing import cast
 
 import numpy as np
 import pytest
@@ -109,6 +110,7 @@ def _frame(
     from scapy.layers.l2 import Ether
 
     if payload is None:
+        assert header is not None
         payload = wire.encode(header, np.arange(K, dtype=np.int32) * values)
     mac = ":".join(f"{b:02x}" for b in dst_mac.to_bytes(6, "big"))
     src = ":".join(f"{b:02x}" for b in host_mac(port).to_bytes(6, "big"))
@@ -298,8 +300,9 @@ def test_bmv2_and_the_soft_switch_agree_bit_for_bit(bmv2) -> None:
     compiled_outputs, compiled = _soft_outputs(frames, CompiledDatapath)
     assert compiled_outputs == expected
     for name, register in compiled.registers().items():
-        cells = np.asarray(soft.registers()[name].cells).reshape(-1)
-        assert np.array_equal(register.cells.reshape(-1), cells.astype(register.cells.dtype)), name
+        python_cells = np.asarray(soft.registers()[name].cells).reshape(-1)
+        bound = cast(np.ndarray, register.cells)  # the compiled engine's memory, not a list
+        assert np.array_equal(bound.reshape(-1), python_cells.astype(bound.dtype)), name
     for name, counter in compiled.counters().items():
         python_counter = soft.counters()[name]
         assert list(counter.packets) == list(python_counter.packets), name
@@ -317,7 +320,9 @@ def test_bmv2_and_the_soft_switch_agree_bit_for_bit(bmv2) -> None:
     counted += [(counter, 1) for counter in soft.ingress.job_stats.values()]
     for counter, index in counted:
         out = cli([f"counter_read {counter.name} {index}"])
-        nbytes, packets = map(int, re.search(r"\((\d+) bytes, (\d+) packets\)", out).groups())
+        read = re.search(r"\((\d+) bytes, (\d+) packets\)", out)
+        assert read is not None
+        nbytes, packets = map(int, read.groups())
         assert (packets, nbytes) == (counter.packets[index], counter.bytes[index]), counter.name
     assert soft.ingress.job_stats[JobStat.RESULTS].packets[1] == 2
     assert soft.ingress.drops.packets[DropReason.MISMATCH] == 5  # 3 in slot 2, slots 3 and 6

@@ -12,6 +12,8 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from typing import cast
 
 import numpy as np
 import pytest
@@ -31,7 +33,7 @@ JOB = 7
 
 
 @pytest.fixture(scope="module")
-def controller(tmp_path_factory) -> ControllerProcess:
+def controller(tmp_path_factory) -> Iterator[ControllerProcess]:
     """One switch and its controller for the tests that leave nothing behind."""
     log_dir = tmp_path_factory.mktemp("controller")
     switch = SwitchProcess(log_dir).start()
@@ -54,7 +56,8 @@ class Ranks:
 
     def __init__(self, url: str, job_id: int, world_size: int) -> None:
         self.socks = bound_udp_sockets(world_size)
-        self.memberships: list[Membership] = [None] * world_size
+        # each rank's place once _each has run: every rank registers, or _each raises
+        self.memberships = cast(list[Membership], [None] * world_size)
         self._each(lambda r: self._register(url, job_id, r, world_size))
         self.comms = [
             SwitchCommunicator(m.binding, WorkerOptions(k=K, timeout=10), s)
@@ -84,7 +87,9 @@ class Ranks:
 
     @property
     def session(self) -> int:
-        return self.memberships[0].binding.session
+        session = self.memberships[0].binding.session
+        assert session is not None  # a controller's job always has one
+        return session
 
     def allreduce_exactly(self, seed: int, elements: int = 20_000) -> None:
         inputs = [synthetic_tensor(seed, r, elements, "float32") for r in range(len(self.socks))]

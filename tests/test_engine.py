@@ -15,6 +15,7 @@ import random
 import socket
 import time
 from collections.abc import Iterable
+from typing import cast
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from switchreduce.emulation.softswitch.engine import (
     Address,
     CompiledDatapath,
     Emitted,
+    EngineName,
     PythonDatapath,
 )
 from switchreduce.emulation.softswitch.faults import FaultSpec
@@ -406,7 +408,8 @@ def test_the_engines_fault_injector_has_the_probabilities_asked() -> None:
     sent = 4000
     with UdpSwitch(switch, ("127.0.0.1", 0), faults) as server, _socket() as sock:
         for _ in range(sent):
-            sock.sendto(b"hostile", server.address)
+            # __enter__ returns the switch itself, typed as any SwitchRuntime
+            sock.sendto(b"hostile", cast(UdpSwitch, server).address)
             time.sleep(0.00002)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -431,7 +434,7 @@ def _socket() -> socket.socket:
 
 
 @pytest.mark.parametrize("engine", ["compiled", "python"])
-def test_allreduce_through_either_engine_with_faults(engine: str) -> None:
+def test_allreduce_through_either_engine_with_faults(engine: EngineName) -> None:
     world_size, length = 3, 50 * K + 7
     faults = FaultSpec(loss=0.03, duplicate=0.03, reorder=0.05, seed=4)
     inputs = [synthetic_tensor(5, r, length, "float32") for r in range(world_size)]

@@ -20,6 +20,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import TypedDict
 
 import numpy as np
 import pytest
@@ -47,6 +48,13 @@ def host_mac(port: int) -> int:
 
 def host_ip(port: int) -> str:
     return f"10.0.0.{port}"
+
+
+class _Destination(TypedDict):
+    """Where a frame goes: :func:`frame`'s ``dst_mac`` and ``dst_ip``."""
+
+    dst_mac: int
+    dst_ip: str
 
 
 def frame(
@@ -190,7 +198,7 @@ def test_every_drop_reason_and_reply_of_raw_mode(pair: FramePair) -> None:
 def test_other_traffic_is_forwarded_by_mac_as_it_came(pair: FramePair) -> None:
     """ARP, ICMP, TCP, UDP to other ports, IPv4 with options, IPv6, runts; a NoAction
     forward entry (port 0), a deleted one, broadcast (no entry)."""
-    to_3 = {"dst_mac": host_mac(3), "dst_ip": host_ip(3)}
+    to_3: _Destination = {"dst_mac": host_mac(3), "dst_ip": host_ip(3)}
     arp = ethernet(host_mac(3), host_mac(1), 0x0806)
     forwarded = [
         arp + bytes(28), frame(1, b"icmp", protocol=1, **to_3),

@@ -8,12 +8,14 @@ it the error of every step adds up. Both worker engines give the same sums.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import pytest
 
 from switchreduce.worker import quantize as q
 from switchreduce.worker import shim
-from switchreduce.worker.engine import ENGINES
+from switchreduce.worker.engine import ENGINES, EngineName
 from switchreduce.worker.errors import WorkerError
 from switchreduce.worker.reference import reference_sum, synthetic_tensor
 from switchreduce.worker.shim import WorkerOptions
@@ -21,6 +23,15 @@ from switchreduce.worker.shim import WorkerOptions
 K = 256
 STEPS = 20
 LENGTHS = (5_000, 700)  # two "buckets" a step
+
+
+class _Common(TypedDict):
+    """The WorkerOptions both runs of a comparison share."""
+
+    k: int
+    timeout: float
+    lane_bits: int
+    engine: EngineName
 
 
 def _train(
@@ -49,10 +60,10 @@ def _train(
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("lanes", [8, 16])
 def test_error_feedback_keeps_the_error_of_many_steps_at_about_one_steps(
-    job_factory, lanes: int, engine: str
+    job_factory, lanes: int, engine: EngineName
 ) -> None:
     world_size = 3
-    common = {"k": K, "timeout": 20.0, "lane_bits": lanes, "engine": engine}
+    common: _Common = {"k": K, "timeout": 20.0, "lane_bits": lanes, "engine": engine}
     with_feedback = _train(job_factory, world_size, WorkerOptions(**common, error_feedback=True))
     without = _train(job_factory, world_size, WorkerOptions(**common))
     m = q.peak_level(world_size, lane_bits=lanes)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -129,7 +130,7 @@ def test_a_sweep_of_several_parameters_sets_them_together() -> None:
 
 
 def _short(**sections) -> ExperimentConfig:
-    raw = {
+    raw: dict[str, Any] = {
         "name": "short",
         "topology": {"mode": "loopback", "workers": 2},
         "model": {"hidden": 32},

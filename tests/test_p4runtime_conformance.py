@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -234,7 +235,7 @@ class Client:
             return exc.code().name, texts(*found)
         return "OK", texts(*found)
 
-    def _unary(self, method, request) -> tuple[str, object]:
+    def _unary(self, method, request) -> tuple[str, Any]:
         try:
             return "OK", method(request, timeout=5)
         except grpc.RpcError as exc:

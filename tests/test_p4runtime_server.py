@@ -133,6 +133,12 @@ def test_shell_writes_and_reads_multicast_groups_and_counters(
     assert switch.pre.groups == {}
 
 
+def _soft(target: Target) -> SoftSwitch:
+    """The soft switch behind a ``soft_switch()`` target (which always has one)."""
+    assert target.switch is not None
+    return target.switch
+
+
 @contextmanager
 def _session(target: Target) -> Iterator[Client]:
     """A client that is primary (election id 1) and has pushed the program."""
@@ -159,7 +165,7 @@ def test_a_p4info_for_another_k_is_refused() -> None:
         request.config.p4info.CopyFrom(target.p4info)
         for register in request.config.p4info.registers:
             if register.preamble.name == "SwitchReduceIngress.value":
-                register.size = 2 * target.switch.ingress.pool_size * 64
+                register.size = 2 * _soft(target).ingress.pool_size * 64
         with pytest.raises(grpc.RpcError) as refused:
             c.stub.SetForwardingPipelineConfig(request)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -188,7 +194,7 @@ def test_a_pushed_pipeline_starts_the_data_plane_empty() -> None:
     """Whatever the switch held, installed or counted, a VERIFY_AND_COMMIT starts it as the
     program was built, as BMv2 loading a program does: registers at zero too."""
     with soft_switch() as target, _session(target) as c:
-        switch = target.switch
+        switch = _soft(target)
         set_job = c.default(
             SET_JOB, world_size=3, slot_base=0, slot_count=8, mcast_grp=1, session=1
         )
@@ -210,7 +216,7 @@ def test_a_default_entry_reset_reaches_the_data_plane() -> None:
             SET_JOB, world_size=3, slot_base=0, slot_count=8, mcast_grp=1, session=1
         )
         assert c.write(update(Update.MODIFY, set_job)) == "OK"
-        jobs = target.switch.ingress.jobs
+        jobs = _soft(target).ingress.jobs
         assert jobs.default_action == ActionCall(SET_JOB, (3, 0, 8, 1, 1))
         assert c.write(update(Update.MODIFY, c.default())) == "OK"
         assert jobs.default_action == ActionCall(NO_ACTION)
@@ -221,7 +227,7 @@ def test_a_saved_pipeline_reaches_the_data_plane_only_on_commit() -> None:
     COMMIT answers as the spec says: NOT_FOUND with nothing saved, INVALID_ARGUMENT with a
     config; BMv2 answers UNKNOWN to the first and ignores the config."""
     with soft_switch() as target, _session(target) as c:
-        jobs = target.switch.ingress.jobs
+        jobs = _soft(target).ingress.jobs
         assert c.write(update(Update.INSERT, c.job(7))) == "OK"
         assert c.push(Set.VERIFY_AND_SAVE) == "OK"
         assert c.write(update(Update.INSERT, c.job(8))) == "OK"
@@ -240,14 +246,14 @@ def test_reconcile_keeps_the_state() -> None:
         assert c.write(*(update(Update.INSERT, e) for e in kept)) == "OK"
         assert c.push(Set.RECONCILE_AND_COMMIT) == "OK"
         assert c.read(c.jobs(), c.group(0), c.clone(0)) == ("OK", texts(*kept))
-        assert list(target.switch.ingress.jobs.entries) == [(7,)]
+        assert list(_soft(target).ingress.jobs.entries) == [(7,)]
 
 
 def test_a_full_table_is_resource_exhausted() -> None:
     """The spec's answer, which the controller reads as a capacity refusal; BMv2 answers
     UNKNOWN."""
     with soft_switch() as target, _session(target) as c:
-        target.switch.ingress.jobs.size = 1
+        _soft(target).ingress.jobs.size = 1
         assert c.write(update(Update.INSERT, c.job(7)), update(Update.INSERT, c.job(8))) == (
             "UNKNOWN [OK, RESOURCE_EXHAUSTED]"
         )

@@ -64,7 +64,9 @@ def test_constants_match_the_python_side() -> None:
 
 @pytest.mark.fast
 def test_aggregation_header_matches_the_wire_format() -> None:
-    body = re.search(r"header switchreduce_h \{(.*?)\}", SOURCES["headers.p4"], re.S).group(1)
+    header = re.search(r"header switchreduce_h \{(.*?)\}", SOURCES["headers.p4"], re.S)
+    assert header is not None
+    body = header.group(1)
     fields = [(name, int(width)) for width, name in re.findall(r"bit<(\d+)>\s+(\w+);", body)]
     assert fields == list(wire.HEADER_FIELDS)
 
@@ -83,7 +85,9 @@ def test_tables_keys_and_actions_match_the_soft_switch() -> None:
             if action.name == "NoAction":
                 continue
             short = action.name.split(".")[1]
-            signature = re.search(rf"action {short}\((.*?)\)", text, re.S).group(1)
+            declared = re.search(rf"action {short}\((.*?)\)", text, re.S)
+            assert declared is not None
+            signature = declared.group(1)
             params = tuple(re.findall(r"bit<\d+> (\w+)", signature))
             assert params == action.param_names, action.name
 

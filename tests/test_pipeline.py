@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Protocol, cast
 
 import numpy as np
 import pytest
 
 from switchreduce import wire
-from switchreduce.emulation.softswitch.pipeline import DropReason, Packet, SoftSwitch, ipv4_checksum
+from switchreduce.emulation.softswitch.pipeline import DropReason, SoftSwitch, ipv4_checksum
 from switchreduce.emulation.softswitch.static import install_static_job
 from switchreduce.emulation.softswitch.tables import ActionCall
 from switchreduce.p4runtime.jobs import Job, Member, replica_id
@@ -32,6 +33,19 @@ def make_switch(world_size: int = 3, slots: int = 4, job_id: int = 1) -> SoftSwi
     return switch
 
 
+class Emitted(Protocol):
+    """A packet the pipeline emits: unlike a parsed one, its header and elements are always
+    set (the deparser relies on it)."""
+
+    ip_dst: int
+    udp_sport: int
+    udp_dport: int
+    header: wire.Header
+    elements: np.ndarray
+    egress_port: int
+    egress_rid: int
+
+
 def send(
     switch: SoftSwitch,
     rank: int,
@@ -45,7 +59,7 @@ def send(
     session: int = SESSION,
     format_: int = 0,
     length: int = K,
-) -> list[Packet]:
+) -> list[Emitted]:
     header = wire.Header(
         wire.MsgType.DATA,
         job_id,
@@ -62,7 +76,7 @@ def send(
     )
     payload = wire.encode(header, np.full(K, value, dtype=np.int32))
     pkt = switch.parser.parse_datagram(payload, source or worker_address(rank), SWITCH)
-    return switch.process(pkt)
+    return cast(list[Emitted], switch.process(pkt))
 
 
 def drops(switch: SoftSwitch, reason: DropReason) -> int:
@@ -264,7 +278,7 @@ def test_ranks_whose_round_counters_disagree_would_be_summed_without_the_chunk_c
     the very same packets, rank 1's header naming chunk 1, pass every other check and return
     a sum of two different chunks that every rank would take."""
 
-    def round_of(rank1_chunk: int) -> tuple[SoftSwitch, list[Packet]]:
+    def round_of(rank1_chunk: int) -> tuple[SoftSwitch, list[Emitted]]:
         switch = make_switch(world_size=2)
         assert send(switch, 0, slot=1, chunk=1, value=10) == []
         return switch, send(switch, 1, slot=1, chunk=rank1_chunk, value=500)

@@ -81,22 +81,27 @@ class Cluster:
     def restart_switch(self, pause: float) -> None:
         """kill -9 the switch, then start it again on the same ports."""
         if self.controlled:
+            assert self.switch is not None
             self.switch.stop(kill=True)
             time.sleep(pause)
             self.switch.start()
         else:
+            assert self.static_switch is not None
             self.static_switch.kill()
             time.sleep(pause)
             self._start_static_switch()
 
     def restart_controller(self, pause: float) -> None:
+        assert self.controller is not None
         self.controller.stop(kill=True)
         time.sleep(pause)
         self.controller.start()
 
     def start_rank(self, rank: int, seed: int, calls: int) -> Rank:
         self.log.append(f"rank {rank} started (seed {seed}, {calls} calls)")
+        args: tuple[object, ...]
         if self.controlled:
+            assert self.controller is not None and self.switch is not None
             args = (self.controller.url, rank, WORLD_SIZE, seed, calls, TIMEOUT, self.switch.k)
         else:
             args = (self.address, self.ports[rank], rank, WORLD_SIZE, seed, calls, TIMEOUT, SLOTS)
@@ -113,6 +118,7 @@ class Cluster:
         """A controller's job ends once its ranks are gone (left, or their lease expired), and
         a restarted switch is back once the controller has re-programmed it."""
         if self.controlled:
+            assert self.controller is not None
             self.controller.wait_for(
                 lambda view: not view["jobs"] and view["switch"] == "available",
                 timeout=LEASE + 10,

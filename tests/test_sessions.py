@@ -12,6 +12,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,9 +55,9 @@ def static_switch(world_size: int, slots: int = SLOTS) -> Iterator[tuple[UdpSwit
         server.stop()
 
 
-def in_threads(count: int, work: Callable[[int], object]) -> list[object]:
+def in_threads(count: int, work: Callable[[int], object]) -> list[Any]:
     """``work(rank)`` for every rank at once; each rank's result or the exception it raised."""
-    results: list[object] = [None] * count
+    results: list[Any] = [None] * count
 
     def run(rank: int) -> None:
         try:
@@ -81,7 +82,7 @@ def communicator(
     return SwitchCommunicator(binding, opts, bind=("127.0.0.1", port))
 
 
-def run_once(server: UdpSwitch, ports: list[int], inputs: list) -> list[object]:
+def run_once(server: UdpSwitch, ports: list[int], inputs: list) -> list[Any]:
     """New communicators (a new run of the job) sum ``inputs``; each rank's result or error."""
 
     def work(rank: int) -> object:

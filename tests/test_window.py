@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import heapq
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pytest
@@ -27,6 +27,7 @@ from switchreduce.emulation.softswitch.pipeline import SoftSwitch
 from switchreduce.emulation.softswitch.static import install_static_job
 from switchreduce.p4runtime.jobs import Job as JobEntry
 from switchreduce.p4runtime.jobs import Member
+from switchreduce.p4runtime.names import JobStat
 from switchreduce.worker import _window
 from switchreduce.worker import quantize as q
 from switchreduce.worker.engine import CompiledTransfer
@@ -182,7 +183,11 @@ class Network:
                 self._send(rank, transfer.expire(self.now))
         return [t.out.reshape(x.shape) for t, x in zip(transfers, inputs, strict=True)]
 
-    def noise_keys(self, noise_seed: int | None) -> list[int | None]:
+    @overload
+    def noise_keys(self, noise_seed: int) -> list[int]: ...
+    @overload
+    def noise_keys(self, noise_seed: None) -> list[None]: ...
+    def noise_keys(self, noise_seed: int | None) -> list[int] | list[None]:
         """Each rank's stochastic rounding key for the current call (None: to nearest)."""
         if noise_seed is None:
             return [None] * self.world_size
@@ -289,7 +294,7 @@ def test_a_lost_result_is_recovered_from_the_switchs_stored_copy() -> None:
     results = net.allreduce(inputs)
     assert all(np.array_equal(r, inputs[0] * 3) for r in results)
     assert sum(s.retransmissions for s in net.stats) > 0
-    assert net.switch.ingress.job_stats[2].packets[1] > 0  # retransmit replies
+    assert net.switch.ingress.job_stats[JobStat.RETRANSMIT_REPLIES].packets[1] > 0
 
 
 def test_an_answer_for_another_session_raises_stale_session() -> None:

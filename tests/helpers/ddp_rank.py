@@ -8,6 +8,7 @@ bucket sizes DDP used (it cuts its buckets after the first pass).
 from __future__ import annotations
 
 import sys
+from typing import cast
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ def model_and_batch(rank: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Ten
 
 
 def gradients(model: torch.nn.Module) -> np.ndarray:
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
+    # every parameter has a gradient once a backward pass has run
+    return torch.cat([cast(torch.Tensor, p.grad).reshape(-1) for p in model.parameters()]).numpy()
 
 
 def backward_passes(ddp: DistributedDataParallel, rank: int) -> tuple[np.ndarray, list[int]]:
@@ -53,8 +55,8 @@ def backward_passes(ddp: DistributedDataParallel, rank: int) -> tuple[np.ndarray
 
 
 def main() -> None:
-    rank, world_size, store, switch_port, bind_port, out, session, hook = sys.argv[1:9]
-    rank, world_size = int(rank), int(world_size)
+    rank_arg, world_size_arg, store, switch_port, bind_port, out, session, hook = sys.argv[1:9]
+    rank, world_size = int(rank_arg), int(world_size_arg)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     gloo = DistributedDataParallel(model_and_batch(rank)[0], bucket_cap_mb=BUCKET_CAP_MB)
     gloo_gradients, _ = backward_passes(gloo, rank)

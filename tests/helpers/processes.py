@@ -103,7 +103,7 @@ class SwitchProcess:
 
     def job_state(self) -> dict:
         """Everything jobs put on the switch: their table entries and multicast groups."""
-        state = {table: self.reader.read_table(table) for table in JOB_TABLES}
+        state: dict[str, object] = {table: self.reader.read_table(table) for table in JOB_TABLES}
         state["groups"] = self.reader.read_multicast_groups()
         return state
 
