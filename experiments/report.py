@@ -10,6 +10,9 @@
     bytes_sent       bytes all ranks sent in the iteration: their interfaces' counters in
                      Mininet; the shim's UDP payload bytes on loopback; null for gloo there
     retransmissions  the shim's retransmissions (switch only)
+    waits            of those, the ones the switch answered WAITING: their round held the
+                     contribution and waited for another rank (switch only)
+    packets_sent     the shim's packets, first sendings and resends (switch only)
     accuracy, test_loss   on the test set, where evaluated (every rank holds the same model)
 """
 
@@ -36,6 +39,8 @@ SUMMARY_FIELDS = (
     "total_s",
     "bytes_per_iteration",
     "retransmissions",
+    "waits",
+    "packets_sent",
     "target_accuracy",
     "time_to_target_s",
 )
@@ -90,6 +95,8 @@ def merge_metrics(out: Path, backends, workers: int) -> list[dict]:
                 "elapsed": max(r["elapsed"] for r in records),
                 "bytes_sent": None if None in sent else sum(sent),
                 "retransmissions": sum(r.get("retransmissions", 0) for r in records),
+                "waits": sum(r.get("waits", 0) for r in records),
+                "packets_sent": sum(r.get("packets_sent", 0) for r in records),
             }
             for key in ("accuracy", "test_loss"):
                 if key in first:
@@ -117,6 +124,8 @@ def summarize(backend: str, records: list[dict], mode: str, target: float | None
         "total_s": mine[-1]["elapsed"],
         "bytes_per_iteration": None if None in sent else sum(sent) / len(sent),
         "retransmissions": sum(r["retransmissions"] for r in mine),
+        "waits": sum(r.get("waits", 0) for r in mine),
+        "packets_sent": sum(r.get("packets_sent", 0) for r in mine),
         "target_accuracy": target,
         "time_to_target_s": reached[0] if reached else None,
     }

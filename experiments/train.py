@@ -53,6 +53,8 @@ def interface_tx_bytes(name: str) -> int:
 
 
 #: torch.distributed's rendezvous, as torchrun sets it (init_method="env://").
+#: The backend's counts each iteration's record carries (where it keeps them: the switch's).
+COUNTED = frozenset({"retransmissions", "waits", "packets_sent"})
 TORCHRUN_ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -179,7 +181,7 @@ def _loop(
         loss = step()
         in_order = [buckets[index] for index in sorted(buckets)]
     sent = _bytes_sent(chosen, options.interface)
-    retransmissions = chosen.retransmissions
+    counts = chosen.stats()
     progress_every = max(1, t.iterations // 20)
     dist.barrier()  # start together: what is timed is training, not start-up
     with metrics_path(options.out, options.backend, rank).open("w") as metrics:
@@ -200,9 +202,10 @@ def _loop(
             now_sent = _bytes_sent(chosen, options.interface)
             record["bytes_sent"] = _since(now_sent, sent)
             sent = now_sent
-            if retransmissions is not None:
-                record["retransmissions"] = _since(chosen.retransmissions, retransmissions)
-                retransmissions = chosen.retransmissions
+            now_counts = chosen.stats()
+            for key in COUNTED & now_counts.keys():
+                record[key] = now_counts[key] - counts[key]
+            counts = now_counts
             if iteration % t.eval_every == 0 or iteration == t.iterations:
                 record.update(_evaluate(ddp.module, data, loss_fn))
             metrics.write(json.dumps(record) + "\n")

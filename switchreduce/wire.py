@@ -167,6 +167,7 @@ class MsgType(IntEnum):
     JOINED = 4  # switch -> worker: the session every rank of the static job now uses
     STALE = 5  # switch -> worker: the packet's session is not the job's
     REFUSED = 6  # switch -> workers: ranks disagree on what the round sums
+    WAITING = 7  # switch -> worker: its resent contribution is in; the round waits for others
 
 
 class DropReason(IntEnum):
@@ -177,7 +178,7 @@ class DropReason(IntEnum):
     RANK_OUT_OF_RANGE = 2
     SLOT_OUT_OF_RANGE = 3
     UNBOUND_WORKER = 4
-    DUPLICATE = 5
+    DUPLICATE = 5  # the contribution is in its round already (answered WAITING if incomplete)
     STALE = 6
     NO_ROUTE = 7
     BAD_SESSION = 8

@@ -172,7 +172,8 @@ def test_a_round_multicasts_its_sums_to_every_rank(pair: Pair) -> None:
 
 @pytest.mark.fast
 def test_every_drop_reason_and_reply_of_udp_mode(pair: Pair) -> None:
-    """No route needs frames (raw mode); every other reason, and STALE and REFUSED answers."""
+    """No route needs frames (raw mode); every other reason, and STALE, REFUSED and WAITING
+    answers."""
     pair.job(world_size=2, slots=4)
     good = datagram(0)
     hostile = [
@@ -193,7 +194,16 @@ def test_every_drop_reason_and_reply_of_udp_mode(pair: Pair) -> None:
     ]
     assert stale[0][1][1:] == datagram(session=OTHER_SESSION)[1:]  # an echo
     assert pair.feed(datagram(0, round_=3)) == []
-    assert pair.feed(datagram(0, round_=3)) == []  # duplicate
+    resent = datagram(0, round_=3, value=7)
+    waiting = pair.feed(resent)  # a duplicate: it is in, the round waits for rank 1
+    assert [(to, wire.unpack_header(d).msg_type) for to, d in waiting] == [
+        (worker(0), wire.MsgType.WAITING)
+    ]
+    first_word = wire.HEADER_BYTES + wire.ELEMENT_BYTES
+    assert wire.decode_elements(waiting[0][1], K)[0] == 0b01  # the ranks the row holds
+    assert waiting[0][1][1 : first_word - 4] + waiting[0][1][first_word:] == (
+        resent[1 : first_word - 4] + resent[first_word:]
+    )  # else an echo
     assert pair.feed(datagram(0, round_=1)) == []  # stale: an older round
     refused = pair.feed(datagram(1, round_=3, format_=1 << 5 | 31), worker(1))  # mismatch
     assert [to for to, _ in refused] == [worker(0), worker(1)]

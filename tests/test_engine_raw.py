@@ -173,7 +173,9 @@ def test_every_drop_reason_and_reply_of_raw_mode(pair: FramePair) -> None:
     assert [port for port, _ in stale] == [1] and header_is_valid(stale[0][1])
     assert wire.unpack_header(stale[0][1][wire.L2_L4_BYTES :]).msg_type == wire.MsgType.STALE
     assert pair.feed_frame(data(1, round_=3), 1) == []
-    assert pair.feed_frame(data(1, round_=3), 1) == []  # duplicate
+    waiting = pair.feed_frame(data(1, round_=3), 1)  # a duplicate: the round waits for others
+    assert [port for port, _ in waiting] == [1] and header_is_valid(waiting[0][1])
+    assert wire.unpack_header(waiting[0][1][wire.L2_L4_BYTES :]).msg_type == wire.MsgType.WAITING
     assert pair.feed_frame(data(1, round_=1), 1) == []  # stale: an older round
     for slot, disagreement in enumerate(({"format_": 0x3F}, {"length": 5}, {"chunk": 8}), 1):
         assert pair.feed_frame(data(1, slot=slot), 1) == []

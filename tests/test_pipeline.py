@@ -109,12 +109,17 @@ def test_retransmission_into_a_complete_slot_gets_the_result_alone() -> None:
     assert switch.ingress.job_stats[JobStat.RETRANSMIT_REPLIES].packets[1] == 1
 
 
-def test_retransmission_into_an_incomplete_slot_is_dropped_as_duplicate() -> None:
+def test_retransmission_into_an_incomplete_slot_is_answered_waiting_and_not_added() -> None:
     switch = make_switch(world_size=3)
     send(switch, 0, value=5)
-    assert send(switch, 0, value=5) == []
-    assert drops(switch, DropReason.DUPLICATE) == 1
     send(switch, 1, value=5)
+    waiting = send(switch, 0, value=5)
+    assert len(waiting) == 1 and waiting[0].udp_dport == 50000  # to the sender alone
+    assert waiting[0].header is not None and waiting[0].elements is not None
+    assert waiting[0].header.msg_type == wire.MsgType.WAITING
+    assert waiting[0].elements[0] == 0b011  # ranks 0 and 1 are in: the round waits for rank 2
+    assert (waiting[0].elements[1:] == 5).all()  # the rest echoes the sender's
+    assert drops(switch, DropReason.DUPLICATE) == 1
     out = send(switch, 2, value=5)
     assert (out[0].elements == 15).all()  # the duplicate was not added twice
 

@@ -74,6 +74,8 @@ class Network:
     service: dict[int, float] = field(default_factory=dict)
     #: Probability that a datagram reaching a rank comes with a forged variant (forge()).
     hostile: float = 0.0
+    #: Seconds after the others that a rank starts each call (a straggler's longer compute).
+    late: dict[int, float] = field(default_factory=dict)
     #: The window every rank runs.
     window: type[Transfer] | type[CompiledTransfer] = Transfer
     now: float = 0.0
@@ -169,13 +171,15 @@ class Network:
                     self.stats[r],
                 )
             )
-        for rank, transfer in enumerate(transfers):
-            self._send(rank, transfer.start(self.now))
-        while not all(t.done for t in transfers):
+        starts = sorted((self.now + self.late.get(rank, 0.0), rank) for rank in range(len(inputs)))
+        while starts or not all(t.done for t in transfers):
             deadlines = [d for t in transfers if (d := t.next_deadline()) is not None]
             next_event = self._events[0][0] if self._events else float("inf")
-            self.now = min([next_event, *deadlines])
+            self.now = min([next_event, *deadlines, *(at for at, _ in starts[:1])])
             assert self.now < 600, "no progress in 600 virtual seconds"
+            while starts and starts[0][0] <= self.now:
+                rank = starts.pop(0)[1]
+                self._send(rank, transfers[rank].start(self.now))
             if self._events and self._events[0][0] <= self.now:
                 _, _, target, packet = heapq.heappop(self._events)
                 self._deliver(target, packet, transfers)
@@ -377,6 +381,47 @@ def test_losses_behind_queues_are_repaired_in_about_a_round_trip_by_one_resend_p
     assert [s.fast_retransmissions for s in net.stats] == [len(lost)] * 4
     srtt = max(rtt.srtt or 0.0 for rtt in net.rtts)
     assert net.now - lossless.now < srtt * len(lost), (net.now, lossless.now, srtt)
+
+
+def test_a_late_rank_costs_each_other_rank_a_probe_per_doubling_not_its_window() -> None:
+    """Rank 3 starts 0.3 s after the others (their timeout floor is 10 ms). Each of the others
+    resends one use each time the doubling timeout runs out, at 10, 30, 70 and 150 ms, and the
+    switch answers every one WAITING; the 15 other uses of its window wait, unsent. Before
+    probes, all 16 went out each time: 64 resends per rank."""
+    net = Network(4, 16, seed=2)
+    inputs = [np.arange(64 * K, dtype=np.int32) * (r + 1) for r in range(4)]
+    net.allreduce(inputs)  # the round trip is measured: the timeout floor, 10 ms, applies
+    net.late = {3: 0.3}
+    for result in net.allreduce(inputs):
+        assert np.array_equal(result, inputs[0] * 10)
+    assert [s.retransmissions for s in net.stats] == [4, 4, 4, 0]
+    assert [s.waits for s in net.stats] == [4, 4, 4, 0]  # every resend was one it did not need
+    assert [s.timeouts for s in net.stats] == [4, 4, 4, 0]
+
+
+def test_a_probe_answered_with_its_result_resends_the_held_uses_at_once() -> None:
+    """Rank 0's last three uses are lost: the others' rounds wait for it, so their resends are
+    answered WAITING; rank 0's probe completes its round, and its answer, a RESULT, says the
+    other two timed-out uses were lost too: they go at once, not a timeout each later."""
+    net = Network(4, 8, seed=3)
+    inputs = [np.arange(24 * K, dtype=np.int32) - r for r in range(4)]
+    net.allreduce(inputs)
+    net.lose_once = {(0, 21), (0, 22), (0, 23)}
+    start = net.now
+    for result in net.allreduce(inputs):
+        assert np.array_equal(result, sum(inputs))
+    assert (net.stats[0].timeouts, net.stats[0].retransmissions) == (1, 3)
+    assert net.now - start < 2 * net.rtts[0].rto(1), "a timeout per lost use"
+
+
+def test_the_windows_agree_on_a_late_rank_and_losses() -> None:
+    """Probes, WAITING and held uses, alike in both windows, with losses on top of a late rank."""
+    calls = calls_of(7, 4, [100 * K, 40 * K, 70 * K], ["float32", "int32", "float32"])
+    seen = assert_windows_agree(
+        calls, world_size=4, slots=8, seed=11, loss=0.03, reorder=0.05, late={2: 0.25}
+    )
+    stats = seen[-1]["stats"]
+    assert sum(s["waits"] for s in stats) > 0 and sum(s["timeouts"] for s in stats) > 0
 
 
 # -- the compiled window against the specification ------------------------------------------------
@@ -602,7 +647,7 @@ def test_the_compiled_window_lays_out_packets_as_wire_does() -> None:
     """The C header offsets against wire.Header.pack, field by field, byte for byte."""
     assert (_window.HEADER_BYTES, _window.ELEMENT_BYTES) == (wire.HEADER_BYTES, wire.ELEMENT_BYTES)
     assert _window.EXPONENT_BIAS == wire.EXPONENT_BIAS
-    names = ("DATA", "RESULT", "STALE", "REFUSED")
+    names = ("DATA", "RESULT", "STALE", "REFUSED", "WAITING")
     assert [getattr(_window, n) for n in names] == [wire.MsgType[n] for n in names]
     flat = np.arange(3 * K + 5, dtype=np.int32) - 7
     job = Job(0xBEEF, 0xA5, 32, 5, K, 0x0123_4567_89AB_CDEF)

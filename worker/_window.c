@@ -57,7 +57,7 @@ enum {
     AT_LENGTH = 16,
     AT_SESSION = 20,
 };
-enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_STALE = 5, MSG_REFUSED = 6 };
+enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_STALE = 5, MSG_REFUSED = 6, MSG_WAITING = 7 };
 #define EXPONENT_BIAS 127
 #define EXPONENT_MIN (1 - EXPONENT_BIAS)
 
@@ -68,11 +68,11 @@ enum { GOING, STALE, REFUSED, DONE, STALLED, CHECK_IN, FAILED };
 
 /* The statistics a transfer counts, named as WorkerStats' fields. */
 enum {
-    RETRANSMISSIONS, TIMEOUTS, FAST_RETRANSMISSIONS, DUPLICATES, PACKETS_SENT, PACKETS_RECEIVED,
-    BYTES_SENT, BYTES_RECEIVED, NUM_STATS
+    RETRANSMISSIONS, TIMEOUTS, FAST_RETRANSMISSIONS, DUPLICATES, WAITS, PACKETS_SENT,
+    PACKETS_RECEIVED, BYTES_SENT, BYTES_RECEIVED, NUM_STATS
 };
 static const char *const STAT_NAMES[NUM_STATS] = {
-    "retransmissions", "timeouts", "fast_retransmissions", "duplicates", "packets_sent",
+    "retransmissions", "timeouts", "fast_retransmissions", "duplicates", "waits", "packets_sent",
     "packets_received", "bytes_sent", "bytes_received",
 };
 
@@ -99,6 +99,8 @@ typedef struct {
     int32_t older, newer;     /* neighbours in the order of sending (window.py's _sent_order) */
     uint8_t active;           /* in window.py's _uses (and _sent_order) */
     uint8_t queued;           /* its packet waits in the send queue */
+    uint8_t held;             /* timed out, not resent: waits for the probe's answer */
+    uint8_t waiting;          /* the switch answered WAITING: it holds this use's contribution */
 } use_t;
 
 typedef struct Transfer Transfer;
@@ -137,6 +139,9 @@ struct Transfer {
     int32_t oldest, newest; /* ends of the order of sending; -1: none */
     uint32_t *queue;   /* slots whose packet is to be sent, in order */
     uint32_t nqueue;
+    int32_t probe;     /* the slot whose use was resent for the held ones; -1: none */
+    uint32_t stalls;   /* probes since the last result: the next one's backoff */
+    uint32_t *held;    /* scratch: the held slots, oldest first, when a stall ends */
     drain_t drain;     /* called when the queue is full, or a queued packet is to be rewritten */
     void *drain_context;
     PyObject *taken;   /* the sans-IO methods' answer: the drained packets as bytes */
@@ -411,12 +416,13 @@ static void order_latest(Transfer *t, uint32_t slot) {
 
 /* -- the window (window.Transfer) ------------------------------------------------------------ */
 
-/* Transfer._arm: (re)start the use's timer; it is now the most recently sent use. */
-static void arm(Transfer *t, uint32_t slot, double now) {
+/* Transfer._arm: (re)start the use's timer, doubled ``backoff`` times; it is now the most
+ * recently sent use. */
+static void arm(Transfer *t, uint32_t slot, double now, uint32_t backoff) {
     use_t *u = &t->uses[slot];
     order_latest(t, slot);
     u->sent_at = now;
-    timer_set(t, slot, now + rto(t, u->retries));
+    timer_set(t, slot, now + rto(t, backoff));
 }
 
 /* A slot's packet joins the send queue (the packets of one call, in window.py's order). */
@@ -426,12 +432,38 @@ static void enqueue(Transfer *t, uint32_t slot) {
     t->queue[t->nqueue++] = slot;
 }
 
-/* Transfer._resend: the use's packet again, unchanged; its timer backs off. */
-static void resend(Transfer *t, uint32_t slot, double now) {
-    t->uses[slot].retries++;
+/* Transfer._resend: the use's packet again, unchanged; its timer backs off (at least
+ * ``backoff`` doublings). */
+static void resend_backing_off(Transfer *t, uint32_t slot, double now, uint32_t backoff) {
+    use_t *u = &t->uses[slot];
+    u->retries++;
+    u->held = 0;
     t->stats[RETRANSMISSIONS]++;
-    arm(t, slot, now);
+    arm(t, slot, now, u->retries > backoff ? u->retries : backoff);
     enqueue(t, slot);
+}
+
+static void resend(Transfer *t, uint32_t slot, double now) { resend_backing_off(t, slot, now, 0); }
+
+/* Transfer._end_stall: a result to ``answered`` came. The held uses are resent if it answered a
+ * probe the switch did not say WAITING to (what timed out was lost), else their timers restart. */
+static void end_stall(Transfer *t, uint32_t answered, double now) {
+    if (t->probe < 0) return; /* nothing is held without a probe out */
+    int lost = t->probe == (int32_t)answered && !t->uses[answered].waiting;
+    t->probe = -1;
+    t->stalls = 0;
+    uint32_t n = 0;
+    for (int32_t s = t->oldest; s >= 0; s = t->uses[s].newer)
+        if (s != (int32_t)answered && t->uses[s].held) t->held[n++] = (uint32_t)s;
+    for (uint32_t i = 0; i < n; i++) {
+        use_t *u = &t->uses[t->held[i]];
+        if (lost) {
+            resend(t, t->held[i], now);
+        } else {
+            u->held = 0;
+            timer_set(t, t->held[i], now + rto(t, u->retries));
+        }
+    }
 }
 
 /* Transfer._overtake: the uses sent a reordering window or more before the answered one's first
@@ -496,9 +528,10 @@ static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
     u->round = round;
     u->count = (uint16_t)count;
     u->retries = 0;
+    u->held = u->waiting = 0;
     u->first_sent_at = now;
     u->active = 1;
-    arm(t, slot, now);
+    arm(t, slot, now, 0);
     enqueue(t, slot);
 }
 
@@ -543,6 +576,11 @@ static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
         memcpy(t->refusal, d, HEADER_BYTES);
         return REFUSED;
     }
+    if (d[AT_MSG_TYPE] == MSG_WAITING) {
+        t->stats[WAITS]++;
+        u->waiting = 1;
+        return GOING;
+    }
     if (d[AT_MSG_TYPE] != MSG_RESULT || rd16(d + AT_COUNT) != u->count) {
         t->stats[DUPLICATES]++;
         return GOING;
@@ -551,6 +589,7 @@ static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
     t->progress_at = now;
     if (u->retries == 0) sample_rtt(t, now - u->sent_at);
     overtake(t, slot, now);
+    end_stall(t, slot, now);
     uint8_t exponent = d[AT_EXPONENT];
     if (u->chunk == PRIME) {
         t->global_exp[slot] = exponent;
@@ -571,12 +610,23 @@ static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
     return GOING;
 }
 
-/* Transfer.expire: the uses whose timeout has passed, resent unchanged. */
+/* Transfer.expire: the uses whose timeout has passed are held; the oldest held is resent as a
+ * probe, unless a probe is still out within its own timeout. */
 static void core_expire(Transfer *t, double now) {
+    int timed_out = 0;
     while (t->nheap && t->uses[t->heap[0]].deadline <= now) {
-        t->stats[TIMEOUTS]++;
-        resend(t, t->heap[0], now);
+        uint32_t slot = t->heap[0];
+        timer_cancel(t, slot);
+        t->uses[slot].held = 1;
+        timed_out = 1;
     }
+    if (!timed_out || (t->probe >= 0 && !t->uses[t->probe].held)) return;
+    int32_t s = t->oldest;
+    while (!t->uses[s].held) s = t->uses[s].newer;
+    t->probe = s;
+    t->stalls++;
+    t->stats[TIMEOUTS]++;
+    resend_backing_off(t, (uint32_t)s, now, t->stalls);
 }
 
 /* -- the socket loop (shim.py's _run) --------------------------------------------------------- */
@@ -788,6 +838,7 @@ static void Transfer_dealloc(Transfer *self) {
     free(self->packets);
     free(self->heap);
     free(self->queue);
+    free(self->held);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -889,14 +940,15 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     self->packets = malloc(slots * self->datagram);
     self->heap = malloc(slots * sizeof *self->heap);
     self->queue = malloc(slots * sizeof *self->queue);
+    self->held = malloc(slots * sizeof *self->held);
     if (!self->rounds || !self->local_exp || !self->global_exp || !self->uses || !self->packets ||
-        !self->heap || !self->queue) {
+        !self->heap || !self->queue || !self->held) {
         PyErr_NoMemory();
         return -1;
     }
     for (size_t s = 0; s < slots; s++)
         self->uses[s].heap_at = self->uses[s].older = self->uses[s].newer = -1;
-    self->oldest = self->newest = -1;
+    self->oldest = self->newest = self->probe = -1;
     if (self->scaled) {
         const float *x = self->flat.buf;
         Py_BEGIN_ALLOW_THREADS
@@ -1252,7 +1304,8 @@ PyMODINIT_FUNC PyInit__window(void) {
         PyModule_AddIntConstant(m, "DATA", MSG_DATA) < 0 ||
         PyModule_AddIntConstant(m, "RESULT", MSG_RESULT) < 0 ||
         PyModule_AddIntConstant(m, "STALE", MSG_STALE) < 0 ||
-        PyModule_AddIntConstant(m, "REFUSED", MSG_REFUSED) < 0) {
+        PyModule_AddIntConstant(m, "REFUSED", MSG_REFUSED) < 0 ||
+        PyModule_AddIntConstant(m, "WAITING", MSG_WAITING) < 0) {
         Py_DECREF(m);
         return NULL;
     }

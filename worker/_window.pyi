@@ -12,6 +12,7 @@ DATA: int
 RESULT: int
 STALE: int
 REFUSED: int
+WAITING: int
 
 class Stale(Exception):
     """The switch answered STALE for the transfer's session."""

@@ -91,10 +91,6 @@ class Backend(ABC):
         """Payload bytes this rank has sent, where the backend counts them."""
         return None
 
-    @property
-    def retransmissions(self) -> int | None:
-        return None
-
     @abstractmethod
     def close(self) -> None:
         """Release what the backend holds."""
@@ -195,10 +191,6 @@ class SwitchBackend(Backend):
     @property
     def bytes_sent(self) -> int:
         return self.comm.stats.bytes_sent
-
-    @property
-    def retransmissions(self) -> int:
-        return self.comm.stats.retransmissions
 
     def close(self) -> None:
         self._stack.close()

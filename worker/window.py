@@ -18,7 +18,19 @@ The rules (docs/protocol.md):
   packet; the first chunk of each slot is preceded by a priming use
   (``count = 0``) that carries its exponent. int32 needs none of that.
 - A use whose result does not come back within the retransmission timeout
-  (:class:`RoundTrip`, doubled per retry, capped) is sent again unchanged.
+  (:class:`RoundTrip`) has timed out. Only the oldest timed-out use is sent
+  again, unchanged, as a probe (TCP's RTO resends only the first
+  unacknowledged segment, RFC 6298 5.4); the others are held, without a
+  timer, until the probe's answer says what the silence meant. Waiting is
+  not loss: a round waits for its slowest rank, and a rank that resent its
+  whole window whenever a peer was late would flood the link with packets
+  the switch has. The switch answers a resent use whose round is incomplete
+  with WAITING (its contribution is in; the first word says which ranks the
+  row holds): nothing is resent, the held uses stay held, and the next probe
+  waits twice as long, per probe since the last result (capped). A RESULT to
+  a probe that had no WAITING says the path delivers and what timed out was
+  lost: the held uses are resent at once. Any other result ends the stall:
+  the held uses' timers start again from then.
 - A gap repairs sooner (ATP's rule; TCP's RACK): a use still out when a use
   sent more than a reordering window after it is answered is resent at
   once, about a round trip after its loss instead of a timeout later. On
@@ -26,10 +38,12 @@ The rules (docs/protocol.md):
   the order results come back, which is the order rounds complete in, so
   queues and slow ranks delay rounds but never reorder them. Every rank sees
   the gap, so a rank whose packet arrived resends a duplicate the switch
-  ignores (or answers from its row if the result was lost).
+  answers from its row if the result was lost (WAITING if the round still
+  waits for the lost contribution).
 - An answer counts only if it echoes an outstanding use: job, session,
-  slot, round and chunk. STALE for our session raises :class:`StaleSession`
-  (the caller decides: join again, or stop); REFUSED raises MismatchError.
+  slot, round and chunk (and count, for a RESULT). STALE for our session
+  raises :class:`StaleSession` (the caller decides: join again, or stop);
+  REFUSED raises MismatchError.
 """
 
 from __future__ import annotations
@@ -59,10 +73,11 @@ class StaleSession(Exception):
 class WindowStats:
     """What the protocol did, over a communicator's lifetime."""
 
-    retransmissions: int = 0  # every resend: timeouts plus fast retransmissions
-    timeouts: int = 0
+    retransmissions: int = 0  # every resend: probes, fast retransmissions and held uses resent
+    timeouts: int = 0  # probes: resends because uses timed out
     fast_retransmissions: int = 0  # resent because later uses overtook it
     duplicates: int = 0
+    waits: int = 0  # WAITING answers: resends the switch did not need (the round waited)
 
 
 @dataclass
@@ -137,7 +152,9 @@ class _SlotUse:
     sent_at: float = 0.0  # when last sent
     first_sent_at: float = 0.0
     retries: int = 0
-    timer: int = 0  # token of the pending timer entry; older entries are stale
+    timer: int = 0  # token of the pending timer entry; older entries are stale (0: none)
+    held: bool = False  # timed out, not resent: waits for the probe's answer
+    waiting: bool = False  # the switch answered WAITING: it holds this use's contribution
 
 
 @dataclass
@@ -166,6 +183,8 @@ class Transfer:
     _sent_order: OrderedDict[int, None] = field(default_factory=OrderedDict)  # slots, oldest first
     _timers: list[tuple[float, int, int]] = field(default_factory=list)
     _next_timer: int = 0  # unique across all uses and resends of the transfer
+    _probe: int | None = None  # the slot whose use was resent for the held ones
+    _stalls: int = 0  # probes since the last result: the next one's backoff
 
     def __post_init__(self) -> None:
         k = self.job.chunk_elements
@@ -214,6 +233,10 @@ class Transfer:
             raise StaleSession
         if hdr.msg_type == wire.MsgType.REFUSED:
             raise MismatchError(refusal_message(self.job, self.format, self.flat.size, hdr))
+        if hdr.msg_type == wire.MsgType.WAITING:
+            self.stats.waits += 1
+            use.waiting = True
+            return []
         if hdr.msg_type != wire.MsgType.RESULT or hdr.count != use.count:
             self.stats.duplicates += 1
             return []
@@ -222,6 +245,7 @@ class Transfer:
         if use.retries == 0:
             self.rtt.sample(now - use.sent_at)
         resend = self._overtake(hdr.slot, now)
+        resend += self._end_stall(hdr.slot, now)
         if use.chunk == PRIME:
             self._global_exp[hdr.slot] = hdr.exponent
             return [*resend, self._send(hdr.slot, hdr.slot, now)]
@@ -236,16 +260,22 @@ class Transfer:
         return [*resend, self._send(hdr.slot, ahead, now)]
 
     def expire(self, now: float) -> list[bytes]:
-        """The uses whose timeout has passed, resent unchanged."""
-        resend = []
+        """The uses whose timeout has passed are held; the oldest held is resent as a probe,
+        unless a probe is still out within its own timeout."""
+        timed_out = False
         while self._timers and self._timers[0][0] <= now:
             _, slot, token = heapq.heappop(self._timers)
             use = self._uses.get(slot)
             if use is None or use.timer != token:
                 continue  # answered, or already resent
-            self.stats.timeouts += 1
-            resend.append(self._resend(slot, use, now))
-        return resend
+            use.timer, use.held, timed_out = 0, True, True
+        if not timed_out or (self._probe is not None and not self._uses[self._probe].held):
+            return []
+        self._probe = next(slot for slot in self._sent_order if self._uses[slot].held)
+        self._stalls += 1
+        self.stats.timeouts += 1
+        probe = self._uses[self._probe]
+        return [self._resend(self._probe, probe, now, backoff=self._stalls)]
 
     def next_deadline(self) -> float | None:
         """When :meth:`expire` may next have something to resend (None when nothing is out)."""
@@ -340,21 +370,44 @@ class Transfer:
         self.stats.fast_retransmissions += len(lost)
         return [self._resend(slot, self._uses[slot], now) for slot in lost]
 
-    def _resend(self, slot: int, use: _SlotUse, now: float) -> bytes:
-        """The use's packet again, unchanged; its timer backs off and it goes to the back."""
+    def _end_stall(self, answered: int, now: float) -> list[bytes]:
+        """A result came: the held uses are resent if it answered a probe the switch did not
+        say WAITING to (what timed out was lost), else their timers start again."""
+        if self._probe is None:  # nothing is held without a probe out
+            return []
+        lost = answered == self._probe and not self._uses[answered].waiting
+        self._probe, self._stalls = None, 0
+        resend = []
+        for slot in [s for s in self._sent_order if s != answered and self._uses[s].held]:
+            use = self._uses[slot]
+            if lost:
+                resend.append(self._resend(slot, use, now))
+            else:
+                use.held = False
+                self._set_timer(slot, use, now + self.rtt.rto(use.retries))
+        return resend
+
+    def _resend(self, slot: int, use: _SlotUse, now: float, backoff: int = 0) -> bytes:
+        """The use's packet again, unchanged; its timer backs off (at least ``backoff``
+        doublings) and it goes to the back."""
         use.retries += 1
+        use.held = False
         self.stats.retransmissions += 1
-        self._arm(slot, use, now)
+        self._arm(slot, use, now, max(use.retries, backoff))
         return use.packet
 
-    def _arm(self, slot: int, use: _SlotUse, now: float) -> None:
-        """(Re)start the use's timer; it is now the most recently sent use."""
+    def _arm(self, slot: int, use: _SlotUse, now: float, backoff: int = 0) -> None:
+        """(Re)start the use's timer, doubled ``backoff`` times; it is now the most recently
+        sent use."""
         self._sent_order[slot] = None
         self._sent_order.move_to_end(slot)
         use.sent_at = now
+        self._set_timer(slot, use, now + self.rtt.rto(backoff))
+
+    def _set_timer(self, slot: int, use: _SlotUse, deadline: float) -> None:
         self._next_timer += 1
         use.timer = self._next_timer
-        heapq.heappush(self._timers, (now + self.rtt.rto(use.retries), slot, use.timer))
+        heapq.heappush(self._timers, (deadline, slot, use.timer))
 
     def _store(self, chunk: int, count: int, datagram: bytes | bytearray | memoryview) -> None:
         """Write a result's sums into the output (``count`` words)."""

@@ -2,7 +2,7 @@
  * system calls in UDP mode (one UDP socket) and in raw mode (one AF_PACKET socket per port).
  *
  * pipeline.py stays the specification: this file implements the same parse, ingress (admission
- * checks in the same order, every drop reason counted alike, sessions, STALE and REFUSED
+ * checks in the same order, every drop reason counted alike, sessions, STALE, REFUSED and WAITING
  * replies, the slot rows and their int32 sums, forwarding of other frames by destination MAC),
  * replication, egress and deparsing (raw mode: addresses swapped and rewritten per replica, the
  * IPv4 checksum recomputed, a zero UDP checksum). tests/test_engine.py feeds both the same
@@ -80,7 +80,7 @@
 #define UDP_PORT_MAX 0xBEEF
 #define PORTS 512 /* switch ports are bit<9> */
 
-enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_JOIN = 3, MSG_STALE = 5, MSG_REFUSED = 6 };
+enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_JOIN = 3, MSG_STALE = 5, MSG_REFUSED = 6, MSG_WAITING = 7 };
 enum {
     DROP_BAD_HEADER, DROP_UNKNOWN_JOB, DROP_RANK_OUT_OF_RANGE, DROP_SLOT_OUT_OF_RANGE,
     DROP_UNBOUND_WORKER, DROP_DUPLICATE, DROP_STALE, DROP_NO_ROUTE, DROP_BAD_SESSION,
@@ -578,9 +578,11 @@ static int aggregate(Engine *e, pkt_t *p) {
         return to_sender(e, p);
     }
     if (ahead == 0 && (e->bitmap[row] & bit)) {
-        if (e->arrivals[row] != 0) {
+        if (e->arrivals[row] != 0) { /* in, but the round waits for others: not lost, say so */
             count(e, C_DROPS, DROP_DUPLICATE, len);
-            return 0;
+            d[0] = MSG_WAITING;
+            wr32(d + HEADER_BYTES, e->bitmap[row]); /* the first word: who is in */
+            return to_sender(e, p);
         }
         make_result(e, d, row); /* complete: the worker lost the result */
         count(e, C_RETRANSMIT_REPLIES, job_id, len);

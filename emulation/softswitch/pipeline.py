@@ -14,7 +14,8 @@ bitmap, an arrival count (mod world size), the max exponent, what the round
 sums (format, length and chunk) and K running sums. A packet of a newer round than
 its row holds starts the round (it writes); one of the row's round adds,
 unless its worker's bit is already set: then it is a retransmission, answered
-with the stored result if the round is complete and dropped otherwise; one of
+with the stored result if the round is complete and with WAITING otherwise
+(the contribution is in; the first word says which ranks the row holds); one of
 an older round is stale and dropped. The n-th arrival multicasts the result
 to the job. A packet whose session is not its job's is answered STALE; one
 that disagrees with its round's format, length or chunk makes the switch
@@ -265,8 +266,12 @@ class SwitchReduceIngress:
             self.drop(pkt, DropReason.MISMATCH)
             return self._reply(pkt, hdr, wire.MsgType.REFUSED), 0
         if ahead == 0 and bitmap[row] & bit:
-            if arrivals[row] != 0:
-                return self.drop(pkt, DropReason.DUPLICATE), 0
+            if arrivals[row] != 0:  # in, but the round waits for others: not lost, say so
+                self.drop(pkt, DropReason.DUPLICATE)
+                verdict = self._reply(pkt, hdr, wire.MsgType.WAITING)
+                pkt.elements = elements.copy()  # the first word, as bit<32>: who is in
+                pkt.elements[:1] = np.array([bitmap[row]], dtype=np.uint32).view(np.int32)
+                return verdict, 0
             self._make_result(pkt, hdr, row)  # complete: the worker lost the result
             self.job_stats[names.JobStat.RETRANSMIT_REPLIES].count(hdr.job_id, len(pkt.raw))
             pkt.egress_port = pkt.ingress_port
@@ -409,7 +414,7 @@ class SwitchReduceEgress:
 class SwitchReduceDeparser:
     """Emits UDP payloads (UDP mode) or frames (raw mode).
 
-    A frame the switch answers with (RESULT, STALE, REFUSED) is the received
+    A frame the switch answers with (RESULT, STALE, REFUSED, WAITING) is the received
     frame with the fields the pipeline changed
     written back, as a P4 deparser emits it: addresses, UDP ports, a zero UDP
     checksum, the IPv4 checksum recomputed, the header and the sums.

@@ -162,7 +162,13 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                 standard_metadata.egress_spec = standard_metadata.ingress_port;
             } else if (ahead == 0 && (ranks & rank_bit) != 0) {
                 if (count != 0) {
-                    drop(DROP_DUPLICATE);
+                    /* Incomplete: the contribution is in, the round waits for other ranks.
+                     * Say so to the sender alone, with the ranks the row holds, so that it
+                     * stops resending what is not lost. */
+                    drops.count(DROP_DUPLICATE);
+                    make_reply(MSG_WAITING);
+                    hdr.elements[0].value = ranks;
+                    standard_metadata.egress_spec = standard_metadata.ingress_port;
                 } else {
                     /* Complete: the worker lost the result. Send it again, to it alone. */
                     read_sums();
