@@ -22,6 +22,7 @@ import csv
 import json
 import logging
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 from switchreduce.experiments.records import metrics_path
@@ -95,14 +96,19 @@ def merge_metrics(out: Path, backends, workers: int) -> list[dict]:
                 "elapsed": max(r["elapsed"] for r in records),
                 "bytes_sent": None if None in sent else sum(sent),
                 "retransmissions": sum(r.get("retransmissions", 0) for r in records),
-                "waits": sum(r.get("waits", 0) for r in records),
-                "packets_sent": sum(r.get("packets_sent", 0) for r in records),
+                **{key: _total(records, key) for key in ("waits", "packets_sent")},
             }
             for key in ("accuracy", "test_loss"):
                 if key in first:
                     record[key] = first[key]
             merged.append(record)
     return merged
+
+
+def _total(records: Sequence[dict], key: str) -> int | None:
+    """The sum of a count the records carry, or None where the backend keeps none (gloo)."""
+    counts = [r[key] for r in records if r.get(key) is not None]
+    return sum(counts) if counts else None
 
 
 def summarize(backend: str, records: list[dict], mode: str, target: float | None = None) -> dict:
@@ -124,8 +130,7 @@ def summarize(backend: str, records: list[dict], mode: str, target: float | None
         "total_s": mine[-1]["elapsed"],
         "bytes_per_iteration": None if None in sent else sum(sent) / len(sent),
         "retransmissions": sum(r["retransmissions"] for r in mine),
-        "waits": sum(r.get("waits", 0) for r in mine),
-        "packets_sent": sum(r.get("packets_sent", 0) for r in mine),
+        **{key: _total(mine, key) for key in ("waits", "packets_sent")},
         "target_accuracy": target,
         "time_to_target_s": reached[0] if reached else None,
     }

@@ -160,6 +160,8 @@ def test_a_short_loopback_run_writes_metrics_summary_and_plots(tmp_path) -> None
     assert [r["iteration"] for r in by_backend["switch"] if "accuracy" in r] == [6, 12]
     switch_row = rows[0]
     assert switch_row["retransmissions"] > 0  # the injected loss was healed
+    assert switch_row["packets_sent"] > switch_row["retransmissions"]
+    assert (rows[1]["waits"], rows[1]["packets_sent"]) == (None, None)  # gloo counts none
     parameters = sum(p.numel() for p in build_model(config.model, 10).parameters())
     assert switch_row["bytes_per_iteration"] > 2 * 4 * parameters  # both ranks' gradients
     with (tmp_path / "summary.csv").open() as f:

@@ -399,10 +399,10 @@ def test_a_late_rank_costs_each_other_rank_a_probe_per_doubling_not_its_window()
     assert [s.timeouts for s in net.stats] == [4, 4, 4, 0]
 
 
-def test_a_probe_answered_with_its_result_resends_the_held_uses_at_once() -> None:
+def test_a_probe_answered_with_its_result_sends_the_next_held_use_at_once() -> None:
     """Rank 0's last three uses are lost: the others' rounds wait for it, so their resends are
     answered WAITING; rank 0's probe completes its round, and its answer, a RESULT, says the
-    other two timed-out uses were lost too: they go at once, not a timeout each later."""
+    next held use may be lost too: it is the next probe, a round trip later, not a timeout."""
     net = Network(4, 8, seed=3)
     inputs = [np.arange(24 * K, dtype=np.int32) - r for r in range(4)]
     net.allreduce(inputs)

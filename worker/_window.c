@@ -445,24 +445,25 @@ static void resend_backing_off(Transfer *t, uint32_t slot, double now, uint32_t 
 
 static void resend(Transfer *t, uint32_t slot, double now) { resend_backing_off(t, slot, now, 0); }
 
-/* Transfer._end_stall: a result to ``answered`` came. The held uses are resent if it answered a
- * probe the switch did not say WAITING to (what timed out was lost), else their timers restart. */
+/* Transfer._end_stall: a result to ``answered`` came. If it answers a probe the switch did not
+ * say WAITING to, the next held use is the next probe, sent at once; any other result ends the
+ * stall: the held uses' timers start again. */
 static void end_stall(Transfer *t, uint32_t answered, double now) {
     if (t->probe < 0) return; /* nothing is held without a probe out */
-    int lost = t->probe == (int32_t)answered && !t->uses[answered].waiting;
-    t->probe = -1;
-    t->stalls = 0;
     uint32_t n = 0;
     for (int32_t s = t->oldest; s >= 0; s = t->uses[s].newer)
         if (s != (int32_t)answered && t->uses[s].held) t->held[n++] = (uint32_t)s;
+    t->stalls = 0;
+    if (t->probe == (int32_t)answered && !t->uses[answered].waiting && n > 0) {
+        t->probe = (int32_t)t->held[0];
+        resend(t, t->held[0], now);
+        return;
+    }
+    t->probe = -1;
     for (uint32_t i = 0; i < n; i++) {
         use_t *u = &t->uses[t->held[i]];
-        if (lost) {
-            resend(t, t->held[i], now);
-        } else {
-            u->held = 0;
-            timer_set(t, t->held[i], now + rto(t, u->retries));
-        }
+        u->held = 0;
+        timer_set(t, t->held[i], now + rto(t, u->retries));
     }
 }
 

@@ -28,9 +28,10 @@ The rules (docs/protocol.md):
   with WAITING (its contribution is in; the first word says which ranks the
   row holds): nothing is resent, the held uses stay held, and the next probe
   waits twice as long, per probe since the last result (capped). A RESULT to
-  a probe that had no WAITING says the path delivers and what timed out was
-  lost: the held uses are resent at once. Any other result ends the stall:
-  the held uses' timers start again from then.
+  a probe that had no WAITING says the probe was what its round missed: the
+  next held use may be lost too and is the next probe, sent at once (a lost
+  tail costs a round trip per use, not a timeout each). Any other result
+  ends the stall: the held uses' timers start again from then.
 - A gap repairs sooner (ATP's rule; TCP's RACK): a use still out when a use
   sent more than a reordering window after it is answered is resent at
   once, about a round trip after its loss instead of a timeout later. On
@@ -371,21 +372,22 @@ class Transfer:
         return [self._resend(slot, self._uses[slot], now) for slot in lost]
 
     def _end_stall(self, answered: int, now: float) -> list[bytes]:
-        """A result came: the held uses are resent if it answered a probe the switch did not
-        say WAITING to (what timed out was lost), else their timers start again."""
+        """A result came. If it answers a probe the switch did not say WAITING to, the probe
+        was what its round missed and the next held use may be lost too: it is the next probe,
+        sent at once. Any other result ends the stall: the held uses' timers start again."""
         if self._probe is None:  # nothing is held without a probe out
             return []
-        lost = answered == self._probe and not self._uses[answered].waiting
-        self._probe, self._stalls = None, 0
-        resend = []
-        for slot in [s for s in self._sent_order if s != answered and self._uses[s].held]:
+        held = [s for s in self._sent_order if s != answered and self._uses[s].held]
+        self._stalls = 0
+        if answered == self._probe and not self._uses[answered].waiting and held:
+            self._probe = held[0]
+            return [self._resend(held[0], self._uses[held[0]], now)]
+        self._probe = None
+        for slot in held:
             use = self._uses[slot]
-            if lost:
-                resend.append(self._resend(slot, use, now))
-            else:
-                use.held = False
-                self._set_timer(slot, use, now + self.rtt.rto(use.retries))
-        return resend
+            use.held = False
+            self._set_timer(slot, use, now + self.rtt.rto(use.retries))
+        return []
 
     def _resend(self, slot: int, use: _SlotUse, now: float, backoff: int = 0) -> bytes:
         """The use's packet again, unchanged; its timer backs off (at least ``backoff``
