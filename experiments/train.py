@@ -52,9 +52,9 @@ def interface_tx_bytes(name: str) -> int:
     raise ValueError(f"no interface {name!r} in this network namespace")
 
 
-#: torch.distributed's rendezvous, as torchrun sets it (init_method="env://").
 #: The backend's counts each iteration's record carries (where it keeps them: the switch's).
 COUNTED = frozenset({"retransmissions", "waits", "packets_sent"})
+#: torch.distributed's rendezvous, as torchrun sets it (init_method="env://").
 TORCHRUN_ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
