@@ -3,7 +3,8 @@ SYSTEM_PYTHON ?= /usr/bin/python3
 VENV          := .venv
 PY            := $(VENV)/bin/python
 STAMP         := $(VENV)/.installed-stamp
-DEBIAN_PKGS   := python3-venv python3-pip mininet bridge-utils ethtool iputils-ping tcpdump iproute2 nftables
+DEBIAN_PKGS   := python3-venv python3-pip mininet bridge-utils ethtool iputils-ping tcpdump iproute2 nftables \
+                 postgresql
 
 P4C           ?= p4c-bm2-ss
 P4_K          := 64 256 1024

@@ -21,6 +21,17 @@ or several parameters at once, one list of values per sub-run::
     [sweep]
     parameters = ["switch.lane_bits", "switch.error_feedback"]
     values = [[32, false], [8, false], [8, true]]
+
+A config may instead be a hyperparameter search (``[tune]``, run by
+``switchreduce tune``; experiments.tune): a search space over any
+``section.key``, an objective, a budget and the algorithms to compare::
+
+    [tune]
+    algorithms = ["asha", "cost-aware"]
+    worker_seconds = 120
+    [tune.space]
+    "optimizer.lr" = { log_uniform = [0.003, 0.3] }
+    "switch.lane_bits" = { choices = [8, 16, 32] }
 """
 
 from __future__ import annotations
@@ -325,6 +336,153 @@ class SweepConfig:
         return [dict(zip(self.parameters, row, strict=True)) for row in rows]
 
 
+#: Search algorithms (experiments.search): every trial to the end (grid, random, tpe), or
+#: random trials pruned by asynchronous successive halving whose rungs are iterations
+#: (asha, as Optuna's SuccessiveHalvingPruner) or measured cluster time (cost-aware).
+ALGORITHMS = ("grid", "random", "tpe", "asha", "cost-aware")
+#: What a study optimizes: the test accuracy at a trial's end (maximized), or the training
+#: seconds until train.target_accuracy (minimized).
+OBJECTIVES = ("accuracy", "time_to_target")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One hyperparameter's range: exactly one of a float range (``uniform``, or
+    ``log_uniform`` for scales such as a learning rate), an integer range (``integer``,
+    ``log = true`` for a log scale) or a list of ``choices``."""
+
+    uniform: tuple[float, ...] = ()
+    log_uniform: tuple[float, ...] = ()
+    integer: tuple[int, ...] = ()
+    log: bool = False  # integer only
+    choices: tuple[object, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        (kind,) = [name for name in ("uniform", "log_uniform", "integer", "choices")
+                   if getattr(self, name)]  # fmt: skip
+        return kind
+
+    @property
+    def bounds(self) -> tuple:
+        """(low, high) of a range; the choices of a list."""
+        return typing.cast(tuple, getattr(self, self.kind))
+
+    def grid(self, points: int) -> list[object]:
+        """Grid search's values: the choices, or ``points`` values spread over the range
+        (geometrically on a log scale), integers rounded and deduplicated."""
+        if self.kind == "choices":
+            return list(self.choices)
+        low, high = self.bounds
+        if self.kind == "log_uniform" or (self.kind == "integer" and self.log):
+            values = np.geomspace(low, high, points)
+        else:
+            values = np.linspace(low, high, points)
+        if self.kind == "integer":
+            return list(dict.fromkeys(int(np.rint(v)) for v in values))
+        return [float(v) for v in values]
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """A hyperparameter search (experiments.tune): each algorithm with each seed is one
+    Optuna study over ``space``, within the same budget."""
+
+    algorithms: tuple[str, ...] = ("cost-aware",)
+    seeds: tuple[int, ...] = (0,)
+    objective: str = "accuracy"
+    #: The budget of each study: trials started, and/or worker-seconds of training (each
+    #: trial's training time, communication included, times its workers). Grid search
+    #: runs its whole grid: it is the reference a budget is set against.
+    trials: int | None = None
+    worker_seconds: float | None = None
+    #: Trials that run at once, each on a cluster of its own (loopback only).
+    parallel: int = 1
+    #: Successive halving: a rung keeps the best 1/reduction_factor of the trials that
+    #: reach it. The first rung is at min_iterations (asha; default: train.eval_every) or
+    #: at min_worker_seconds of a trial's training (cost-aware; default: what a trial
+    #: spends over min_iterations, measured on the study's first trial).
+    reduction_factor: int = 3
+    min_iterations: int | None = None
+    min_worker_seconds: float | None = None
+    #: Values per range in grid search (choices are taken as they are).
+    grid_points: int = 3
+    #: ``"section.key" = { log_uniform = [low, high] }`` and so on (ParamSpec).
+    space: dict[str, ParamSpec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.algorithms), "tune.algorithms", "must name at least one")
+        for algorithm in self.algorithms:
+            _check(
+                algorithm in ALGORITHMS,
+                "tune.algorithms",
+                f"must be among {', '.join(ALGORITHMS)}, got {algorithm!r}",
+            )
+        _check(bool(self.seeds), "tune.seeds", "must list at least one seed")
+        _check(
+            self.objective in OBJECTIVES,
+            "tune.objective",
+            f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}",
+        )
+        _check(
+            self.trials is not None or self.worker_seconds is not None or
+            self.algorithms == ("grid",),
+            "tune",
+            "needs a budget: trials and/or worker_seconds (grid search alone may omit it)",
+        )  # fmt: skip
+        _check(self.trials is None or self.trials >= 1, "tune.trials", "must be >= 1")
+        _check(
+            self.worker_seconds is None or self.worker_seconds > 0,
+            "tune.worker_seconds",
+            "must be > 0",
+        )
+        _check(self.parallel >= 1, "tune.parallel", "must be >= 1")
+        _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
+        _check(
+            self.min_iterations is None or self.min_iterations >= 1,
+            "tune.min_iterations",
+            "must be >= 1",
+        )
+        _check(
+            self.min_worker_seconds is None or self.min_worker_seconds > 0,
+            "tune.min_worker_seconds",
+            "must be > 0",
+        )
+        _check(self.grid_points >= 2, "tune.grid_points", "must be >= 2")
+        _check(bool(self.space), "tune.space", "must name at least one section.key")
+        for key, spec in self.space.items():
+            where = f"tune.space.{key}"
+            kinds = [name for name in ("uniform", "log_uniform", "integer", "choices")
+                     if getattr(spec, name)]  # fmt: skip
+            _check(
+                len(kinds) == 1,
+                where,
+                "needs exactly one of uniform, log_uniform, integer or choices, "
+                f"got {', '.join(kinds) or 'none'}",
+            )
+            _check(not spec.log or spec.kind == "integer", where, "log is for integer ranges")
+            if spec.kind == "choices":
+                _check(
+                    len(set(map(repr, spec.choices))) == len(spec.choices),
+                    where,
+                    "lists a choice twice",
+                )
+                continue
+            _check(len(spec.bounds) == 2, where, f"needs [low, high], got {list(spec.bounds)}")
+            low, high = spec.bounds
+            _check(low < high, where, f"needs low < high, got [{low}, {high}]")
+            _check(
+                low > 0 or not (spec.kind == "log_uniform" or spec.log),
+                where,
+                "a log scale needs low > 0",
+            )
+
+    @property
+    def prunes(self) -> bool:
+        """Whether any algorithm stops trials early (a multi-fidelity one)."""
+        return bool({"asha", "cost-aware"} & set(self.algorithms))
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
@@ -336,6 +494,7 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig | None = None
+    tune: TuneConfig | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -363,21 +522,56 @@ class ExperimentConfig:
             )
             for point in sweep.points():  # every variant must itself be valid
                 self.with_values(point)
+        if self.tune is not None:
+            self._check_tune(self.tune)
+
+    def _check_tune(self, tune: TuneConfig) -> None:
+        """Every key of the space names a setting, and every value it may take (a range's
+        ends, each choice) makes a valid config: an error names the key."""
+        _check(self.sweep is None, "tune", "cannot be combined with [sweep]")
+        for key, spec in tune.space.items():
+            _check(
+                key.partition(".")[0] not in ("tune", "sweep"),
+                f"tune.space.{key}",
+                "must name a setting of topology, switch, model, data, optimizer or train",
+            )
+            for value in spec.bounds:
+                try:
+                    self.with_values({key: value})
+                except ConfigError as exc:
+                    raise ConfigError(f"tune.space.{key}: {exc}") from None
+        _check(
+            tune.objective != "time_to_target" or self.train.target_accuracy is not None,
+            "tune.objective",
+            "time_to_target needs train.target_accuracy",
+        )
+        _check(
+            tune.objective == "accuracy" or not tune.prunes,
+            "tune.objective",
+            "asha and cost-aware prune on accuracy: use objective = 'accuracy' with them",
+        )
+        _check(
+            tune.parallel == 1 or self.topology.mode == "loopback",
+            "tune.parallel",
+            "above 1 needs topology.mode = 'loopback' (each trial brings up its own cluster)",
+        )
 
     def with_value(self, parameter: str, value: object) -> ExperimentConfig:
         """This config with ``section.key`` set to ``value`` (validated), and no sweep."""
         return self.with_values({parameter: value})
 
     def with_values(self, changes: dict[str, object]) -> ExperimentConfig:
-        """This config with each ``section.key`` set to its value (validated), and no sweep."""
+        """This config with each ``section.key`` set to its value (validated), and neither
+        sweep nor tune: one run's config."""
         raw = _table(self)
         raw.pop("sweep", None)
-        sections = {f.name for f in dataclasses.fields(self) if f.name != "sweep"}
+        raw.pop("tune", None)
+        sections = {f.name for f in dataclasses.fields(self)} - {"sweep", "tune"}
         for parameter, value in changes.items():
             section, _, key = parameter.partition(".")
             sub = raw.get(section) if section in sections else None
             if not isinstance(sub, dict) or not key:
-                raise ConfigError(f"sweep: {parameter!r} is not section.key")
+                raise ConfigError(f"{parameter!r} is not section.key")
             raw[section] = {**sub, key: value}
         return from_dict(raw)
 
@@ -445,6 +639,10 @@ def _coerce(value: object, hint: object, key: str) -> object:
         return _coerce(value, inner, key)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{key}.")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        return {name: _coerce(v, args[1], f"{key}.{name}") for name, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -465,6 +663,8 @@ def _plain(obj: object) -> object:
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple):
         return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {key: _plain(v) for key, v in obj.items()}
     return obj
 
 

@@ -136,22 +136,23 @@ def summarize(backend: str, records: list[dict], mode: str, target: float | None
     }
 
 
-def write_run(out: Path, records: list[dict], rows: list[dict]) -> None:
+def write_run(out: Path, records: list[dict], rows: list[dict], plots: bool = True) -> None:
     with (out / "metrics.jsonl").open("w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    _write_csv(out / "summary.csv", SUMMARY_FIELDS, rows)
-    _plot_run(out, records, rows)
+    write_csv(out / "summary.csv", SUMMARY_FIELDS, rows)
+    if plots:
+        _plot_run(out, records, rows)
 
 
 def write_sweep(run_dir: Path, keys: tuple[str, ...], rows: list[dict]) -> None:
     """sweep.csv, sweep.png (accuracy and time against the swept values) and tradeoff.png;
     with a swept seed, seeds.csv (each setting averaged over the seeds)."""
-    _write_csv(run_dir / "sweep.csv", (*keys, *SUMMARY_FIELDS), rows)
+    write_csv(run_dir / "sweep.csv", (*keys, *SUMMARY_FIELDS), rows)
     if SEED in keys:
         others, settings = across_seeds(keys, rows)
-        _write_csv(run_dir / "seeds.csv", (*others, *ACROSS_SEEDS_FIELDS), settings)
-    plt = _pyplot()
+        write_csv(run_dir / "seeds.csv", (*others, *ACROSS_SEEDS_FIELDS), settings)
+    plt = pyplot()
     fig, (acc, speed) = plt.subplots(1, 2, figsize=(10, 4))
     xlabel = ", ".join(keys)
     for backend in dict.fromkeys(r["backend"] for r in rows):
@@ -234,7 +235,7 @@ def _plot_tradeoff(path: Path, rows: list[dict], keys: tuple[str, ...]) -> None:
         ]  # fmt: skip
     else:
         points = [(r, r["bytes_per_iteration"], r["final_accuracy"], (0.0, 0.0)) for r in rows]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 6))
     counted = [(row, x, y, err) for row, x, y, err in points if x is not None and y is not None]
     for i, (row, x, y, (below, above)) in enumerate(counted):
@@ -257,7 +258,7 @@ def _plot_tradeoff(path: Path, rows: list[dict], keys: tuple[str, ...]) -> None:
     plt.close(fig)
 
 
-def _write_csv(path: Path, fields, rows: list[dict]) -> None:
+def write_csv(path: Path, fields, rows: list[dict]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -269,7 +270,7 @@ def _cell(value: object) -> object:
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,7 +283,7 @@ PLOTS = ("loss_vs_iteration.png", "loss_vs_time.png", "accuracy_vs_time.png")
 
 
 def _plot_run(out: Path, records: list[dict], rows: list[dict]) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     backends = list(dict.fromkeys(r["backend"] for r in records))
     specs = [
         ("iteration", "loss", "iteration", "training loss"),

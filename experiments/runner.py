@@ -284,6 +284,8 @@ def run_variant(
 def run(config: ExperimentConfig, runs: Path) -> int:
     """``switchreduce run``: ``config`` into a new run directory under ``runs``, then the
     summary. An ExperimentError says why it could not run to the end."""
+    if config.tune is not None:
+        raise ExperimentError("the config is a search ([tune]): `switchreduce tune` it")
     run_dir = runs / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     mode = resolve_mode(config.topology.mode)
     log.info("%s", f"{config.name}: {config.description or ''}".rstrip(": "))

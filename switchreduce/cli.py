@@ -5,6 +5,7 @@ switchreduce controller ...       admit jobs onto a switch over P4Runtime
 switchreduce worker ...           one rank of a synthetic allreduce job
 switchreduce train CONFIG ...     one rank of a training job (under torchrun or the runner)
 switchreduce run CONFIG           replay an experiment: switch vs gloo, metrics and plots
+switchreduce tune CONFIG          search its [tune] space on the emulated cluster (Optuna)
 switchreduce topo ...             a Mininet star around a switch (root)
 switchreduce bench allreduce ...  a switch and N workers, measured
 switchreduce bench switch ...     a switch's own packet rate: soft (both engines), BMv2
@@ -342,6 +343,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, help="experiments/configs/*.toml, or a run's config.json")
     run.add_argument("--runs", type=Path, default=Path("runs"), help="where run directories go")
 
+    tune = sub.add_parser(
+        "tune",
+        help="search a config's [tune] space: each algorithm and seed one Optuna study, "
+        "trials trained through the switch",
+    )
+    tune.add_argument("config", type=Path, help="a config with a [tune] section")
+    tune.add_argument("--runs", type=Path, default=Path("runs"), help="where run directories go")
+    tune.add_argument("--run-dir", type=Path, help="use (or resume) this run directory")
+    tune.add_argument(
+        "--storage", help="Optuna storage URL, e.g. postgresql://... (default RUN/studies.db)"
+    )
+    tune.add_argument("--study", help="prefix of the studies' names (default: the config's name)")
+    tune.add_argument(
+        "--algorithm", action="append", default=[], help="only this of tune.algorithms (repeat)"
+    )
+    tune.add_argument(
+        "--seed", type=int, action="append", default=[], help="only this of tune.seeds (repeat)"
+    )
+
     train = sub.add_parser("train", help="one rank of a training run (torchrun sets RANK etc.)")
     train.add_argument("config", type=Path)
     train.add_argument("--backend", choices=sorted(BACKENDS), default="switch")
@@ -640,12 +660,29 @@ def _run(args: argparse.Namespace) -> int:
     return runner.run(load(args.config), args.runs)
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from switchreduce.experiments import tune
+    from switchreduce.experiments.config import load
+
+    options = tune.TuneOptions(
+        runs=args.runs,
+        run_dir=args.run_dir,
+        storage=args.storage,
+        study=args.study,
+        algorithms=tuple(dict.fromkeys(args.algorithm)),
+        seeds=tuple(dict.fromkeys(args.seed)),
+    )
+    tune.tune(load(args.config), options)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "switch": _switch,
     "controller": _controller,
     "worker": _worker,
     "train": _train,
     "run": _run,
+    "tune": _tune,
     "topo": _topo,
     "bench": _bench,
 }

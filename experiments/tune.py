@@ -1,0 +1,552 @@
+"""``switchreduce tune CONFIG``: a hyperparameter search on the emulated cluster.
+
+The config's ``[tune]`` section (experiments.config.TuneConfig) names a search space
+over any ``section.key``, an objective, a budget and the algorithms to compare
+(experiments.search). Each algorithm with each seed is one Optuna study; a trial is one
+training run through the switch on its own cluster (runner.LoopbackCluster or
+MininetCluster), followed as it goes: rank 0's evaluations are reported to the study,
+and a pruned trial's processes are stopped at once. ::
+
+    RUN/config.json              the resolved config
+    RUN/studies.db               the studies (SQLite), unless --storage names another
+    RUN/STUDY/trial-NNNN/        each trial's config, metrics and logs
+    RUN/STUDY/trials.csv         each trial: state, values, cost, iterations
+    RUN/STUDY/history.png        Optuna's optimization history, and the parameters'
+    RUN/STUDY/importance.png     importance (once enough trials have completed)
+    RUN/STUDY/cost.png           each trial's accuracy against its cost
+    RUN/comparison.csv, .png     per study: budget spent, best accuracy, cluster time to
+                                 train.target_accuracy; best accuracy against cluster time
+
+Studies live in Optuna storage, so they resume: run the same command with
+``--run-dir RUN`` (or the same ``--storage``) after a kill. Trials of a dead process
+stop sending heartbeats; the next process marks them failed and runs their parameters
+again. Several processes (machines) may work on one study through a shared database
+(``--storage postgresql://...``): the budget is counted in the storage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import typing
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
+
+from switchreduce.experiments import report, search
+from switchreduce.experiments.config import ExperimentConfig, TuneConfig
+from switchreduce.experiments.errors import ExperimentError
+from switchreduce.experiments.runner import LoopbackCluster, MininetCluster, resolve_mode
+
+log = logging.getLogger(__name__)
+
+# Heartbeats, stale-trial retries and the matplotlib plots are marked experimental in
+# Optuna; the tuner records heartbeats itself (_Heartbeat), as Study.optimize would.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+#: Seconds between a running trial's heartbeats, and without one after which another
+#: process takes the trial for dead (and runs its parameters again, once).
+HEARTBEAT_S = 2
+GRACE_S = 20
+#: The study user attribute holding the config a study was made for.
+CONFIG_ATTR = "config"
+TRIAL_FIELDS = ("number", "state", "value", "worker_seconds", "iterations", "ms_per_iteration",
+                "retried_from", "error")  # fmt: skip
+COMPARISON_FIELDS = ("study", "algorithm", "seed", "trials", "complete", "pruned", "failed",
+                     "worker_seconds", "best_accuracy", "best_trial", "target_accuracy",
+                     "worker_seconds_to_target")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    runs: Path = Path("runs")
+    #: Use (or resume) this run directory instead of a new one under ``runs``.
+    run_dir: Path | None = None
+    #: An Optuna storage URL (sqlite:///..., postgresql://...); default RUN/studies.db.
+    storage: str | None = None
+    #: The studies' names start with this (default: the config's name).
+    study: str | None = None
+    #: Run only these of the config's algorithms and seeds (default: all of them).
+    algorithms: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
+
+
+class _Stop(Exception):
+    """A running trial is stopped early: ``state`` says as what, ``why`` what for."""
+
+    def __init__(self, state: TrialState, why: str) -> None:
+        super().__init__(why)
+        self.state = state
+        self.why = why
+
+
+def open_storage(url: str) -> RDBStorage:
+    """An Optuna RDB storage with heartbeats: a trial whose process died is failed and its
+    parameters are enqueued again (once) by the next process that looks."""
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
+    except Exception as exc:  # SQLAlchemy's errors for a bad URL, a refused connection, ...
+        raise ExperimentError(f"cannot open the storage {url!r}: {exc}") from None
+
+
+class Study:
+    """One algorithm with one seed: an Optuna study that runs its trials to the budget."""
+
+    def __init__(
+        self, config: ExperimentConfig, algorithm: str, seed: int, storage: RDBStorage,
+        name: str, out: Path,
+    ) -> None:  # fmt: skip
+        assert config.tune is not None
+        self.config = config
+        self.tune: TuneConfig = config.tune
+        self.algorithm = algorithm
+        self.seed = seed
+        self.name = name
+        self.out = out
+        self.workers = config.topology.workers
+        self.mode = resolve_mode(config.topology.mode)
+        self.maximize = self.tune.objective == "accuracy"
+        self.sampler = search.sampler(algorithm, self.tune, seed)
+        self.study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            sampler=self.sampler,
+            pruner=search.pruner(algorithm, config),
+            direction="maximize" if self.maximize else "minimize",
+            load_if_exists=True,
+        )
+        self._claim(config)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def _claim(self, config: ExperimentConfig) -> None:
+        """A study holds the trials of one config and algorithm: resuming it with another
+        would mix them. The first process to open it records what it is for."""
+        mine = json.dumps({"config": json.loads(config.to_json()), "algorithm": self.algorithm,
+                           "seed": self.seed}, sort_keys=True)  # fmt: skip
+        held = self.study.user_attrs.get(CONFIG_ATTR)
+        if held is None:
+            self.study.set_user_attr(CONFIG_ATTR, mine)
+        elif held != mine:
+            raise ExperimentError(
+                f"study {self.name!r} in this storage was made for another config, algorithm "
+                "or seed; give another --study name or --run-dir"
+            )
+
+    # -- the budget ----------------------------------------------------------------------
+
+    def trials(self) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False)
+
+    def spent(self) -> float:
+        """Worker-seconds of training of every trial so far (running ones too, as far as
+        they have reported)."""
+        return sum(t.user_attrs.get("worker_seconds", 0.0) for t in self.trials())
+
+    def _may_start(self) -> bool:
+        trials = self.trials()
+        if any(t.state == TrialState.WAITING for t in trials):  # a dead process's retry
+            return True
+        if isinstance(self.sampler, optuna.samplers.GridSampler):  # the whole grid
+            return not self.sampler.is_exhausted(self.study)
+        if self.tune.trials is not None:
+            counted = [t for t in trials if t.state != TrialState.FAIL]
+            if len(counted) >= self.tune.trials:
+                return False
+        return self.tune.worker_seconds is None or self.spent() < self.tune.worker_seconds
+
+    def _beyond_budget(self, trial: optuna.Trial) -> bool:
+        """Whether another process took the last trial of the budget between our look and
+        our ask: the trial numbers below ours that count fill it."""
+        if self.tune.trials is None or self.algorithm == "grid":
+            return False
+        below = [t for t in self.trials()
+                 if t.number < trial.number and t.state != TrialState.FAIL]  # fmt: skip
+        return len(below) >= self.tune.trials
+
+    # -- running -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Trials until the budget is spent, ``tune.parallel`` at a time. A trial that
+        fails stops the study with its error (its state says FAIL, its logs why)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(self.tune.parallel, thread_name_prefix=self.name) as pool:
+            futures = [pool.submit(self._trials) for _ in range(self.tune.parallel)]
+            errors = []
+            for future in futures:
+                try:
+                    future.result()
+                except BaseException as exc:  # stop the other lanes, then raise the first
+                    self._stop.set()
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _trials(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:  # one look-and-ask at a time in this process
+                fail_stale_trials(self.study)
+                if not self._may_start():
+                    return
+                trial = self.study.ask()
+            if self._beyond_budget(trial):
+                trial.set_user_attr("error", "not run: the budget was spent by other trials")
+                self.study.tell(trial, state=TrialState.FAIL)
+                return
+            self._run_trial(trial)
+
+    def _run_trial(self, trial: optuna.Trial) -> None:
+        values = search.suggest(trial, self.tune.space)
+        variant = self.config.with_values(
+            {**values, "train.baselines": [], "train.seed": self.seed}
+        )
+        out = self.out / f"trial-{trial.number:04d}"
+        out.mkdir(parents=True, exist_ok=True)
+        config_path = out / "config.json"
+        config_path.write_text(variant.to_json())
+        shown = ", ".join(f"{key}={_short(value)}" for key, value in values.items())
+        log.info("%s", f"[{self.name}] trial {trial.number}: {shown}")
+        heartbeat = _Heartbeat(self.study, trial)
+        cluster_cls = MininetCluster if self.mode == "mininet" else LoopbackCluster
+        state, value, why = TrialState.COMPLETE, None, ""
+        try:
+            with heartbeat, cluster_cls(variant, out) as cluster:
+                cluster.train("switch", config_path, self._follower(trial))
+        except _Stop as stop:
+            state, why = stop.state, stop.why
+        except BaseException as exc:
+            trial.set_user_attr("error", str(exc) or type(exc).__name__)
+            self.study.tell(trial, state=TrialState.FAIL)
+            raise
+        row = self._finish(trial, out, variant, complete=state == TrialState.COMPLETE)
+        if state == TrialState.COMPLETE:
+            value = row[self.tune.objective]
+            self.study.tell(trial, value)
+        else:
+            trial.set_user_attr("stopped", why)
+            self.study.tell(trial, state=state)
+        self._progress(trial.number, state, value, why)
+
+    def _follower(self, trial: optuna.Trial) -> Callable[[str, dict], None]:
+        """The runner's progress callback for one trial: records its cost, reports its
+        evaluations, and stops it when it is pruned, the budget is spent or a lane failed."""
+        first_rung = search.first_rung_iterations(self.config)
+        evals: list[list[float]] = []
+
+        def follow(backend: str, record: dict) -> None:
+            if self._stop.is_set():
+                raise _Stop(TrialState.FAIL, "another trial of the study failed")
+            worker_seconds = self.workers * record["elapsed"]
+            trial.set_user_attr("worker_seconds", worker_seconds)
+            trial.set_user_attr("iterations", record["iteration"])
+            if "accuracy" not in record:
+                return
+            evals.append([time.time(), worker_seconds, record["accuracy"], record["iteration"]])
+            trial.set_user_attr("evals", evals)
+            if (
+                self.algorithm == "cost-aware"
+                and trial.number == 0
+                and record["iteration"] >= first_rung
+                and search.FIRST_RUNG_MS not in self.study.user_attrs
+            ):
+                self.study.set_user_attr(search.FIRST_RUNG_MS, worker_seconds * 1000)
+            if self.maximize:
+                trial.report(
+                    record["accuracy"],
+                    search.step(self.algorithm, record["iteration"], worker_seconds),
+                )
+                if trial.should_prune():
+                    raise _Stop(TrialState.PRUNED, f"pruned at iteration {record['iteration']}")
+            budget = self.tune.worker_seconds
+            if budget is not None and self.algorithm != "grid" and self.spent() >= budget:
+                raise _Stop(TrialState.PRUNED, "stopped: the study's worker-seconds are spent")
+
+        return follow
+
+    def _finish(self, trial: optuna.Trial, out: Path, variant: ExperimentConfig,
+                complete: bool) -> dict:  # fmt: skip
+        """The trial's summary (from every rank's metrics when it ran to its end)."""
+        if not complete:
+            return {}
+        records = report.merge_metrics(out, ("switch",), self.workers)
+        target = variant.train.target_accuracy
+        row = report.summarize("switch", records, self.mode, target)
+        report.write_run(out, records, [row], plots=False)
+        trial.set_user_attr("worker_seconds", self.workers * row["total_s"])
+        trial.set_user_attr("iterations", row["iterations"])
+        trial.set_user_attr("ms_per_iteration", row["median_iteration_s"] * 1000)
+        reached = row["time_to_target_s"]
+        return {"accuracy": row["final_accuracy"],
+                "time_to_target": math.inf if reached is None else reached}  # fmt: skip
+
+    def _progress(self, number: int, state: TrialState, value: float | None, why: str) -> None:
+        trials = self.trials()
+        count = {s: sum(t.state == s for t in trials) for s in TrialState}
+        best = self.best()
+        budget = self.tune.worker_seconds
+        spent = f"{self.spent():.0f}" + (f"/{budget:g}" if budget is not None else "")
+        outcome = _short(value) if state == TrialState.COMPLETE else why
+        best_text = f", best {best.value:.4g} (trial {best.number})" if best else ""
+        log.info(
+            "%s",
+            f"[{self.name}] trial {number} {state.name.lower()}: {outcome} | running "
+            f"{count[TrialState.RUNNING]}, complete {count[TrialState.COMPLETE]}, pruned "
+            f"{count[TrialState.PRUNED]}, failed {count[TrialState.FAIL]}; "
+            f"{spent} worker-s{best_text}",
+        )
+
+    def best(self) -> FrozenTrial | None:
+        complete = [t for t in self.trials()
+                    if t.state == TrialState.COMPLETE and t.value is not None
+                    and math.isfinite(t.value)]  # fmt: skip
+        if not complete:
+            return None
+        pick = max if self.maximize else min
+        return pick(complete, key=lambda t: typing.cast(float, t.value))
+
+    # -- what it found -------------------------------------------------------------------
+
+    def timeline(self) -> list[tuple[float, float]]:
+        """(cluster worker-seconds spent by the study, best accuracy any trial had shown)
+        at each evaluation, in the order they happened: what the search had found for
+        what it had spent."""
+        evals = [(e[0], t.number, e[1], e[2]) for t in self.trials()
+                 for e in t.user_attrs.get("evals", [])]  # fmt: skip
+        evals.sort()
+        spent_by: dict[int, float] = {}
+        best, points = -math.inf, []
+        for _, number, worker_seconds, accuracy in evals:
+            spent_by[number] = worker_seconds
+            best = max(best, accuracy)
+            points.append((sum(spent_by.values()), best))
+        return points
+
+    def summary(self) -> dict:
+        trials = self.trials()
+        best = self.best()
+        target = self.config.train.target_accuracy
+        reached = [spent for spent, accuracy in self.timeline()
+                   if target is not None and accuracy >= target]  # fmt: skip
+        return {
+            "study": self.name,
+            "algorithm": self.algorithm,
+            "seed": self.seed,
+            "trials": len(trials),
+            "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "failed": sum(t.state == TrialState.FAIL for t in trials),
+            "worker_seconds": self.spent(),
+            "best_accuracy": _best_accuracy(trials),
+            "best_trial": None if best is None else best.number,
+            "target_accuracy": target,
+            "worker_seconds_to_target": reached[0] if reached else None,
+        }
+
+    def write(self) -> None:
+        """trials.csv and the study's plots."""
+        rows = []
+        for t in self.trials():
+            row = {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "retried_from": RetryHeartbeatStaleTrialCallback.retried_trial_number(t),
+                **{key: t.user_attrs.get(key) for key in TRIAL_FIELDS[3:] if key != "retried_from"},
+                **_param_values(self.tune, t),
+            }
+            rows.append(row)
+        report.write_csv(self.out / "trials.csv", (*TRIAL_FIELDS, *self.tune.space), rows)
+        _plot_study(self)
+
+
+class _Heartbeat:
+    """Records a running trial's heartbeat every HEARTBEAT_S seconds from a thread of its
+    own, so that a trial is taken for dead only when its process is."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        self.storage = study._storage
+        self.trial_id = trial._trial_id
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.done.wait(HEARTBEAT_S):
+            self.storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+
+    def __enter__(self) -> _Heartbeat:
+        self.storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def _best_accuracy(trials: list[FrozenTrial]) -> float | None:
+    """The best test accuracy any trial showed at any of its evaluations."""
+    shown = [e[2] for t in trials for e in t.user_attrs.get("evals", [])]
+    return max(shown) if shown else None
+
+
+def _param_values(tune: TuneConfig, trial: FrozenTrial) -> dict[str, object]:
+    """The trial's value of each key (a choice's value, not its index)."""
+    values: dict[str, object] = {}
+    for key, spec in tune.space.items():
+        if key in trial.params:
+            raw = trial.params[key]
+            values[key] = spec.choices[raw] if spec.kind == "choices" else raw
+    return values
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _plot_study(study: Study) -> None:
+    plt = report.pyplot()
+    from optuna.visualization import matplotlib as optuna_plots
+
+    complete = [t for t in study.trials() if t.state == TrialState.COMPLETE]
+    if complete:
+        ax = optuna_plots.plot_optimization_history(study.study)
+        _save(ax, study.out / "history.png")
+    if len(complete) >= 2 and len(study.tune.space) >= 2:
+        try:
+            ax = optuna_plots.plot_param_importances(study.study)
+        except (RuntimeError, ValueError) as exc:  # e.g. every trial with the same value
+            log.info("%s", f"[{study.name}] no importance plot: {exc}")
+        else:
+            _save(ax, study.out / "importance.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for state, marker in ((TrialState.COMPLETE, "o"), (TrialState.PRUNED, "x")):
+        last = [t.user_attrs["evals"][-1] for t in study.trials()
+                if t.state == state and t.user_attrs.get("evals")]  # fmt: skip
+        points = [(worker_seconds, accuracy) for _, worker_seconds, accuracy, _ in last]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker, ls="", label=state.name.lower())
+    ax.set(xlabel="trial's cost (worker-seconds of training)", ylabel="last test accuracy",
+           title=study.name)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(study.out / "cost.png", dpi=110)
+    plt.close(fig)
+
+
+def _save(ax, path: Path) -> None:
+    """An Optuna matplotlib plot (its Axes) into a PNG."""
+    figure = ax.get_figure(root=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    report.pyplot().close(figure)
+
+
+def _plot_comparison(run_dir: Path, studies: list[Study]) -> None:
+    plt = report.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors: dict[str, str] = {}
+    for study in studies:
+        points = study.timeline()
+        if not points:
+            continue
+        color = colors.setdefault(study.algorithm, f"C{len(colors)}")
+        first = study.algorithm not in {line.get_label() for line in ax.get_lines()}
+        ax.step(*zip(*points, strict=True), where="post", color=color, alpha=0.8,
+                label=study.algorithm if first else "_")  # fmt: skip
+    target = studies[0].config.train.target_accuracy if studies else None
+    if target is not None:
+        ax.axhline(target, color="grey", ls=":", label=f"target {target:.0%}")
+    ax.set(xlabel="cluster time spent by the search (worker-seconds)",
+           ylabel="best test accuracy found")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "comparison.png", dpi=110)
+    plt.close(fig)
+
+
+def tune(config: ExperimentConfig, options: TuneOptions) -> list[dict]:
+    """Every study of the config's [tune] (or those ``options`` picks) to its budget, in
+    a run directory; one comparison row per study, those of the config that an earlier
+    command ran into the same storage included."""
+    if config.tune is None:
+        raise ExperimentError("the config has no [tune] section: `switchreduce run` it instead")
+    spec = config.tune
+    for what, picked, known in (("algorithm", options.algorithms, spec.algorithms),
+                                ("seed", options.seeds, spec.seeds)):  # fmt: skip
+        unknown = [p for p in picked if p not in known]
+        if unknown:
+            raise ExperimentError(
+                f"--{what} {unknown[0]} is not among the config's tune.{what}s {list(known)}"
+            )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = options.run_dir or options.runs / f"{config.name}-tune-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.to_json())
+    url = options.storage or f"sqlite:///{(run_dir / 'studies.db').resolve()}"
+    storage = open_storage(url)
+    log.info("%s", f"{config.name}: tuning into {run_dir} (storage {_redact(url)})")
+    studies = []
+    held = set(optuna.get_all_study_names(storage))
+    for algorithm in spec.algorithms:
+        for seed in spec.seeds:
+            name = f"{options.study or config.name}-{algorithm}-s{seed}"
+            chosen = algorithm in (options.algorithms or spec.algorithms) and seed in (
+                options.seeds or spec.seeds
+            )
+            if not chosen and name not in held:  # neither run now nor before
+                continue
+            study = Study(config, algorithm, seed, storage, name, run_dir / name)
+            if chosen:
+                try:
+                    study.run()
+                finally:
+                    study.write()
+            studies.append(study)
+    rows = [study.summary() for study in studies]
+    report.write_csv(run_dir / "comparison.csv", COMPARISON_FIELDS, rows)
+    _plot_comparison(run_dir, studies)
+    _print_comparison(run_dir, rows)
+    return rows
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.split(':')[0]}:***@{host}"
+
+
+def _print_comparison(run_dir: Path, rows: list[dict]) -> None:
+    print()
+    print(f"{'study':34s}{'trials':>7s}{'pruned':>7s}{'worker-s':>10s}{'best':>8s}"
+          f"{'w-s to target':>15s}")  # fmt: skip
+    for row in rows:
+        best = row["best_accuracy"]
+        to_target = row["worker_seconds_to_target"]
+        print(
+            f"{row['study']:34s}{row['trials']:7d}{row['pruned']:7d}"
+            f"{row['worker_seconds']:10.1f}{'-' if best is None else format(best, '.1%'):>8s}"
+            f"{'-' if to_target is None else format(to_target, '.1f'):>15s}"
+        )
+    print(f"run directory: {run_dir}")
