@@ -59,8 +59,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 #: process takes the trial for dead (and runs its parameters again, once).
 HEARTBEAT_S = 2
 GRACE_S = 20
-#: The study user attribute holding the config a study was made for.
+#: The study user attribute holding the config a study was made for, and the keys of
+#: [tune] it leaves out.
 CONFIG_ATTR = "config"
+UNCLAIMED = ("algorithms", "seeds", "trials", "worker_seconds", "parallel")
 TRIAL_FIELDS = ("number", "state", "value", "worker_seconds", "iterations", "ms_per_iteration",
                 "retried_from", "error")  # fmt: skip
 COMPARISON_FIELDS = ("study", "algorithm", "seed", "trials", "complete", "pruned", "failed",
@@ -138,10 +140,15 @@ class Study:
         self._lock = threading.Lock()
 
     def _claim(self, config: ExperimentConfig) -> None:
-        """A study holds the trials of one config and algorithm: resuming it with another
-        would mix them. The first process to open it records what it is for."""
-        mine = json.dumps({"config": json.loads(config.to_json()), "algorithm": self.algorithm,
-                           "seed": self.seed}, sort_keys=True)  # fmt: skip
+        """A study holds the trials of one config, algorithm and seed: resuming it with
+        another would mix them. The first process to open it records what it is for; the
+        budget and the other studies' algorithms and seeds may change (a study may be
+        taken further)."""
+        raw = json.loads(config.to_json())
+        for key in UNCLAIMED:  # what may change between the commands that run a study
+            del raw["tune"][key]
+        mine = json.dumps({"config": raw, "algorithm": self.algorithm, "seed": self.seed},
+                          sort_keys=True)  # fmt: skip
         held = self.study.user_attrs.get(CONFIG_ATTR)
         if held is None:
             self.study.set_user_attr(CONFIG_ATTR, mine)
