@@ -656,13 +656,16 @@ def _train(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from switchreduce.experiments import runner
     from switchreduce.experiments.config import load
+    from switchreduce.launch import terminate_as_interrupt
 
-    return runner.run(load(args.config), args.runs)
+    with terminate_as_interrupt():
+        return runner.run(load(args.config), args.runs)
 
 
 def _tune(args: argparse.Namespace) -> int:
     from switchreduce.experiments import tune
     from switchreduce.experiments.config import load
+    from switchreduce.launch import terminate_as_interrupt
 
     options = tune.TuneOptions(
         runs=args.runs,
@@ -672,7 +675,8 @@ def _tune(args: argparse.Namespace) -> int:
         algorithms=tuple(dict.fromkeys(args.algorithm)),
         seeds=tuple(dict.fromkeys(args.seed)),
     )
-    tune.tune(load(args.config), options)
+    with terminate_as_interrupt():
+        tune.tune(load(args.config), options)
     return 0
 
 
@@ -703,10 +707,12 @@ def main(argv: list[str] | None = None) -> int:
     from switchreduce.controller.errors import ControllerError
     from switchreduce.emulation.errors import EmulationError
     from switchreduce.experiments.errors import ExperimentError
-    from switchreduce.launch import LaunchError
+    from switchreduce.launch import LaunchError, die_with_parent
 
     args = build_parser().parse_args(argv)
     _log_to_stderr()
+    if argv is None:  # a process of its own: it ends with the parent that started it
+        die_with_parent()
     try:
         return COMMANDS[args.command](args)
     except (ControllerError, EmulationError, ExperimentError, LaunchError) as exc:  # in a line

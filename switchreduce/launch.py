@@ -77,6 +77,39 @@ def print_report(report: Mapping[str, Any]) -> None:
     print(json.dumps(report), flush=True)
 
 
+#: Set by a parent in its children's environment: its PID, so that each child dies with it
+#: (``die_with_parent``) even when the parent is killed and cannot stop them.
+PARENT_PID = "SWITCHREDUCE_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when the parent that started it through
+    :class:`Child` dies, however it dies (SIGKILL included). A process started otherwise,
+    or whose parent is already gone, is left as it is or ends here."""
+    expected = os.environ.pop(PARENT_PID, None)
+    if expected is None:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != int(expected):  # the parent died before the request took hold
+        raise SystemExit("the parent that started this process is gone")
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the block as Ctrl-C would (KeyboardInterrupt), so that whatever it
+    started is stopped on the way out instead of being left running."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def wait_for_go() -> None:
     """Say READY, then wait for a line on stdin (GO); a parent that is gone ends the wait."""
     announce(READY)
@@ -128,7 +161,7 @@ class Child:
             "stdout": subprocess.PIPE if speaks else None,
             "stderr": subprocess.PIPE,
             "bufsize": 0,  # unbuffered: select() sees everything the child has written
-            "env": env,
+            "env": {**(os.environ if env is None else env), PARENT_PID: str(os.getpid())},
         }
         with ExitStack() as stack:
             if log is not None:
