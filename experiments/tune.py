@@ -57,8 +57,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 #: Seconds between a running trial's heartbeats, and without one after which another
 #: process takes the trial for dead (and runs its parameters again, once).
-HEARTBEAT_S = 2
-GRACE_S = 20
+HEARTBEAT_S = 1
+GRACE_S = 10
 #: The study user attribute holding the config a study was made for, and the keys of
 #: [tune] it leaves out.
 CONFIG_ATTR = "config"
@@ -138,6 +138,7 @@ class Study:
         self._claim(config)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._mine: set[int] = set()  # the trials this process runs
 
     def _claim(self, config: ExperimentConfig) -> None:
         """A study holds the trials of one config, algorithm and seed: resuming it with
@@ -180,6 +181,11 @@ class Study:
                 return False
         return self.tune.worker_seconds is None or self.spent() < self.tune.worker_seconds
 
+    def _others_running(self) -> bool:
+        """Whether trials not run by this process are RUNNING."""
+        return any(t.state == TrialState.RUNNING and t.number not in self._mine
+                   for t in self.trials())  # fmt: skip
+
     def _beyond_budget(self, trial: optuna.Trial) -> bool:
         """Whether another process took the last trial of the budget between our look and
         our ask: the trial numbers below ours that count fill it."""
@@ -211,9 +217,17 @@ class Study:
         while not self._stop.is_set():
             with self._lock:  # one look-and-ask at a time in this process
                 fail_stale_trials(self.study)
-                if not self._may_start():
+                may_start = self._may_start()
+                if may_start:
+                    trial = self.study.ask()
+                    self._mine.add(trial.number)
+            if not may_start:
+                if not self._others_running():
                     return
-                trial = self.study.ask()
+                # a trial another process runs may still fail, or its process be dead:
+                # then its parameters come back (WAITING) to be run here
+                self._stop.wait(HEARTBEAT_S)
+                continue
             if self._beyond_budget(trial):
                 trial.set_user_attr("error", "not run: the budget was spent by other trials")
                 self.study.tell(trial, state=TrialState.FAIL)

@@ -1,0 +1,381 @@
+"""``switchreduce tune``: search spaces, studies run to their budget through the switch,
+pruning, resuming after a kill, two tuners on one PostgreSQL study, optuna-dashboard."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+
+from switchreduce.experiments import search
+from switchreduce.experiments.config import from_dict
+from switchreduce.experiments.errors import ConfigError
+from switchreduce.launch import Child, cli_command
+from switchreduce.ports import free_tcp_port
+
+#: Two ranks on loopback, a small MLP, 20 iterations: a trial takes a few seconds.
+BASE = {
+    "name": "small",
+    "topology": {"mode": "loopback", "workers": 2},
+    "model": {"hidden": 16},
+    "train": {"iterations": 20, "eval_every": 5, "target_accuracy": 0.5},
+}
+SPACE = {
+    "optimizer.lr": {"log_uniform": [0.01, 0.3]},
+    "model.hidden": {"integer": [8, 32], "log": True},
+    "switch.lane_bits": {"choices": [8, 32]},
+}
+
+
+def _config(**tune: object) -> dict:
+    return {**BASE, "tune": {"space": SPACE, **tune}}
+
+
+def _write(path: Path, raw: dict) -> Path:
+    """A config as TOML (json.dumps writes TOML's inline tables and arrays for these)."""
+    lines = [f'name = "{raw["name"]}"']
+    for section, values in raw.items():
+        if section in ("name", "tune"):
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    tune = dict(raw["tune"])
+    space = tune.pop("space")
+    lines.append("[tune]")
+    lines += [f"{key} = {json.dumps(value)}" for key, value in tune.items()]
+    lines.append("[tune.space]")
+    for key, spec in space.items():
+        inline = ", ".join(f"{k} = {json.dumps(v)}" for k, v in spec.items())
+        lines.append(f'"{key}" = {{ {inline} }}')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _tune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cli_command("tune", *args), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _study(run_dir: Path, name: str, url: str | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url or f"sqlite:///{run_dir}/studies.db")
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _left_running(marker: Path) -> list[str]:
+    """Command lines of processes that mention ``marker`` (a test's own directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(marker) in cmdline:
+            found.append(cmdline)
+    return found
+
+
+# -- the search space ------------------------------------------------------------------
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("tune", "message"),
+    [
+        ({"space": {"optimizer.lrr": {"uniform": [0.1, 0.2]}}}, "unknown key 'optimizer.lrr'"),
+        ({"space": {"switch.lane_bits": {"choices": [8, 12]}}},
+         "tune.space.switch.lane_bits: switch.lane_bits must be one of 32, 16, 8, got 12"),
+        ({"space": {"optimizer.lr": {"uniform": [0.3, 0.1]}}},
+         "tune.space.optimizer.lr needs low < high"),
+        ({"space": {"optimizer.lr": {"log_uniform": [0, 0.1]}}},
+         "tune.space.optimizer.lr a log scale needs low > 0"),
+        ({"space": {"optimizer.lr": {"uniform": [0.1, 0.2], "choices": [0.1]}}},
+         "tune.space.optimizer.lr needs exactly one of"),
+        ({"space": {"optimizer.lr": {"uniform": [-1.0, 0.1]}}},
+         "tune.space.optimizer.lr: optimizer.lr must be > 0"),
+        ({"space": {"model": {"choices": [1]}}}, "'model' is not section.key"),
+        ({"space": {"tune.trials": {"choices": [1]}}}, "must name a setting of topology"),
+        ({"space": {}}, "tune.space must name at least one"),
+        ({"trials": None}, "tune needs a budget"),
+        ({"algorithms": ["hyperband"]}, "tune.algorithms must be among grid, random"),
+        ({"objective": "time_to_target", "algorithms": ["asha"]}, "asha and cost-aware prune"),
+        ({"parallel": 2, "algorithms": ["random"]}, None),  # loopback: allowed
+    ],
+)  # fmt: skip
+def test_a_bad_search_space_is_an_error_naming_the_key(tune: dict, message: str | None) -> None:
+    raw = _config(trials=2)
+    raw["tune"] = {k: v for k, v in {**raw["tune"], **tune}.items() if v is not None}
+    if message is None:
+        from_dict(raw)
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(raw)
+
+
+@pytest.mark.fast
+def test_a_search_cannot_be_a_sweep_and_parallel_trials_need_loopback() -> None:
+    with pytest.raises(ConfigError, match=r"tune cannot be combined with \[sweep\]"):
+        from_dict({**_config(trials=2), "sweep": {"parameter": "train.seed", "values": [0, 1]}})
+    raw = _config(trials=2, parallel=2)
+    raw["topology"] = {**raw["topology"], "mode": "mininet"}
+    with pytest.raises(ConfigError, match=r"tune\.parallel above 1 needs topology\.mode"):
+        from_dict(raw)
+
+
+@pytest.mark.fast
+def test_grid_search_spreads_ranges_and_takes_choices_by_index() -> None:
+    config = from_dict(_config(algorithms=["grid"], grid_points=3))
+    assert config.tune is not None
+    space = config.tune.space
+    assert space["optimizer.lr"].grid(3) == pytest.approx([0.01, 0.3**0.5 * 0.1, 0.3])
+    assert space["model.hidden"].grid(3) == [8, 16, 32]  # geometric, integers
+    assert search.grid(space, 3)["switch.lane_bits"] == [0, 1]  # indices of the choices
+    # every trial's config must be one the runner accepts
+    for lr in space["optimizer.lr"].grid(3):
+        assert config.with_values({"optimizer.lr": lr}).optimizer.lr == lr
+
+
+# -- studies through the switch --------------------------------------------------------
+
+
+def test_a_study_runs_its_budget_through_the_switch_and_writes_what_it_found(
+    tmp_path: Path,
+) -> None:
+    config = _write(tmp_path / "small.toml", _config(algorithms=["random"], trials=3))
+    run_dir = tmp_path / "run"
+    result = _tune(str(config), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "small-random-s0" in result.stdout  # the comparison table
+    study = _study(run_dir, "small-random-s0")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    rows = _rows(run_dir / "small-random-s0" / "trials.csv")
+    for trial, row in zip(trials, rows, strict=True):
+        out = run_dir / "small-random-s0" / f"trial-{trial.number:04d}"
+        resolved = json.loads((out / "config.json").read_text())
+        # the trial trained with the values the study recorded for it
+        assert resolved["optimizer"]["lr"] == pytest.approx(trial.params["optimizer.lr"])
+        assert resolved["switch"]["lane_bits"] == int(row["switch.lane_bits"])
+        assert resolved["train"]["baselines"] == []
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(metrics) == 20
+        assert trial.value == pytest.approx(metrics[-1]["accuracy"])
+        assert trial.user_attrs["worker_seconds"] == pytest.approx(2 * metrics[-1]["elapsed"])
+        assert [e[3] for e in trial.user_attrs["evals"]] == [5, 10, 15, 20]
+    (comparison,) = _rows(run_dir / "comparison.csv")
+    assert int(comparison["complete"]) == 3
+    assert float(comparison["best_accuracy"]) >= max(t.value for t in trials if t.value)
+    for name in ("comparison.png", "small-random-s0/history.png", "small-random-s0/cost.png"):
+        assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
+    assert not _left_running(tmp_path)
+
+    # optuna-dashboard serves the study from the same storage
+    port = free_tcp_port()
+    dashboard = ["optuna-dashboard", f"sqlite:///{run_dir}/studies.db", "--host", "127.0.0.1",
+                 "--port", str(port)]  # fmt: skip
+    executable = Path(sys.executable).parent / dashboard[0]
+    with Child([str(executable), *dashboard[1:]], "optuna-dashboard", speaks=False,
+               log=tmp_path / "dashboard.log") as child:  # fmt: skip
+        body = _get(f"http://127.0.0.1:{port}/api/studies", deadline=30)
+        child.stop()
+    assert "small-random-s0" in body
+
+
+def _get(url: str, deadline: float) -> str:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read().decode()
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.3)
+
+
+def test_halving_prunes_trials_mid_run_and_stops_their_processes(tmp_path: Path) -> None:
+    """asha (rungs in iterations) and cost-aware (rungs in worker-seconds) on a space where
+    half the learning rates cannot learn in 20 iterations: both prune, a pruned trial's
+    ranks are stopped at once, and cost-aware indexes its reports by what they cost."""
+    raw = _config(algorithms=["asha", "cost-aware"], trials=6, reduction_factor=2)
+    raw["topology"] = {**raw["topology"], "compute_ms": 50.0}  # 20 iterations: over a second
+    raw["tune"]["space"] = {
+        "optimizer.lr": {"choices": [0.00001, 0.1]},
+        "switch.lane_bits": {"choices": [8, 32]},
+    }
+    config = _write(tmp_path / "small.toml", raw)
+    run_dir = tmp_path / "run"
+    result = _tune(str(config), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for algorithm in ("asha", "cost-aware"):
+        study = _study(run_dir, f"small-{algorithm}-s0")
+        pruned = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.PRUNED]
+        # pruned at a rung before the last evaluation: stopped there, mid-run
+        early = [t for t in pruned if t.user_attrs["evals"][-1][3] < 20]
+        assert early, f"{algorithm}: nothing pruned before its end"
+        for trial in early:
+            out = run_dir / f"small-{algorithm}-s0" / f"trial-{trial.number:04d}"
+            done = (out / "metrics-switch-rank0.jsonl").read_text().splitlines()
+            assert len(done) < 20
+            assert not (out / "summary.csv").exists()
+    cost_aware = _study(run_dir, "small-cost-aware-s0")
+    first = cost_aware.trials[0]
+    assert cost_aware.user_attrs[search.FIRST_RUNG_MS] == pytest.approx(
+        first.user_attrs["evals"][0][1] * 1000
+    )
+    assert sorted(first.intermediate_values) == [
+        round(e[1] * 1000) for e in first.user_attrs["evals"]
+    ]
+    assert sorted(_study(run_dir, "small-asha-s0").trials[0].intermediate_values) == [5, 10, 15, 20]
+    assert not _left_running(tmp_path)
+
+
+def test_a_killed_tuner_leaves_nothing_running_and_its_study_resumes(tmp_path: Path) -> None:
+    config = _write(tmp_path / "small.toml", _config(algorithms=["random"], trials=3))
+    run_dir = tmp_path / "run"
+    command = cli_command("tune", str(config), "--run-dir", str(run_dir))
+    with (tmp_path / "first.log").open("w") as log:
+        tuner = subprocess.Popen(command, stdout=log, stderr=log)
+    try:
+        running = _wait_for_trial(run_dir, "small-random-s0", number=1, deadline=120)
+    finally:
+        tuner.kill()
+        tuner.wait()
+    assert running.state == optuna.trial.TrialState.RUNNING
+    deadline = time.monotonic() + 15  # the ranks and the switch die with their parent
+    while _left_running(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _left_running(run_dir)
+
+    result = _tune(str(config), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = _study(run_dir, "small-random-s0").get_trials()
+    states = {t.number: t.state for t in trials}
+    assert states[1] == optuna.trial.TrialState.FAIL  # the killed one ...
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == running.number]
+    assert retry.state == optuna.trial.TrialState.COMPLETE  # ... ran again, same values
+    assert retry.params == running.params
+    counted = [t for t in trials if t.state != optuna.trial.TrialState.FAIL]
+    assert len(counted) == 3
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in counted)
+
+
+def _wait_for_trial(run_dir: Path, name: str, number: int, deadline: float):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if (run_dir / "studies.db").exists():
+            try:
+                trials = _study(run_dir, name).get_trials()
+            except KeyError:  # the study is not there yet
+                trials = []
+            if len(trials) > number and trials[number].user_attrs.get("iterations"):
+                return trials[number]
+        time.sleep(0.3)
+    raise AssertionError(f"trial {number} of {name} did not start training")
+
+
+def test_the_cli_names_the_bad_key_and_run_refuses_a_search(tmp_path: Path) -> None:
+    raw = _config(trials=2)
+    raw["tune"]["space"] = {"switch.lane_bits": {"choices": [8, 12]}}
+    result = _tune(str(_write(tmp_path / "bad.toml", raw)), timeout=60)
+    assert result.returncode != 0
+    assert "tune.space.switch.lane_bits" in result.stderr
+    good = _write(tmp_path / "good.toml", _config(trials=2))
+    ran = subprocess.run(cli_command("run", str(good), "--runs", str(tmp_path)),
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert ran.returncode != 0
+    assert "`switchreduce tune` it" in ran.stderr
+
+
+# -- one study, two tuners, PostgreSQL ---------------------------------------------------
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture
+def postgres(tmp_path: Path) -> Iterator[str]:
+    """A PostgreSQL server of its own (Debian's package), on a free loopback port, stopped
+    and removed after the test; its URL. As root it runs as the postgres user (it refuses
+    root), in a directory of that user's outside pytest's root-only tree."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (make installs Debian's postgresql)")
+    home = Path(tempfile.mkdtemp(prefix="switchreduce-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(home, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data = home / "data"
+    try:
+        initdb = subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data),
+                                 "-U", "postgres", "--auth=trust"],
+                                capture_output=True, text=True)  # fmt: skip
+        assert initdb.returncode == 0, initdb.stdout + initdb.stderr
+        port = free_tcp_port()
+        server = [*as_user, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port),
+                  "-c", "listen_addresses=127.0.0.1",
+                  "-c", f"unix_socket_directories={home}"]  # fmt: skip
+        with Child(server, "postgres", speaks=False, log=tmp_path / "postgres.log") as child:
+            end = time.monotonic() + 30
+            while subprocess.run([str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p",
+                                  str(port)], capture_output=True).returncode != 0:  # fmt: skip
+                assert time.monotonic() < end, child.errors
+                time.sleep(0.2)
+            yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+            child.signal_group(signal.SIGINT)  # PostgreSQL's fast shutdown
+            child.stop()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_two_tuners_finish_one_postgresql_study_without_duplicated_or_lost_trials(
+    tmp_path: Path, postgres: str
+) -> None:
+    config = _write(tmp_path / "small.toml", _config(algorithms=["random"], trials=6))
+    commands = [cli_command("tune", str(config), "--storage", postgres, "--study", "shared",
+                            "--run-dir", str(tmp_path / f"tuner{i}")) for i in (1, 2)]  # fmt: skip
+    logs = [(tmp_path / f"tuner{i}.log").open("w") for i in (1, 2)]
+    tuners = [
+        subprocess.Popen(c, stdout=log, stderr=log) for c, log in zip(commands, logs, strict=True)
+    ]
+    for tuner in tuners:
+        assert tuner.wait(timeout=300) == 0, (tmp_path / "tuner1.log").read_text()[-3000:]
+    trials = _study(tmp_path, "shared-random-s0", url=postgres).get_trials()
+    ran = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(ran) == 6
+    # a FAIL may only be a trial one tuner asked for after the other took the last one
+    for t in trials:
+        assert t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+        if t.state == optuna.trial.TrialState.FAIL:
+            assert t.user_attrs["error"].startswith("not run: the budget was spent")
+    # each trial ran exactly once, in one tuner or the other, and both tuners worked
+    dirs = {
+        tuner: {p.name for p in (tmp_path / tuner / "shared-random-s0").glob("trial-*")
+                if (p / "summary.csv").exists()}
+        for tuner in ("tuner1", "tuner2")
+    }  # fmt: skip
+    assert not dirs["tuner1"] & dirs["tuner2"]
+    assert dirs["tuner1"] | dirs["tuner2"] == {f"trial-{t.number:04d}" for t in ran}
+    assert dirs["tuner1"] and dirs["tuner2"]
