@@ -343,6 +343,9 @@ ALGORITHMS = ("grid", "random", "tpe", "asha", "cost-aware")
 #: What a study optimizes: the test accuracy at a trial's end (maximized), or the training
 #: seconds until train.target_accuracy (minimized).
 OBJECTIVES = ("accuracy", "time_to_target")
+#: Settings of the switch that trials running side by side as jobs on it share.
+SWITCH_WIDE = ("switch.backend", "switch.k", "switch.slots", "switch.controller",
+               "topology.mode", "topology.switch_loss")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -396,7 +399,8 @@ class TuneConfig:
     #: runs its whole grid: it is the reference a budget is set against.
     trials: int | None = None
     worker_seconds: float | None = None
-    #: Trials that run at once, each on a cluster of its own (loopback only).
+    #: Trials that run at once. Above 1 (loopback only) they are jobs side by side on one
+    #: soft switch, registered with its controller (runner.SharedSwitch).
     parallel: int = 1
     #: Successive halving: a rung keeps the best 1/reduction_factor of the trials that
     #: reach it. The first rung is at min_iterations (asha; default: train.eval_every) or
@@ -550,11 +554,25 @@ class ExperimentConfig:
             "tune.objective",
             "asha and cost-aware prune on accuracy: use objective = 'accuracy' with them",
         )
-        _check(
-            tune.parallel == 1 or self.topology.mode == "loopback",
-            "tune.parallel",
-            "above 1 needs topology.mode = 'loopback' (each trial brings up its own cluster)",
-        )
+        if tune.parallel > 1:  # the trials are jobs on one shared switch
+            _check(
+                self.topology.mode == "loopback",
+                "tune.parallel",
+                "above 1 needs topology.mode = 'loopback' (trials side by side are jobs on "
+                "one soft switch there)",
+            )
+            _check(
+                self.topology.switch_loss == 0,
+                "tune.parallel",
+                "above 1 needs topology.switch_loss = 0: the shared switch injects none",
+            )
+            for key in tune.space:
+                _check(
+                    key not in SWITCH_WIDE,
+                    f"tune.space.{key}",
+                    "is the shared switch's, the same for every trial: it cannot be searched "
+                    "with tune.parallel above 1",
+                )
 
     def with_value(self, parameter: str, value: object) -> ExperimentConfig:
         """This config with ``section.key`` set to ``value`` (validated), and no sweep."""

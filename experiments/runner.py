@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import abc
 import functools
+import itertools
 import json
 import logging
 import os
 import shutil
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -37,7 +41,7 @@ from switchreduce.experiments import report
 from switchreduce.experiments.config import ExperimentConfig
 from switchreduce.experiments.errors import ExperimentError
 from switchreduce.experiments.records import PROGRESS
-from switchreduce.launch import Child, LaunchError, Starter, cli_command
+from switchreduce.launch import CONTROLLER, LISTENING, Child, LaunchError, Starter, cli_command
 from switchreduce.ports import free_tcp_port, free_udp_ports
 
 #: Called with (backend, metrics record) as rank 0 reports progress.
@@ -117,8 +121,80 @@ class Cluster(abc.ABC):
                 raise ExperimentError(str(exc)) from None
 
 
+class SharedSwitch:
+    """One empty soft switch on loopback and a controller that admits jobs onto it: runs
+    that use it (``LoopbackCluster(shared=...)``) are jobs side by side on one switch,
+    sharing its slot pool, each isolated by its job id and session. A context manager
+    that stops both; every job gets ``slots`` slots."""
+
+    def __init__(self, k: int, slots: int, log_dir: Path) -> None:
+        self.k = k
+        self.slots = slots
+        self.log_dir = log_dir
+        self.url = ""
+        self._jobs = itertools.count()
+        self._lock = threading.Lock()
+
+    def next_job(self) -> int:
+        """A job id for the next run: they cycle through the ids the program counts, so an
+        id comes back only after many runs, each released when it ended (``release``)."""
+        with self._lock:
+            return next(self._jobs) % _max_job_id() + 1
+
+    def release(self, job: int) -> None:
+        """End job ``job`` on the switch now (its ranks may have been killed mid-run, with
+        no one left to say so), so that nothing of it stays; a job not running is fine."""
+        request = urllib.request.Request(f"{self.url}/v1/jobs/{job}", method="DELETE")
+        try:
+            with urllib.request.urlopen(request, timeout=30):
+                pass
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise ExperimentError(f"the controller did not release job {job}: {exc}") from None
+
+    def __enter__(self) -> SharedSwitch:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        p4runtime = f"127.0.0.1:{free_tcp_port()}"
+        with ExitStack() as stack:
+            switch = stack.enter_context(Child(
+                cli_command("switch", "--listen", "127.0.0.1:0", "--p4runtime", p4runtime,
+                            "--k", str(self.k)),
+                "the shared soft switch", log=self.log_dir / "switch.log",
+            ))  # fmt: skip
+            try:
+                data_plane = switch.wait_for(LISTENING)
+                controller = stack.enter_context(Child(
+                    cli_command("controller", "--p4runtime", p4runtime, "--data-plane",
+                                data_plane, "--listen", f"127.0.0.1:{free_tcp_port()}",
+                                "--k", str(self.k), "--slots", str(self.slots)),
+                    "the controller", log=self.log_dir / "controller.log",
+                ))  # fmt: skip
+                self.url = controller.wait_for(CONTROLLER)
+            except LaunchError as exc:
+                raise ExperimentError(str(exc)) from None
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stack.__exit__(exc_type, exc, tb)
+
+
 class LoopbackCluster(Cluster):
-    """The ranks and a UDP soft switch as processes on this host (any user)."""
+    """The ranks and a UDP soft switch as processes on this host (any user). With
+    ``shared``, the ranks are job ``job`` on that switch instead of one of their own."""
+
+    def __init__(
+        self, config: ExperimentConfig, run_dir: Path, shared: SharedSwitch | None = None,
+        job: int = 1,
+    ) -> None:  # fmt: skip
+        super().__init__(config, run_dir)
+        self.shared = shared
+        self.job = job
 
     def __enter__(self) -> LoopbackCluster:
         super().__enter__()
@@ -132,6 +208,16 @@ class LoopbackCluster(Cluster):
             raise ExperimentError("the BMv2 switch runs only in Mininet (topology.mode)")
         if sw.controller:
             raise ExperimentError("switch.controller needs topology.mode = 'mininet'")
+        if self.shared is not None:
+            if (sw.k, sw.slot_count) != (self.shared.k, self.shared.slots):
+                raise ExperimentError(
+                    f"a run with K={sw.k} and {sw.slot_count} slots cannot be a job on a "
+                    f"shared switch that gives each job K={self.shared.k} and "
+                    f"{self.shared.slots} slots"
+                )
+            if topo.switch_loss:
+                raise ExperimentError("a shared switch injects no loss (topology.switch_loss)")
+            return self
         self.ports = free_udp_ports(topo.workers)
         faults = FaultSpec(loss=topo.switch_loss, seed=self.config.train.seed)
         self.switch = LoopbackSwitch(
@@ -149,6 +235,9 @@ class LoopbackCluster(Cluster):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self.shared is not None:
+            self.shared.release(self.job)
+            return
         self.switch.__exit__(exc_type, exc, tb)
         if self.switch.report is not None:  # drops by reason, injected faults, CPU time
             (self.logs / "switch.report.json").write_text(json.dumps(self.switch.report) + "\n")
@@ -157,6 +246,9 @@ class LoopbackCluster(Cluster):
         return "127.0.0.1", free_tcp_port()
 
     def rank_args(self, rank: int) -> list[str]:
+        if self.shared is not None:
+            return ["--bind", "127.0.0.1:0", "--controller", self.shared.url, "--job",
+                    str(self.job)]  # fmt: skip
         return ["--bind", f"127.0.0.1:{self.ports[rank]}", "--switch", self.switch.address]
 
     def popen(self, rank: int) -> Starter | None:
@@ -214,6 +306,18 @@ class MininetCluster(Cluster):
 
     def popen(self, rank: int) -> Starter:
         return functools.partial(self.emulation.popen, self.emulation.hosts[rank])
+
+
+@functools.cache
+def _max_job_id() -> int:
+    """The largest job id the committed P4 program (and so the soft switch) counts."""
+    from google.protobuf import text_format
+    from p4.config.v1 import p4info_pb2
+
+    from switchreduce.controller.jobs import ProgramSizes
+    from switchreduce.p4program import P4INFO
+
+    return ProgramSizes.of(text_format.Parse(P4INFO.read_text(), p4info_pb2.P4Info())).max_job_id
 
 
 def resolve_mode(mode: str) -> str:

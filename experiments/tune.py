@@ -35,6 +35,7 @@ import typing
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,13 @@ from optuna.trial import FrozenTrial, TrialState
 from switchreduce.experiments import report, search
 from switchreduce.experiments.config import ExperimentConfig, TuneConfig
 from switchreduce.experiments.errors import ExperimentError
-from switchreduce.experiments.runner import LoopbackCluster, MininetCluster, resolve_mode
+from switchreduce.experiments.runner import (
+    Cluster,
+    LoopbackCluster,
+    MininetCluster,
+    SharedSwitch,
+    resolve_mode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +146,7 @@ class Study:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._mine: set[int] = set()  # the trials this process runs
+        self.shared: SharedSwitch | None = None  # with tune.parallel above 1
 
     def _claim(self, config: ExperimentConfig) -> None:
         """A study holds the trials of one config, algorithm and seed: resuming it with
@@ -201,6 +209,15 @@ class Study:
         """Trials until the budget is spent, ``tune.parallel`` at a time. A trial that
         fails stops the study with its error (its state says FAIL, its logs why)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as stack:
+            if self.tune.parallel > 1:
+                switch = self.config.switch
+                self.shared = stack.enter_context(
+                    SharedSwitch(switch.k, switch.slot_count, self.out / "switch")
+                )
+            self._run_lanes()
+
+    def _run_lanes(self) -> None:
         with ThreadPoolExecutor(self.tune.parallel, thread_name_prefix=self.name) as pool:
             futures = [pool.submit(self._trials) for _ in range(self.tune.parallel)]
             errors = []
@@ -246,10 +263,16 @@ class Study:
         shown = ", ".join(f"{key}={_short(value)}" for key, value in values.items())
         log.info("%s", f"[{self.name}] trial {trial.number}: {shown}")
         heartbeat = _Heartbeat(self.study, trial)
-        cluster_cls = MininetCluster if self.mode == "mininet" else LoopbackCluster
+        cluster: Cluster
+        if self.mode == "mininet":
+            cluster = MininetCluster(variant, out)
+        elif self.shared is not None:  # a job beside the others on the shared switch
+            cluster = LoopbackCluster(variant, out, self.shared, self.shared.next_job())
+        else:
+            cluster = LoopbackCluster(variant, out)
         state, value, why = TrialState.COMPLETE, None, ""
         try:
-            with heartbeat, cluster_cls(variant, out) as cluster:
+            with heartbeat, cluster:
                 cluster.train("switch", config_path, self._follower(trial))
         except _Stop as stop:
             state, why = stop.state, stop.why

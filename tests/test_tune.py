@@ -4,6 +4,7 @@ pruning, resuming after a kill, two tuners on one PostgreSQL study, optuna-dashb
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
@@ -119,6 +120,8 @@ def _left_running(marker: Path) -> list[str]:
         ({"algorithms": ["hyperband"]}, "tune.algorithms must be among grid, random"),
         ({"objective": "time_to_target", "algorithms": ["asha"]}, "asha and cost-aware prune"),
         ({"parallel": 2, "algorithms": ["random"]}, None),  # loopback: allowed
+        ({"parallel": 2, "space": {"switch.slots": {"choices": [8, 16]}}},
+         "tune.space.switch.slots is the shared switch's"),
     ],
 )  # fmt: skip
 def test_a_bad_search_space_is_an_error_naming_the_key(tune: dict, message: str | None) -> None:
@@ -379,3 +382,29 @@ def test_two_tuners_finish_one_postgresql_study_without_duplicated_or_lost_trial
     assert not dirs["tuner1"] & dirs["tuner2"]
     assert dirs["tuner1"] | dirs["tuner2"] == {f"trial-{t.number:04d}" for t in ran}
     assert dirs["tuner1"] and dirs["tuner2"]
+
+
+def test_parallel_trials_are_jobs_side_by_side_on_one_switch_and_each_is_released(
+    tmp_path: Path,
+) -> None:
+    """tune.parallel = 2 on loopback: one soft switch and its controller for the study,
+    each trial a job registered with it; trials overlap in time, and every job admitted,
+    pruned ones included, is released when its trial ends."""
+    raw = _config(algorithms=["asha"], trials=6, parallel=2, reduction_factor=2)
+    raw["topology"] = {**raw["topology"], "compute_ms": 50.0}
+    raw["tune"]["space"] = {"optimizer.lr": {"choices": [0.00001, 0.1]},
+                            "switch.lane_bits": {"choices": [8, 32]}}  # fmt: skip
+    run_dir = tmp_path / "run"
+    result = _tune(str(_write(tmp_path / "small.toml", raw)), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = _study(run_dir, "small-asha-s0").get_trials()
+    assert len(trials) == 6
+    assert all(t.state != optuna.trial.TrialState.FAIL for t in trials)
+    spans = [(t.datetime_start, t.datetime_complete) for t in trials]
+    assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(spans, 2))
+    log = (run_dir / "small-asha-s0" / "switch" / "controller.log").read_text()
+    admitted = re.findall(r"job (\d+) admitted", log)
+    released = re.findall(r"job (\d+) released", log)
+    assert len(admitted) == 6
+    assert sorted(admitted) == sorted(released)
+    assert not _left_running(tmp_path)
