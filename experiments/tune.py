@@ -550,8 +550,8 @@ def tune(config: ExperimentConfig, options: TuneOptions) -> list[dict]:
     log.info("%s", f"{config.name}: tuning into {run_dir} (storage {_redact(url)})")
     studies = []
     held = set(optuna.get_all_study_names(storage))
-    for algorithm in spec.algorithms:
-        for seed in spec.seeds:
+    for seed in spec.seeds:  # every algorithm with a seed before the next seed
+        for algorithm in spec.algorithms:
             name = f"{options.study or config.name}-{algorithm}-s{seed}"
             chosen = algorithm in (options.algorithms or spec.algorithms) and seed in (
                 options.seeds or spec.seeds
