@@ -411,6 +411,9 @@ class TuneConfig:
     min_worker_seconds: float | None = None
     #: Values per range in grid search (choices are taken as they are).
     grid_points: int = 3
+    #: Test accuracies at which the comparison reports each study's cluster time to reach
+    #: them (default: train.target_accuracy).
+    targets: tuple[float, ...] = ()
     #: ``"section.key" = { log_uniform = [low, high] }`` and so on (ParamSpec).
     space: dict[str, ParamSpec] = field(default_factory=dict)
 
@@ -453,6 +456,7 @@ class TuneConfig:
             "must be > 0",
         )
         _check(self.grid_points >= 2, "tune.grid_points", "must be >= 2")
+        _check(all(0 < t <= 1 for t in self.targets), "tune.targets", "must be in (0, 1]")
         _check(bool(self.space), "tune.space", "must name at least one section.key")
         for key, spec in self.space.items():
             where = f"tune.space.{key}"

@@ -56,9 +56,17 @@ def grid(space: dict[str, ParamSpec], points: int) -> dict[str, list]:
     }
 
 
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler, which stops the study it drives through ``Study.optimize``
+    once its grid is done; the tuner asks and tells instead, and asks ``is_exhausted``."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def sampler(algorithm: str, tune: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
     if algorithm == "grid":
-        return optuna.samplers.GridSampler(grid(tune.space, tune.grid_points), seed=seed)
+        return GridSampler(grid(tune.space, tune.grid_points), seed=seed)
     if algorithm == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)

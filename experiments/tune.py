@@ -73,8 +73,7 @@ UNCLAIMED = ("algorithms", "seeds", "trials", "worker_seconds", "parallel")
 TRIAL_FIELDS = ("number", "state", "value", "worker_seconds", "iterations", "ms_per_iteration",
                 "retried_from", "error")  # fmt: skip
 COMPARISON_FIELDS = ("study", "algorithm", "seed", "trials", "complete", "pruned", "failed",
-                     "worker_seconds", "best_accuracy", "best_trial", "target_accuracy",
-                     "worker_seconds_to_target")  # fmt: skip
+                     "worker_seconds", "best_accuracy", "best_trial")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -384,11 +383,15 @@ class Study:
         return points
 
     def summary(self) -> dict:
+        """The study's comparison row; ``worker_seconds_to_A`` for each target accuracy A
+        (``targets``) is what it had spent when a trial first showed A (None: never)."""
         trials = self.trials()
         best = self.best()
-        target = self.config.train.target_accuracy
-        reached = [spent for spent, accuracy in self.timeline()
-                   if target is not None and accuracy >= target]  # fmt: skip
+        timeline = self.timeline()
+        reached = {
+            _to_target(target): next((spent for spent, shown in timeline if shown >= target), None)
+            for target in targets(self.config)
+        }
         return {
             "study": self.name,
             "algorithm": self.algorithm,
@@ -400,8 +403,7 @@ class Study:
             "worker_seconds": self.spent(),
             "best_accuracy": _best_accuracy(trials),
             "best_trial": None if best is None else best.number,
-            "target_accuracy": target,
-            "worker_seconds_to_target": reached[0] if reached else None,
+            **reached,
         }
 
     def write(self) -> None:
@@ -443,6 +445,17 @@ class _Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self.done.set()
         self.thread.join()
+
+
+def targets(config: ExperimentConfig) -> tuple[float, ...]:
+    """The accuracies the comparison reports cluster time to."""
+    assert config.tune is not None
+    target = config.train.target_accuracy
+    return config.tune.targets or (() if target is None else (target,))
+
+
+def _to_target(target: float) -> str:
+    return f"worker_seconds_to_{target:g}"
 
 
 def _best_accuracy(trials: list[FrozenTrial]) -> float | None:
@@ -515,9 +528,8 @@ def _plot_comparison(run_dir: Path, studies: list[Study]) -> None:
         first = study.algorithm not in {line.get_label() for line in ax.get_lines()}
         ax.step(*zip(*points, strict=True), where="post", color=color, alpha=0.8,
                 label=study.algorithm if first else "_")  # fmt: skip
-    target = studies[0].config.train.target_accuracy if studies else None
-    if target is not None:
-        ax.axhline(target, color="grey", ls=":", label=f"target {target:.0%}")
+    for target in targets(studies[0].config) if studies else ():
+        ax.axhline(target, color="grey", ls=":", lw=0.8)
     ax.set(xlabel="cluster time spent by the search (worker-seconds)",
            ylabel="best test accuracy found")  # fmt: skip
     ax.grid(alpha=0.3)
@@ -566,9 +578,10 @@ def tune(config: ExperimentConfig, options: TuneOptions) -> list[dict]:
                     study.write()
             studies.append(study)
     rows = [study.summary() for study in studies]
-    report.write_csv(run_dir / "comparison.csv", COMPARISON_FIELDS, rows)
+    fields = (*COMPARISON_FIELDS, *map(_to_target, targets(config)))
+    report.write_csv(run_dir / "comparison.csv", fields, rows)
     _plot_comparison(run_dir, studies)
-    _print_comparison(run_dir, rows)
+    _print_comparison(run_dir, config, rows)
     return rows
 
 
@@ -581,16 +594,19 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}{credentials.split(':')[0]}:***@{host}"
 
 
-def _print_comparison(run_dir: Path, rows: list[dict]) -> None:
+def _print_comparison(run_dir: Path, config: ExperimentConfig, rows: list[dict]) -> None:
+    """The table a tune command ends with: worker-seconds spent, best accuracy shown, and
+    worker-seconds to each target ('-': never)."""
+    reach = targets(config)
     print()
     print(f"{'study':34s}{'trials':>7s}{'pruned':>7s}{'worker-s':>10s}{'best':>8s}"
-          f"{'w-s to target':>15s}")  # fmt: skip
+          + "".join(f"{'w-s to ' + format(t, '.1%'):>15s}" for t in reach))  # fmt: skip
     for row in rows:
         best = row["best_accuracy"]
-        to_target = row["worker_seconds_to_target"]
+        spent = [row[_to_target(t)] for t in reach]
         print(
             f"{row['study']:34s}{row['trials']:7d}{row['pruned']:7d}"
             f"{row['worker_seconds']:10.1f}{'-' if best is None else format(best, '.1%'):>8s}"
-            f"{'-' if to_target is None else format(to_target, '.1f'):>15s}"
+            + "".join(f"{'-' if s is None else format(s, '.1f'):>15s}" for s in spent)
         )
     print(f"run directory: {run_dir}")

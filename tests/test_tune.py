@@ -401,7 +401,8 @@ def test_parallel_trials_are_jobs_side_by_side_on_one_switch_and_each_is_release
     assert len(trials) == 6
     assert all(t.state != optuna.trial.TrialState.FAIL for t in trials)
     spans = [(t.datetime_start, t.datetime_complete) for t in trials]
-    assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(spans, 2))
+    assert all(start and end for start, end in spans)
+    assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(spans, 2))  # type: ignore[operator]
     log = (run_dir / "small-asha-s0" / "switch" / "controller.log").read_text()
     admitted = re.findall(r"job (\d+) admitted", log)
     released = re.findall(r"job (\d+) released", log)
