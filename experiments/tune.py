@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
@@ -101,18 +102,27 @@ class _Stop(Exception):
 
 def open_storage(url: str) -> RDBStorage:
     """An Optuna RDB storage with heartbeats: a trial whose process died is failed and its
-    parameters are enqueued again (once) by the next process that looks."""
+    parameters are enqueued again (once) by the next process that looks.
+
+    Tuners started together on a new database race to create its tables; the loser's
+    CREATE fails on what the winner made, and it opens the storage again."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
-    except Exception as exc:  # SQLAlchemy's errors for a bad URL, a refused connection, ...
-        raise ExperimentError(f"cannot open the storage {url!r}: {exc}") from None
+    attempts = 5
+    while True:
+        attempts -= 1
+        try:
+            return RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+        except Exception as exc:  # SQLAlchemy's errors for a bad URL, a refused connection, ...
+            raced = isinstance(exc, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.ProgrammingError)
+            if not raced or not attempts:
+                raise ExperimentError(f"cannot open the storage {url!r}: {exc}") from None
+            time.sleep(0.5)
 
 
 class Study:

@@ -363,8 +363,8 @@ def test_two_tuners_finish_one_postgresql_study_without_duplicated_or_lost_trial
     tuners = [
         subprocess.Popen(c, stdout=log, stderr=log) for c, log in zip(commands, logs, strict=True)
     ]
-    for tuner in tuners:
-        assert tuner.wait(timeout=300) == 0, (tmp_path / "tuner1.log").read_text()[-3000:]
+    for i, tuner in enumerate(tuners, 1):
+        assert tuner.wait(timeout=300) == 0, (tmp_path / f"tuner{i}.log").read_text()[-3000:]
     trials = _study(tmp_path, "shared-random-s0", url=postgres).get_trials()
     ran = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(ran) == 6
