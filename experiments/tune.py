@@ -70,7 +70,7 @@ GRACE_S = 10
 #: The study user attribute holding the config a study was made for, and the keys of
 #: [tune] it leaves out.
 CONFIG_ATTR = "config"
-UNCLAIMED = ("algorithms", "seeds", "trials", "worker_seconds", "parallel")
+UNCLAIMED = ("algorithms", "seeds", "trials", "worker_seconds", "parallel", "targets")
 TRIAL_FIELDS = ("number", "state", "value", "worker_seconds", "iterations", "ms_per_iteration",
                 "retried_from", "error")  # fmt: skip
 COMPARISON_FIELDS = ("study", "algorithm", "seed", "trials", "complete", "pruned", "failed",
