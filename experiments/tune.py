@@ -74,7 +74,7 @@ UNCLAIMED = ("algorithms", "seeds", "trials", "worker_seconds", "parallel", "tar
 TRIAL_FIELDS = ("number", "state", "value", "worker_seconds", "iterations", "ms_per_iteration",
                 "retried_from", "error")  # fmt: skip
 COMPARISON_FIELDS = ("study", "algorithm", "seed", "trials", "complete", "pruned", "failed",
-                     "worker_seconds", "best_accuracy", "best_trial")  # fmt: skip
+                     "worker_seconds", "best_value", "best_trial", "best_accuracy")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -411,8 +411,9 @@ class Study:
             "pruned": sum(t.state == TrialState.PRUNED for t in trials),
             "failed": sum(t.state == TrialState.FAIL for t in trials),
             "worker_seconds": self.spent(),
-            "best_accuracy": _best_accuracy(trials),
+            "best_value": None if best is None else best.value,
             "best_trial": None if best is None else best.number,
+            "best_accuracy": _best_accuracy(trials),
             **reached,
         }
 
@@ -605,18 +606,21 @@ def _redact(url: str) -> str:
 
 
 def _print_comparison(run_dir: Path, config: ExperimentConfig, rows: list[dict]) -> None:
-    """The table a tune command ends with: worker-seconds spent, best accuracy shown, and
-    worker-seconds to each target ('-': never)."""
+    """The table a tune command ends with: worker-seconds spent, the best objective value of
+    a complete trial, the best accuracy any evaluation showed, and worker-seconds to each
+    target ('-': never)."""
     reach = targets(config)
     print()
-    print(f"{'study':34s}{'trials':>7s}{'pruned':>7s}{'worker-s':>10s}{'best':>8s}"
+    print(f"{'study':30s}{'trials':>7s}{'pruned':>7s}{'worker-s':>10s}{'best':>9s}{'shown':>7s}"
           + "".join(f"{'w-s to ' + format(t, '.1%'):>15s}" for t in reach))  # fmt: skip
     for row in rows:
-        best = row["best_accuracy"]
+        best = "-" if row["best_value"] is None else f"{row['best_value']:.4g}"
+        shown = row["best_accuracy"]
         spent = [row[_to_target(t)] for t in reach]
         print(
-            f"{row['study']:34s}{row['trials']:7d}{row['pruned']:7d}"
-            f"{row['worker_seconds']:10.1f}{'-' if best is None else format(best, '.1%'):>8s}"
+            f"{row['study']:30s}{row['trials']:7d}{row['pruned']:7d}"
+            f"{row['worker_seconds']:10.1f}{best:>9s}"
+            f"{'-' if shown is None else format(shown, '.1%'):>7s}"
             + "".join(f"{'-' if s is None else format(s, '.1f'):>15s}" for s in spent)
         )
     print(f"run directory: {run_dir}")
