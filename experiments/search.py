@@ -22,8 +22,8 @@ import optuna
 
 from switchreduce.experiments.config import ExperimentConfig, ParamSpec, TuneConfig
 
-#: The study user attribute in which the cost-aware study keeps its first rung: what its
-#: first trial spent on its first ``min_iterations`` (ms of worker time).
+#: The study user attribute in which the cost-aware study keeps its first rung: what the
+#: first of its trials to get that far spent on its first ``min_iterations`` (worker-ms).
 FIRST_RUNG_MS = "first_rung_worker_ms"
 
 
@@ -100,9 +100,9 @@ def step(algorithm: str, iteration: int, worker_seconds: float) -> int:
 class CostAwareHalving(optuna.pruners.BasePruner):
     """Asynchronous successive halving over a trial's measured cost (its steps are
     worker-milliseconds: ``step``). The first rung is ``first_ms``, or, when not given,
-    what the study's first trial spent on its first rung of iterations (``FIRST_RUNG_MS``,
-    which the tuner records), so that the rungs scale with the cluster and the workload
-    without a number to guess; until that is known, nothing is pruned."""
+    what the study's first trial to get that far spent on its first rung of iterations
+    (``FIRST_RUNG_MS``, which the tuner records), so that the rungs scale with the cluster
+    and the workload without a number to guess; until that is known, nothing is pruned."""
 
     def __init__(self, reduction_factor: int, first_ms: float | None) -> None:
         self.reduction_factor = reduction_factor

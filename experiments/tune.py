@@ -139,7 +139,6 @@ class Study:
         self.seed = seed
         self.name = name
         self.out = out
-        self.workers = config.topology.workers
         self.mode = resolve_mode(config.topology.mode)
         self.maximize = self.tune.objective == "accuracy"
         self.sampler = search.sampler(algorithm, self.tune, seed)
@@ -282,7 +281,7 @@ class Study:
         state, value, why = TrialState.COMPLETE, None, ""
         try:
             with heartbeat, cluster:
-                cluster.train("switch", config_path, self._follower(trial))
+                cluster.train("switch", config_path, self._follower(trial, variant))
         except _Stop as stop:
             state, why = stop.state, stop.why
         except BaseException as exc:
@@ -298,25 +297,27 @@ class Study:
             self.study.tell(trial, state=state)
         self._progress(trial.number, state, value, why)
 
-    def _follower(self, trial: optuna.Trial) -> Callable[[str, dict], None]:
+    def _follower(
+        self, trial: optuna.Trial, variant: ExperimentConfig
+    ) -> Callable[[str, dict], None]:
         """The runner's progress callback for one trial: records its cost, reports its
         evaluations, and stops it when it is pruned, the budget is spent or a lane failed."""
         first_rung = search.first_rung_iterations(self.config)
+        workers = variant.topology.workers  # the space may set it
         evals: list[list[float]] = []
 
         def follow(backend: str, record: dict) -> None:
             if self._stop.is_set():
                 raise _Stop(TrialState.FAIL, "another trial of the study failed")
-            worker_seconds = self.workers * record["elapsed"]
+            worker_seconds = workers * record["elapsed"]
             trial.set_user_attr("worker_seconds", worker_seconds)
             trial.set_user_attr("iterations", record["iteration"])
             if "accuracy" not in record:
                 return
             evals.append([time.time(), worker_seconds, record["accuracy"], record["iteration"]])
             trial.set_user_attr("evals", evals)
-            if (
+            if (  # the study's first trial to get this far sets cost-aware's first rung
                 self.algorithm == "cost-aware"
-                and trial.number == 0
                 and record["iteration"] >= first_rung
                 and search.FIRST_RUNG_MS not in self.study.user_attrs
             ):
@@ -339,11 +340,12 @@ class Study:
         """The trial's summary (from every rank's metrics when it ran to its end)."""
         if not complete:
             return {}
-        records = report.merge_metrics(out, ("switch",), self.workers)
+        workers = variant.topology.workers
+        records = report.merge_metrics(out, ("switch",), workers)
         target = variant.train.target_accuracy
         row = report.summarize("switch", records, self.mode, target)
         report.write_run(out, records, [row], plots=False)
-        trial.set_user_attr("worker_seconds", self.workers * row["total_s"])
+        trial.set_user_attr("worker_seconds", workers * row["total_s"])
         trial.set_user_attr("iterations", row["iterations"])
         trial.set_user_attr("ms_per_iteration", row["median_iteration_s"] * 1000)
         reached = row["time_to_target_s"]

@@ -163,7 +163,9 @@ def test_grid_search_spreads_ranges_and_takes_choices_by_index() -> None:
 def test_a_study_runs_its_budget_through_the_switch_and_writes_what_it_found(
     tmp_path: Path,
 ) -> None:
-    config = _write(tmp_path / "small.toml", _config(algorithms=["random"], trials=3))
+    raw = _config(algorithms=["random"], trials=3)
+    raw["tune"]["space"] = {**SPACE, "topology.workers": {"choices": [2, 3]}}
+    config = _write(tmp_path / "small.toml", raw)
     run_dir = tmp_path / "run"
     result = _tune(str(config), "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -182,7 +184,9 @@ def test_a_study_runs_its_budget_through_the_switch_and_writes_what_it_found(
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert len(metrics) == 20
         assert trial.value == pytest.approx(metrics[-1]["accuracy"])
-        assert trial.user_attrs["worker_seconds"] == pytest.approx(2 * metrics[-1]["elapsed"])
+        workers = resolved["topology"]["workers"]
+        assert workers == int(row["topology.workers"])
+        assert trial.user_attrs["worker_seconds"] == pytest.approx(workers * metrics[-1]["elapsed"])
         assert [e[3] for e in trial.user_attrs["evals"]] == [5, 10, 15, 20]
     (comparison,) = _rows(run_dir / "comparison.csv")
     assert int(comparison["complete"]) == 3
