@@ -14,8 +14,10 @@ and a pruned trial's processes are stopped at once. ::
     RUN/STUDY/history.png        Optuna's optimization history, and the parameters'
     RUN/STUDY/importance.png     importance (once enough trials have completed)
     RUN/STUDY/cost.png           each trial's accuracy against its cost
-    RUN/comparison.csv, .png     per study: budget spent, best accuracy, cluster time to
-                                 train.target_accuracy; best accuracy against cluster time
+    RUN/comparison.csv, .png     per study: budget spent, best value and accuracy, cluster
+                                 time to each of tune.targets; best accuracy against
+                                 cluster time
+    RUN/algorithms.csv           per algorithm over its seeds: mean, lowest and highest
 
 Studies live in Optuna storage, so they resume: run the same command with
 ``--run-dir RUN`` (or the same ``--storage``) after a kill. Trials of a dead process
@@ -29,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import threading
 import time
 import typing
@@ -593,9 +596,67 @@ def tune(config: ExperimentConfig, options: TuneOptions) -> list[dict]:
     rows = [study.summary() for study in studies]
     fields = (*COMPARISON_FIELDS, *map(_to_target, targets(config)))
     report.write_csv(run_dir / "comparison.csv", fields, rows)
+    seeds = across_seeds(config, rows)
+    report.write_csv(run_dir / "algorithms.csv", tuple(seeds[0]) if seeds else (), seeds)
     _plot_comparison(run_dir, studies)
     _print_comparison(run_dir, config, rows)
+    _print_algorithms(config, seeds)
     return rows
+
+
+def across_seeds(config: ExperimentConfig, rows: list[dict]) -> list[dict]:
+    """Per algorithm, over its seeds: the mean, lowest and highest best value, the mean
+    worker-seconds spent, and for each target how many seeds reached it and their mean,
+    lowest and highest worker-seconds to it."""
+    out = []
+    for algorithm in dict.fromkeys(row["algorithm"] for row in rows):
+        mine = [row for row in rows if row["algorithm"] == algorithm]
+        best = [row["best_value"] for row in mine if row["best_value"] is not None]
+        summary: dict[str, object] = {
+            "algorithm": algorithm,
+            "seeds": len(mine),
+            "worker_seconds": statistics.fmean(row["worker_seconds"] for row in mine),
+            **_spread("best_value", best),
+        }
+        for target in targets(config):
+            key = _to_target(target)
+            reached = [row[key] for row in mine if row[key] is not None]
+            summary[f"reached_{target:g}"] = len(reached)
+            summary.update(_spread(key, reached))
+        out.append(summary)
+    return out
+
+
+def _spread(name: str, values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {f"{name}_mean": None, f"{name}_min": None, f"{name}_max": None}
+    return {f"{name}_mean": statistics.fmean(values), f"{name}_min": min(values),
+            f"{name}_max": max(values)}  # fmt: skip
+
+
+def _print_algorithms(config: ExperimentConfig, seeds: list[dict]) -> None:
+    """Per algorithm over its seeds: best value and worker-seconds to each target as
+    'mean (lowest to highest)', with how many seeds reached it."""
+    if not any(row["seeds"] > 1 for row in seeds):
+        return
+    print()
+    print(f"{'algorithm':12s}{'seeds':>6s}{'worker-s':>10s}{'best':>26s}"
+          + "".join(f"{'w-s to ' + format(t, '.1%'):>30s}" for t in targets(config)))  # fmt: skip
+    for row in seeds:
+        cells = [_mean_range(row, "best_value", ".4f")]
+        for target in targets(config):
+            reached = f"[{row[f'reached_{target:g}']}/{row['seeds']}]"
+            cells.append(f"{_mean_range(row, _to_target(target), '.1f')} {reached}")
+        print(f"{row['algorithm']:12s}{row['seeds']:6d}{row['worker_seconds']:10.1f}"
+              f"{cells[0]:>26s}" + "".join(f"{cell:>30s}" for cell in cells[1:]))  # fmt: skip
+
+
+def _mean_range(row: dict, name: str, spec: str) -> str:
+    mean = row[f"{name}_mean"]
+    if mean is None:
+        return "-"
+    low, high = row[f"{name}_min"], row[f"{name}_max"]
+    return f"{mean:{spec}} ({low:{spec}} to {high:{spec}})"
 
 
 def _redact(url: str) -> str:
