@@ -24,6 +24,7 @@ import pytest
 from switchreduce.experiments import search
 from switchreduce.experiments.config import from_dict
 from switchreduce.experiments.errors import ConfigError
+from switchreduce.experiments.tune import Study, across_seeds, open_storage
 from switchreduce.launch import Child, cli_command
 from switchreduce.ports import free_tcp_port
 
@@ -413,3 +414,34 @@ def test_parallel_trials_are_jobs_side_by_side_on_one_switch_and_each_is_release
     assert len(admitted) == 6
     assert sorted(admitted) == sorted(released)
     assert not _left_running(tmp_path)
+
+
+@pytest.mark.fast
+def test_a_study_s_spend_at_an_evaluation_counts_every_trial_as_far_as_it_had_got(
+    tmp_path: Path,
+) -> None:
+    """Two trials side by side: at each evaluation the study has spent what each trial had
+    spent by then; cluster time to a target is the spend at the first evaluation showing
+    it; across seeds each algorithm gets its mean, lowest and highest."""
+    config = from_dict(_config(algorithms=["random"], trials=2, targets=[0.5, 0.9]))
+    storage = open_storage(f"sqlite:///{tmp_path}/studies.db")
+    study = Study(config, "random", 0, storage, "s", tmp_path / "s")
+    # (wall time, worker-seconds, accuracy, iteration) of each evaluation
+    for evals in (
+        [[1.0, 2.0, 0.3, 5], [3.0, 4.0, 0.6, 10]],
+        [[2.0, 1.0, 0.4, 5], [4.0, 3.0, 0.5, 10]],
+    ):
+        study.study.add_trial(optuna.create_trial(
+            value=evals[-1][2], user_attrs={"evals": evals, "worker_seconds": evals[-1][1]},
+            params={}, distributions={},
+        ))  # fmt: skip
+    assert study.timeline() == [(2.0, 0.3), (3.0, 0.4), (5.0, 0.6), (7.0, 0.6)]
+    row = study.summary()
+    assert (row["worker_seconds"], row["best_value"], row["best_trial"]) == (7.0, 0.6, 0)
+    assert (row["worker_seconds_to_0.5"], row["worker_seconds_to_0.9"]) == (5.0, None)
+    other = {**row, "seed": 1, "best_value": 0.4, "worker_seconds_to_0.5": 9.0}
+    (spread,) = across_seeds(config, [row, other])
+    assert spread["best_value_mean"] == pytest.approx(0.5)
+    assert (spread["best_value_min"], spread["best_value_max"]) == (0.4, 0.6)
+    assert (spread["reached_0.5"], spread["worker_seconds_to_0.5_mean"]) == (2, 7.0)
+    assert spread["reached_0.9"] == 0
