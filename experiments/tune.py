@@ -70,6 +70,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 #: process takes the trial for dead (and runs its parameters again, once).
 HEARTBEAT_S = 1
 GRACE_S = 10
+#: Puts a trial that died with its tuner, or was stopped when the tuner was interrupted,
+#: back in the study (WAITING, the same values) for the next tuner: once.
+RETRY = RetryHeartbeatStaleTrialCallback(max_retry=1)
 #: The study user attribute holding the config a study was made for, and the keys of
 #: [tune] it leaves out.
 CONFIG_ATTR = "config"
@@ -119,7 +122,7 @@ def open_storage(url: str) -> RDBStorage:
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=HEARTBEAT_S,
                 grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                heartbeat_stale_trial_callback=RETRY,
             )
         except Exception as exc:  # SQLAlchemy's errors for a bad URL, a refused connection, ...
             raced = isinstance(exc, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.ProgrammingError)
@@ -155,6 +158,7 @@ class Study:
         )
         self._claim(config)
         self._stop = threading.Event()
+        self._why_stop = ""
         self._lock = threading.Lock()
         self._mine: set[int] = set()  # the trials this process runs
         self.shared: SharedSwitch | None = None  # with tune.parallel above 1
@@ -236,6 +240,11 @@ class Study:
                 try:
                     future.result()
                 except BaseException as exc:  # stop the other lanes, then raise the first
+                    self._why_stop = (
+                        "the tuner was interrupted"
+                        if isinstance(exc, KeyboardInterrupt)
+                        else "another trial of the study failed"
+                    )
                     self._stop.set()
                     errors.append(exc)
         if errors:
@@ -297,7 +306,9 @@ class Study:
             self.study.tell(trial, value)
         else:
             trial.set_user_attr("stopped", why)
-            self.study.tell(trial, state=state)
+            frozen = self.study.tell(trial, state=state)
+            if state == TrialState.FAIL:  # stopped for no fault of its own: run it again
+                RETRY(self.study, frozen)
         self._progress(trial.number, state, value, why)
 
     def _follower(
@@ -311,7 +322,7 @@ class Study:
 
         def follow(backend: str, record: dict) -> None:
             if self._stop.is_set():
-                raise _Stop(TrialState.FAIL, "another trial of the study failed")
+                raise _Stop(TrialState.FAIL, self._why_stop)
             worker_seconds = workers * record["elapsed"]
             trial.set_user_attr("worker_seconds", worker_seconds)
             trial.set_user_attr("iterations", record["iteration"])

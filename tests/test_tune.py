@@ -445,3 +445,40 @@ def test_a_study_s_spend_at_an_evaluation_counts_every_trial_as_far_as_it_had_go
     assert (spread["best_value_min"], spread["best_value_max"]) == (0.4, 0.6)
     assert (spread["reached_0.5"], spread["worker_seconds_to_0.5_mean"]) == (2, 7.0)
     assert spread["reached_0.9"] == 0
+
+
+def test_an_interrupted_tuner_stops_its_trial_and_the_next_one_runs_it_again(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM (or Ctrl-C): the running trial is stopped, its processes with it, and put
+    back in the study with the same values; the next tuner runs it without waiting for a
+    heartbeat to go stale."""
+    raw = _config(algorithms=["random"], trials=2)
+    raw["topology"] = {**raw["topology"], "compute_ms": 100.0}  # 20 iterations: 2 s and more
+    config = _write(tmp_path / "small.toml", raw)
+    run_dir = tmp_path / "run"
+    with (tmp_path / "first.log").open("w") as log:
+        tuner = subprocess.Popen(
+            cli_command("tune", str(config), "--run-dir", str(run_dir)), stdout=log, stderr=log
+        )
+    try:
+        stopped = _wait_for_trial(run_dir, "small-random-s0", number=0, deadline=120)
+        tuner.send_signal(signal.SIGTERM)
+        assert tuner.wait(timeout=60) == 130
+    finally:
+        tuner.kill()
+    assert "interrupted; everything started was stopped" in (tmp_path / "first.log").read_text()
+    assert not _left_running(run_dir)
+    first = _study(run_dir, "small-random-s0").get_trials()
+    assert first[0].state == optuna.trial.TrialState.FAIL
+    assert first[0].user_attrs["stopped"] == "the tuner was interrupted"
+    assert first[1].state == optuna.trial.TrialState.WAITING
+    assert first[1].params == stopped.params
+
+    started = time.monotonic()
+    result = _tune(str(config), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = _study(run_dir, "small-random-s0").get_trials()
+    assert [t.state for t in trials[1:]] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert trials[1].params == stopped.params
+    assert time.monotonic() - started < 60
