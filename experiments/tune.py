@@ -300,9 +300,8 @@ class Study:
             trial.set_user_attr("error", str(exc) or type(exc).__name__)
             self.study.tell(trial, state=TrialState.FAIL)
             raise
-        row = self._finish(trial, out, variant, complete=state == TrialState.COMPLETE)
         if state == TrialState.COMPLETE:
-            value = row[self.tune.objective]
+            value = self._finish(trial, out, variant)[self.tune.objective]
             self.study.tell(trial, value)
         else:
             trial.set_user_attr("stopped", why)
@@ -349,11 +348,9 @@ class Study:
 
         return follow
 
-    def _finish(self, trial: optuna.Trial, out: Path, variant: ExperimentConfig,
-                complete: bool) -> dict:  # fmt: skip
-        """The trial's summary (from every rank's metrics when it ran to its end)."""
-        if not complete:
-            return {}
+    def _finish(self, trial: optuna.Trial, out: Path, variant: ExperimentConfig) -> dict:
+        """A trial that ran to its end: its summary from every rank's metrics, and its
+        objective values."""
         workers = variant.topology.workers
         records = report.merge_metrics(out, ("switch",), workers)
         target = variant.train.target_accuracy
