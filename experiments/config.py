@@ -262,6 +262,11 @@ class TrainConfig:
     powersgd_warmup: int = 10
     #: Test accuracy whose first reaching is reported as time to accuracy (None: not).
     target_accuracy: float | None = None
+    #: Stop at the first evaluation once training has cost this many worker-seconds
+    #: (training time, communication included, times the workers; rank 0's count), or at
+    #: ``iterations``, whichever comes first (None: at ``iterations``): accuracy under a
+    #: time budget.
+    worker_seconds: float | None = None
     #: Seconds without progress after which a worker gives up.
     timeout: float = 30.0
     #: torch intra-op threads per rank. Emulated ranks share this machine's cores, and
@@ -287,6 +292,11 @@ class TrainConfig:
             "must be > 0",
         )
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        _check(
+            self.worker_seconds is None or self.worker_seconds > 0,
+            "train.worker_seconds",
+            "must be > 0",
+        )
         _check(
             set(self.baselines) <= set(BASELINES),
             "train.baselines",
@@ -403,12 +413,17 @@ class TuneConfig:
     #: soft switch, registered with its controller (runner.SharedSwitch).
     parallel: int = 1
     #: Successive halving: a rung keeps the best 1/reduction_factor of the trials that
-    #: reach it. The first rung is at min_iterations (asha; default: train.eval_every) or
-    #: at min_worker_seconds of a trial's training (cost-aware; default: what a trial
-    #: spends over min_iterations, measured on the study's first trial).
+    #: reach it. asha's first rung is at min_iterations (default: train.eval_every) and its
+    #: trials end at train.iterations. cost-aware's rungs are worker-seconds of a trial's
+    #: training: its trials end once they have spent trial_worker_seconds (default: what
+    #: the study's first trial spent on train.iterations), after up to max_iterations
+    #: (default: train.iterations); its first rung is min_worker_seconds (default: the
+    #: same share of the top as min_iterations is of train.iterations).
     reduction_factor: int = 3
     min_iterations: int | None = None
     min_worker_seconds: float | None = None
+    trial_worker_seconds: float | None = None
+    max_iterations: int | None = None
     #: Values per range in grid search (choices are taken as they are).
     grid_points: int = 3
     #: Test accuracies at which the comparison reports each study's cluster time to reach
@@ -450,10 +465,20 @@ class TuneConfig:
             "tune.min_iterations",
             "must be >= 1",
         )
+        for key in ("min_worker_seconds", "trial_worker_seconds", "max_iterations"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, f"tune.{key}", "must be > 0")
+            _check(
+                value is None or "cost-aware" in self.algorithms,
+                f"tune.{key}",
+                "is cost-aware's: add cost-aware to tune.algorithms",
+            )
         _check(
-            self.min_worker_seconds is None or self.min_worker_seconds > 0,
+            self.min_worker_seconds is None
+            or self.trial_worker_seconds is None
+            or self.min_worker_seconds < self.trial_worker_seconds,
             "tune.min_worker_seconds",
-            "must be > 0",
+            "must be below tune.trial_worker_seconds",
         )
         _check(self.grid_points >= 2, "tune.grid_points", "must be >= 2")
         _check(all(0 < t <= 1 for t in self.targets), "tune.targets", "must be in (0, 1]")
@@ -548,6 +573,11 @@ class ExperimentConfig:
                     self.with_values({key: value})
                 except ConfigError as exc:
                     raise ConfigError(f"tune.space.{key}: {exc}") from None
+        _check(
+            tune.max_iterations is None or tune.max_iterations >= self.train.iterations,
+            "tune.max_iterations",
+            f"must be at least train.iterations ({self.train.iterations})",
+        )
         _check(
             tune.objective != "time_to_target" or self.train.target_accuracy is not None,
             "tune.objective",

@@ -11,7 +11,8 @@ that reached that rung. They differ only in what a rung measures:
   of training with its communication (``CostAwareHalving``). A configuration that is
   cheap per iteration (narrow lanes, a small model, a large batch on a slow link) has run
   more iterations when it meets a rung than a dear one, so trials are compared at equal
-  cost and the cheap ones are evaluated further for the same budget.
+  cost. Its top rung is a cost too: a trial ends once it has spent that much, so a cheap
+  configuration that survives trains further for the same spend.
 
 docs/tuning.md describes the algorithm and how it is compared.
 """
@@ -22,9 +23,10 @@ import optuna
 
 from switchreduce.experiments.config import ExperimentConfig, ParamSpec, TuneConfig
 
-#: The study user attribute in which the cost-aware study keeps its first rung: what the
-#: first of its trials to get that far spent on its first ``min_iterations`` (worker-ms).
-FIRST_RUNG_MS = "first_rung_worker_ms"
+#: The study user attribute in which a cost-aware study keeps its top rung when
+#: tune.trial_worker_seconds does not give it: what the first of its trials to get that
+#: far spent on train.iterations (worker-ms).
+TOP_RUNG_MS = "top_rung_worker_ms"
 
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, object]:
@@ -80,8 +82,7 @@ def pruner(algorithm: str, config: ExperimentConfig) -> optuna.pruners.BasePrune
             min_resource=first_rung_iterations(config), reduction_factor=tune.reduction_factor
         )
     if algorithm == "cost-aware":
-        first_ms = None if tune.min_worker_seconds is None else tune.min_worker_seconds * 1000
-        return CostAwareHalving(tune.reduction_factor, first_ms)
+        return CostAwareHalving(config)
     return optuna.pruners.NopPruner()
 
 
@@ -97,23 +98,39 @@ def step(algorithm: str, iteration: int, worker_seconds: float) -> int:
     return round(worker_seconds * 1000) if algorithm == "cost-aware" else iteration
 
 
+def cost_rungs(
+    config: ExperimentConfig, measured_top_ms: float | None
+) -> tuple[float, float] | None:
+    """cost-aware's first and top rungs in worker-ms, or None while the top is not known
+    (tune.trial_worker_seconds unset, and no trial of the study has reached
+    train.iterations yet: ``measured_top_ms`` is what the first one spent)."""
+    tune = config.tune
+    assert tune is not None
+    top = measured_top_ms if tune.trial_worker_seconds is None else tune.trial_worker_seconds * 1000
+    if top is None:
+        return None
+    if tune.min_worker_seconds is not None:
+        return tune.min_worker_seconds * 1000, top
+    return top * first_rung_iterations(config) / config.train.iterations, top
+
+
 class CostAwareHalving(optuna.pruners.BasePruner):
     """Asynchronous successive halving over a trial's measured cost (its steps are
-    worker-milliseconds: ``step``). The first rung is ``first_ms``, or, when not given,
-    what the study's first trial to get that far spent on its first rung of iterations
-    (``FIRST_RUNG_MS``, which the tuner records), so that the rungs scale with the cluster
-    and the workload without a number to guess; until that is known, nothing is pruned."""
+    worker-milliseconds: ``step``), from the first rung of ``cost_rungs``. The rungs
+    scale with the cluster and the workload without a number to guess; until the top is
+    known, nothing is pruned."""
 
-    def __init__(self, reduction_factor: int, first_ms: float | None) -> None:
-        self.reduction_factor = reduction_factor
-        self.first_ms = first_ms
+    def __init__(self, config: ExperimentConfig) -> None:
+        assert config.tune is not None
+        self.config = config
+        self.reduction_factor = config.tune.reduction_factor
         self._halving: tuple[int, optuna.pruners.SuccessiveHalvingPruner] | None = None
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        first = self.first_ms or study.user_attrs.get(FIRST_RUNG_MS)
-        if first is None:
+        rungs = cost_rungs(self.config, study.user_attrs.get(TOP_RUNG_MS))
+        if rungs is None:
             return False
-        first = max(1, round(first))
+        first = max(1, round(rungs[0]))
         if self._halving is None or self._halving[0] != first:
             halving = optuna.pruners.SuccessiveHalvingPruner(
                 min_resource=first, reduction_factor=self.reduction_factor

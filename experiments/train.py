@@ -211,7 +211,19 @@ def _loop(
             metrics.write(json.dumps(record) + "\n")
             if rank == 0 and (iteration % progress_every == 0 or "accuracy" in record):
                 print(PROGRESS + json.dumps(record), flush=True)
+            if "accuracy" in record and _spent(t.worker_seconds, elapsed * world_size):
+                break
     dist.barrier()
+
+
+def _spent(budget: float | None, worker_seconds: float) -> bool:
+    """Whether training has spent ``budget`` (train.worker_seconds), as rank 0 counts it:
+    every rank stops at the same iteration, or the next allreduce would wait forever."""
+    if budget is None:
+        return False
+    spent = torch.tensor([int(worker_seconds >= budget)])
+    dist.broadcast(spent, src=0)  # on the gloo group, outside the timed iteration
+    return bool(spent.item())
 
 
 def _since(now: int | None, before: int | None) -> int | None:

@@ -274,7 +274,7 @@ class Study:
     def _run_trial(self, trial: optuna.Trial) -> None:
         values = search.suggest(trial, self.tune.space)
         variant = self.config.with_values(
-            {**values, "train.baselines": [], "train.seed": self.seed}
+            {**values, "train.baselines": [], "train.seed": self.seed, **self._top_rung()}
         )
         out = self.out / f"trial-{trial.number:04d}"
         out.mkdir(parents=True, exist_ok=True)
@@ -310,12 +310,23 @@ class Study:
                 RETRY(self.study, frozen)
         self._progress(trial.number, state, value, why)
 
+    def _top_rung(self) -> dict[str, object]:
+        """cost-aware's trials end once they have spent its top rung, after up to
+        tune.max_iterations; until the top is known (measured on the first trial to reach
+        train.iterations), a trial runs train.iterations like any other."""
+        if self.algorithm != "cost-aware":
+            return {}
+        rungs = search.cost_rungs(self.config, self.study.user_attrs.get(search.TOP_RUNG_MS))
+        if rungs is None:
+            return {}
+        iterations = self.tune.max_iterations or self.config.train.iterations
+        return {"train.worker_seconds": rungs[1] / 1000, "train.iterations": iterations}
+
     def _follower(
         self, trial: optuna.Trial, variant: ExperimentConfig
     ) -> Callable[[str, dict], None]:
         """The runner's progress callback for one trial: records its cost, reports its
         evaluations, and stops it when it is pruned, the budget is spent or a lane failed."""
-        first_rung = search.first_rung_iterations(self.config)
         workers = variant.topology.workers  # the space may set it
         evals: list[list[float]] = []
 
@@ -329,12 +340,13 @@ class Study:
                 return
             evals.append([time.time(), worker_seconds, record["accuracy"], record["iteration"]])
             trial.set_user_attr("evals", evals)
-            if (  # the study's first trial to get this far sets cost-aware's first rung
+            if (  # the study's first trial to get this far measures cost-aware's top rung
                 self.algorithm == "cost-aware"
-                and record["iteration"] >= first_rung
-                and search.FIRST_RUNG_MS not in self.study.user_attrs
+                and variant.train.worker_seconds is None
+                and record["iteration"] >= self.config.train.iterations
+                and search.TOP_RUNG_MS not in self.study.user_attrs
             ):
-                self.study.set_user_attr(search.FIRST_RUNG_MS, worker_seconds * 1000)
+                self.study.set_user_attr(search.TOP_RUNG_MS, worker_seconds * 1000)
             if self.maximize:
                 trial.report(
                     record["accuracy"],

@@ -18,6 +18,7 @@ from switchreduce import wire
 from switchreduce.experiments import report
 from switchreduce.experiments.config import ExperimentConfig, from_dict, load
 from switchreduce.experiments.errors import ConfigError, ExperimentError
+from switchreduce.experiments.records import metrics_path
 from switchreduce.experiments.runner import run_experiment
 from switchreduce.experiments.workloads import build_model, build_optimizer, load_dataset
 from switchreduce.launch import CONTROLLER, Child, cli_command
@@ -169,6 +170,26 @@ def test_a_short_loopback_run_writes_metrics_summary_and_plots(tmp_path) -> None
     assert load(tmp_path / "config.json") == config
     for name in ("loss_vs_iteration.png", "loss_vs_time.png", "accuracy_vs_time.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_worker_seconds_budget_stops_every_rank_at_the_same_evaluation(tmp_path) -> None:
+    """train.worker_seconds: the switch and gloo each train until rank 0 has spent the
+    budget (its training time times the workers), then stop at that evaluation, every rank
+    at the same iteration (metrics merge rank by rank, strictly)."""
+    config = _short(
+        topology={"compute_ms": 20.0},
+        train={"iterations": 1000, "eval_every": 5, "worker_seconds": 0.8},
+    )
+    rows = run_experiment(config, tmp_path, show=_quiet)
+    records = _records(tmp_path)
+    for row in rows:
+        mine = [r for r in records if r["backend"] == row["backend"]]
+        assert 5 < row["iterations"] < 1000 and row["iterations"] % 5 == 0
+        rank0 = [json.loads(line) for line in metrics_path(
+            tmp_path, row["backend"], 0).read_text().splitlines()]  # fmt: skip
+        evaluated = [r["elapsed"] * 2 for r in rank0 if "accuracy" in r]
+        assert evaluated[-1] >= 0.8 > evaluated[-2]  # stopped at the first one past it
+        assert mine[-1]["accuracy"] == row["final_accuracy"]
 
 
 def test_pytorch_s_compression_hooks_train_beside_narrow_lanes(tmp_path) -> None:

@@ -121,6 +121,11 @@ def _left_running(marker: Path) -> list[str]:
         ({"algorithms": ["hyperband"]}, "tune.algorithms must be among grid, random"),
         ({"objective": "time_to_target", "algorithms": ["asha"]}, "asha and cost-aware prune"),
         ({"parallel": 2, "algorithms": ["random"]}, None),  # loopback: allowed
+        ({"algorithms": ["asha"], "trial_worker_seconds": 5},
+         "tune.trial_worker_seconds is cost-aware's"),
+        ({"max_iterations": 10}, "tune.max_iterations must be at least train.iterations (20)"),
+        ({"min_worker_seconds": 5, "trial_worker_seconds": 2},
+         "tune.min_worker_seconds must be below tune.trial_worker_seconds"),
         ({"parallel": 2, "space": {"switch.slots": {"choices": [8, 16]}}},
          "tune.space.switch.slots is the shared switch's"),
     ],
@@ -245,15 +250,49 @@ def test_halving_prunes_trials_mid_run_and_stops_their_processes(tmp_path: Path)
             done = (out / "metrics-switch-rank0.jsonl").read_text().splitlines()
             assert len(done) < 20
             assert not (out / "summary.csv").exists()
+    # cost-aware's first trial ran train.iterations and measured the top rung: what it
+    # spent on them; every later trial ends once it has spent that much
     cost_aware = _study(run_dir, "small-cost-aware-s0")
     first = cost_aware.trials[0]
-    assert cost_aware.user_attrs[search.FIRST_RUNG_MS] == pytest.approx(
-        first.user_attrs["evals"][0][1] * 1000
-    )
+    assert first.user_attrs["evals"][-1][3] == 20
+    top = cost_aware.user_attrs[search.TOP_RUNG_MS]
+    assert top == pytest.approx(first.user_attrs["evals"][-1][1] * 1000)
+    for trial in cost_aware.trials[1:]:
+        out = run_dir / "small-cost-aware-s0" / f"trial-{trial.number:04d}"
+        train = json.loads((out / "config.json").read_text())["train"]
+        assert train["worker_seconds"] == pytest.approx(top / 1000)
     assert sorted(first.intermediate_values) == [
         round(e[1] * 1000) for e in first.user_attrs["evals"]
     ]
     assert sorted(_study(run_dir, "small-asha-s0").trials[0].intermediate_values) == [5, 10, 15, 20]
+    assert not _left_running(tmp_path)
+
+
+def test_cost_aware_trials_end_at_their_cost_so_cheap_ones_train_further(
+    tmp_path: Path,
+) -> None:
+    """cost-aware's top rung is a cost: each trial ends at its first evaluation past
+    tune.trial_worker_seconds, after up to tune.max_iterations, so a configuration with
+    a fifth of the compute per iteration runs more iterations for the same spend."""
+    raw = _config(algorithms=["cost-aware"], trials=6, trial_worker_seconds=2.0,
+                  max_iterations=400)  # fmt: skip
+    raw["tune"]["space"] = {"topology.compute_ms": {"choices": [10.0, 50.0]}}
+    config = _write(tmp_path / "small.toml", raw)
+    run_dir = tmp_path / "run"
+    result = _tune(str(config), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = _study(run_dir, "small-cost-aware-s0")
+    assert search.TOP_RUNG_MS not in study.user_attrs  # given, not measured
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    iterations: dict[float, list[int]] = {10.0: [], 50.0: []}
+    for trial in complete:
+        spent = [e[1] for e in trial.user_attrs["evals"]]
+        assert spent[-1] >= 2.0 > spent[-2]  # ended at the first evaluation past its cost
+        assert trial.user_attrs["iterations"] < 400
+        compute = [10.0, 50.0][trial.params["topology.compute_ms"]]
+        iterations[compute].append(trial.user_attrs["iterations"])
+    assert iterations[10.0] and iterations[50.0], iterations
+    assert min(iterations[10.0]) > max(iterations[50.0])
     assert not _left_running(tmp_path)
 
 
