@@ -562,11 +562,21 @@ class ExperimentConfig:
         """Every key of the space names a setting, and every value it may take (a range's
         ends, each choice) makes a valid config: an error names the key."""
         _check(self.sweep is None, "tune", "cannot be combined with [sweep]")
+        set_by_tuner = {"train.seed": "the study's seed", "train.baselines": "none"}
+        if "cost-aware" in tune.algorithms:
+            set_by_tuner |= dict.fromkeys(("train.iterations", "train.worker_seconds"),
+                                          "cost-aware's top rung")  # fmt: skip
         for key, spec in tune.space.items():
             _check(
                 key.partition(".")[0] not in ("tune", "sweep"),
                 f"tune.space.{key}",
                 "must name a setting of topology, switch, model, data, optimizer or train",
+            )
+            _check(
+                key not in set_by_tuner,
+                f"tune.space.{key}",
+                f"is set on every trial by the tuner ({set_by_tuner.get(key)}): it cannot be "
+                "searched",
             )
             for value in spec.bounds:
                 try:
