@@ -100,6 +100,10 @@ def train(config: ExperimentConfig, options: RankOptions) -> None:
         world_size=world_size,
         timeout=timedelta(seconds=t.timeout * 4),
     )
+    # Rank 0's word, at each evaluation, on whether train.worker_seconds is spent. It
+    # outlives the process group: a tensor whose last holder is a gloo thread is freed
+    # there, and when that happens as the interpreter exits, the process aborts.
+    spent = torch.zeros(1, dtype=torch.int64)
     with ExitStack() as stack:
         stack.callback(dist.destroy_process_group)
         torch.manual_seed(t.seed)
@@ -134,7 +138,7 @@ def train(config: ExperimentConfig, options: RankOptions) -> None:
         else:
             ddp.register_comm_hook(buckets, local_gradients_hook)
         optimizer = build_optimizer(config.optimizer, ddp.parameters())
-        _loop(config, options, rank, world_size, ddp, optimizer, data, chosen, buckets)
+        _loop(config, options, rank, world_size, ddp, optimizer, data, chosen, buckets, spent)
 
 
 def _loop(
@@ -147,6 +151,7 @@ def _loop(
     data: Dataset,
     chosen: Backend,
     buckets: dict[int, torch.Tensor],
+    spent: torch.Tensor,
 ) -> None:
     """The training iterations, timed from a common start; one metrics record each."""
     t = config.train
@@ -211,17 +216,19 @@ def _loop(
             metrics.write(json.dumps(record) + "\n")
             if rank == 0 and (iteration % progress_every == 0 or "accuracy" in record):
                 print(PROGRESS + json.dumps(record), flush=True)
-            if "accuracy" in record and _spent(t.worker_seconds, elapsed * world_size):
+            if "accuracy" in record and _budget_spent(
+                t.worker_seconds, elapsed * world_size, spent
+            ):
                 break
     dist.barrier()
 
 
-def _spent(budget: float | None, worker_seconds: float) -> bool:
+def _budget_spent(budget: float | None, worker_seconds: float, spent: torch.Tensor) -> bool:
     """Whether training has spent ``budget`` (train.worker_seconds), as rank 0 counts it:
     every rank stops at the same iteration, or the next allreduce would wait forever."""
     if budget is None:
         return False
-    spent = torch.tensor([int(worker_seconds >= budget)])
+    spent.fill_(int(worker_seconds >= budget))
     dist.broadcast(spent, src=0)  # on the gloo group, outside the timed iteration
     return bool(spent.item())
 
