@@ -356,6 +356,9 @@ OBJECTIVES = ("accuracy", "time_to_target")
 #: Settings of the switch that trials running side by side as jobs on it share.
 SWITCH_WIDE = ("switch.backend", "switch.k", "switch.slots", "switch.controller",
                "topology.mode", "topology.switch_loss")  # fmt: skip
+#: What trials side by side on one Mininet star share besides: its hosts and links.
+HOSTS_AND_LINKS = ("topology.workers", "topology.bw_mbps", "topology.delay_ms",
+                   "topology.loss_pct")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -409,8 +412,9 @@ class TuneConfig:
     #: runs its whole grid: it is the reference a budget is set against.
     trials: int | None = None
     worker_seconds: float | None = None
-    #: Trials that run at once. Above 1 (loopback only) they are jobs side by side on one
-    #: soft switch, registered with its controller (runner.SharedSwitch).
+    #: Trials that run at once. Above 1 they are jobs side by side on one soft switch,
+    #: registered with its controller (runner.SharedSwitch on loopback; in Mininet,
+    #: runner.SharedMininet: each on a group of topology.workers hosts of one star).
     parallel: int = 1
     #: Successive halving: a rung keeps the best 1/reduction_factor of the trials that
     #: reach it. asha's first rung is at min_iterations (default: train.eval_every) and its
@@ -600,22 +604,20 @@ class ExperimentConfig:
         )
         if tune.parallel > 1:  # the trials are jobs on one shared switch
             _check(
-                self.topology.mode == "loopback",
+                self.topology.mode != "loopback" or self.topology.switch_loss == 0,
                 "tune.parallel",
-                "above 1 needs topology.mode = 'loopback' (trials side by side are jobs on "
-                "one soft switch there)",
+                "above 1 on loopback needs topology.switch_loss = 0: the shared switch "
+                "injects none",
             )
-            _check(
-                self.topology.switch_loss == 0,
-                "tune.parallel",
-                "above 1 needs topology.switch_loss = 0: the shared switch injects none",
-            )
+            shared = set(SWITCH_WIDE)
+            if self.topology.mode != "loopback":  # the hosts and links of one Mininet star
+                shared |= set(HOSTS_AND_LINKS)
             for key in tune.space:
                 _check(
-                    key not in SWITCH_WIDE,
+                    key not in shared,
                     f"tune.space.{key}",
-                    "is the shared switch's, the same for every trial: it cannot be searched "
-                    "with tune.parallel above 1",
+                    "is the shared switch's or topology's, the same for every trial: it "
+                    "cannot be searched with tune.parallel above 1",
                 )
 
     def with_value(self, parameter: str, value: object) -> ExperimentConfig:

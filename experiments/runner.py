@@ -24,15 +24,19 @@ import itertools
 import json
 import logging
 import os
+import queue
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from switchreduce.emulation.errors import EmulationError
 from switchreduce.emulation.softswitch.faults import FaultSpec
@@ -43,6 +47,9 @@ from switchreduce.experiments.errors import ExperimentError
 from switchreduce.experiments.records import PROGRESS
 from switchreduce.launch import CONTROLLER, LISTENING, Child, LaunchError, Starter, cli_command
 from switchreduce.ports import free_tcp_port, free_udp_ports
+
+if TYPE_CHECKING:
+    from switchreduce.emulation.topo import Emulation
 
 #: Called with (backend, metrics record) as rank 0 reports progress.
 Progress = Callable[[str, dict], None]
@@ -121,36 +128,48 @@ class Cluster(abc.ABC):
                 raise ExperimentError(str(exc)) from None
 
 
-class SharedSwitch:
+def release_job(url: str, job: int) -> None:
+    """End job ``job`` on the controller at ``url`` now (its ranks may have been killed
+    mid-run, with no one left to say so), so that nothing of it stays; a job not running
+    is fine."""
+    request = urllib.request.Request(f"{url}/v1/jobs/{job}", method="DELETE")
+    try:
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise ExperimentError(f"the controller did not release job {job}: {exc}") from None
+
+
+class _Jobs:
+    """Job ids for runs side by side on one switch: they cycle through the ids the
+    program counts, so an id comes back only after many runs, each released when it
+    ended."""
+
+    def __init__(self) -> None:
+        self._jobs = itertools.count()
+        self._lock = threading.Lock()
+
+    def next_job(self) -> int:
+        with self._lock:
+            return next(self._jobs) % _max_job_id() + 1
+
+
+class SharedSwitch(_Jobs):
     """One empty soft switch on loopback and a controller that admits jobs onto it: runs
     that use it (``LoopbackCluster(shared=...)``) are jobs side by side on one switch,
     sharing its slot pool, each isolated by its job id and session. A context manager
     that stops both; every job gets ``slots`` slots."""
 
     def __init__(self, k: int, slots: int, log_dir: Path) -> None:
+        super().__init__()
         self.k = k
         self.slots = slots
         self.log_dir = log_dir
         self.url = ""
-        self._jobs = itertools.count()
-        self._lock = threading.Lock()
-
-    def next_job(self) -> int:
-        """A job id for the next run: they cycle through the ids the program counts, so an
-        id comes back only after many runs, each released when it ended (``release``)."""
-        with self._lock:
-            return next(self._jobs) % _max_job_id() + 1
 
     def release(self, job: int) -> None:
-        """End job ``job`` on the switch now (its ranks may have been killed mid-run, with
-        no one left to say so), so that nothing of it stays; a job not running is fine."""
-        request = urllib.request.Request(f"{self.url}/v1/jobs/{job}", method="DELETE")
-        try:
-            with urllib.request.urlopen(request, timeout=30):
-                pass
-        except urllib.error.HTTPError as exc:
-            if exc.code != 404:
-                raise ExperimentError(f"the controller did not release job {job}: {exc}") from None
+        release_job(self.url, job)
 
     def __enter__(self) -> SharedSwitch:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -255,34 +274,27 @@ class LoopbackCluster(Cluster):
         return None
 
 
-class MininetCluster(Cluster):
-    """A Mininet star (emulation.topo) with the switch node; the ranks on its hosts (root)."""
+class SharedMininet(_Jobs):
+    """One Mininet star (emulation.topo) shared out to runs side by side: the soft switch,
+    the controller on host c0, and ``groups`` groups of ``topology.workers`` hosts. A run
+    on it (``MininetCluster(shared=...)``) takes a free group of hosts and is a job
+    registered with the controller; the links are the config's. A context manager."""
 
-    def __enter__(self) -> MininetCluster:
-        from switchreduce.emulation.topo import Emulation, TopoOptions
+    def __init__(self, config: ExperimentConfig, groups: int, log_dir: Path) -> None:
+        super().__init__()
+        self.config = config
+        self.log_dir = log_dir
+        self.groups = groups
+        self._free: queue.Queue[int] = queue.Queue()
+        self._ports = itertools.count(29501)
 
-        super().__enter__()
-        topo, sw = self.config.topology, self.config.switch
-        try:
-            options = TopoOptions(
-                workers=topo.workers,
-                switch=sw.backend,
-                bw=topo.bw_mbps,
-                delay_ms=topo.delay_ms,
-                loss_pct=topo.loss_pct,
-                switch_loss=topo.switch_loss,
-                k=sw.k,
-                slots=sw.slots,
-                controller=sw.controller,
-                run_dir=self.logs,
-            )
-        except ValueError as exc:
-            raise ExperimentError(str(exc)) from None
-        try:
-            self.emulation = Emulation(options).__enter__()
-        except (EmulationError, LaunchError) as exc:
-            raise ExperimentError(str(exc)) from None
-        self.gloo_port = 29500
+    def __enter__(self) -> SharedMininet:
+        self.emulation = _emulation(
+            self.config, self.log_dir, self.groups * self.config.topology.workers,
+            controller=True,
+        )  # fmt: skip
+        for group in range(self.groups):
+            self._free.put(group)
         return self
 
     def __exit__(
@@ -293,19 +305,122 @@ class MininetCluster(Cluster):
     ) -> None:
         self.emulation.__exit__(exc_type, exc, tb)
 
+    @contextmanager
+    def hosts(self) -> Iterator[list]:
+        """A free group of hosts, the run's until it ends."""
+        try:
+            group = self._free.get(timeout=60)
+        except queue.Empty:
+            raise ExperimentError(
+                f"no free group of hosts: {self.groups} runs already hold them"
+            ) from None
+        workers = self.config.topology.workers
+        try:
+            yield self.emulation.hosts[group * workers : (group + 1) * workers]
+        finally:
+            self._free.put(group)
+
+    def next_port(self) -> int:
+        """A fresh MASTER_PORT per run: the last one on the same hosts may linger."""
+        with self._lock:
+            return next(self._ports)
+
+    def release(self, job: int) -> None:
+        """``release_job`` from host c0: the controller listens in the emulated network."""
+        from switchreduce.emulation.topo import CONTROLLER_HTTP_PORT, CONTROLLER_IP
+
+        c0 = self.emulation.net.get("c0")
+        code = "import sys; from switchreduce.experiments.runner import release_job; " \
+               "release_job(sys.argv[1], int(sys.argv[2]))"  # fmt: skip
+        url = f"http://{CONTROLLER_IP}:{CONTROLLER_HTTP_PORT}"
+        process = c0.popen([sys.executable, "-c", code, url, str(job)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        output, _ = process.communicate(timeout=60)
+        if process.returncode != 0:
+            raise ExperimentError(
+                f"the controller did not release job {job}: {output.decode().strip()}"
+            )
+
+
+def _emulation(
+    config: ExperimentConfig, log_dir: Path, workers: int, controller: bool
+) -> Emulation:
+    """A running Mininet star with the config's switch and links."""
+    from switchreduce.emulation.topo import Emulation, TopoOptions
+
+    topo, sw = config.topology, config.switch
+    try:
+        options = TopoOptions(
+            workers=workers,
+            switch=sw.backend,
+            bw=topo.bw_mbps,
+            delay_ms=topo.delay_ms,
+            loss_pct=topo.loss_pct,
+            switch_loss=topo.switch_loss,
+            k=sw.k,
+            slots=sw.slots,
+            controller=controller,
+            run_dir=log_dir,
+        )
+    except ValueError as exc:
+        raise ExperimentError(str(exc)) from None
+    try:
+        return Emulation(options).__enter__()
+    except (EmulationError, LaunchError) as exc:
+        raise ExperimentError(str(exc)) from None
+
+
+class MininetCluster(Cluster):
+    """A Mininet star (emulation.topo) with the switch node; the ranks on its hosts (root).
+    With ``shared``, the ranks are job ``job`` on a group of that star's hosts instead."""
+
+    def __init__(
+        self, config: ExperimentConfig, run_dir: Path, shared: SharedMininet | None = None,
+        job: int = 1,
+    ) -> None:  # fmt: skip
+        super().__init__(config, run_dir)
+        self.shared = shared
+        self.job = job
+        self._stack = ExitStack()
+
+    def __enter__(self) -> MininetCluster:
+        super().__enter__()
+        if self.shared is None:
+            self.emulation = _emulation(
+                self.config, self.logs, self.config.topology.workers, self.config.switch.controller
+            )
+            self._stack.push(self.emulation)
+            self.hosts = self.emulation.hosts
+            self._ports = itertools.count(29501)
+            return self
+        self.emulation = self.shared.emulation
+        self.hosts = self._stack.enter_context(self.shared.hosts())
+        # on the way out (the ranks are stopped by then), before the hosts go back
+        self._stack.callback(self.shared.release, self.job)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stack.__exit__(exc_type, exc, tb)
+
     def rendezvous(self) -> tuple[str, int]:
-        self.gloo_port += 1  # a fresh port per training run: the last one may linger
-        return self.emulation.hosts[0].IP(), self.gloo_port
+        port = self.shared.next_port() if self.shared else next(self._ports)
+        return self.hosts[0].IP(), port
 
     def rank_args(self, rank: int) -> list[str]:
         from switchreduce.emulation.topo import WORKER_UDP_PORT
 
-        host = self.emulation.hosts[rank]
+        host = self.hosts[rank]
+        job = ["--job", str(self.job)] if self.shared else []
         return ["--bind", f"{host.IP()}:{WORKER_UDP_PORT}", *self.emulation.switch_args(),
-                "--interface", host.defaultIntf().name]  # fmt: skip
+                *job, "--interface", host.defaultIntf().name]  # fmt: skip
 
     def popen(self, rank: int) -> Starter:
-        return functools.partial(self.emulation.popen, self.emulation.hosts[rank])
+        return functools.partial(self.emulation.popen, self.hosts[rank])
 
 
 @functools.cache

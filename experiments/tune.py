@@ -54,6 +54,7 @@ from switchreduce.experiments.runner import (
     Cluster,
     LoopbackCluster,
     MininetCluster,
+    SharedMininet,
     SharedSwitch,
     resolve_mode,
 )
@@ -161,7 +162,7 @@ class Study:
         self._why_stop = ""
         self._lock = threading.Lock()
         self._mine: set[int] = set()  # the trials this process runs
-        self.shared: SharedSwitch | None = None  # with tune.parallel above 1
+        self.shared: SharedSwitch | SharedMininet | None = None  # tune.parallel above 1
 
     def _claim(self, config: ExperimentConfig) -> None:
         """A study holds the trials of one config, algorithm and seed: resuming it with
@@ -226,10 +227,15 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         with ExitStack() as stack:
             if self.tune.parallel > 1:
-                switch = self.config.switch
-                self.shared = stack.enter_context(
-                    SharedSwitch(switch.k, switch.slot_count, self.out / "switch")
-                )
+                switch, logs = self.config.switch, self.out / "switch"
+                if self.mode == "mininet":  # groups of one star's hosts
+                    self.shared = stack.enter_context(
+                        SharedMininet(self.config, self.tune.parallel, logs)
+                    )
+                else:
+                    self.shared = stack.enter_context(
+                        SharedSwitch(switch.k, switch.slot_count, logs)
+                    )
             self._run_lanes()
 
     def _run_lanes(self) -> None:
@@ -284,10 +290,12 @@ class Study:
         log.info("%s", f"[{self.name}] trial {trial.number}: {shown}")
         heartbeat = _Heartbeat(self.study, trial)
         cluster: Cluster
-        if self.mode == "mininet":
-            cluster = MininetCluster(variant, out)
+        if isinstance(self.shared, SharedMininet):  # a job on a group of the star's hosts
+            cluster = MininetCluster(variant, out, self.shared, self.shared.next_job())
         elif self.shared is not None:  # a job beside the others on the shared switch
             cluster = LoopbackCluster(variant, out, self.shared, self.shared.next_job())
+        elif self.mode == "mininet":
+            cluster = MininetCluster(variant, out)
         else:
             cluster = LoopbackCluster(variant, out)
         state, value, why = TrialState.COMPLETE, None, ""

@@ -146,13 +146,19 @@ def test_a_bad_search_space_is_an_error_naming_the_key(tune: dict, message: str 
 
 
 @pytest.mark.fast
-def test_a_search_cannot_be_a_sweep_and_parallel_trials_need_loopback() -> None:
+def test_a_search_cannot_be_a_sweep_and_parallel_trials_share_the_star_s_links() -> None:
     with pytest.raises(ConfigError, match=r"tune cannot be combined with \[sweep\]"):
         from_dict({**_config(trials=2), "sweep": {"parameter": "train.seed", "values": [0, 1]}})
     raw = _config(trials=2, parallel=2)
-    raw["topology"] = {**raw["topology"], "mode": "mininet"}
-    with pytest.raises(ConfigError, match=r"tune\.parallel above 1 needs topology\.mode"):
+    raw["topology"] = {**raw["topology"], "mode": "mininet", "bw_mbps": 20}
+    raw["tune"]["space"] = {**SPACE, "topology.compute_ms": {"choices": [0, 10]}}
+    from_dict(raw)  # each trial's own emulated compute may differ
+    raw["tune"]["space"] = {**SPACE, "topology.bw_mbps": {"choices": [10, 20]}}
+    with pytest.raises(ConfigError, match=r"tune\.space\.topology\.bw_mbps is the shared"):
         from_dict(raw)
+    raw["topology"]["mode"] = "loopback"  # on loopback a trial's ranks are its own processes
+    raw["tune"]["space"] = {**SPACE, "topology.workers": {"choices": [2, 3]}}
+    from_dict(raw)
 
 
 @pytest.mark.fast
@@ -457,6 +463,36 @@ def test_parallel_trials_are_jobs_side_by_side_on_one_switch_and_each_is_release
     released = re.findall(r"job (\d+) released", log)
     assert len(admitted) == 6
     assert sorted(admitted) == sorted(released)
+    assert not _left_running(tmp_path)
+
+
+@pytest.mark.requires_root
+def test_parallel_trials_in_mininet_are_jobs_on_groups_of_one_star_s_hosts(
+    tmp_path: Path,
+) -> None:
+    """tune.parallel = 2 in Mininet: one star of 2 x 2 hosts at 20 Mbit/s, its soft switch
+    and the controller on c0 for the study; each trial a job on a free group of two hosts.
+    Trials overlap in time, every job admitted is released, the study's cost counts each
+    trial's own workers, and nothing is left running."""
+    raw = _config(algorithms=["asha"], trials=4, parallel=2, reduction_factor=2)
+    raw["topology"] = {**raw["topology"], "mode": "mininet", "bw_mbps": 20}
+    raw["tune"]["space"] = {"optimizer.lr": {"choices": [0.00001, 0.1]}}
+    run_dir = tmp_path / "run"
+    result = _tune(str(_write(tmp_path / "small.toml", raw)), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = _study(run_dir, "small-asha-s0").get_trials()
+    assert len(trials) == 4
+    assert all(t.state != optuna.trial.TrialState.FAIL for t in trials)
+    spans = [(t.datetime_start, t.datetime_complete) for t in trials]
+    assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(spans, 2))  # type: ignore[operator]
+    log = (run_dir / "small-asha-s0" / "switch" / "controller.log").read_text()
+    admitted = re.findall(r"job (\d+) admitted", log)
+    assert len(admitted) == 4
+    assert sorted(admitted) == sorted(re.findall(r"job (\d+) released", log))
+    for trial in trials:  # each rank sent from its own host's interface (2 per trial)
+        out = run_dir / "small-asha-s0" / f"trial-{trial.number:04d}"
+        first = json.loads((out / "metrics-switch-rank1.jsonl").read_text().splitlines()[0])
+        assert first["bytes_sent"] > 0
     assert not _left_running(tmp_path)
 
 
