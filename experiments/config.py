@@ -588,6 +588,17 @@ class ExperimentConfig:
                 except ConfigError as exc:
                     raise ConfigError(f"tune.space.{key}: {exc}") from None
         _check(
+            tune.min_iterations is None or tune.min_iterations < self.train.iterations,
+            "tune.min_iterations",
+            f"must be below train.iterations ({self.train.iterations})",
+        )
+        _check(
+            self.train.worker_seconds is None or "cost-aware" not in tune.algorithms,
+            "train.worker_seconds",
+            "is set on every cost-aware trial by the tuner (its top rung): give "
+            "tune.trial_worker_seconds instead",
+        )
+        _check(
             tune.max_iterations is None or tune.max_iterations >= self.train.iterations,
             "tune.max_iterations",
             f"must be at least train.iterations ({self.train.iterations})",
@@ -604,10 +615,10 @@ class ExperimentConfig:
         )
         if tune.parallel > 1:  # the trials are jobs on one shared switch
             _check(
-                self.topology.mode != "loopback" or self.topology.switch_loss == 0,
+                self.topology.mode == "mininet" or self.topology.switch_loss == 0,
                 "tune.parallel",
-                "above 1 on loopback needs topology.switch_loss = 0: the shared switch "
-                "injects none",
+                "above 1 on loopback (or auto) needs topology.switch_loss = 0: the shared "
+                "loopback switch injects none",
             )
             shared = set(SWITCH_WIDE)
             if self.topology.mode != "loopback":  # the hosts and links of one Mininet star

@@ -289,10 +289,16 @@ class SharedMininet(_Jobs):
         self._ports = itertools.count(29501)
 
     def __enter__(self) -> SharedMininet:
-        self.emulation = _emulation(
-            self.config, self.log_dir, self.groups * self.config.topology.workers,
-            controller=True,
-        )  # fmt: skip
+        from switchreduce.emulation.topo import MAX_HOSTS
+
+        hosts = self.groups * self.config.topology.workers
+        if hosts > MAX_HOSTS:
+            raise ExperimentError(
+                f"tune.parallel ({self.groups}) x topology.workers "
+                f"({self.config.topology.workers}) is {hosts} hosts; one star has at most "
+                f"{MAX_HOSTS}"
+            )
+        self.emulation = _emulation(self.config, self.log_dir, hosts, controller=True)
         for group in range(self.groups):
             self._free.put(group)
         return self
@@ -335,7 +341,12 @@ class SharedMininet(_Jobs):
         url = f"http://{CONTROLLER_IP}:{CONTROLLER_HTTP_PORT}"
         process = c0.popen([sys.executable, "-c", code, url, str(job)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-        output, _ = process.communicate(timeout=60)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise ExperimentError(f"the controller did not release job {job} in 60 s") from None
         if process.returncode != 0:
             raise ExperimentError(
                 f"the controller did not release job {job}: {output.decode().strip()}"

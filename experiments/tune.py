@@ -172,12 +172,11 @@ class Study:
         raw = json.loads(config.to_json())
         for key in UNCLAIMED:  # what may change between the commands that run a study
             del raw["tune"][key]
-        mine = json.dumps({"config": raw, "algorithm": self.algorithm, "seed": self.seed},
-                          sort_keys=True)  # fmt: skip
+        mine = {"config": raw, "algorithm": self.algorithm, "seed": self.seed}
         held = self.study.user_attrs.get(CONFIG_ATTR)
         if held is None:
-            self.study.set_user_attr(CONFIG_ATTR, mine)
-        elif held != mine:
+            self.study.set_user_attr(CONFIG_ATTR, json.dumps(mine, sort_keys=True))
+        elif _set(json.loads(held)) != _set(mine):
             raise ExperimentError(
                 f"study {self.name!r} in this storage was made for another config, algorithm "
                 "or seed; give another --study name or --run-dir"
@@ -352,9 +351,10 @@ class Study:
                 self.algorithm == "cost-aware"
                 and variant.train.worker_seconds is None
                 and record["iteration"] >= self.config.train.iterations
-                and search.TOP_RUNG_MS not in self.study.user_attrs
             ):
-                self.study.set_user_attr(search.TOP_RUNG_MS, worker_seconds * 1000)
+                with self._lock:  # the first of this process's lanes
+                    if search.TOP_RUNG_MS not in self.study.user_attrs:
+                        self.study.set_user_attr(search.TOP_RUNG_MS, worker_seconds * 1000)
             if self.maximize:
                 trial.report(
                     record["accuracy"],
@@ -489,6 +489,14 @@ class _Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self.done.set()
         self.thread.join()
+
+
+def _set(claim: object) -> object:
+    """A claim without its unset (None) settings: a setting added since a study was made
+    is unset in it unless given, and the study stays the same one."""
+    if isinstance(claim, dict):
+        return {key: _set(value) for key, value in claim.items() if value is not None}
+    return claim
 
 
 def targets(config: ExperimentConfig) -> tuple[float, ...]:

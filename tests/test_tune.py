@@ -124,6 +124,7 @@ def _left_running(marker: Path) -> list[str]:
         ({"algorithms": ["asha"], "trial_worker_seconds": 5},
          "tune.trial_worker_seconds is cost-aware's"),
         ({"max_iterations": 10}, "tune.max_iterations must be at least train.iterations (20)"),
+        ({"min_iterations": 20}, "tune.min_iterations must be below train.iterations (20)"),
         ({"space": {"train.iterations": {"choices": [10, 20]}}},
          "tune.space.train.iterations is set on every trial by the tuner (cost-aware's top"),
         ({"algorithms": ["asha"], "space": {"train.iterations": {"choices": [10, 20]}}}, None),
@@ -159,6 +160,9 @@ def test_a_search_cannot_be_a_sweep_and_parallel_trials_share_the_star_s_links()
     raw["topology"]["mode"] = "loopback"  # on loopback a trial's ranks are its own processes
     raw["tune"]["space"] = {**SPACE, "topology.workers": {"choices": [2, 3]}}
     from_dict(raw)
+    raw["train"] = {**raw["train"], "worker_seconds": 5.0}  # cost-aware sets it per trial
+    with pytest.raises(ConfigError, match=r"train\.worker_seconds is set on every cost-aware"):
+        from_dict(raw)
 
 
 @pytest.mark.fast
