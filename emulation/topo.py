@@ -55,6 +55,8 @@ GLOO_PORT = 29500
 CONTROLLER_IP = "10.0.0.253"
 CONTROLLER_MAC = "02:00:00:00:00:fd"
 CONTROLLER_HTTP_PORT = 9000
+#: The longest path a Unix socket may have on Linux (sun_path, less its NUL).
+UNIX_PATH_MAX = 107
 MAX_HOSTS = 32  # one rank per host, and ranks are bitmap bits
 #: Link MTUs: jumbo frames, and the range a veth takes that carries the smallest K.
 JUMBO_MTU = 9000
@@ -171,7 +173,13 @@ def _stations(options: TopoOptions) -> list[tuple[str, str, str, int]]:
 
 def _p4runtime_socket(options: TopoOptions) -> str:
     """The switch node's P4Runtime address: a Unix socket, reachable across namespaces."""
-    return f"unix:{(options.run_dir / 's1-p4runtime.sock').resolve()}"
+    path = str((options.run_dir / "s1-p4runtime.sock").resolve())
+    if len(path.encode()) > UNIX_PATH_MAX:
+        raise EmulationError(
+            f"the switch's P4Runtime socket {path} is longer than the {UNIX_PATH_MAX} bytes "
+            "a Unix socket's path may have: use a shorter run directory"
+        )
+    return f"unix:{path}"
 
 
 def _switch_args(options: TopoOptions) -> list[str]:

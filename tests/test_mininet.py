@@ -245,6 +245,19 @@ def test_a_failing_worker_leaves_no_process_behind(tmp_path, no_leftovers, monke
     assert not any(left_behind(child.pid) for child in children)
 
 
+def test_a_run_directory_too_deep_for_the_p4runtime_socket_is_an_error(
+    tmp_path, no_leftovers
+) -> None:
+    """The switch node's P4Runtime socket lives in the run directory; a path longer than a
+    Unix socket may have is said before the star is up, and nothing is left behind."""
+    deep = tmp_path / ("d" * 100)
+    with (
+        pytest.raises(EmulationError, match="P4Runtime socket .* is longer than the 107 bytes"),
+        Emulation(TopoOptions(workers=2, controller=True, run_dir=deep)),
+    ):
+        pass
+
+
 def test_k_too_large_for_the_links_is_refused() -> None:
     with pytest.raises(ValueError, match="1500-byte MTU"):
         TopoOptions(k=1024)
