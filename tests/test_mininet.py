@@ -252,7 +252,7 @@ def test_a_run_directory_too_deep_for_the_p4runtime_socket_is_an_error(
     Unix socket may have is said before the star is up, and nothing is left behind."""
     deep = tmp_path / ("d" * 100)
     with (
-        pytest.raises(EmulationError, match="P4Runtime socket .* is longer than the 107 bytes"),
+        pytest.raises(EmulationError, match=r"P4Runtime socket .* is longer than the 107 bytes"),
         Emulation(TopoOptions(workers=2, controller=True, run_dir=deep)),
     ):
         pass
