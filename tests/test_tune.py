@@ -73,7 +73,10 @@ def _tune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def _study(run_dir: Path, name: str, url: str | None = None) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=url or f"sqlite:///{run_dir}/studies.db")
+    """The study as a tuner left it; opened as the tuner opens its storage, since a test
+    that looks while a tuner still creates the tables races it as a second tuner would."""
+    storage = open_storage(url or f"sqlite:///{run_dir}/studies.db")
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def _rows(path: Path) -> list[dict]:
