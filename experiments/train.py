@@ -32,6 +32,7 @@ from typing import cast
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 from torch.nn.parallel import DistributedDataParallel
 
 from switchreduce.experiments.config import ExperimentConfig
@@ -100,10 +101,6 @@ def train(config: ExperimentConfig, options: RankOptions) -> None:
         world_size=world_size,
         timeout=timedelta(seconds=t.timeout * 4),
     )
-    # Rank 0's word, at each evaluation, on whether train.worker_seconds is spent. It
-    # outlives the process group: a tensor whose last holder is a gloo thread is freed
-    # there, and when that happens as the interpreter exits, the process aborts.
-    spent = torch.zeros(1, dtype=torch.int64)
     with ExitStack() as stack:
         stack.callback(dist.destroy_process_group)
         torch.manual_seed(t.seed)
@@ -138,7 +135,7 @@ def train(config: ExperimentConfig, options: RankOptions) -> None:
         else:
             ddp.register_comm_hook(buckets, local_gradients_hook)
         optimizer = build_optimizer(config.optimizer, ddp.parameters())
-        _loop(config, options, rank, world_size, ddp, optimizer, data, chosen, buckets, spent)
+        _loop(config, options, rank, world_size, ddp, optimizer, data, chosen, buckets)
 
 
 def _loop(
@@ -151,7 +148,6 @@ def _loop(
     data: Dataset,
     chosen: Backend,
     buckets: dict[int, torch.Tensor],
-    spent: torch.Tensor,
 ) -> None:
     """The training iterations, timed from a common start; one metrics record each."""
     t = config.train
@@ -217,20 +213,26 @@ def _loop(
             if rank == 0 and (iteration % progress_every == 0 or "accuracy" in record):
                 print(PROGRESS + json.dumps(record), flush=True)
             if "accuracy" in record and _budget_spent(
-                t.worker_seconds, elapsed * world_size, spent
+                t.worker_seconds, elapsed * world_size, rank, iteration
             ):
                 break
     dist.barrier()
 
 
-def _budget_spent(budget: float | None, worker_seconds: float, spent: torch.Tensor) -> bool:
+def _budget_spent(budget: float | None, worker_seconds: float, rank: int, iteration: int) -> bool:
     """Whether training has spent ``budget`` (train.worker_seconds), as rank 0 counts it:
-    every rank stops at the same iteration, or the next allreduce would wait forever."""
+    every rank stops at the same iteration, or the next allreduce would wait forever.
+
+    Rank 0's word goes through the rendezvous store, not a gloo collective: with a
+    broadcast on the gloo group here, a rank now and then aborted at exit (SIGABRT,
+    "terminate called without an active exception"), on loopback and in Mininet."""
     if budget is None:
         return False
-    spent.fill_(int(worker_seconds >= budget))
-    dist.broadcast(spent, src=0)  # on the gloo group, outside the timed iteration
-    return bool(spent.item())
+    store = distributed_c10d._get_default_store()
+    key = f"switchreduce/budget-spent/{iteration}"
+    if rank == 0:
+        store.set(key, "1" if worker_seconds >= budget else "0")
+    return store.get(key) == b"1"  # waits for rank 0's word
 
 
 def _since(now: int | None, before: int | None) -> int | None:
