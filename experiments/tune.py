@@ -176,7 +176,7 @@ class Study:
         held = self.study.user_attrs.get(CONFIG_ATTR)
         if held is None:
             self.study.set_user_attr(CONFIG_ATTR, json.dumps(mine, sort_keys=True))
-        elif _set(json.loads(held)) != _set(mine):
+        elif _without_unset(json.loads(held)) != _without_unset(mine):
             raise ExperimentError(
                 f"study {self.name!r} in this storage was made for another config, algorithm "
                 "or seed; give another --study name or --run-dir"
@@ -491,11 +491,11 @@ class _Heartbeat:
         self.thread.join()
 
 
-def _set(claim: object) -> object:
+def _without_unset(claim: object) -> object:
     """A claim without its unset (None) settings: a setting added since a study was made
     is unset in it unless given, and the study stays the same one."""
     if isinstance(claim, dict):
-        return {key: _set(value) for key, value in claim.items() if value is not None}
+        return {key: _without_unset(value) for key, value in claim.items() if value is not None}
     return claim
 
 
