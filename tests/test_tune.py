@@ -20,11 +20,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.trial import FrozenTrial
 
 from switchreduce.experiments import search
 from switchreduce.experiments.config import from_dict
-from switchreduce.experiments.errors import ConfigError
-from switchreduce.experiments.tune import Study, across_seeds, open_storage
+from switchreduce.experiments.errors import ConfigError, ExperimentError
+from switchreduce.experiments.tune import CONFIG_ATTR, Study, across_seeds, open_storage
 from switchreduce.launch import Child, cli_command
 from switchreduce.ports import free_tcp_port
 
@@ -459,18 +460,24 @@ def test_parallel_trials_are_jobs_side_by_side_on_one_switch_and_each_is_release
     run_dir = tmp_path / "run"
     result = _tune(str(_write(tmp_path / "small.toml", raw)), "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
-    trials = _study(run_dir, "small-asha-s0").get_trials()
-    assert len(trials) == 6
+    _side_by_side_jobs(run_dir, "small-asha-s0", count=6)
+    assert not _left_running(tmp_path)
+
+
+def _side_by_side_jobs(run_dir: Path, name: str, count: int) -> list[FrozenTrial]:
+    """The study's ``count`` trials, none failed, at least two of them overlapping in
+    time; each was a job the shared controller admitted, and released when it ended."""
+    trials = _study(run_dir, name).get_trials()
+    assert len(trials) == count
     assert all(t.state != optuna.trial.TrialState.FAIL for t in trials)
     spans = [(t.datetime_start, t.datetime_complete) for t in trials]
     assert all(start and end for start, end in spans)
     assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(spans, 2))  # type: ignore[operator]
-    log = (run_dir / "small-asha-s0" / "switch" / "controller.log").read_text()
+    log = (run_dir / name / "switch" / "controller.log").read_text()
     admitted = re.findall(r"job (\d+) admitted", log)
-    released = re.findall(r"job (\d+) released", log)
-    assert len(admitted) == 6
-    assert sorted(admitted) == sorted(released)
-    assert not _left_running(tmp_path)
+    assert len(admitted) == count
+    assert sorted(admitted) == sorted(re.findall(r"job (\d+) released", log))
+    return trials
 
 
 @pytest.mark.requires_root
@@ -479,28 +486,44 @@ def test_parallel_trials_in_mininet_are_jobs_on_groups_of_one_star_s_hosts(
 ) -> None:
     """tune.parallel = 2 in Mininet: one star of 2 x 2 hosts at 20 Mbit/s, its soft switch
     and the controller on c0 for the study; each trial a job on a free group of two hosts.
-    Trials overlap in time, every job admitted is released, the study's cost counts each
-    trial's own workers, and nothing is left running."""
+    Trials overlap in time, every job admitted is released, each rank counts the bytes of
+    its own host's interface, and nothing is left running."""
     raw = _config(algorithms=["asha"], trials=4, parallel=2, reduction_factor=2)
     raw["topology"] = {**raw["topology"], "mode": "mininet", "bw_mbps": 20}
     raw["tune"]["space"] = {"optimizer.lr": {"choices": [0.00001, 0.1]}}
     run_dir = tmp_path / "run"
     result = _tune(str(_write(tmp_path / "small.toml", raw)), "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
-    trials = _study(run_dir, "small-asha-s0").get_trials()
-    assert len(trials) == 4
-    assert all(t.state != optuna.trial.TrialState.FAIL for t in trials)
-    spans = [(t.datetime_start, t.datetime_complete) for t in trials]
-    assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(spans, 2))  # type: ignore[operator]
-    log = (run_dir / "small-asha-s0" / "switch" / "controller.log").read_text()
-    admitted = re.findall(r"job (\d+) admitted", log)
-    assert len(admitted) == 4
-    assert sorted(admitted) == sorted(re.findall(r"job (\d+) released", log))
+    trials = _side_by_side_jobs(run_dir, "small-asha-s0", count=4)
     for trial in trials:  # each rank sent from its own host's interface (2 per trial)
         out = run_dir / "small-asha-s0" / f"trial-{trial.number:04d}"
         first = json.loads((out / "metrics-switch-rank1.jsonl").read_text().splitlines()[0])
         assert first["bytes_sent"] > 0
     assert not _left_running(tmp_path)
+
+
+@pytest.mark.fast
+def test_a_study_reopened_for_another_config_is_an_error_but_not_for_a_newer_setting(
+    tmp_path: Path,
+) -> None:
+    """A study keeps the config it was made for: reopening it with another setting is an
+    error; a claim written before a setting existed (the key absent) still matches while
+    that setting is unset."""
+    storage = open_storage(f"sqlite:///{tmp_path}/studies.db")
+
+    def reopen(**changes: object) -> Study:
+        raw = _config(algorithms=["random"], trials=2)
+        raw["model"] = {**raw["model"], **changes}
+        return Study(from_dict(raw), "random", 0, storage, "s", tmp_path / "s")
+
+    study = reopen()
+    held = json.loads(study.study.user_attrs[CONFIG_ATTR])
+    assert held["config"]["tune"]["max_iterations"] is None
+    del held["config"]["tune"]["max_iterations"]  # as a version without the setting wrote it
+    study.study.set_user_attr(CONFIG_ATTR, json.dumps(held, sort_keys=True))
+    reopen()
+    with pytest.raises(ExperimentError, match="study 's' in this storage was made for another"):
+        reopen(hidden=17)
 
 
 @pytest.mark.fast
