@@ -5,14 +5,16 @@ GET    /v1/switch
     send. A worker connects its socket there first, so that it registers the source
     address its packets will carry (a socket bound to 0.0.0.0 has none until then).
 POST   /v1/jobs/{job_id}/workers   {"rank", "world_size", "ip", "udp_port", "k"[, "lane_bits",
-    "mac", "port"]}
+    "quorum", "mac", "port"]}
     Every field is checked before anything is held: 400 {"error", "field"} names the
     first bad one. Waits until all ranks of the job have registered, admits the job once
     with a fresh session, then answers every rank: {"job_id", "rank", "world_size",
-    "slot_count", "k", "lane_bits", "switch": "host:port", "session", "lease"}.
+    "quorum", "slot_count", "k", "lane_bits", "switch": "host:port", "session", "lease"}.
     ``lane_bits`` (32, 16 or 8; 32 if not given) is the job's width of a float element on
-    the wire (worker.quantize): the first rank sets it. 409 for a rank already taken, a
-    world size or lane width that disagrees or a job already running; 503 when the switch has
+    the wire (worker.quantize): the first rank sets it. ``quorum`` (1..world_size; the
+    world size if not given) is how many contributions complete a round: the first rank
+    sets it. 409 for a rank already taken, a world size, lane width or quorum that
+    disagrees or a job already running; 503 when the switch has
     no room now (slots, jobs) or is unavailable; 504 if the others do not come in time
     (the registration is then withdrawn); 502 if the switch refuses the writes. Whatever
     the failure, nothing of the job stays, on the switch or here.
@@ -25,7 +27,8 @@ DELETE /v1/jobs/{job_id}/workers/{rank}   {"session"} -> {"job_id", "rank", "rel
 DELETE /v1/jobs/{job_id}           release the job at once, whoever runs it (an operator's).
 GET    /v1/jobs                    always answers, from what the controller holds:
     {"switch": "available" | "unavailable", "switch_error" (when unavailable),
-     "jobs": [{"job_id", "world_size", "slot_base", "slot_count", "members", "replica_ids",
+     "jobs": [{"job_id", "world_size", "quorum", "slot_base", "slot_count", "members",
+               "replica_ids",
                "state": "running" | "lost" (with "error"), "ranks" (not yet left),
                "lease_expires_in", "packets": the switch's per-job counters or null}],
      "pending": {job id: ranks registered so far},
@@ -75,7 +78,9 @@ _JOB = re.compile(r"^/v1/jobs/(\d+)$")
 
 #: A registration is a few hundred bytes; anything much larger is not one.
 _MAX_BODY = 64 * 1024
-_REGISTRATION_FIELDS = ("rank", "world_size", "ip", "udp_port", "k", "lane_bits", "mac", "port")
+_REGISTRATION_FIELDS = (
+    "rank", "world_size", "ip", "udp_port", "k", "lane_bits", "quorum", "mac", "port"
+)  # fmt: skip
 
 
 class BadRequest(ControllerError):
@@ -152,6 +157,7 @@ class Registration:
     member: Member
     k: int
     lane_bits: int = 32
+    quorum: int | None = None  # every rank's contribution completes a round
 
 
 def parse_registration(job_text: str, body: dict, k: int, max_job_id: int) -> Registration:
@@ -176,15 +182,20 @@ def parse_registration(job_text: str, body: dict, k: int, max_job_id: int) -> Re
     lane_bits = _integer(body, "lane_bits", 0, 0xFF, default=32)
     if lane_bits not in wire.LANE_BITS:
         raise BadRequest("lane_bits", f"must be one of {wire.LANE_BITS}, got {lane_bits}")
-    return Registration(job_id, world_size, Member(rank, ip, udp_port, mac, port), k, lane_bits)
+    quorum = _integer(body, "quorum", 1, world_size, default=world_size)
+    member = Member(rank, ip, udp_port, mac, port)
+    return Registration(
+        job_id, world_size, member, k, lane_bits, None if quorum == world_size else quorum
+    )
 
 
 class _Pending:
     """Registrations of a job not yet admitted."""
 
-    def __init__(self, world_size: int, lane_bits: int) -> None:
+    def __init__(self, world_size: int, lane_bits: int, quorum: int | None) -> None:
         self.world_size = world_size
         self.lane_bits = lane_bits
+        self.quorum = quorum
         self.members: dict[int, Member] = {}
         self.done = threading.Event()
         self.job: Job | None = None
@@ -259,7 +270,7 @@ class Registry:
             pending = self._pending.get(reg.job_id)
             if pending is None:
                 jobs.check_capacity(self.slot_count)  # now, not once every rank has waited
-                pending = _Pending(reg.world_size, reg.lane_bits)
+                pending = _Pending(reg.world_size, reg.lane_bits, reg.quorum)
             elif pending.world_size != reg.world_size:
                 raise Conflict(
                     f"job {reg.job_id} has world size {pending.world_size}, not {reg.world_size}"
@@ -268,6 +279,11 @@ class Registry:
                 raise Conflict(
                     f"job {reg.job_id} sends {pending.lane_bits}-bit lanes, not "
                     f"{reg.lane_bits}-bit: every rank of a job must use the same lane width"
+                )
+            elif pending.quorum != reg.quorum:
+                raise Conflict(
+                    f"job {reg.job_id} completes a round with {pending.quorum or 'every'} "
+                    f"rank(s), not {reg.quorum or 'every'}: every rank must ask the same quorum"
                 )
             if member.rank in pending.members:
                 raise Conflict(f"rank {member.rank} of job {reg.job_id} is already registered")
@@ -287,6 +303,7 @@ class Registry:
             "job_id": job.job_id,
             "rank": member.rank,
             "world_size": job.world_size,
+            "quorum": job.threshold,
             "slot_count": job.slot_count,
             "k": self.k,
             "lane_bits": pending.lane_bits,
@@ -318,7 +335,7 @@ class Registry:
         """Admit a complete job (under the lock) and wake its ranks."""
         try:
             pending.job = self.supervisor.jobs.admit(
-                job_id, list(pending.members.values()), self.slot_count
+                job_id, list(pending.members.values()), self.slot_count, pending.quorum
             )
         except Exception as exc:
             pending.error = exc
@@ -430,6 +447,7 @@ class Registry:
             record = {
                 "job_id": job.job_id,
                 "world_size": job.world_size,
+                "quorum": job.threshold,
                 "slot_base": job.slot_base,
                 "slot_count": job.slot_count,
                 "members": [asdict(m) for m in job.members],

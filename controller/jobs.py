@@ -154,8 +154,11 @@ class JobTable:
             )
         self.pool.check(slot_count)
 
-    def admit(self, job_id: int, members: list[Member], slot_count: int) -> Job:
-        """Install a job with a fresh session; on any failure nothing of it stays on the switch."""
+    def admit(
+        self, job_id: int, members: list[Member], slot_count: int, quorum: int | None = None
+    ) -> Job:
+        """Install a job with a fresh session; on any failure nothing of it stays on the switch.
+        ``quorum``: contributions that complete a round (None: every rank's)."""
         if job_id in self.jobs:
             raise AdmissionError(f"job {job_id} is already admitted")
         if not 1 <= job_id <= self.max_job_id:
@@ -167,7 +170,9 @@ class JobTable:
         self.check_capacity(slot_count)
         base = self.pool.allocate(slot_count)
         try:
-            job = Job(job_id, len(members), base, slot_count, wire.new_session(), tuple(members))
+            job = Job(
+                job_id, len(members), base, slot_count, wire.new_session(), tuple(members), quorum
+            )
         except ValueError as exc:  # not a job the switch can hold (its ranks, its size)
             self.pool.release(base)
             raise AdmissionError(str(exc)) from None

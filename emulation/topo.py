@@ -111,6 +111,8 @@ class TopoOptions:
     k: int = wire.MAX_K_STANDARD_MTU  # the largest that fits the default MTU
     mtu: int = 1500  # of every link, both ends (9000: jumbo frames)
     slots: int | None = None  # None: DEFAULT_SLOTS of the switch kind
+    #: The static job's quorum (contributions that complete a round); None: every rank's.
+    quorum: int | None = None
     job_id: int = 1
     #: Run the controller on host c0 (workers register with it) instead of a static job.
     #: BMv2 always has it: nothing else programs simple_switch_grpc.
@@ -194,6 +196,8 @@ def _switch_args(options: TopoOptions) -> list[str]:
     for _, _, mac, port in _stations(options):
         args.append(f"--route={mac}={port}")
     args += ["--job", str(options.job_id), "--world-size", str(options.workers)]
+    if options.quorum is not None:
+        args += ["--quorum", str(options.quorum)]
     for rank in range(options.workers):
         i = rank + 1
         args.append(f"--worker={rank}={host_ip(i)}:{WORKER_UDP_PORT}@{i}/{host_mac(i)}")

@@ -151,6 +151,10 @@ class SwitchConfig:
     #: DDP's gradient buckets are summed while the backward pass goes on (worker.ddp's
     #: switch_allreduce_hook); False: each before it goes on (switch_blocking_hook).
     overlap: bool = True
+    #: How many ranks' gradients complete a round (1..workers): the first that many to arrive;
+    #: the others' are late, kept for their next step with error_feedback, else dropped.
+    #: None: every rank's (synchronous). docs/protocol.md, Quorum.
+    quorum: int | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -534,6 +538,12 @@ class ExperimentConfig:
     tune: TuneConfig | None = None
 
     def __post_init__(self) -> None:
+        quorum = self.switch.quorum
+        _check(
+            quorum is None or 1 <= quorum <= self.topology.workers,
+            "switch.quorum",
+            f"must be 1..{self.topology.workers} (topology.workers), got {quorum}",
+        )
         _check(
             self.data.name != "text" or self.model.name == "mlp",
             "model.name",

@@ -370,6 +370,7 @@ def _emulation(
             switch_loss=topo.switch_loss,
             k=sw.k,
             slots=sw.slots,
+            quorum=sw.quorum,
             controller=controller,
             run_dir=log_dir,
         )

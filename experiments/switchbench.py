@@ -277,6 +277,7 @@ class Traffic:
         p["elements"] = elements
         self.results["msg_type"] = wire.MsgType.RESULT
         self.results["exponent"] = wire.EXPONENT_BIAS + workers - 1  # the max of the ranks'
+        self.results["length"] = (1 << workers) - 1  # every rank is in the sums
         self.results["elements"] = elements.sum(axis=1, dtype=np.int64)  # fits: |sum| < 2**25
         self._views = self._batch_views()
 

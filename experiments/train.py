@@ -120,6 +120,7 @@ def train(config: ExperimentConfig, options: RankOptions) -> None:
             bind=options.bind,
             precision_bits=sw.precision_bits,
             lane_bits=sw.lane_bits,
+            quorum=sw.quorum,
             rounding=cast(Rounding, sw.rounding),  # checked by the config
             rounding_seed=t.seed,
             error_feedback=sw.error_feedback,

@@ -167,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--world-size", type=int, help="install a static job of this size (else a controller does)"
     )
     switch.add_argument(
+        "--quorum",
+        type=int,
+        help="the static job's rounds complete with this many ranks' packets (default: all)",
+    )
+    switch.add_argument(
         "--p4runtime",
         type=_grpc_address,
         metavar="HOST:PORT|unix:PATH",
@@ -480,8 +485,18 @@ def _switch(args: argparse.Namespace) -> int:
 
     def job() -> Job | None:
         if args.world_size is None:
+            if args.quorum is not None:
+                raise ValueError("--quorum belongs to a static job: give --world-size too")
             return None
-        return Job(args.job, args.world_size, args.slot_base, args.slots, 0, tuple(args.worker))
+        return Job(
+            args.job,
+            args.world_size,
+            args.slot_base,
+            args.slots,
+            0,
+            tuple(args.worker),
+            args.quorum,
+        )
 
     options = _options(
         args,

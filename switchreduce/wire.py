@@ -36,7 +36,9 @@ Header (28 bytes, network byte order)::
 ``session`` names one run of a job and is its secret: the switch takes a
 packet only if it carries the session its ``jobs`` entry holds. ``format``
 and ``length`` say what the sender sums; every contribution to a round must
-carry the same, or the switch refuses the round.
+carry the same, or the switch refuses the round. In a RESULT or WAITING,
+``length`` is the row's bitmap instead: bit r is set if rank r's
+contribution is in the sums (a quorum of a job's ranks may complete a round).
 """
 
 from __future__ import annotations
@@ -162,12 +164,12 @@ class MsgType(IntEnum):
     """What a packet is (docs/protocol.md, Messages)."""
 
     DATA = 1  # worker -> switch: a contribution to a round
-    RESULT = 2  # switch -> workers: the round's sums
+    RESULT = 2  # switch -> workers: the round's sums; ``length``: the ranks in them
     JOIN = 3  # worker -> switch: ask a static job for a session (soft switch only)
     JOINED = 4  # switch -> worker: the session every rank of the static job now uses
     STALE = 5  # switch -> worker: the packet's session is not the job's
     REFUSED = 6  # switch -> workers: ranks disagree on what the round sums
-    WAITING = 7  # switch -> worker: its resent contribution is in; the round waits for others
+    WAITING = 7  # switch -> worker: its resent contribution is in; ``length``: the ranks in
 
 
 class DropReason(IntEnum):
@@ -183,6 +185,8 @@ class DropReason(IntEnum):
     NO_ROUTE = 7
     BAD_SESSION = 8
     MISMATCH = 9
+    LATE = 10  # a quorum completed the round without the sender (answered with the RESULT)
+    AHEAD = 11  # a new round, before every rank sent the round its row holds (register seen)
 
 
 #: The ``arrivals`` value of a row whose round was refused (a count is always < MAX_WORKERS).

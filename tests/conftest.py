@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -52,6 +53,7 @@ class RunningJob:
 
     server: SwitchRuntime
     comms: list[SwitchCommunicator]
+    finished: list[float] = field(default_factory=list)
 
     @property
     def switch(self) -> SoftSwitch:
@@ -60,14 +62,20 @@ class RunningJob:
     def drops(self) -> dict[str, int]:
         return self.server.report()["drops"]
 
-    def allreduce(self, inputs: list) -> list:
-        """Every rank's result, each rank in its own thread; re-raises a rank's exception."""
+    def allreduce(self, inputs: list, late: dict[int, float] | None = None) -> list:
+        """Every rank's result, each rank in its own thread; re-raises a rank's exception.
+        ``late``: seconds a rank waits before it calls (a straggler); ``finished`` then holds
+        when each rank's call returned, from the start."""
         results: list = [None] * len(self.comms)
         errors: list[BaseException | None] = [None] * len(self.comms)
+        self.finished = [0.0] * len(self.comms)
+        start = time.monotonic()
 
         def run(rank: int) -> None:
             try:
+                time.sleep((late or {}).get(rank, 0.0))
                 results[rank] = self.comms[rank].allreduce(inputs[rank])
+                self.finished[rank] = time.monotonic() - start
             except BaseException as exc:
                 errors[rank] = exc
 
@@ -91,6 +99,7 @@ def running_job(
     options: WorkerOptions | None = None,
     job_id: int = 1,
     engine: EngineName = "compiled",
+    quorum: int | None = None,
 ) -> Iterator[RunningJob]:
     """A soft switch on loopback with one job and ``world_size`` bound workers.
 
@@ -103,13 +112,15 @@ def running_job(
         Member(rank, "127.0.0.1", sock.getsockname()[1]) for rank, sock in enumerate(socks)
     )
     session = wire.new_session()
-    install_static_job(switch, Job(job_id, world_size, 0, slots, session, endpoints))
+    install_static_job(switch, Job(job_id, world_size, 0, slots, session, endpoints, quorum))
     server = udp_switch(switch, ("127.0.0.1", 0), faults, engine)
     server.start()
     options = options or WorkerOptions(k=k, timeout=20.0)
     comms = [
         SwitchCommunicator(
-            JobBinding(job_id, r, world_size, slots, server.address, session), options, s
+            JobBinding(job_id, r, world_size, slots, server.address, session, quorum=quorum),
+            options,
+            s,
         )
         for r, s in enumerate(socks)
     ]

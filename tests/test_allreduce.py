@@ -284,3 +284,29 @@ def test_a_socket_that_refuses_gso_sends_datagram_by_datagram(job_factory) -> No
     assert all(np.array_equal(r, expected) for r in results)
     for s in stats:
         assert s.packets_sent == 100 + s.retransmissions
+
+
+def test_a_quorum_does_not_wait_for_a_late_rank_whose_contribution_waits_for_the_next_step(
+    job_factory, engine: EngineName
+) -> None:
+    """Three ranks, a quorum of two, error feedback. Rank 2 calls 0.4 s late: ranks 0 and 1 are
+    done long before, and rank 2 takes the sums its socket kept, theirs, every chunk late for
+    it. Its contribution waits for the next step: when rank 0 is the late one, the sums are
+    rank 1's and rank 2's, its last one included."""
+    options = WorkerOptions(k=K, timeout=20.0, engine=engine, error_feedback=True)
+    with job_factory(3, k=K, slots=64, quorum=2, options=options) as job:
+        first = [synthetic_tensor(1, r, 30 * K, "float32") for r in range(3)]
+        results = job.allreduce(first, late={2: 0.4})
+        assert max(job.finished[:2]) < 0.3 < job.finished[2], job.finished
+        np.testing.assert_array_equal(results[2], results[0])
+        check(results[0], first[:2], K)
+        assert [c.stats.late for c in job.comms] == [0, 0, 30]
+        assert [c.contributors for c in job.comms] == [2, 2, 2]
+        for comm in job.comms:
+            comm.step()
+        second = [synthetic_tensor(2, r, 30 * K, "float32") for r in range(3)]
+        results = job.allreduce(second, late={0: 0.4})
+        np.testing.assert_array_equal(results[0], results[1])
+        expected = second[1] + second[2] + first[2]
+        np.testing.assert_allclose(results[1], expected, rtol=0, atol=1e-5)
+        assert job.comms[0].stats.late == 30

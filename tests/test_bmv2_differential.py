@@ -68,12 +68,14 @@ def host_ip(port: int) -> str:
 
 
 def _configured_switch() -> SoftSwitch:
-    """Job 1: ranks 0..2 on ports 1..3, 8 slots; and forwarding to each host."""
+    """Job 1: ranks 0..2 on ports 1..3, 8 slots; job 2: the same ranks, 4 slots, a quorum of 2;
+    and forwarding to each host."""
     switch = SoftSwitch(k=K)
     workers = tuple(
         Member(port - 1, host_ip(port), 40000, mac=host_mac(port), port=port) for port in PORTS
     )
     install_static_job(switch, Job(1, len(PORTS), 0, 8, SESSION, workers))
+    install_static_job(switch, Job(2, len(PORTS), 8, 4, SESSION + 2, workers, quorum=2))
     install_forwarding(switch, {host_mac(port): port for port in PORTS})
     return switch
 
@@ -124,8 +126,9 @@ def _frame(
 
 def _traffic() -> list[tuple[int, bytes]]:
     """(ingress port, frame): a round, a retransmission, a duplicate, a stale packet, another
-    session's packet, rounds refused for a disagreement (format, length, chunk), one packet
-    for every drop reason, plus forwarded traffic."""
+    session's packet, rounds refused for a disagreement (format, length, chunk), a quorum's
+    rounds with a late rank and a round held back for it, one packet for every drop reason,
+    plus forwarded traffic."""
 
     def data(rank: int, round_: int = 1, slot: int = 0, **changes) -> wire.Header:
         header = wire.Header(
@@ -163,6 +166,16 @@ def _traffic() -> list[tuple[int, bytes]]:
     out.append((3, _frame(3, data(2, slot=3, length=10 * K + 1))))
     out.append((1, _frame(1, data(0, slot=6))))  # slot 6: rank 1 sends another chunk into the
     out.append((2, _frame(2, data(1, slot=6, chunk=6 + 8))))  # round (its counters are off)
+    quorum = {"job_id": 2, "session": SESSION + 2}
+    for rank in (0, 1):  # job 2, a quorum of 2: two ranks complete round 1 of slot 0
+        out.append((rank + 1, _frame(rank + 1, data(rank, **quorum), values=rank + 3)))
+    out.append((3, _frame(3, data(2, **quorum), values=9)))  # late: the sums, without its own
+    for round_ in (1, 2):  # slot 1: rounds 1 and 2 without rank 2
+        for rank in (0, 1):
+            out.append((rank + 1, _frame(rank + 1, data(rank, round_, slot=1, **quorum))))
+    out.append((1, _frame(1, data(0, 3, slot=1, **quorum))))  # held: rank 2 never sent round 1
+    out.append((3, _frame(3, data(2, 2, slot=1, **quorum))))  # rank 2 sends round 2: late
+    out.append((1, _frame(1, data(0, 3, slot=1, **quorum))))  # now round 3 may take the row
     out.append((1, _frame(1, data(0, job_id=9))))  # unknown job
     out.append((1, _frame(1, data(5))))  # rank out of range
     out.append((1, _frame(1, data(0, slot=8))))  # slot out of range

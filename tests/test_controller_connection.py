@@ -19,7 +19,7 @@ JOB = TableEntry(
     "SwitchReduceIngress.jobs",
     {"hdr.sr.job_id": 3},
     "SwitchReduceIngress.set_job",
-    {"world_size": 2, "slot_base": 0, "slot_count": 8, "mcast_grp": 3, "session": 1},
+    {"world_size": 2, "quorum": 2, "slot_base": 0, "slot_count": 8, "mcast_grp": 3, "session": 1},
 )
 
 

@@ -90,10 +90,17 @@ class Pair:
     def switches(self) -> tuple[SoftSwitch, SoftSwitch]:
         return self.python_switch, self.compiled_switch
 
-    def job(self, world_size: int = 3, slots: int = 4, job_id: int = 1, slot_base: int = 0) -> None:
+    def job(
+        self,
+        world_size: int = 3,
+        slots: int = 4,
+        job_id: int = 1,
+        slot_base: int = 0,
+        quorum: int | None = None,
+    ) -> None:
         """A job as a controller installs one (with no check that its slots fit the pool)."""
         members = tuple(Member(r, *worker(r)) for r in range(world_size))
-        self.install(Job(job_id, world_size, slot_base, slots, SESSION, members))
+        self.install(Job(job_id, world_size, slot_base, slots, SESSION, members, quorum))
 
     def install(self, job: Job) -> None:
         entries, (group, replicas) = job_entries(job)
@@ -171,6 +178,27 @@ def test_a_round_multicasts_its_sums_to_every_rank(pair: Pair) -> None:
 
 
 @pytest.mark.fast
+def test_a_quorum_completes_a_round_and_a_late_rank_gets_its_sums_without_its_own(
+    pair: Pair,
+) -> None:
+    pair.job(world_size=3, quorum=2)
+    assert pair.feed(datagram(0, value=1, exponent=130), worker(0)) == []
+    out = pair.feed(datagram(1, value=10, exponent=140), worker(1))
+    assert [to for to, _ in out] == [worker(r) for r in range(3)]  # every rank, the late one too
+    header = wire.unpack_header(out[0][1])
+    assert (header.msg_type, header.exponent, header.length) == (wire.MsgType.RESULT, 140, 0b011)
+    assert (wire.decode_elements(out[0][1], K) == 11).all()
+    for _ in range(2):  # late, and late again: never added
+        late = pair.feed(datagram(2, value=100, exponent=150), worker(2))
+        assert [to for to, _ in late] == [worker(2)]
+        assert late[0][1][2:] == out[2][1][2:]  # the round's result (but the sender's rank)
+    assert drops(pair)["late"] == 2
+    again = pair.feed(datagram(0, value=1, exponent=130), worker(0))  # rank 0 lost the result
+    assert [(to, d[2:]) for to, d in again] == [(worker(0), out[0][1][2:])]
+    pair.check_state()
+
+
+@pytest.mark.fast
 def test_every_drop_reason_and_reply_of_udp_mode(pair: Pair) -> None:
     """No route needs frames (raw mode); every other reason, and STALE, REFUSED and WAITING
     answers."""
@@ -199,11 +227,8 @@ def test_every_drop_reason_and_reply_of_udp_mode(pair: Pair) -> None:
     assert [(to, wire.unpack_header(d).msg_type) for to, d in waiting] == [
         (worker(0), wire.MsgType.WAITING)
     ]
-    first_word = wire.HEADER_BYTES + wire.ELEMENT_BYTES
-    assert wire.decode_elements(waiting[0][1], K)[0] == 0b01  # the ranks the row holds
-    assert waiting[0][1][1 : first_word - 4] + waiting[0][1][first_word:] == (
-        resent[1 : first_word - 4] + resent[first_word:]
-    )  # else an echo
+    assert wire.unpack_header(waiting[0][1]).length == 0b01  # the ranks the row holds
+    assert waiting[0][1][wire.HEADER_BYTES :] == resent[wire.HEADER_BYTES :]  # else an echo
     assert pair.feed(datagram(0, round_=1)) == []  # stale: an older round
     refused = pair.feed(datagram(1, round_=3, format_=1 << 5 | 31), worker(1))  # mismatch
     assert [to for to, _ in refused] == [worker(0), worker(1)]
@@ -257,16 +282,19 @@ def test_multicast_to_n_ranks_and_the_32nd_bit(pair: Pair, world_size: int) -> N
 
 @pytest.mark.fast
 def test_odd_entries_behave_as_p4_defines_them(pair: Pair) -> None:
-    """NoAction in jobs and result_rewrite, a rank past 31, a job whose slots run past the pool."""
+    """NoAction in jobs and result_rewrite, a rank past 31, a quorum of 0 (bit<8> arithmetic: 256
+    arrivals), a job whose slots run past the pool."""
     pair.job(world_size=2, slots=4)
     pair.entry(names.JOBS.name, (2,), ActionCall(names.NO_ACTION.name))
     pair.feed(datagram(0, job_id=2))  # world size 0: rank out of range
-    pair.entry(names.JOBS.name, (3,), ActionCall(names.SET_JOB.name, (40, 8, 4, 3, SESSION)))
+    pair.entry(names.JOBS.name, (3,), ActionCall(names.SET_JOB.name, (40, 0, 8, 4, 3, SESSION)))
     for rank in (33, 0, 33):  # rank 33 has no bit: its resend is summed again, as in P4
         pair.entry(names.WORKERS.name, (3, rank, 0, *_ip_port(worker(rank))),
                    ActionCall(names.ADMIT_WORKER.name))  # fmt: skip
         pair.feed(datagram(rank, job_id=3), worker(rank))
-    pair.entry(names.JOBS.name, (4,), ActionCall(names.SET_JOB.name, (1, POOL - 1, 4, 1, SESSION)))
+    pair.entry(
+        names.JOBS.name, (4,), ActionCall(names.SET_JOB.name, (1, 1, POOL - 1, 4, 1, SESSION))
+    )
     pair.entry(names.WORKERS.name, (4, 0, 0, *_ip_port(worker(0))), ActionCall("NoAction"))
     assert len(pair.feed(datagram(0, slot=0, job_id=4))) == 2  # the pool's last slot
     pair.feed(datagram(0, slot=1, job_id=4))  # past the pool: out of range
@@ -398,10 +426,10 @@ _PACKET = st.tuples(
 
 @pytest.mark.fast
 @settings(max_examples=150, deadline=None)
-@given(st.lists(_PACKET, max_size=60), st.integers(1, 4))
-def test_any_sequence_of_packets(packets: list, world_size: int) -> None:
+@given(st.lists(_PACKET, max_size=60), st.integers(1, 4), st.integers(0, 3))
+def test_any_sequence_of_packets(packets: list, world_size: int, fewer: int) -> None:
     pair = Pair()
-    pair.job(world_size=world_size, slots=4)
+    pair.job(world_size=world_size, slots=4, quorum=max(1, world_size - fewer))
     pair.job(world_size=2, slots=2, job_id=2, slot_base=POOL - 1)  # runs past the pool
     for fields, source, size in packets:
         data = datagram(**fields)

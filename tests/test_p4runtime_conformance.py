@@ -260,7 +260,7 @@ class Client:
         entry.priority = priority
         entry.controller_metadata, entry.metadata = controller_metadata, metadata
         if world_size is not None:
-            args = {"world_size": world_size, "slot_base": 0, "slot_count": 8,
+            args = {"world_size": world_size, "quorum": world_size, "slot_base": 0, "slot_count": 8,
                     "mcast_grp": job_id, "session": 1}  # fmt: skip
             self._action(entry.action.action, SET_JOB, args)
         return entity
@@ -346,7 +346,9 @@ def default_entry(c: Client) -> None:
     """MODIFY of the default entry without an action resets it to the program's default;
     INSERT and DELETE of it are refused (PI: table_modify, table_insert, table_delete)."""
     primary(c)
-    set_job = c.default(SET_JOB, world_size=3, slot_base=0, slot_count=8, mcast_grp=1, session=1)
+    set_job = c.default(
+        SET_JOB, world_size=3, quorum=3, slot_base=0, slot_count=8, mcast_grp=1, session=1
+    )
     c.expect(c.write(update(Update.MODIFY, set_job)), "OK")
     c.expect(c.read(c.default()), ("OK", texts(set_job)))
     c.expect(c.write(update(Update.MODIFY, c.default())), "OK")
@@ -470,7 +472,9 @@ def new_pipeline_starts_empty(c: Client) -> None:
     primary(c)
     filled = [c.job(7, controller_metadata=1), c.group(5, (1, 1)), c.clone(5, (1, 1))]
     c.expect(c.write(*(update(Update.INSERT, e) for e in filled)), "OK")
-    set_job = c.default(SET_JOB, world_size=3, slot_base=0, slot_count=8, mcast_grp=1, session=1)
+    set_job = c.default(
+        SET_JOB, world_size=3, quorum=3, slot_base=0, slot_count=8, mcast_grp=1, session=1
+    )
     c.expect(c.write(update(Update.MODIFY, set_job), update(Update.MODIFY, c.counter(3, 5))), "OK")
     c.expect(c.push(), "OK")
     c.expect(

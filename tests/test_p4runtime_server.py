@@ -71,8 +71,8 @@ def test_shell_inserts_reads_and_deletes_table_entries(programmable_switch, tmp_
         """
         te = sh.TableEntry("SwitchReduceIngress.jobs")(action="SwitchReduceIngress.set_job")
         te.match["hdr.sr.job_id"] = "7"
-        for name, value in (("world_size", 4), ("slot_base", 128), ("slot_count", 64),
-                            ("mcast_grp", 7), ("session", 3)):
+        for name, value in (("world_size", 4), ("quorum", 3), ("slot_base", 128),
+                            ("slot_count", 64), ("mcast_grp", 7), ("session", 3)):
             te.action[name] = str(value)
         te.insert()
         read = list(sh.TableEntry("SwitchReduceIngress.jobs").read())
@@ -85,7 +85,7 @@ def test_shell_inserts_reads_and_deletes_table_entries(programmable_switch, tmp_
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "read 1" in done.stdout and "again True" in done.stdout, done.stdout
-    assert switch.ingress.jobs.entries[(7,)].args == (4, 128, 64, 7, 3)
+    assert switch.ingress.jobs.entries[(7,)].args == (4, 3, 128, 64, 7, 3)
     done = _shell(
         address,
         tmp_path,
@@ -196,7 +196,7 @@ def test_a_pushed_pipeline_starts_the_data_plane_empty() -> None:
     with soft_switch() as target, _session(target) as c:
         switch = _soft(target)
         set_job = c.default(
-            SET_JOB, world_size=3, slot_base=0, slot_count=8, mcast_grp=1, session=1
+            SET_JOB, world_size=3, quorum=3, slot_base=0, slot_count=8, mcast_grp=1, session=1
         )
         assert c.write(update(Update.INSERT, c.job(7)), update(Update.MODIFY, set_job)) == "OK"
         install_static_job(switch, Job(2, 1, 0, 8, 5, (Member(0, "127.0.0.1", 40000),)))
@@ -213,11 +213,11 @@ def test_a_pushed_pipeline_starts_the_data_plane_empty() -> None:
 def test_a_default_entry_reset_reaches_the_data_plane() -> None:
     with soft_switch() as target, _session(target) as c:
         set_job = c.default(
-            SET_JOB, world_size=3, slot_base=0, slot_count=8, mcast_grp=1, session=1
+            SET_JOB, world_size=3, quorum=3, slot_base=0, slot_count=8, mcast_grp=1, session=1
         )
         assert c.write(update(Update.MODIFY, set_job)) == "OK"
         jobs = _soft(target).ingress.jobs
-        assert jobs.default_action == ActionCall(SET_JOB, (3, 0, 8, 1, 1))
+        assert jobs.default_action == ActionCall(SET_JOB, (3, 3, 0, 8, 1, 1))
         assert c.write(update(Update.MODIFY, c.default())) == "OK"
         assert jobs.default_action == ActionCall(NO_ACTION)
 

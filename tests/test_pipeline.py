@@ -117,8 +117,8 @@ def test_retransmission_into_an_incomplete_slot_is_answered_waiting_and_not_adde
     assert len(waiting) == 1 and waiting[0].udp_dport == 50000  # to the sender alone
     assert waiting[0].header is not None and waiting[0].elements is not None
     assert waiting[0].header.msg_type == wire.MsgType.WAITING
-    assert waiting[0].elements[0] == 0b011  # ranks 0 and 1 are in: the round waits for rank 2
-    assert (waiting[0].elements[1:] == 5).all()  # the rest echoes the sender's
+    assert waiting[0].header.length == 0b011  # ranks 0 and 1 are in: the round waits for rank 2
+    assert (waiting[0].elements == 5).all()  # the sender's own, echoed
     assert drops(switch, DropReason.DUPLICATE) == 1
     out = send(switch, 2, value=5)
     assert (out[0].elements == 15).all()  # the duplicate was not added twice
@@ -272,7 +272,7 @@ def test_a_new_session_on_a_completed_slot_starts_clean() -> None:
     assert (send(switch, 1, value=2)[0].elements == 3).all()
     ingress = switch.ingress
     session = SESSION + 7
-    ingress.jobs.modify((1,), ActionCall("SwitchReduceIngress.set_job", (2, 0, 4, 1, session)))
+    ingress.jobs.modify((1,), ActionCall("SwitchReduceIngress.set_job", (2, 2, 0, 4, 1, session)))
     assert send(switch, 0, value=10, session=session) == []  # new data, not a retransmission
     assert (send(switch, 1, value=20, session=session)[0].elements == 30).all()
 

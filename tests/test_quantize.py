@@ -161,3 +161,21 @@ def test_uniforms_are_splitmix64_of_key_plus_index() -> None:
     key = q.call_key(1, 2, 3)
     expected = [(q.splitmix64((key + i) % 2**64) >> 11) * 2.0**-53 for i in range(10, 14)]
     assert q.uniforms(key, 10, 4).tolist() == expected
+
+
+@pytest.mark.parametrize("lane_bits", [32, 16, 8])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_a_block_above_the_agreed_exponent_is_clamped_to_the_peak_level(
+    lane_bits: int, stochastic: bool
+) -> None:
+    """A rank whose exponent a quorum did not hear quantizes with a smaller one: its levels are
+    cut to +-m, so n of them still fit the switch's adders and lanes."""
+    n, m = 4, q.peak_level(4, lane_bits=lane_bits)
+    block = np.array([-100.0, -1.5, -0.25, 0.0, 0.25, 1.5, 100.0], dtype=np.float32)
+    noise = q.uniforms(7, 0, block.size) if stochastic else None
+    levels = q.quantize_block(block, q.EXPONENT_BIAS, n, lane_bits=lane_bits, noise=noise)
+    assert levels.tolist()[0] == -m and levels.tolist()[-1] == m and levels[3] == 0
+    assert (np.abs(levels) <= m).all()
+    batch = q.quantize(block[None, :], np.array([q.EXPONENT_BIAS]), n, lane_bits=lane_bits,
+                       noise=None if noise is None else noise[None, :])  # fmt: skip
+    assert batch[0].tolist() == levels.tolist()

@@ -68,12 +68,12 @@ enum { GOING, STALE, REFUSED, DONE, STALLED, CHECK_IN, FAILED };
 
 /* The statistics a transfer counts, named as WorkerStats' fields. */
 enum {
-    RETRANSMISSIONS, TIMEOUTS, FAST_RETRANSMISSIONS, DUPLICATES, WAITS, PACKETS_SENT,
+    RETRANSMISSIONS, TIMEOUTS, FAST_RETRANSMISSIONS, DUPLICATES, WAITS, LATE, PACKETS_SENT,
     PACKETS_RECEIVED, BYTES_SENT, BYTES_RECEIVED, NUM_STATS
 };
 static const char *const STAT_NAMES[NUM_STATS] = {
-    "retransmissions", "timeouts", "fast_retransmissions", "duplicates", "waits", "packets_sent",
-    "packets_received", "bytes_sent", "bytes_received",
+    "retransmissions", "timeouts", "fast_retransmissions", "duplicates", "waits", "late",
+    "packets_sent", "packets_received", "bytes_sent", "bytes_received",
 };
 
 #define RX_BATCH 32            /* messages per recvmmsg */
@@ -116,7 +116,7 @@ struct Transfer {
     uint32_t lane_bits, per_word, chunk_elements; /* Job.lane_bits, 32 / lane_bits, K * that */
     uint64_t session;
     double peak_level; /* quantize.peak_level: m */
-    int64_t lane_bias; /* n * m, subtracted from each narrow lane's sum (quantize.from_lanes) */
+    int64_t lane_bias; /* k * m, subtracted from each narrow lane's sum (quantize.from_lanes) */
     int stochastic;     /* Job.noise_key is set: round stochastically (quantize.uniforms) */
     uint64_t noise_key;
     /* the tensor */
@@ -124,6 +124,7 @@ struct Transfer {
     int scaled; /* float32: quantized per block; int32: sent as is */
     uint32_t length, chunks, slots; /* slots: min(slot_count, chunks), the ones used */
     uint8_t *local_exp, *global_exp;
+    uint8_t *late; /* per chunk: its sums came without this rank's (a quorum completed it) */
     /* what the caller keeps across calls, copied in at the start */
     uint16_t *rounds;
     double min_rto, max_rto, srtt, rttvar, min_rtt;
@@ -187,6 +188,10 @@ static uint8_t block_exponent(const float *x, size_t n) {
     return (uint8_t)((e < EXPONENT_MIN ? EXPONENT_MIN : e) + EXPONENT_BIAS);
 }
 
+/* Python's max and min of two floats (NaN handling aside, which never arises here). */
+static inline double py_max(double a, double b) { return b > a ? b : a; }
+static inline double py_min(double a, double b) { return b < a ? b : a; }
+
 /* quantize.scales of one exponent byte: m / 2**e, exact in float64. */
 static inline double scale_of(const Transfer *t, uint8_t exponent) {
     return ldexp(t->peak_level, EXPONENT_BIAS - (int)exponent);
@@ -202,10 +207,11 @@ static inline double uniform(uint64_t key, uint64_t index) {
 }
 
 /* quantize.quantize_block of element ``index`` of the call: rint(x * scale), or with stochastic
- * rounding floor(x * scale + u). Anything out of range is INT32_MIN, as numpy's cast makes it. */
+ * rounding floor(x * scale + u), clamped to [-m, m]. */
 static inline int32_t level_of(const Transfer *t, float x, double scale, uint64_t index) {
     double scaled = (double)x * scale;
     if (t->stochastic) scaled = floor(scaled + uniform(t->noise_key, index));
+    scaled = py_min(py_max(scaled, -t->peak_level), t->peak_level);
     return _mm_cvtsd_si32(_mm_set_sd(scaled));
 }
 
@@ -216,20 +222,23 @@ static inline __m128i swap4(__m128i v) {
     return _mm_shufflehi_epi16(v, _MM_SHUFFLE(2, 3, 0, 1));
 }
 
-/* quantize.quantize_block into big-endian int32: rint(x * scale) as int32, four at a time.
- * cvtpd2dq rounds half to even (the default rounding mode) and makes anything out of range
- * INT32_MIN, as numpy's rint and cast do. */
-static void quantize_into(uint8_t *dst, const float *x, size_t n, double scale) {
-    const __m128d scale2 = _mm_set1_pd(scale);
+/* quantize.quantize_block into big-endian int32: rint(x * scale) clamped to [-m, m], four at a
+ * time. cvtpd2dq rounds half to even (the default rounding mode), as numpy's rint does; the
+ * clamp before rounding gives what numpy's clip after it does, m being an integer. */
+static void quantize_into(uint8_t *dst, const float *x, size_t n, double scale, double m) {
+    const __m128d scale2 = _mm_set1_pd(scale), hi2 = _mm_set1_pd(m), lo2 = _mm_set1_pd(-m);
     size_t i = 0;
     for (; i + 4 <= n; i += 4) {
         __m128 f = _mm_loadu_ps(x + i);
-        __m128i lo = _mm_cvtpd_epi32(_mm_mul_pd(_mm_cvtps_pd(f), scale2));
-        __m128i hi = _mm_cvtpd_epi32(_mm_mul_pd(_mm_cvtps_pd(_mm_movehl_ps(f, f)), scale2));
+        __m128d a = _mm_mul_pd(_mm_cvtps_pd(f), scale2);
+        __m128d b = _mm_mul_pd(_mm_cvtps_pd(_mm_movehl_ps(f, f)), scale2);
+        __m128i lo = _mm_cvtpd_epi32(_mm_min_pd(_mm_max_pd(a, lo2), hi2));
+        __m128i hi = _mm_cvtpd_epi32(_mm_min_pd(_mm_max_pd(b, lo2), hi2));
         _mm_storeu_si128((__m128i *)(dst + i * ELEMENT_BYTES), swap4(_mm_unpacklo_epi64(lo, hi)));
     }
     for (; i < n; i++) {
-        int32_t level = _mm_cvtsd_si32(_mm_set_sd((double)x[i] * scale));
+        double scaled = py_min(py_max((double)x[i] * scale, -m), m);
+        int32_t level = _mm_cvtsd_si32(_mm_set_sd(scaled));
         uint32_t big = __builtin_bswap32((uint32_t)level);
         memcpy(dst + i * ELEMENT_BYTES, &big, ELEMENT_BYTES);
     }
@@ -299,8 +308,6 @@ static void copy_swapped(uint8_t *dst, const uint8_t *src, size_t n) {
 
 /* -- the round trip (window.RoundTrip) -------------------------------------------------------- */
 
-static inline double py_max(double a, double b) { return b > a ? b : a; }
-static inline double py_min(double a, double b) { return b < a ? b : a; }
 
 static void sample_rtt(Transfer *t, double rtt) {
     t->min_rtt = t->has_min_rtt ? py_min(t->min_rtt, rtt) : rtt;
@@ -506,7 +513,7 @@ static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
                                         scale_of(t, t->global_exp[chunk]), first + i));
         else if (t->scaled)
             quantize_into(payload, (const float *)t->flat.buf + first, count,
-                          scale_of(t, t->global_exp[chunk]));
+                          scale_of(t, t->global_exp[chunk]), t->peak_level);
         else
             copy_swapped(payload, (const uint8_t *)t->flat.buf + first * ELEMENT_BYTES, count);
         wire_chunk = (uint32_t)chunk;
@@ -598,6 +605,11 @@ static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
         return GOING;
     }
     store(t, u->chunk, u->count, d);
+    uint32_t ranks = rd32(d + AT_LENGTH);             /* the ranks in the sums */
+    if (t->rank >= 32 || !(ranks >> t->rank & 1)) { /* a quorum completed it without us */
+        t->late[u->chunk] = 1;
+        t->stats[LATE]++;
+    }
     int64_t ahead = u->chunk + t->slot_count;
     if (ahead >= t->chunks) {
         u->active = 0;
@@ -834,6 +846,7 @@ static void Transfer_dealloc(Transfer *self) {
     if (self->out.obj) PyBuffer_Release(&self->out);
     free(self->local_exp);
     free(self->global_exp);
+    free(self->late);
     free(self->rounds);
     free(self->uses);
     free(self->packets);
@@ -852,8 +865,8 @@ static int element_kind(const Py_buffer *view) {
 static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"job_id", "rank", "world_size", "slot_count", "k", "session",
                              "precision_bits", "lane_bits", "noise_key", "format", "flat", "out", "rounds", "min_rto",
-                             "max_rto", "srtt", "rttvar", "min_rtt", NULL};
-    unsigned int job_id, rank, world_size, slot_count, k, bits, lane_bits, format;
+                             "max_rto", "srtt", "rttvar", "min_rtt", "contributors", NULL};
+    unsigned int job_id, rank, world_size, slot_count, k, bits, lane_bits, format, contributors;
     unsigned long long session;
     PyObject *flat, *out, *rounds, *srtt, *min_rtt, *noise_key;
     double min_rto, max_rto, rttvar;
@@ -861,12 +874,13 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_RuntimeError, "a transfer is initialized once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIIIIKIIOIOOOddOdO", kwlist, &job_id, &rank,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIIIIKIIOIOOOddOdOI", kwlist, &job_id, &rank,
                                      &world_size, &slot_count, &k, &session, &bits, &lane_bits,
-                                     &noise_key, &format, &flat,
-                                     &out, &rounds, &min_rto, &max_rto, &srtt, &rttvar, &min_rtt))
+                                     &noise_key, &format, &flat, &out, &rounds, &min_rto, &max_rto,
+                                     &srtt, &rttvar, &min_rtt, &contributors))
         return -1;
-    if (job_id > 0xFFFF || rank > 0xFF || world_size == 0 || world_size > 32 || slot_count == 0 ||
+    if (job_id > 0xFFFF || rank > 0xFF || world_size == 0 || world_size > 32 ||
+        contributors == 0 || contributors > world_size || slot_count == 0 ||
         slot_count > (1u << 15) || k == 0 || k > 4096 || bits < 1 || bits > 32 || format > 0xFF ||
         (lane_bits != 32 && lane_bits != 16 && lane_bits != 8) ||
         !(min_rto > 0) || !(max_rto >= min_rto)) {
@@ -917,7 +931,7 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     self->chunk_elements = k * self->per_word;
     self->peak_level = lane_bits == 32 ? (double)(((1ull << (bits - 1)) - 1) / world_size)
                                        : (double)(((1ull << lane_bits) - 1) / (2 * world_size));
-    self->lane_bias = (int64_t)world_size * (int64_t)self->peak_level;
+    self->lane_bias = (int64_t)contributors * (int64_t)self->peak_level;
     self->stochastic = noise_key != Py_None;
     self->noise_key = self->stochastic ? PyLong_AsUnsignedLongLong(noise_key) : 0;
     if (PyErr_Occurred()) return -1;
@@ -937,12 +951,14 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     size_t slots = self->slots ? self->slots : 1, chunks = self->chunks ? self->chunks : 1;
     self->local_exp = calloc(chunks, 1);
     self->global_exp = calloc(chunks, 1);
+    self->late = calloc(chunks, 1);
     self->uses = calloc(slots, sizeof *self->uses);
     self->packets = malloc(slots * self->datagram);
     self->heap = malloc(slots * sizeof *self->heap);
     self->queue = malloc(slots * sizeof *self->queue);
     self->held = malloc(slots * sizeof *self->held);
-    if (!self->rounds || !self->local_exp || !self->global_exp || !self->uses || !self->packets ||
+    if (!self->rounds || !self->local_exp || !self->global_exp || !self->late || !self->uses ||
+        !self->packets ||
         !self->heap || !self->queue || !self->held) {
         PyErr_NoMemory();
         return -1;
@@ -1060,6 +1076,18 @@ static PyObject *Transfer_next_deadline(Transfer *self, PyObject *Py_UNUSED(igno
     return PyFloat_FromDouble(self->uses[self->heap[0]].deadline);
 }
 
+/* The indices of the chunks whose flag is set, as a list. */
+static PyObject *chunks_flagged(const Transfer *self, const uint8_t *flags) {
+    PyObject *list = PyList_New(0);
+    for (uint32_t c = 0; list && c < self->chunks; c++) {
+        if (!flags[c]) continue;
+        PyObject *index = PyLong_FromUnsignedLong(c);
+        if (index == NULL || PyList_Append(list, index) < 0) Py_CLEAR(list);
+        Py_XDECREF(index);
+    }
+    return list;
+}
+
 static PyObject *Transfer_missing(Transfer *self, PyObject *Py_UNUSED(ignored)) {
     if (check_idle(self) < 0) return NULL;
     uint8_t *open = calloc(self->chunks ? self->chunks : 1, 1);
@@ -1070,15 +1098,14 @@ static PyObject *Transfer_missing(Transfer *self, PyObject *Py_UNUSED(ignored)) 
         int64_t first = u->chunk == PRIME ? slot : u->chunk;
         for (int64_t c = first; c < self->chunks; c += self->slot_count) open[c] = 1;
     }
-    PyObject *list = PyList_New(0);
-    for (uint32_t c = 0; list && c < self->chunks; c++) {
-        if (!open[c]) continue;
-        PyObject *index = PyLong_FromUnsignedLong(c);
-        if (index == NULL || PyList_Append(list, index) < 0) Py_CLEAR(list);
-        Py_XDECREF(index);
-    }
+    PyObject *list = chunks_flagged(self, open);
     free(open);
     return list;
+}
+
+static PyObject *Transfer_late(Transfer *self, PyObject *Py_UNUSED(ignored)) {
+    if (check_idle(self) < 0) return NULL;
+    return chunks_flagged(self, self->late);
 }
 
 static PyObject *Transfer_take_stats(Transfer *self, PyObject *Py_UNUSED(ignored)) {
@@ -1147,6 +1174,7 @@ static PyMethodDef Transfer_methods[] = {
     {"next_deadline", (PyCFunction)Transfer_next_deadline, METH_NOARGS,
      "When expire may next resend something (None when nothing is out)."},
     {"missing", (PyCFunction)Transfer_missing, METH_NOARGS, "Chunks whose result has not come."},
+    {"late", (PyCFunction)Transfer_late, METH_NOARGS, "Chunks whose sums came without ours."},
     {"take_stats", (PyCFunction)Transfer_take_stats, METH_NOARGS,
      "The counts since the last call, by WorkerStats field; they start again from zero."},
     {NULL, NULL, 0, NULL},

@@ -47,6 +47,8 @@ class GroupOptions:
     precision_bits: int = q.MAX_BITS
     #: Bits per float element on the wire (32, 16 or 8); a controller admits the job's.
     lane_bits: int = q.MAX_BITS
+    #: The switch job's quorum: ranks whose contributions complete a round (None: all).
+    quorum: int | None = None
     #: Rounding to the grid, its noise's seed, and error feedback (worker.shim.WorkerOptions).
     rounding: q.Rounding = "nearest"
     rounding_seed: int = 0
@@ -145,6 +147,7 @@ class SwitchBackend(Backend):
                     controller=o.controller,
                     timeout=o.timeout * 6,
                     lane_bits=o.lane_bits,
+                    quorum=o.quorum,
                 )
             )
             worker_options = WorkerOptions(

@@ -2,7 +2,8 @@
 
 DDP hands a hook each gradient bucket as one flat tensor; the hook sums it
 over the ranks through the switch and divides by the world size, which is
-exactly what DDP's default allreduce hook computes. torch.distributed (gloo)
+exactly what DDP's default allreduce hook computes (by the quorum, in a job
+whose rounds a quorum of the ranks completes). torch.distributed (gloo)
 is still needed for DDP's bootstrap: rendezvous, the initial parameter
 broadcast and barriers. Buckets come in the same order on every rank, which
 is what the switch's slot rounds rely on.
@@ -32,8 +33,8 @@ def average(comm: SwitchCommunicator, tensor: torch.Tensor) -> torch.futures.Fut
     float32 gradients are quantized per block as in worker.quantize, whose
     error bound applies to the sum before the division.
     """
-    world_size = comm.binding.world_size
-    return comm.allreduce_async(tensor).then(lambda summed: summed.value().div_(world_size))
+    contributors = comm.contributors  # the world size, or the job's quorum
+    return comm.allreduce_async(tensor).then(lambda summed: summed.value().div_(contributors))
 
 
 def average_now(
@@ -41,7 +42,7 @@ def average_now(
 ) -> torch.futures.Future[torch.Tensor]:
     """:func:`average` run to completion in this thread: the future is done on return."""
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    future.set_result(comm.allreduce(tensor).div_(comm.binding.world_size))
+    future.set_result(comm.allreduce(tensor).div_(comm.contributors))
     return future
 
 

@@ -76,6 +76,7 @@ class CompiledTransfer:
             rtt.srtt,
             rtt.rttvar,
             rtt.min_rtt,
+            job.contributors,
         )
 
     @property
@@ -112,6 +113,9 @@ class CompiledTransfer:
 
     def missing(self) -> np.ndarray:
         return np.array(self._core.missing(), dtype=np.intp)
+
+    def late(self) -> np.ndarray:
+        return np.array(self._core.late(), dtype=np.intp)
 
     def run(self, loop: _window.Driver, timeout: float) -> bool:
         """The whole transfer on ``loop``'s socket: True when done, False when no result came

@@ -41,6 +41,14 @@ then errs by less than one unit, so the bound's 1/2 becomes 1. ``u`` is
 :func:`uniforms`: splitmix64 of a per-call key plus the element's index,
 its top 53 bits over 2**53, which the compiled engine computes alike, so
 both engines send the same packets.
+
+A level is clamped to [-m, m]. That changes nothing while every rank's
+exponent is in the max (``|x| < 2**e`` bounds it already); it keeps the
+sums exact when a quorum of the ranks completed the round that carried
+this rank's exponent without it, so the agreed ``e`` can be below this
+rank's own: its larger elements are then cut to ``+-m / scale`` (error
+feedback carries the cut part to the next step). A quorum's k
+contributions sum as n would, the lanes' sums minus ``k * m``.
 """
 
 from __future__ import annotations
@@ -140,9 +148,13 @@ def to_lanes(levels: np.ndarray, world_size: int, lane_bits: int) -> np.ndarray:
     return (levels + peak_level(world_size, lane_bits=lane_bits)).astype(np.uint32)
 
 
-def from_lanes(sums: np.ndarray, world_size: int, lane_bits: int) -> np.ndarray:
-    """The signed sum of levels from the lanes' sums: each lane minus n * m (int64)."""
-    return sums.astype(np.int64) - world_size * peak_level(world_size, lane_bits=lane_bits)
+def from_lanes(
+    sums: np.ndarray, world_size: int, lane_bits: int, contributors: int | None = None
+) -> np.ndarray:
+    """The signed sum of levels from the lanes' sums: each lane minus k * m (int64), for the
+    k ``contributors`` in the sums (a quorum of the ``world_size`` ranks; all of them if None)."""
+    k = world_size if contributors is None else contributors
+    return sums.astype(np.int64) - k * peak_level(world_size, lane_bits=lane_bits)
 
 
 def quantize_block(
@@ -164,8 +176,10 @@ def quantize_block(
     scale = math.ldexp(float(level), EXPONENT_BIAS - int(exponent))
     scaled = np.multiply(block, scale, dtype=np.float64)
     if noise is not None:
-        return np.floor(np.add(scaled, noise, out=scaled), out=scaled).astype(np.int32)
-    return np.rint(scaled, out=scaled).astype(np.int32)
+        np.floor(np.add(scaled, noise, out=scaled), out=scaled)
+    else:
+        np.rint(scaled, out=scaled)
+    return np.clip(scaled, -level, level, out=scaled).astype(np.int32)
 
 
 def quantize(
@@ -179,9 +193,9 @@ def quantize(
     """int32 fixed point of ``blocks`` (shape (B, K)) for agreed exponent bytes (shape (B,)),
     rounded stochastically with ``noise`` (shaped like ``blocks``), else to nearest."""
     scaled = blocks.astype(np.float64) * scales(exponents, world_size, bits, lane_bits)[:, None]
-    if noise is not None:
-        return np.floor(scaled + noise).astype(np.int32)
-    return np.rint(scaled).astype(np.int32)
+    scaled = np.floor(scaled + noise) if noise is not None else np.rint(scaled)
+    level = peak_level(world_size, bits, lane_bits)
+    return np.clip(scaled, -level, level, out=scaled).astype(np.int32)
 
 
 def own_contribution(

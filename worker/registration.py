@@ -177,14 +177,15 @@ def join(
     controller: str | None = None,
     timeout: float = 60.0,
     lane_bits: int = 32,
+    quorum: int | None = None,
 ) -> Membership:
-    """This rank's membership: from the controller (which admits the job's ``lane_bits``),
-    or for a job installed statically at ``switch`` with ``slots`` slots."""
+    """This rank's membership: from the controller (which admits the job's ``lane_bits`` and
+    ``quorum``), or for a job installed statically at ``switch`` with ``slots`` slots."""
     if controller is not None:
-        return register(controller, job_id, rank, world_size, sock, k, timeout, lane_bits)
+        return register(controller, job_id, rank, world_size, sock, k, timeout, lane_bits, quorum)
     if switch is None or slots is None:
         raise WorkerError("give the switch's HOST:PORT and slot count, or a controller URL")
-    return Membership(JobBinding(job_id, rank, world_size, slots, switch))
+    return Membership(JobBinding(job_id, rank, world_size, slots, switch, quorum=quorum))
 
 
 def register(
@@ -196,9 +197,11 @@ def register(
     k: int,
     timeout: float = 60.0,
     lane_bits: int = 32,
+    quorum: int | None = None,
 ) -> Membership:
     """Register this rank's address for ``job_id``; returns once every rank has registered.
-    The first rank's ``lane_bits`` is the job's; a rank that asks for another is refused."""
+    The first rank's ``lane_bits`` and ``quorum`` are the job's; a rank that asks for others
+    is refused."""
     what = f"rank {rank} of job {job_id}"
     try:
         info = _call(controller, "GET", "/v1/switch", timeout=timeout)
@@ -216,6 +219,7 @@ def register(
                 "udp_port": udp_port,
                 "k": k,
                 "lane_bits": lane_bits,
+                **({} if quorum is None else {"quorum": quorum}),
             },
             timeout=timeout,
         )
@@ -233,5 +237,6 @@ def register(
         (host, int(port)),
         session=answer["session"],
         lane_bits=answer["lane_bits"],
+        quorum=None if answer["quorum"] == world_size else answer["quorum"],
     )
     return Membership(binding, controller, answer["lease"])

@@ -111,6 +111,13 @@ class JobBinding:
     #: The lane width the controller admitted the job with (its ranks' options must match);
     #: None for a static job, whose ranks only the switch's check of each round compares.
     lane_bits: int | None = None
+    #: How many ranks' contributions complete a round (the job's quorum); None: every rank's.
+    quorum: int | None = None
+
+    @property
+    def contributors(self) -> int:
+        """How many ranks' contributions each sum holds: what an average divides by."""
+        return self.world_size if self.quorum is None else self.quorum
 
     def __post_init__(self) -> None:
         if not 1 <= self.world_size <= wire.MAX_WORKERS:
@@ -121,6 +128,8 @@ class JobBinding:
             raise ValueError(f"slot count must be 1..{wire.MAX_SLOTS}, got {self.slot_count}")
         if not 0 <= self.job_id <= 0xFFFF:
             raise ValueError(f"job id must fit 16 bits, got {self.job_id}")
+        if self.quorum is not None and not 1 <= self.quorum <= self.world_size:
+            raise ValueError(f"quorum must be 1..{self.world_size}, got {self.quorum}")
 
 
 @dataclass
@@ -255,8 +264,20 @@ class SwitchCommunicator:
         of the job took the switch, MismatchError if the ranks disagree on
         what they sum; after any of these the communicator is unusable.
         Called while asynchronous allreduces are pending, it runs after them.
+
+        In a job with a quorum, each chunk (a packet's worth) sums the first
+        ``quorum`` ranks' contributions to reach the switch (the rank gets the
+        sums either way): divide by :attr:`contributors` for an average. A
+        chunk this rank was late for is counted in ``stats.late``; with error
+        feedback its contribution is kept and added to the next step's, else
+        it is dropped.
         """
         return self._ordered.run(functools.partial(self._allreduce_now, tensor))
+
+    @property
+    def contributors(self) -> int:
+        """How many ranks' contributions each sum holds (the quorum, or the world size)."""
+        return self.binding.contributors
 
     def allreduce_async(self, tensor):
         """Start :meth:`allreduce` of ``tensor`` behind those already started; a future at once.
@@ -335,6 +356,7 @@ class SwitchCommunicator:
                 self.options.precision_bits,
                 self.options.lane_bits,
                 noise_key,
+                b.quorum,
             )
             format = wire.encode_format(dtype_name, bits, self.options.lane_bits)
             xfer = self._transfer(job, flat, format, self._rounds, self._rtt, self.stats)
@@ -356,6 +378,8 @@ class SwitchCommunicator:
                 job.lane_bits,
                 noise_key,
             )
+            for chunk in xfer.late():  # a quorum summed it without this rank: keep all of it
+                own[chunk * job.chunk_elements : (chunk + 1) * job.chunk_elements] = 0
             np.subtract(flat, own, out=residual, casting="same_kind")
         return xfer.out.reshape(array.shape)
 
@@ -403,11 +427,12 @@ class SwitchCommunicator:
             hdr = join.receive(datagram) if datagram is not None else None
             if hdr is None:
                 continue
-            if (hdr.chunk, hdr.length) != (b.slot_count, b.world_size):
+            if (hdr.chunk, hdr.length, hdr.count) != (b.slot_count, b.world_size, b.contributors):
                 raise WorkerError(
                     f"job {b.job_id} rank {b.rank}: switch {self._where()} holds the job with "
-                    f"{hdr.chunk} slots and world size {hdr.length}, this rank was given "
-                    f"{b.slot_count} slots and world size {b.world_size}"
+                    f"{hdr.chunk} slots, world size {hdr.length} and quorum {hdr.count}, this "
+                    f"rank was given {b.slot_count} slots, world size {b.world_size} and "
+                    f"quorum {b.contributors}"
                 )
             self._rounds[:] = [0] * b.slot_count
             self._results_in_session = 0

@@ -79,6 +79,7 @@ class WindowStats:
     fast_retransmissions: int = 0  # resent because later uses overtook it
     duplicates: int = 0
     waits: int = 0  # WAITING answers: resends the switch did not need (the round waited)
+    late: int = 0  # chunks whose sums came without this rank's (a quorum completed them)
 
 
 @dataclass
@@ -134,6 +135,13 @@ class Job:
     lane_bits: int = q.MAX_BITS
     #: Stochastic rounding's key for this call (quantize.call_key); None: round to nearest.
     noise_key: int | None = None
+    #: Contributions that complete a round (the job's quorum); None: every rank's.
+    quorum: int | None = None
+
+    @property
+    def contributors(self) -> int:
+        """How many ranks' contributions each result holds."""
+        return self.world_size if self.quorum is None else self.quorum
 
     @property
     def chunk_elements(self) -> int:
@@ -180,6 +188,7 @@ class Transfer:
     progress_at: float = 0.0  # when the last result came
     _local_exp: np.ndarray = field(init=False)
     _global_exp: np.ndarray = field(init=False)
+    _late: np.ndarray = field(init=False)  # per chunk: its sums came without this rank's
     _uses: dict[int, _SlotUse] = field(default_factory=dict)
     _sent_order: OrderedDict[int, None] = field(default_factory=OrderedDict)  # slots, oldest first
     _timers: list[tuple[float, int, int]] = field(default_factory=list)
@@ -196,6 +205,7 @@ class Transfer:
         self.out = np.empty_like(self.flat)
         self._local_exp = np.zeros(self.chunks, dtype=np.uint8)
         self._global_exp = np.zeros(self.chunks, dtype=np.uint8)
+        self._late = np.zeros(self.chunks, dtype=bool)
         if self.scaled:
             full = self.flat.size // k
             self._local_exp[:full] = q.block_exponents(self.flat[: full * k].reshape(full, k))
@@ -251,6 +261,9 @@ class Transfer:
             self._global_exp[hdr.slot] = hdr.exponent
             return [*resend, self._send(hdr.slot, hdr.slot, now)]
         self._store(use.chunk, hdr.count, datagram)
+        if not hdr.length >> self.job.rank & 1:  # a quorum completed the round without us
+            self._late[use.chunk] = True
+            self.stats.late += 1
         ahead = use.chunk + self.job.slot_count
         if ahead >= self.chunks:
             del self._uses[hdr.slot]
@@ -292,6 +305,10 @@ class Transfer:
     def exponents(self) -> np.ndarray:
         """The exponent byte every rank agreed on, per chunk (0 until its result is in)."""
         return self._global_exp
+
+    def late(self) -> np.ndarray:
+        """Indices of the chunks whose sums came without this rank's contribution."""
+        return np.flatnonzero(self._late)
 
     def missing(self) -> np.ndarray:
         """Indices of the chunks whose result has not arrived."""
@@ -418,7 +435,7 @@ class Transfer:
         if job.lane_bits != q.MAX_BITS:
             count = min(job.chunk_elements, self.flat.size - lo)
             lanes = wire.decode_lanes(datagram, job.lane_bits, job.k)[:count]
-            sums = q.from_lanes(lanes, job.world_size, job.lane_bits)
+            sums = q.from_lanes(lanes, job.world_size, job.lane_bits, job.contributors)
         else:
             sums = wire.decode_elements(datagram, job.k)[:count]
         if self.scaled:

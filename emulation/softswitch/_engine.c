@@ -84,14 +84,14 @@ enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_JOIN = 3, MSG_STALE = 5, MSG_REFUSED = 
 enum {
     DROP_BAD_HEADER, DROP_UNKNOWN_JOB, DROP_RANK_OUT_OF_RANGE, DROP_SLOT_OUT_OF_RANGE,
     DROP_UNBOUND_WORKER, DROP_DUPLICATE, DROP_STALE, DROP_NO_ROUTE, DROP_BAD_SESSION,
-    DROP_MISMATCH, NUM_DROP_REASONS
+    DROP_MISMATCH, DROP_LATE, DROP_AHEAD, NUM_DROP_REASONS
 };
 /* Counter arrays, in this order: drops, then the per-job ones (names.JobStat + 1). */
 enum { C_DROPS, C_AGGREGATED, C_RESULTS, C_RETRANSMIT_REPLIES, NUM_COUNTERS };
 /* Register arrays, in the arena's order (the value register, K cells a row, last). */
 enum {
     R_SLOT_SESSION, R_ROUND, R_BITMAP, R_ARRIVALS, R_EXPONENT, R_ROW_FORMAT, R_ROW_LENGTH,
-    R_ROW_CHUNK, R_VALUE, NUM_REGISTERS
+    R_ROW_CHUNK, R_SEEN, R_VALUE, NUM_REGISTERS
 };
 /* Tables the data path looks up. */
 enum { T_JOBS, T_WORKERS, T_RESULT_REWRITE, T_FORWARD, NUM_TABLES };
@@ -107,7 +107,7 @@ enum { T_JOBS, T_WORKERS, T_RESULT_REWRITE, T_FORWARD, NUM_TABLES };
 #define IDLE_MS 5          /* runtime.py's _IDLE_MS: then this much silence flushes held packets */
 
 typedef struct {
-    uint8_t present, world_size;
+    uint8_t present, world_size, quorum;
     uint16_t slot_base, slot_count, mcast_grp;
     uint64_t session;
 } job_t;
@@ -199,7 +199,7 @@ typedef struct {
     size_t offsets[NUM_REGISTERS + 2 * NUM_COUNTERS];
     uint64_t *slot_session;
     uint16_t *round;
-    uint32_t *bitmap, *row_length, *row_chunk;
+    uint32_t *bitmap, *row_length, *row_chunk, *seen;
     uint8_t *arrivals, *exponent, *row_format;
     int32_t *value;
     uint64_t *packets[NUM_COUNTERS], *bytes[NUM_COUNTERS];
@@ -504,12 +504,14 @@ static int to_group(Engine *e, const pkt_t *p, uint16_t group) {
     return 0;
 }
 
-/* Turn the packet into the row's result (header kept, but its type and the max exponent). */
+/* Turn the packet into the row's result (header kept, but its type, the max exponent and, in
+ * length, the bitmap). */
 static void make_result(const Engine *e, uint8_t *d, uint32_t row) {
     const int32_t *v = e->value + (size_t)row * e->k;
     uint8_t *p = d + HEADER_BYTES;
     d[0] = MSG_RESULT;
     d[6] = e->exponent[row];
+    wr32(d + 16, e->bitmap[row]); /* length: the ranks in the sums */
     for (uint32_t i = 0; i < e->k; i++) {
         uint32_t be = __builtin_bswap32((uint32_t)v[i]);
         memcpy(p + 4 * i, &be, 4);
@@ -565,11 +567,22 @@ static int aggregate(Engine *e, pkt_t *p) {
     if (e->slot_session[index] != session) { /* the session's first use of the slot */
         e->slot_session[index] = session;
         e->round[2 * index] = e->round[2 * index + 1] = (uint16_t)(hround - 1);
+        e->seen[2 * index] = e->seen[2 * index + 1] = 0xFFFFFFFF;
     }
     uint16_t ahead = (uint16_t)(hround - e->round[row]); /* serial-number order */
     uint32_t bit = rank < 32 ? (uint32_t)1 << rank : 0;  /* bit<32>: higher ranks have none */
     if (ahead >= 0x8000) {
         count(e, C_DROPS, DROP_STALE, len);
+        return 0;
+    }
+    /* A new round overwrites the row's round before last: only once every rank has sent it (or
+     * a later one), so a rank late for a quorum can still recover its sums (pipeline.py). */
+    if (e->round[row ^ 1] == (uint16_t)(hround - 1)) e->seen[row ^ 1] |= bit;
+    /* bit<32>: 32 ranks or more make all ones */
+    uint32_t everyone = (uint32_t)((job->world_size < 32 ? 1ull << job->world_size : 0) - 1);
+    if (ahead != 0) e->seen[row] |= bit; /* its rank sent the row's older round */
+    if (ahead != 0 && (e->seen[row] & everyone) != everyone) {
+        count(e, C_DROPS, DROP_AHEAD, len); /* a rank has not sent the row's round */
         return 0;
     }
     if (ahead == 0 && e->arrivals[row] == ROW_REFUSED) { /* the round was refused */
@@ -581,7 +594,7 @@ static int aggregate(Engine *e, pkt_t *p) {
         if (e->arrivals[row] != 0) { /* in, but the round waits for others: not lost, say so */
             count(e, C_DROPS, DROP_DUPLICATE, len);
             d[0] = MSG_WAITING;
-            wr32(d + HEADER_BYTES, e->bitmap[row]); /* the first word: who is in */
+            wr32(d + 16, e->bitmap[row]); /* length: the ranks in the row */
             return to_sender(e, p);
         }
         make_result(e, d, row); /* complete: the worker lost the result */
@@ -595,12 +608,18 @@ static int aggregate(Engine *e, pkt_t *p) {
         d[0] = MSG_REFUSED;
         return to_group(e, p, job->mcast_grp);
     }
+    if (ahead == 0 && e->arrivals[row] == 0) { /* late: a quorum completed the round without it */
+        count(e, C_DROPS, DROP_LATE, len);
+        e->seen[row] |= bit;
+        make_result(e, d, row); /* its contribution is not added; it gets the sums */
+        return to_sender(e, p);
+    }
     int32_t *v = e->value + (size_t)row * e->k;
     const uint8_t *elements = d + HEADER_BYTES;
     uint32_t arrived;
     if (ahead) { /* the first packet of a new round writes */
         e->round[row] = hround;
-        e->bitmap[row] = bit;
+        e->bitmap[row] = e->seen[row] = bit;
         arrived = 0;
         for (uint32_t i = 0; i < e->k; i++) v[i] = (int32_t)rd32(elements + 4 * i);
         e->exponent[row] = hexp;
@@ -609,11 +628,13 @@ static int aggregate(Engine *e, pkt_t *p) {
         e->row_chunk[row] = hchunk;
     } else { /* later ones add, wrapping modulo 2**32 as bit<32> does */
         e->bitmap[row] |= bit;
+        e->seen[row] |= bit;
         arrived = e->arrivals[row];
         for (uint32_t i = 0; i < e->k; i++) v[i] = (int32_t)((uint32_t)v[i] + rd32(elements + 4 * i));
         if (hexp > e->exponent[row]) e->exponent[row] = hexp;
     }
-    arrived = arrived + 1 == job->world_size ? 0 : arrived + 1;
+    arrived = (arrived + 1) & 0xFF; /* bit<8> */
+    if (arrived == job->quorum) arrived = 0;
     e->arrivals[row] = (uint8_t)arrived;
     count(e, C_AGGREGATED, job_id, len);
     if (arrived != 0) return 0; /* consumed: its contribution is in the registers */
@@ -1039,11 +1060,11 @@ static int serve_frames_loop(Engine *e, double budget) {
 
 static const char *const REGISTER_NAMES[NUM_REGISTERS] = {
     "slot_session", "round", "bitmap", "arrivals", "exponent", "row_format", "row_length",
-    "row_chunk", "value",
+    "row_chunk", "seen", "value",
 };
-static const char *const REGISTER_TYPES[NUM_REGISTERS] = {"u8", "u2", "u4", "u1", "u1", "u1", "u4",
-                                                          "u4", "i4"};
-static const size_t REGISTER_WIDTHS[NUM_REGISTERS] = {8, 2, 4, 1, 1, 1, 4, 4, 4};
+static const char *const REGISTER_TYPES[NUM_REGISTERS] = {"u8", "u2", "u4", "u1", "u1", "u1",
+                                                          "u4", "u4", "u4", "i4"};
+static const size_t REGISTER_WIDTHS[NUM_REGISTERS] = {8, 2, 4, 1, 1, 1, 4, 4, 4, 4};
 
 /* Cells of register array ``r``: one a slot, one a row, or K a row. */
 static size_t register_cells(const Engine *e, int r) {
@@ -1131,6 +1152,7 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds) {
     self->row_format = a + self->offsets[R_ROW_FORMAT];
     self->row_length = (uint32_t *)(a + self->offsets[R_ROW_LENGTH]);
     self->row_chunk = (uint32_t *)(a + self->offsets[R_ROW_CHUNK]);
+    self->seen = (uint32_t *)(a + self->offsets[R_SEEN]);
     self->value = (int32_t *)(a + self->offsets[R_VALUE]);
     for (int c = 0; c < NUM_COUNTERS; c++) {
         self->packets[c] = (uint64_t *)(a + self->offsets[NUM_REGISTERS + 2 * c]);
@@ -1191,7 +1213,7 @@ static int unpack_ints(PyObject *tuple, const int *widths, int n, uint64_t *out,
     return 0;
 }
 
-static const int JOBS_KEY[] = {16}, JOBS_ARGS[] = {8, 16, 16, 16, 64};
+static const int JOBS_KEY[] = {16}, JOBS_ARGS[] = {8, 8, 16, 16, 16, 64};
 static const int WORKERS_KEY[] = {16, 8, 9, 32, 16};
 static const int REWRITE_KEY[] = {16}, REWRITE_ARGS[] = {48, 32, 16};
 static const int FORWARD_KEY[] = {48}, FORWARD_ARGS[] = {9};
@@ -1201,15 +1223,16 @@ static PyObject *Engine_write_entry(Engine *self, PyObject *args) {
     PyObject *key, *params;
     if (!PyArg_ParseTuple(args, "iO!O", &table, &PyTuple_Type, &key, &params)) return NULL;
     int noaction = params == Py_None;
-    uint64_t k[5], a[5] = {0};
+    uint64_t k[5], a[6] = {0};
     switch (table) {
     case T_JOBS:
         if (unpack_ints(key, JOBS_KEY, 1, k, "jobs key") < 0 ||
-            (!noaction && unpack_ints(params, JOBS_ARGS, 5, a, "set_job") < 0))
+            (!noaction && unpack_ints(params, JOBS_ARGS, 6, a, "set_job") < 0))
             return NULL;
         pthread_mutex_lock(&self->lock);
         /* NoAction sets no metadata: P4 leaves it zero */
-        self->jobs[k[0]] = (job_t){1, (uint8_t)a[0], (uint16_t)a[1], (uint16_t)a[2], (uint16_t)a[3], a[4]};
+        self->jobs[k[0]] = (job_t){1,           (uint8_t)a[0],  (uint8_t)a[1], (uint16_t)a[2],
+                                   (uint16_t)a[3], (uint16_t)a[4], a[5]};
         pthread_mutex_unlock(&self->lock);
         break;
     case T_WORKERS:

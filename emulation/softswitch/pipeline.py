@@ -10,13 +10,16 @@ so one control plane drives both. The flow is v1model's::
 Aggregation follows SwitchML (NSDI'21, Algorithm 2) with two shadow copies
 (versions) of every slot, made robust to arbitrarily delayed packets. Per
 slot and version (a "row") the switch keeps the round it holds, a worker
-bitmap, an arrival count (mod world size), the max exponent, what the round
+bitmap, an arrival count (mod quorum), the max exponent, what the round
 sums (format, length and chunk) and K running sums. A packet of a newer round than
 its row holds starts the round (it writes); one of the row's round adds,
 unless its worker's bit is already set: then it is a retransmission, answered
 with the stored result if the round is complete and with WAITING otherwise
-(the contribution is in; the first word says which ranks the row holds); one of
-an older round is stale and dropped. The n-th arrival multicasts the result
+(the contribution is in); one of an older round is stale and dropped. A job's
+``quorum`` of arrivals (its world size, or fewer) completes a round: a packet
+of a complete round whose rank is not in it is late, not added, and answered
+with the sums. Results and WAITING carry the row's bitmap in ``length``. The
+quorum-th arrival multicasts the result
 to the job. A packet whose session is not its job's is answered STALE; one
 that disagrees with its round's format, length or chunk makes the switch
 refuse the round (REFUSED to every rank). ``slot_session`` records which session last
@@ -174,6 +177,7 @@ class SwitchReduceIngress:
         self.row_format = Register(names.ROW_FORMAT, rows)
         self.row_length = Register(names.ROW_LENGTH, rows)
         self.row_chunk = Register(names.ROW_CHUNK, rows)
+        self.seen = Register(names.SEEN, rows)
         #: The P4 register ``value``: cell row * K + i holds element i of the row's sums.
         self.value = Register(names.VALUE, rows * k, columns=k)
         self.drops = Counter(names.DROPS, len(DropReason))
@@ -191,12 +195,12 @@ class SwitchReduceIngress:
         if admitted is None:
             return Verdict.DROP, 0
         hdr, elements, job_args = admitted
-        world_size, slot_base, _, mcast_grp, session = job_args
+        world_size, quorum, slot_base, _, mcast_grp, session = job_args
         if hdr.session != session:  # another run's packet, or a guess: tell the sender
             self.drop(pkt, DropReason.BAD_SESSION)
             return self._reply(pkt, hdr, wire.MsgType.STALE), 0
         index = slot_base + hdr.slot
-        return self._aggregate(pkt, hdr, elements, world_size, index, mcast_grp, session)
+        return self._aggregate(pkt, hdr, elements, world_size, quorum, index, mcast_grp, session)
 
     def admit(
         self, pkt: Packet, msg_type: wire.MsgType
@@ -226,7 +230,7 @@ class SwitchReduceIngress:
             return None
         if job.name != names.SET_JOB.name:  # NoAction sets no metadata: P4 leaves it zero
             job = ActionCall(job.name, (0,) * len(names.SET_JOB.params))
-        world_size, slot_base, slot_count, _, _ = job.args
+        world_size, _, slot_base, slot_count, _, _ = job.args
         if hdr.rank >= world_size:
             self.drop(pkt, DropReason.RANK_OUT_OF_RANGE)
             return None
@@ -248,30 +252,43 @@ class SwitchReduceIngress:
         hdr: wire.Header,
         elements: np.ndarray,
         world_size: int,
+        quorum: int,
         index: int,
         mcast_grp: int,
         session: int,
     ) -> tuple[Verdict, int]:
         row = 2 * index + hdr.version
         bitmap, arrivals, exponent = self.bitmap.cells, self.arrivals.cells, self.exponent.cells
-        rounds = self.round.cells
+        rounds, seen = self.round.cells, self.seen.cells
         if self.slot_session.cells[index] != session:  # the session's first use of the slot
             self.slot_session.cells[index] = session
             rounds[row] = rounds[row ^ 1] = (hdr.round - 1) & 0xFFFF  # so this round is new
+            seen[row] = seen[row ^ 1] = 0xFFFFFFFF
         ahead = (hdr.round - rounds[row]) & 0xFFFF  # serial-number order, as TCP's
         bit = (1 << hdr.rank) & 0xFFFFFFFF  # bit<32>: a rank past 31 has no bit
+        everyone = ((1 << world_size) - 1) & 0xFFFFFFFF  # bit<32>: 32 ranks or more, all ones
         if ahead >= 0x8000:
             return self.drop(pkt, DropReason.STALE), 0  # an older round, delayed in the network
+        # A new round overwrites the row's round before last. A rank late for a quorum gets
+        # those sums by multicast, and from the row if that copy is lost: the row is overwritten
+        # only once every rank has sent its round (it then waits for the sums, so it detects
+        # their loss), or a later one. This packet says its rank sent every round before its own:
+        # the one this row holds, if older, and the one before its own, if the other row holds it.
+        if rounds[row ^ 1] == (hdr.round - 1) & 0xFFFF:
+            seen[row ^ 1] |= bit
+        if ahead:
+            seen[row] |= bit
+            if seen[row] & everyone != everyone:
+                return self.drop(pkt, DropReason.AHEAD), 0
         if ahead == 0 and arrivals[row] == wire.ROW_REFUSED:  # the round was refused
             self.drop(pkt, DropReason.MISMATCH)
             return self._reply(pkt, hdr, wire.MsgType.REFUSED), 0
         if ahead == 0 and bitmap[row] & bit:
             if arrivals[row] != 0:  # in, but the round waits for others: not lost, say so
                 self.drop(pkt, DropReason.DUPLICATE)
-                verdict = self._reply(pkt, hdr, wire.MsgType.WAITING)
-                pkt.elements = elements.copy()  # the first word, as bit<32>: who is in
-                pkt.elements[:1] = np.array([bitmap[row]], dtype=np.uint32).view(np.int32)
-                return verdict, 0
+                return self._reply(
+                    pkt, hdr._replace(length=int(bitmap[row])), wire.MsgType.WAITING
+                ), 0
             self._make_result(pkt, hdr, row)  # complete: the worker lost the result
             self.job_stats[names.JobStat.RETRANSMIT_REPLIES].count(hdr.job_id, len(pkt.raw))
             pkt.egress_port = pkt.ingress_port
@@ -285,9 +302,15 @@ class SwitchReduceIngress:
             self.drop(pkt, DropReason.MISMATCH)
             self._reply(pkt, hdr, wire.MsgType.REFUSED)
             return Verdict.MULTICAST, mcast_grp
+        if ahead == 0 and arrivals[row] == 0:  # late: a quorum completed the round without it
+            self.drop(pkt, DropReason.LATE)
+            seen[row] |= bit
+            self._make_result(pkt, hdr, row)  # its contribution is not added; it gets the sums
+            pkt.egress_port = pkt.ingress_port
+            return Verdict.UNICAST, 0
         if ahead:  # the first packet of a new round writes
             rounds[row] = hdr.round
-            bitmap[row] = bit
+            bitmap[row] = seen[row] = bit
             count = 0
             self.value.rows[row] = elements
             exponent[row] = hdr.exponent
@@ -296,10 +319,12 @@ class SwitchReduceIngress:
             self.row_chunk.cells[row] = hdr.chunk
         else:  # later ones add
             bitmap[row] |= bit
+            seen[row] |= bit
             count = arrivals[row]
             self.value.rows[row] += elements  # wraps modulo 2**32, as bit<32> does
             exponent[row] = max(exponent[row], hdr.exponent)
-        count = 0 if count + 1 == world_size else count + 1
+        count = (count + 1) & 0xFF  # bit<8>
+        count = 0 if count == quorum else count
         arrivals[row] = count
         self.job_stats[names.JobStat.AGGREGATED].count(hdr.job_id, len(pkt.raw))
         if count != 0:
@@ -311,7 +336,11 @@ class SwitchReduceIngress:
     def _make_result(self, pkt: Packet, hdr: wire.Header, row: int) -> None:
         """Turn the packet into the slot's result, addressed back to where it came from."""
         swap_addresses(pkt)
-        pkt.header = hdr._replace(msg_type=wire.MsgType.RESULT, exponent=self.exponent.cells[row])
+        pkt.header = hdr._replace(
+            msg_type=wire.MsgType.RESULT,
+            exponent=self.exponent.cells[row],
+            length=int(self.bitmap.cells[row]),  # the ranks in the sums
+        )
         pkt.elements = self.value.rows[row].copy()  # the next use of the slot overwrites the row
 
     def _reply(self, pkt: Packet, hdr: wire.Header, kind: wire.MsgType) -> Verdict:

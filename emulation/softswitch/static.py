@@ -133,13 +133,14 @@ class StaticJob:
         apply_entry(self.switch, entries[0])  # the jobs entry comes first
 
     def _joined(self, pkt: Packet, hdr: wire.Header) -> Packet:
-        """JOINED for the sender: the session, the job's slot count and world size."""
+        """JOINED for the sender: the session, the job's slot count, world size and quorum."""
         swap_addresses(pkt)
         pkt.header = hdr._replace(
             msg_type=wire.MsgType.JOINED,
             session=self.job.session,
             chunk=self.job.slot_count,
             length=self.job.world_size,
+            count=self.job.threshold,
         )
         pkt.egress_port = pkt.ingress_port
         return pkt

@@ -36,7 +36,9 @@
 #define DROP_NO_ROUTE 7
 #define DROP_BAD_SESSION 8
 #define DROP_MISMATCH 9
-#define NUM_DROP_REASONS 10
+#define DROP_LATE 10
+#define DROP_AHEAD 11
+#define NUM_DROP_REASONS 12
 
 /* The arrivals value of a row whose round was refused (counts stay below 32). */
 #define ROW_REFUSED 0xFF

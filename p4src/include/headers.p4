@@ -59,6 +59,7 @@ struct headers_t {
 
 struct metadata_t {
     bit<8>  world_size;
+    bit<8>  quorum;       /* contributions that complete a round: world_size, or fewer */
     bit<16> slot_base;
     bit<16> slot_count;
     bit<16> mcast_grp;

@@ -28,6 +28,7 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
     @id(7) register<bit<8>>(ROWS) row_format;             /* what the round sums: format */
     @id(8) register<bit<32>>(ROWS) row_length;            /* ... its tensor length */
     @id(9) register<bit<32>>(ROWS) row_chunk;             /* ... and the chunk of the tensor */
+    @id(10) register<bit<32>>(ROWS) seen;                 /* ranks whose packet of it came */
 
     bit<32> stored;
 
@@ -36,9 +37,10 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
         mark_to_drop(standard_metadata);
     }
 
-    @id(2) action set_job(bit<8> world_size, bit<16> slot_base, bit<16> slot_count,
-                   bit<16> mcast_grp, bit<64> session) {
+    @id(2) action set_job(bit<8> world_size, bit<8> quorum, bit<16> slot_base,
+                   bit<16> slot_count, bit<16> mcast_grp, bit<64> session) {
         meta.world_size = world_size;
+        meta.quorum = quorum;
         meta.slot_base = slot_base;
         meta.slot_count = slot_count;
         meta.mcast_grp = mcast_grp;
@@ -138,11 +140,32 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                 row_round = hdr.sr.round - 1;
                 round.write(index << 1, row_round);
                 round.write((index << 1) | 1, row_round);
+                seen.write(index << 1, 0xFFFFFFFF);
+                seen.write((index << 1) | 1, 0xFFFFFFFF);
             } else {
                 round.read(row_round, row);
             }
             bit<16> ahead = hdr.sr.round - row_round;  /* serial-number order */
+            /* A new round overwrites the row's round before last. A rank late for a quorum
+             * gets those sums by multicast, and from the row if that copy is lost: the row is
+             * overwritten only once every rank has sent its round (it then waits for the sums,
+             * so it detects their loss), or a later one. A packet of round r says its rank
+             * sent every round before r: the one this row holds, if older, and r - 1, if the
+             * other row holds that. */
             bit<32> rank_bit = (bit<32>)1 << hdr.sr.rank;
+            bit<32> seen_here;
+            seen.read(seen_here, row);
+            if (ahead != 0 && ahead < 0x8000) {
+                seen_here = seen_here | rank_bit;
+            }
+            bit<16> other_round;
+            round.read(other_round, row ^ 1);
+            if (ahead < 0x8000 && other_round == hdr.sr.round - 1) {
+                bit<32> seen_other;
+                seen.read(seen_other, row ^ 1);
+                seen.write(row ^ 1, seen_other | rank_bit);
+            }
+            bit<32> everyone = ((bit<32>)1 << meta.world_size) - 1;
             bit<32> ranks;
             bitmap.read(ranks, row);
             bit<8> count;
@@ -156,6 +179,9 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
 
             if (ahead >= 0x8000) {
                 drop(DROP_STALE);  /* an older round, delayed in the network */
+            } else if (ahead != 0 && (seen_here & everyone) != everyone) {
+                seen.write(row, seen_here);
+                drop(DROP_AHEAD);  /* a rank has not sent the row's round: it will need it */
             } else if (ahead == 0 && count == ROW_REFUSED) {
                 drops.count(DROP_MISMATCH);  /* the round was refused: say so again */
                 make_reply(MSG_REFUSED);
@@ -167,12 +193,13 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                      * stops resending what is not lost. */
                     drops.count(DROP_DUPLICATE);
                     make_reply(MSG_WAITING);
-                    hdr.elements[0].value = ranks;
+                    hdr.sr.length = ranks;
                     standard_metadata.egress_spec = standard_metadata.ingress_port;
                 } else {
                     /* Complete: the worker lost the result. Send it again, to it alone. */
                     read_sums();
                     exponent.read(hdr.sr.exponent, row);
+                    hdr.sr.length = ranks;
                     make_reply(MSG_RESULT);
                     retransmit_replies.count((bit<32>)hdr.sr.job_id);
                     standard_metadata.egress_spec = standard_metadata.ingress_port;
@@ -186,6 +213,16 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                 drops.count(DROP_MISMATCH);
                 make_reply(MSG_REFUSED);
                 standard_metadata.mcast_grp = meta.mcast_grp;
+            } else if (ahead == 0 && count == 0) {
+                /* Late: a quorum completed the round without this rank. Its contribution is
+                 * not added; it gets the sums, whose bitmap says it is not in them. */
+                read_sums();
+                exponent.read(hdr.sr.exponent, row);
+                hdr.sr.length = ranks;
+                seen.write(row, seen_here | rank_bit);
+                drops.count(DROP_LATE);
+                make_reply(MSG_RESULT);
+                standard_metadata.egress_spec = standard_metadata.ingress_port;
             } else {
                 bit<8> max_exponent;
                 if (ahead != 0) {  /* the first packet of a new round writes */
@@ -194,6 +231,7 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                     row_length.write(row, hdr.sr.length);
                     row_chunk.write(row, hdr.sr.chunk);
                     ranks = rank_bit;
+                    seen_here = 0;
                     count = 0;
                     meta.keep = 0;
                     max_exponent = hdr.sr.exponent;
@@ -206,10 +244,11 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                     }
                 }
                 bitmap.write(row, ranks);
+                seen.write(row, seen_here | rank_bit);
                 add_sums();
                 exponent.write(row, max_exponent);
                 count = count + 1;
-                if (count == meta.world_size) {
+                if (count == meta.quorum) {
                     count = 0;
                 }
                 arrivals.write(row, count);
@@ -218,6 +257,7 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                     mark_to_drop(standard_metadata);  /* consumed: it lives on in the registers */
                 } else {
                     hdr.sr.exponent = max_exponent;
+                    hdr.sr.length = ranks;
                     make_reply(MSG_RESULT);
                     results.count((bit<32>)hdr.sr.job_id);
                     standard_metadata.mcast_grp = meta.mcast_grp;

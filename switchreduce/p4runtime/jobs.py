@@ -26,6 +26,7 @@ from switchreduce.p4runtime.names import (
     JOBS,
     MAC,
     MCAST_GRP,
+    QUORUM,
     RESULT_REWRITE,
     REWRITE_DESTINATION,
     SESSION,
@@ -69,6 +70,14 @@ class Job:
     #: The run's session (wire.new_session): every packet carries it, the switch matches it.
     session: int
     members: tuple[Member, ...]
+    #: Contributions that complete a round: None for all of them (synchronous), else 1..world
+    #: size; the rest of a round's ranks are late, and get its sums without theirs.
+    quorum: int | None = None
+
+    @property
+    def threshold(self) -> int:
+        """How many contributions complete a round: the jobs entry's ``quorum``."""
+        return self.world_size if self.quorum is None else self.quorum
 
     def __post_init__(self) -> None:
         if not 1 <= self.job_id <= MAX_REPLICA_JOB_ID:
@@ -84,6 +93,13 @@ class Job:
             raise ValueError(
                 f"job {self.job_id} needs ranks 0..{self.world_size - 1} once each, got {ranks}"
             )
+        if self.quorum is not None and not 1 <= self.quorum <= self.world_size:
+            raise ValueError(
+                f"job {self.job_id}'s quorum must be 1..{self.world_size} (its world size), "
+                f"got {self.quorum}"
+            )
+        if self.quorum == self.world_size:  # every rank: one way to say it, so jobs compare
+            object.__setattr__(self, "quorum", None)
 
 
 def replica_id(job_id: int, rank: int) -> int:
@@ -100,6 +116,7 @@ def job_entries(job: Job) -> tuple[list[TableEntry], MulticastGroup]:
             SET_JOB.name,
             {
                 WORLD_SIZE.name: job.world_size,
+                QUORUM.name: job.threshold,
                 SLOT_BASE.name: job.slot_base,
                 SLOT_COUNT.name: job.slot_count,
                 MCAST_GRP.name: job.job_id,
@@ -167,4 +184,5 @@ def job_from_entries(
         p[SLOT_COUNT.name],
         p[SESSION.name],
         tuple(members),
+        None if p[QUORUM.name] == p[WORLD_SIZE.name] else p[QUORUM.name],
     )

@@ -75,11 +75,14 @@ EGRESS_RID = FieldSpec("standard_metadata.egress_rid", 16)
 NO_ACTION = ActionSpec("NoAction")
 
 WORLD_SIZE = FieldSpec("world_size", 8)
+QUORUM = FieldSpec("quorum", 8)
 SLOT_BASE = FieldSpec("slot_base", 16)
 SLOT_COUNT = FieldSpec("slot_count", 16)
 MCAST_GRP = FieldSpec("mcast_grp", 16)
 SESSION = FieldSpec("session", 64)
-SET_JOB = ActionSpec(f"{INGRESS}.set_job", (WORLD_SIZE, SLOT_BASE, SLOT_COUNT, MCAST_GRP, SESSION))
+SET_JOB = ActionSpec(
+    f"{INGRESS}.set_job", (WORLD_SIZE, QUORUM, SLOT_BASE, SLOT_COUNT, MCAST_GRP, SESSION)
+)
 
 ADMIT_WORKER = ActionSpec(f"{INGRESS}.admit_worker")
 
@@ -93,7 +96,7 @@ REWRITE_DESTINATION = ActionSpec(f"{EGRESS}.rewrite_destination", (MAC, IP, UDP_
 
 # -- tables -------------------------------------------------------------------------------
 
-#: Job id -> the job's size, slot range, multicast group and session.
+#: Job id -> the job's size, quorum, slot range, multicast group and session.
 JOBS = TableSpec(f"{INGRESS}.jobs", (SR_JOB_ID,), (SET_JOB, NO_ACTION))
 #: Which (job, rank) may send from which port and address.
 WORKERS = TableSpec(
@@ -121,6 +124,9 @@ ROW_FORMAT = RegisterSpec(f"{INGRESS}.row_format", 8)
 ROW_LENGTH = RegisterSpec(f"{INGRESS}.row_length", 32)
 #: The chunk of the tensor the row's round sums: ranks whose round counters disagree differ here.
 ROW_CHUNK = RegisterSpec(f"{INGRESS}.row_chunk", 32)
+#: The ranks that sent the row's round or a later one: a new round may overwrite the row only
+#: once every rank did (a rank late for a quorum may still need its sums).
+SEEN = RegisterSpec(f"{INGRESS}.seen", 32)
 
 # -- counters -----------------------------------------------------------------------------
 
