@@ -170,6 +170,7 @@ class MsgType(IntEnum):
     STALE = 5  # switch -> worker: the packet's session is not the job's
     REFUSED = 6  # switch -> workers: ranks disagree on what the round sums
     WAITING = 7  # switch -> worker: its resent contribution is in; ``length``: the ranks in
+    RELEASE = 8  # worker -> switch: it holds the result of the slot's round (a quorum job's)
 
 
 class DropReason(IntEnum):

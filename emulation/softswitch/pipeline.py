@@ -191,7 +191,8 @@ class SwitchReduceIngress:
         """(verdict, multicast group) for one packet; rewrites ``pkt`` for results."""
         if not pkt.aggregation:
             return self._forward(pkt)
-        admitted = self.admit(pkt, wire.MsgType.DATA)
+        release = pkt.header is not None and pkt.header.msg_type == wire.MsgType.RELEASE
+        admitted = self.admit(pkt, wire.MsgType.RELEASE if release else wire.MsgType.DATA)
         if admitted is None:
             return Verdict.DROP, 0
         hdr, elements, job_args = admitted
@@ -269,13 +270,17 @@ class SwitchReduceIngress:
         everyone = ((1 << world_size) - 1) & 0xFFFFFFFF  # bit<32>: 32 ranks or more, all ones
         if ahead >= 0x8000:
             return self.drop(pkt, DropReason.STALE), 0  # an older round, delayed in the network
-        # A new round overwrites the row's round before last. A rank late for a quorum gets
-        # those sums by multicast, and from the row if that copy is lost: the row is overwritten
-        # only once every rank has sent its round (it then waits for the sums, so it detects
-        # their loss), or a later one. This packet says its rank sent every round before its own:
-        # the one this row holds, if older, and the one before its own, if the other row holds it.
+        # A new round overwrites the row's round before last, whose sums a rank late for a
+        # quorum may still need (its copy lost, or not yet asked for): only once every rank has
+        # them. A rank sends a round after it has the last one's sums: this packet says so for
+        # the round before its own, if the other row holds it, and for this row's, if older. A
+        # RELEASE says so for its own round (a quorum job's rank, as its call ends).
         if rounds[row ^ 1] == (hdr.round - 1) & 0xFFFF:
             seen[row ^ 1] |= bit
+        if hdr.msg_type == wire.MsgType.RELEASE:
+            if ahead == 0:
+                seen[row] |= bit
+            return Verdict.DROP, 0
         if ahead:
             seen[row] |= bit
             if seen[row] & everyone != everyone:
@@ -304,13 +309,12 @@ class SwitchReduceIngress:
             return Verdict.MULTICAST, mcast_grp
         if ahead == 0 and arrivals[row] == 0:  # late: a quorum completed the round without it
             self.drop(pkt, DropReason.LATE)
-            seen[row] |= bit
             self._make_result(pkt, hdr, row)  # its contribution is not added; it gets the sums
             pkt.egress_port = pkt.ingress_port
             return Verdict.UNICAST, 0
         if ahead:  # the first packet of a new round writes
             rounds[row] = hdr.round
-            bitmap[row] = seen[row] = bit
+            bitmap[row], seen[row] = bit, 0
             count = 0
             self.value.rows[row] = elements
             exponent[row] = hdr.exponent
@@ -319,7 +323,6 @@ class SwitchReduceIngress:
             self.row_chunk.cells[row] = hdr.chunk
         else:  # later ones add
             bitmap[row] |= bit
-            seen[row] |= bit
             count = arrivals[row]
             self.value.rows[row] += elements  # wraps modulo 2**32, as bit<32> does
             exponent[row] = max(exponent[row], hdr.exponent)
