@@ -176,6 +176,8 @@ def _traffic() -> list[tuple[int, bytes]]:
     out.append((1, _frame(1, data(0, 3, slot=1, **quorum))))  # held: rank 2 never sent round 1
     out.append((3, _frame(3, data(2, 2, slot=1, **quorum))))  # rank 2 sends round 2: late
     out.append((1, _frame(1, data(0, 3, slot=1, **quorum))))  # now round 3 may take the row
+    release = {"msg_type": wire.MsgType.RELEASE, **quorum}
+    out.append((2, _frame(2, data(1, 2, slot=1, **release))))  # rank 1 has round 2's sums
     out.append((1, _frame(1, data(0, job_id=9))))  # unknown job
     out.append((1, _frame(1, data(5))))  # rank out of range
     out.append((1, _frame(1, data(0, slot=8))))  # slot out of range

@@ -614,9 +614,7 @@ def test_the_compiled_window_sends_and_sums_what_the_python_window_does(
     late,
 ) -> None:
     """Any network, restart, lane width and rounding; a quorum of fewer ranks than the world
-    and a rank late to every call, alike in both windows. A quorum's network loses nothing: a
-    rank left out of it that loses a result its quorum has gone two rounds past cannot get it
-    back (docs/protocol.md, Quorum)."""
+    and a rank late to every call, alike in both windows."""
     calls = calls_of(seed, world_size, elements, dtypes[: len(elements)], lanes, noise_seed)
     if len(calls) > 1:  # the switch restarts before the last call, with or without a new run
         session = SESSION + 1 if restart == "join" else SESSION
@@ -630,7 +628,7 @@ def test_the_compiled_window_sends_and_sums_what_the_python_window_does(
         duplicate=duplicate,
         reorder=reorder,
         hostile=hostile,
-        quorum=max(1, world_size - fewer) if loss == 0 else None,
+        quorum=max(1, world_size - fewer),
         late={world_size - 1: late},
     )
 

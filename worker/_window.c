@@ -57,7 +57,7 @@ enum {
     AT_LENGTH = 16,
     AT_SESSION = 20,
 };
-enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_STALE = 5, MSG_REFUSED = 6, MSG_WAITING = 7 };
+enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_STALE = 5, MSG_REFUSED = 6, MSG_WAITING = 7, MSG_RELEASE = 8 };
 #define EXPONENT_BIAS 127
 #define EXPONENT_MIN (1 - EXPONENT_BIAS)
 
@@ -117,6 +117,7 @@ struct Transfer {
     uint64_t session;
     double peak_level; /* quantize.peak_level: m */
     int64_t lane_bias; /* k * m, subtracted from each narrow lane's sum (quantize.from_lanes) */
+    uint32_t contributors; /* Job.contributors: the quorum, or the world size */
     int stochastic;     /* Job.noise_key is set: round stochastically (quantize.uniforms) */
     uint64_t noise_key;
     /* the tensor */
@@ -616,6 +617,11 @@ static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
         t->active--;
         timer_cancel(t, slot);
         order_remove(t, slot);
+        if (t->contributors < t->world_size) { /* a quorum's: the sums are in, the row may go */
+            if (u->queued) t->drain(t, t->drain_context);
+            t->packets[(size_t)slot * t->datagram + AT_MSG_TYPE] = MSG_RELEASE;
+            enqueue(t, slot);
+        }
         return GOING;
     }
     if (t->scaled) t->global_exp[ahead] = exponent;
@@ -932,6 +938,7 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     self->peak_level = lane_bits == 32 ? (double)(((1ull << (bits - 1)) - 1) / world_size)
                                        : (double)(((1ull << lane_bits) - 1) / (2 * world_size));
     self->lane_bias = (int64_t)contributors * (int64_t)self->peak_level;
+    self->contributors = contributors;
     self->stochastic = noise_key != Py_None;
     self->noise_key = self->stochastic ? PyLong_AsUnsignedLongLong(noise_key) : 0;
     if (PyErr_Occurred()) return -1;

@@ -80,7 +80,10 @@
 #define UDP_PORT_MAX 0xBEEF
 #define PORTS 512 /* switch ports are bit<9> */
 
-enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_JOIN = 3, MSG_STALE = 5, MSG_REFUSED = 6, MSG_WAITING = 7 };
+enum {
+    MSG_DATA = 1, MSG_RESULT = 2, MSG_JOIN = 3, MSG_STALE = 5, MSG_REFUSED = 6, MSG_WAITING = 7,
+    MSG_RELEASE = 8
+};
 enum {
     DROP_BAD_HEADER, DROP_UNKNOWN_JOB, DROP_RANK_OUT_OF_RANGE, DROP_SLOT_OUT_OF_RANGE,
     DROP_UNBOUND_WORKER, DROP_DUPLICATE, DROP_STALE, DROP_NO_ROUTE, DROP_BAD_SESSION,
@@ -528,7 +531,8 @@ static int aggregate(Engine *e, pkt_t *p) {
     uint32_t len = p->wire_len;
     if (p->avail >= HEADER_BYTES && d[0] == MSG_JOIN && (e->punt[rd16(d + 2) >> 3] >> (rd16(d + 2) & 7) & 1))
         return PUNT;
-    if (p->avail < e->datagram || p->udp_length != UDP_BYTES + e->datagram || d[0] != MSG_DATA ||
+    if (p->avail < e->datagram || p->udp_length != UDP_BYTES + e->datagram ||
+        (d[0] != MSG_DATA && d[0] != MSG_RELEASE) ||
         rd16(d + 10) > e->k) {
         count(e, C_DROPS, DROP_BAD_HEADER, len);
         return 0;
@@ -575,14 +579,18 @@ static int aggregate(Engine *e, pkt_t *p) {
         count(e, C_DROPS, DROP_STALE, len);
         return 0;
     }
-    /* A new round overwrites the row's round before last: only once every rank has sent it (or
-     * a later one), so a rank late for a quorum can still recover its sums (pipeline.py). */
+    /* A new round overwrites the row's round before last: only once every rank has its sums, so
+     * a rank late for a quorum can still ask for them (pipeline.py). */
     if (e->round[row ^ 1] == (uint16_t)(hround - 1)) e->seen[row ^ 1] |= bit;
+    if (d[0] == MSG_RELEASE) { /* its rank has the sums of the round */
+        if (ahead == 0) e->seen[row] |= bit;
+        return 0;
+    }
     /* bit<32>: 32 ranks or more make all ones */
     uint32_t everyone = (uint32_t)((job->world_size < 32 ? 1ull << job->world_size : 0) - 1);
-    if (ahead != 0) e->seen[row] |= bit; /* its rank sent the row's older round */
+    if (ahead != 0) e->seen[row] |= bit; /* its rank has the row's older round */
     if (ahead != 0 && (e->seen[row] & everyone) != everyone) {
-        count(e, C_DROPS, DROP_AHEAD, len); /* a rank has not sent the row's round */
+        count(e, C_DROPS, DROP_AHEAD, len); /* a rank lacks the row's sums */
         return 0;
     }
     if (ahead == 0 && e->arrivals[row] == ROW_REFUSED) { /* the round was refused */
@@ -610,7 +618,6 @@ static int aggregate(Engine *e, pkt_t *p) {
     }
     if (ahead == 0 && e->arrivals[row] == 0) { /* late: a quorum completed the round without it */
         count(e, C_DROPS, DROP_LATE, len);
-        e->seen[row] |= bit;
         make_result(e, d, row); /* its contribution is not added; it gets the sums */
         return to_sender(e, p);
     }
@@ -619,7 +626,8 @@ static int aggregate(Engine *e, pkt_t *p) {
     uint32_t arrived;
     if (ahead) { /* the first packet of a new round writes */
         e->round[row] = hround;
-        e->bitmap[row] = e->seen[row] = bit;
+        e->bitmap[row] = bit;
+        e->seen[row] = 0; /* nobody has its sums yet */
         arrived = 0;
         for (uint32_t i = 0; i < e->k; i++) v[i] = (int32_t)rd32(elements + 4 * i);
         e->exponent[row] = hexp;
@@ -628,7 +636,6 @@ static int aggregate(Engine *e, pkt_t *p) {
         e->row_chunk[row] = hchunk;
     } else { /* later ones add, wrapping modulo 2**32 as bit<32> does */
         e->bitmap[row] |= bit;
-        e->seen[row] |= bit;
         arrived = e->arrivals[row];
         for (uint32_t i = 0; i < e->k; i++) v[i] = (int32_t)((uint32_t)v[i] + rd32(elements + 4 * i));
         if (hexp > e->exponent[row]) e->exponent[row] = hexp;

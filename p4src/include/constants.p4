@@ -22,6 +22,7 @@
 #define MSG_STALE 5
 #define MSG_REFUSED 6
 #define MSG_WAITING 7
+#define MSG_RELEASE 8
 #define SR_HEADER_BYTES 28
 #define SR_UDP_LENGTH (8 + SR_HEADER_BYTES + 4 * K)
 

@@ -111,7 +111,8 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
             }
         } else if (!hdr.sr.isValid() || !hdr.elements[K - 1].isValid()
                    || hdr.udp.length != SR_UDP_LENGTH
-                   || hdr.sr.msg_type != MSG_DATA || hdr.sr.count > K) {
+                   || (hdr.sr.msg_type != MSG_DATA && hdr.sr.msg_type != MSG_RELEASE)
+                   || hdr.sr.count > K) {
             drop(DROP_BAD_HEADER);
         } else if (!jobs.apply().hit) {
             drop(DROP_UNKNOWN_JOB);
@@ -146,12 +147,12 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                 round.read(row_round, row);
             }
             bit<16> ahead = hdr.sr.round - row_round;  /* serial-number order */
-            /* A new round overwrites the row's round before last. A rank late for a quorum
-             * gets those sums by multicast, and from the row if that copy is lost: the row is
-             * overwritten only once every rank has sent its round (it then waits for the sums,
-             * so it detects their loss), or a later one. A packet of round r says its rank
-             * sent every round before r: the one this row holds, if older, and r - 1, if the
-             * other row holds that. */
+            /* A new round overwrites the row's round before last, whose sums a rank late for
+             * a quorum may still need (its copy lost, or not yet asked for): only once every
+             * rank has them. A rank sends a round after it has the last one's sums: a packet
+             * says so for the round before its own, if the other row holds it, and for this
+             * row's, if older. A RELEASE says so for its own round (a quorum job's rank, as its
+             * call ends). */
             bit<32> rank_bit = (bit<32>)1 << hdr.sr.rank;
             bit<32> seen_here;
             seen.read(seen_here, row);
@@ -179,9 +180,14 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
 
             if (ahead >= 0x8000) {
                 drop(DROP_STALE);  /* an older round, delayed in the network */
+            } else if (hdr.sr.msg_type == MSG_RELEASE) {
+                if (ahead == 0) {
+                    seen.write(row, seen_here | rank_bit);
+                }
+                mark_to_drop(standard_metadata);
             } else if (ahead != 0 && (seen_here & everyone) != everyone) {
                 seen.write(row, seen_here);
-                drop(DROP_AHEAD);  /* a rank has not sent the row's round: it will need it */
+                drop(DROP_AHEAD);  /* a rank lacks the row's sums: it may still ask for them */
             } else if (ahead == 0 && count == ROW_REFUSED) {
                 drops.count(DROP_MISMATCH);  /* the round was refused: say so again */
                 make_reply(MSG_REFUSED);
@@ -219,7 +225,6 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                 read_sums();
                 exponent.read(hdr.sr.exponent, row);
                 hdr.sr.length = ranks;
-                seen.write(row, seen_here | rank_bit);
                 drops.count(DROP_LATE);
                 make_reply(MSG_RESULT);
                 standard_metadata.egress_spec = standard_metadata.ingress_port;
@@ -231,7 +236,7 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                     row_length.write(row, hdr.sr.length);
                     row_chunk.write(row, hdr.sr.chunk);
                     ranks = rank_bit;
-                    seen_here = 0;
+                    seen.write(row, 0);  /* nobody has its sums yet */
                     count = 0;
                     meta.keep = 0;
                     max_exponent = hdr.sr.exponent;
@@ -244,7 +249,6 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                     }
                 }
                 bitmap.write(row, ranks);
-                seen.write(row, seen_here | rank_bit);
                 add_sums();
                 exponent.write(row, max_exponent);
                 count = count + 1;

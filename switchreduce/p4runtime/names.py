@@ -124,8 +124,8 @@ ROW_FORMAT = RegisterSpec(f"{INGRESS}.row_format", 8)
 ROW_LENGTH = RegisterSpec(f"{INGRESS}.row_length", 32)
 #: The chunk of the tensor the row's round sums: ranks whose round counters disagree differ here.
 ROW_CHUNK = RegisterSpec(f"{INGRESS}.row_chunk", 32)
-#: The ranks that sent the row's round or a later one: a new round may overwrite the row only
-#: once every rank did (a rank late for a quorum may still need its sums).
+#: The ranks known to have the row's sums (they sent a later round, or a RELEASE): a new round
+#: may overwrite the row only once every rank has them (a rank late for a quorum may ask).
 SEEN = RegisterSpec(f"{INGRESS}.seen", 32)
 
 # -- counters -----------------------------------------------------------------------------
