@@ -187,7 +187,7 @@ class DropReason(IntEnum):
     BAD_SESSION = 8
     MISMATCH = 9
     LATE = 10  # a quorum completed the round without the sender (answered with the RESULT)
-    AHEAD = 11  # a new round, before every rank sent the round its row holds (register seen)
+    AHEAD = 11  # a new round, before every rank has the sums its row holds (register seen)
 
 
 #: The ``arrivals`` value of a row whose round was refused (a count is always < MAX_WORKERS).
