@@ -291,8 +291,9 @@ def test_a_quorum_does_not_wait_for_a_late_rank_whose_contribution_waits_for_the
 ) -> None:
     """Three ranks, a quorum of two, error feedback. Rank 2 calls 0.4 s late: ranks 0 and 1 are
     done long before, and rank 2 takes the sums its socket kept, theirs, every chunk late for
-    it. Its contribution waits for the next step: when rank 0 is the late one, the sums are
-    rank 1's and rank 2's, its last one included."""
+    it, sending no contribution, only a RELEASE (a header) per use. Its contribution waits for
+    the next step: when rank 0 is the late one, the sums are rank 1's and rank 2's, its last one
+    included."""
     options = WorkerOptions(k=K, timeout=20.0, engine=engine, error_feedback=True)
     with job_factory(3, k=K, slots=64, quorum=2, options=options) as job:
         first = [synthetic_tensor(1, r, 30 * K, "float32") for r in range(3)]
@@ -302,6 +303,9 @@ def test_a_quorum_does_not_wait_for_a_late_rank_whose_contribution_waits_for_the
         check(results[0], first[:2], K)
         assert [c.stats.late for c in job.comms] == [0, 0, 30]
         assert [c.contributors for c in job.comms] == [2, 2, 2]
+        late = job.comms[2].stats  # 30 slots, each a priming use and a chunk: 60 RELEASEs
+        assert (late.packets_sent, late.bytes_sent) == (60, 60 * wire.HEADER_BYTES)
+        assert (late.retransmissions, late.duplicates) == (0, 0)
         for comm in job.comms:
             comm.step()
         second = [synthetic_tensor(2, r, 30 * K, "float32") for r in range(3)]

@@ -176,8 +176,11 @@ def _traffic() -> list[tuple[int, bytes]]:
     out.append((1, _frame(1, data(0, 3, slot=1, **quorum))))  # held: rank 2 never sent round 1
     out.append((3, _frame(3, data(2, 2, slot=1, **quorum))))  # rank 2 sends round 2: late
     out.append((1, _frame(1, data(0, 3, slot=1, **quorum))))  # now round 3 may take the row
-    release = {"msg_type": wire.MsgType.RELEASE, **quorum}
-    out.append((2, _frame(2, data(1, 2, slot=1, **release))))  # rank 1 has round 2's sums
+    release = data(1, 2, slot=1, msg_type=wire.MsgType.RELEASE, **quorum).pack()
+    out.append((2, _frame(2, payload=release)))  # rank 1 has round 2's sums (a header alone)
+    out.append((2, _frame(2, payload=release + bytes(4 * K))))  # a RELEASE with elements: bad
+    stale = data(1, 2, slot=1, msg_type=wire.MsgType.RELEASE, job_id=2, session=SESSION)
+    out.append((2, _frame(2, payload=stale.pack())))  # another session's: dropped, unanswered
     out.append((1, _frame(1, data(0, job_id=9))))  # unknown job
     out.append((1, _frame(1, data(5))))  # rank out of range
     out.append((1, _frame(1, data(0, slot=8))))  # slot out of range

@@ -18,7 +18,7 @@ import pytest
 from switchreduce import wire
 from switchreduce.emulation.softswitch.engine import PythonDatapath
 from switchreduce.worker.reference import reference_sum
-from switchreduce.worker.window import Job, RoundTrip, Transfer, WindowStats
+from switchreduce.worker.window import Job, RoundTrip, Transfer, WindowStats, early_results
 from tests.test_bmv2_differential import (  # noqa: F401  (bmv2: the fixture)
     SESSION,
     K,
@@ -54,6 +54,7 @@ def _lanes_run(lanes: int) -> tuple[list[tuple[int, bytes]], list[np.ndarray], l
             [0] * SLOTS,
             RoundTrip(0.01, 1.0),
             WindowStats(),
+            early_results(SLOTS, K),
         )
         for r in range(RANKS)
     ]

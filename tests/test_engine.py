@@ -408,7 +408,7 @@ _FIELDS = st.fixed_dictionaries(
         "round_": st.integers(0, 6) | st.sampled_from([0x7FFF, 0x8000, 0xFFFF]),
         "value": st.integers(-(2**31), 2**31 - 1),
         "job_id": st.sampled_from([1, 1, 1, 2, 300]),
-        "msg_type": st.sampled_from([1, 1, 1, 1, 2, 3, 5]),
+        "msg_type": st.sampled_from([1, 1, 1, 1, 2, 3, 5, 8, 8]),
         "exponent": st.integers(0, 255),
         "count": st.sampled_from([0, 1, K, K + 1]),
         "format_": st.sampled_from([0, 0, 0, 0x3F]),
@@ -420,7 +420,7 @@ _FIELDS = st.fixed_dictionaries(
 _PACKET = st.tuples(
     _FIELDS,
     st.sampled_from([worker(0), worker(1), worker(2), worker(3), ("10.0.0.1", 50000)]),
-    st.sampled_from(["whole", "whole", "whole", "whole", "short", "long"]),
+    st.sampled_from(["whole", "whole", "whole", "whole", "short", "long", "header", "header"]),
 )
 
 
@@ -433,7 +433,12 @@ def test_any_sequence_of_packets(packets: list, world_size: int, fewer: int) -> 
     pair.job(world_size=2, slots=2, job_id=2, slot_base=POOL - 1)  # runs past the pool
     for fields, source, size in packets:
         data = datagram(**fields)
-        data = {"whole": data, "short": data[:-3], "long": data + b"\x00"}[size]
+        data = {
+            "whole": data,
+            "short": data[:-3],
+            "long": data + b"\x00",
+            "header": data[: wire.HEADER_BYTES],  # a RELEASE's size
+        }[size]
         pair.feed(data, source)
     pair.check_state()
 

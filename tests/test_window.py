@@ -39,6 +39,7 @@ from switchreduce.worker.window import (
     StaleSession,
     Transfer,
     WindowStats,
+    early_results,
     refusal_message,
 )
 
@@ -85,6 +86,7 @@ class Network:
     calls: int = 0
     switch: SoftSwitch = field(init=False)
     rounds: list[list[int]] = field(init=False)
+    early: list[bytearray] = field(init=False)  # each rank's early results, kept across calls
     rtts: list[RoundTrip] = field(init=False)
     stats: list[WindowStats] = field(init=False)
     #: Every datagram each rank's window returned, in order (before the network's losses).
@@ -100,6 +102,7 @@ class Network:
         self.restart_switch(SESSION)
         self.sent = [[] for _ in range(self.world_size)]
         self.rounds = [[0] * self.slots for _ in range(self.world_size)]
+        self.early = [early_results(self.slots, K) for _ in range(self.world_size)]
         self.rtts = [RoundTrip(0.01, 1.0) for _ in range(self.world_size)]
         self.stats = [WindowStats() for _ in range(self.world_size)]
 
@@ -175,6 +178,7 @@ class Network:
                     self.rounds[r],
                     self.rtts[r],
                     self.stats[r],
+                    self.early[r],
                 )
             )
         starts = sorted((self.now + self.late.get(rank, 0.0), rank) for rank in range(len(inputs)))
@@ -186,9 +190,9 @@ class Network:
             assert self.now < 600, "no progress in 600 virtual seconds"
             while starts and starts[0][0] <= self.now:
                 rank = starts.pop(0)[1]
-                self._send(rank, transfers[rank].start(self.now))
-                for packet in self._buffered.pop(rank):
+                for packet in self._buffered.pop(rank):  # what its socket kept, read first
                     self._send(rank, transfers[rank].receive(packet, self.now))
+                self._send(rank, transfers[rank].start(self.now))
             if self._events and self._events[0][0] <= self.now:
                 _, _, target, packet = heapq.heappop(self._events)
                 self._deliver(target, packet, transfers)
@@ -449,7 +453,8 @@ def test_a_quorum_sums_what_three_of_four_ranks_sent_and_each_knows_if_it_was_le
 
 def test_a_quorum_does_not_wait_for_a_late_rank_which_still_gets_every_sum() -> None:
     """Rank 3 starts 0.3 s late; 32 slots hold the whole call. The other three complete every
-    round without it and without a timeout; rank 3 then takes the results its socket kept."""
+    round without it and without a timeout; rank 3 then takes the results its socket kept,
+    sending no contribution the switch would drop as late: a RELEASE (a header) per use."""
     net = Network(4, 32, seed=5, quorum=3)
     inputs = [synthetic_tensor(5, r, 30 * K, "float32") for r in range(4)]
     net.late = {3: 0.3}
@@ -459,6 +464,10 @@ def test_a_quorum_does_not_wait_for_a_late_rank_which_still_gets_every_sum() -> 
         np.testing.assert_allclose(result, expected, rtol=0, atol=1e-6)
     assert [t.late().size for t in net.transfers] == [0, 0, 0, 30]
     assert [s.timeouts for s in net.stats[:3]] == [0, 0, 0]
+    releases = [wire.unpack_header(p).msg_type == wire.MsgType.RELEASE for p in net.sent[3]]
+    assert len(releases) == 60 and all(releases)  # 30 priming uses and 30 chunks
+    assert {len(p) for p in net.sent[3]} == {wire.HEADER_BYTES}
+    assert net.switch.ingress.drops.packets[wire.DropReason.LATE] == 0
 
 
 def test_a_quorum_runs_one_round_a_slot_ahead_of_a_late_rank_then_waits_for_it() -> None:
@@ -496,6 +505,7 @@ def state(net: Network) -> dict[str, Any]:
         "sent": [list(packets) for packets in net.sent],
         "stats": [dataclasses.asdict(s) for s in net.stats],
         "rounds": [list(r) for r in net.rounds],
+        "early": [bytes(e) for e in net.early],
         "rtts": [dataclasses.asdict(r) for r in net.rtts],
         "now": net.now,
         "transfers": [
@@ -534,8 +544,9 @@ def observe(net: Network, calls: list[Call]) -> list[Any]:
         if call.restart is not None:
             net.restart_switch(call.session)
             if call.restart == "join":
-                for rounds in net.rounds:
+                for rounds, early in zip(net.rounds, net.early, strict=True):
                     rounds[:] = [0] * len(rounds)
+                    early[:] = bytes(len(early))
         try:
             results = net.allreduce(
                 list(call.inputs), call.session, call.bits, call.lanes, call.noise_seed
@@ -715,14 +726,14 @@ def test_the_compiled_window_lays_out_packets_as_wire_does() -> None:
     """The C header offsets against wire.Header.pack, field by field, byte for byte."""
     assert (_window.HEADER_BYTES, _window.ELEMENT_BYTES) == (wire.HEADER_BYTES, wire.ELEMENT_BYTES)
     assert _window.EXPONENT_BIAS == wire.EXPONENT_BIAS
-    names = ("DATA", "RESULT", "STALE", "REFUSED", "WAITING")
+    names = ("DATA", "RESULT", "STALE", "REFUSED", "WAITING", "RELEASE")
     assert [getattr(_window, n) for n in names] == [wire.MsgType[n] for n in names]
     flat = np.arange(3 * K + 5, dtype=np.int32) - 7
     job = Job(0xBEEF, 0xA5, 32, 5, K, 0x0123_4567_89AB_CDEF)
     rounds = [0x7FFF, 0xFFFF, 0, 3, 9]
-    packets = CompiledTransfer(job, flat, 0x5A, rounds, RoundTrip(0.01, 1.0), WindowStats()).start(
-        0.0
-    )
+    early = early_results(job.slot_count, K)
+    transfer = CompiledTransfer(job, flat, 0x5A, rounds, RoundTrip(0.01, 1.0), WindowStats(), early)
+    packets = transfer.start(0.0)
     for chunk, packet in enumerate(packets):
         count = min(K, flat.size - chunk * K)
         header = wire.Header(

@@ -62,6 +62,8 @@ enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_STALE = 5, MSG_REFUSED = 6, MSG_WAITING
 #define EXPONENT_MIN (1 - EXPONENT_BIAS)
 
 #define PRIME (-1) /* window.PRIME: the chunk of a slot's priming use */
+#define DONE_SLOT (-2) /* take_result: the slot has nothing more to send in this call */
+#define RELEASE_ENTRY 0x80000000u /* a queue entry naming a RELEASE header, not a slot */
 
 /* What a receive or a run ends with; CHECK_IN: Python's turn to run signal handlers. */
 enum { GOING, STALE, REFUSED, DONE, STALLED, CHECK_IN, FAILED };
@@ -139,8 +141,11 @@ struct Transfer {
     uint32_t *heap;    /* timers: slots ordered by (deadline, slot), as window.py's heap */
     uint32_t nheap, active;
     int32_t oldest, newest; /* ends of the order of sending; -1: none */
-    uint32_t *queue;   /* slots whose packet is to be sent, in order */
+    uint32_t *queue;   /* what is to be sent, in order: a slot's packet, or RELEASE_ENTRY | i */
     uint32_t nqueue;
+    uint8_t *releases; /* RELEASE headers to send: entry i of the queue's RELEASE_ENTRY | i */
+    uint32_t nreleases;
+    Py_buffer early;   /* window.early_results: the caller's, one datagram per slot and version */
     int32_t probe;     /* the slot whose use was resent for the held ones; -1: none */
     uint32_t stalls;   /* probes since the last result: the next one's backoff */
     uint32_t *held;    /* scratch: the held slots, oldest first, when a stall ends */
@@ -435,9 +440,28 @@ static void arm(Transfer *t, uint32_t slot, double now, uint32_t backoff) {
 
 /* A slot's packet joins the send queue (the packets of one call, in window.py's order). */
 static void enqueue(Transfer *t, uint32_t slot) {
-    if (t->nqueue == t->slots) t->drain(t, t->drain_context);
+    if (t->nqueue == 2 * t->slots) t->drain(t, t->drain_context);
     t->uses[slot].queued = 1;
     t->queue[t->nqueue++] = slot;
+}
+
+/* window._release: a use's RELEASE (its header alone, typed RELEASE) joins the send queue. */
+static void enqueue_release(Transfer *t, const uint8_t *packet) {
+    if (t->nqueue == 2 * t->slots || t->nreleases == t->slots) t->drain(t, t->drain_context);
+    uint8_t *h = t->releases + (size_t)t->nreleases * HEADER_BYTES;
+    memcpy(h, packet, HEADER_BYTES);
+    h[AT_MSG_TYPE] = MSG_RELEASE;
+    t->queue[t->nqueue++] = RELEASE_ENTRY | t->nreleases++;
+}
+
+/* A queue entry's datagram and its length. */
+static const uint8_t *queued_datagram(const Transfer *t, uint32_t entry, size_t *len) {
+    if (entry & RELEASE_ENTRY) {
+        *len = HEADER_BYTES;
+        return t->releases + (size_t)(entry & ~RELEASE_ENTRY) * HEADER_BYTES;
+    }
+    *len = t->datagram;
+    return t->packets + (size_t)entry * t->datagram;
 }
 
 /* Transfer._resend: the use's packet again, unchanged; its timer backs off (at least
@@ -486,72 +510,6 @@ static void overtake(Transfer *t, uint32_t answered, double now) {
     }
 }
 
-/* Transfer._send: start the next use of ``slot``; its packet carries ``chunk`` (or primes it). */
-static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
-    use_t *u = &t->uses[slot];
-    if (u->queued) t->drain(t, t->drain_context); /* its last packet goes before it is rewritten */
-    uint16_t round = t->rounds[slot] = (uint16_t)(t->rounds[slot] + 1);
-    uint8_t *p = t->packets + (size_t)slot * t->datagram;
-    uint8_t *payload = p + HEADER_BYTES;
-    size_t k = t->chunk_elements, count = 0;
-    uint8_t exponent;
-    uint32_t wire_chunk;
-    if (chunk == PRIME) {
-        exponent = t->local_exp[slot];
-        wire_chunk = slot;
-    } else {
-        int64_t ahead = chunk + t->slot_count;
-        exponent = t->scaled && ahead < t->chunks ? t->local_exp[ahead] : 0;
-        size_t first = (size_t)chunk * k;
-        count = t->length - first < k ? t->length - first : k;
-        if (t->per_word > 1)
-            count = quantize_lanes_into(payload, (const float *)t->flat.buf + first, count,
-                                        scale_of(t, t->global_exp[chunk]), t, first);
-        else if (t->scaled && t->stochastic)
-            for (size_t i = 0; i < count; i++)
-                wr32(payload + i * ELEMENT_BYTES,
-                     (uint32_t)level_of(t, ((const float *)t->flat.buf)[first + i],
-                                        scale_of(t, t->global_exp[chunk]), first + i));
-        else if (t->scaled)
-            quantize_into(payload, (const float *)t->flat.buf + first, count,
-                          scale_of(t, t->global_exp[chunk]), t->peak_level);
-        else
-            copy_swapped(payload, (const uint8_t *)t->flat.buf + first * ELEMENT_BYTES, count);
-        wire_chunk = (uint32_t)chunk;
-    }
-    memset(payload + count * ELEMENT_BYTES, 0, (t->k - count) * ELEMENT_BYTES);
-    p[AT_MSG_TYPE] = MSG_DATA;
-    p[AT_RANK] = t->rank;
-    wr16(p + AT_JOB_ID, t->job_id);
-    wr16(p + AT_VERSION_SLOT, (uint16_t)((round & 1u) << 15 | slot));
-    p[AT_EXPONENT] = exponent;
-    p[AT_FORMAT] = t->format;
-    wr16(p + AT_ROUND, round);
-    wr16(p + AT_COUNT, (uint16_t)count);
-    wr32(p + AT_CHUNK, wire_chunk);
-    wr32(p + AT_LENGTH, t->length);
-    wr64(p + AT_SESSION, t->session);
-    if (!u->active) t->active++;
-    u->chunk = chunk;
-    u->wire_chunk = wire_chunk;
-    u->round = round;
-    u->count = (uint16_t)count;
-    u->retries = 0;
-    u->held = u->waiting = 0;
-    u->first_sent_at = now;
-    u->active = 1;
-    arm(t, slot, now, 0);
-    enqueue(t, slot);
-}
-
-/* Transfer.start: the first use of every slot the tensor needs (a priming use for floats). */
-static void core_start(Transfer *t, double now) {
-    t->started = 1;
-    t->progress_at = now;
-    for (uint32_t slot = 0; slot < t->slots; slot++)
-        send_use(t, slot, t->scaled ? PRIME : (int64_t)slot, now);
-}
-
 /* Transfer._store: a result's sums into the output. */
 static void store(Transfer *t, int64_t chunk, size_t count, const uint8_t *datagram) {
     size_t first = (size_t)chunk * t->chunk_elements;
@@ -567,6 +525,151 @@ static void store(Transfer *t, int64_t chunk, size_t count, const uint8_t *datag
         copy_swapped((uint8_t *)t->out.buf + first * ELEMENT_BYTES, sums, count);
 }
 
+/* Transfer._take: take a result for ``chunk`` (or a priming use) of ``slot``: the slot's next
+ * chunk, or DONE_SLOT when it has nothing more to send in this call. */
+static int64_t take_result(Transfer *t, uint32_t slot, int64_t chunk, const uint8_t *d) {
+    t->results++;
+    uint8_t exponent = d[AT_EXPONENT];
+    if (chunk == PRIME) {
+        t->global_exp[slot] = exponent;
+        return slot;
+    }
+    store(t, chunk, rd16(d + AT_COUNT), d);
+    uint32_t ranks = rd32(d + AT_LENGTH);             /* the ranks in the sums */
+    if (t->rank >= 32 || !(ranks >> t->rank & 1)) { /* a quorum completed it without us */
+        t->late[chunk] = 1;
+        t->stats[LATE]++;
+    }
+    int64_t ahead = chunk + t->slot_count;
+    if (ahead >= t->chunks) return DONE_SLOT;
+    if (t->scaled) t->global_exp[ahead] = exponent;
+    return ahead;
+}
+
+/* Transfer._finish: the slot has nothing more to send in this call. */
+static void finish(Transfer *t, uint32_t slot) {
+    use_t *u = &t->uses[slot];
+    if (!u->active) return;
+    u->active = 0;
+    t->active--;
+    timer_cancel(t, slot);
+    order_remove(t, slot);
+}
+
+/* Where the early result of a slot and version is kept (window.early_results). */
+static uint8_t *early_entry(const Transfer *t, uint32_t slot, uint16_t round) {
+    return (uint8_t *)t->early.buf + ((size_t)2 * slot + (round & 1u)) * t->datagram;
+}
+
+/* Transfer._keep_early: keep a RESULT of ours for one of the slot's next two rounds; 0 if the
+ * datagram is no such result. */
+static int keep_early(Transfer *t, const uint8_t *d) {
+    uint32_t slot = rd16(d + AT_VERSION_SLOT) & 0x7FFFu;
+    if (t->contributors == t->world_size || d[AT_MSG_TYPE] != MSG_RESULT || slot >= t->slot_count)
+        return 0; /* no round completes without us, or no result */
+    uint16_t ahead = (uint16_t)(rd16(d + AT_ROUND) - t->rounds[slot]);
+    if (ahead < 1 || ahead > 2) return 0;
+    memcpy(early_entry(t, slot, rd16(d + AT_ROUND)), d, t->datagram);
+    return 1;
+}
+
+/* Transfer._early_result: the kept result of this use of ``slot``, taken from the store (its
+ * type cleared), or NULL. */
+static const uint8_t *early_result(Transfer *t, uint32_t slot, uint16_t round,
+                                   uint32_t wire_chunk, uint16_t count) {
+    uint8_t *e = early_entry(t, slot, round);
+    if (e[AT_MSG_TYPE] != MSG_RESULT || rd16(e + AT_JOB_ID) != t->job_id ||
+        rd64(e + AT_SESSION) != t->session || rd16(e + AT_ROUND) != round ||
+        rd32(e + AT_CHUNK) != wire_chunk || rd16(e + AT_COUNT) != count)
+        return NULL;
+    e[AT_MSG_TYPE] = 0;
+    return e;
+}
+
+/* Transfer._send: start the next use of ``slot``; its packet carries ``chunk`` (or primes it). A
+ * use whose result came early sends a RELEASE instead, and the slot goes on to its next. */
+static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
+    use_t *u = &t->uses[slot];
+    for (;;) {
+        if (u->queued) t->drain(t, t->drain_context); /* its last packet goes before it changes */
+        uint16_t round = t->rounds[slot] = (uint16_t)(t->rounds[slot] + 1);
+        uint8_t *p = t->packets + (size_t)slot * t->datagram;
+        uint8_t *payload = p + HEADER_BYTES;
+        size_t k = t->chunk_elements, count = 0, first = 0;
+        uint8_t exponent;
+        uint32_t wire_chunk;
+        if (chunk == PRIME) {
+            exponent = t->local_exp[slot];
+            wire_chunk = slot;
+        } else {
+            int64_t ahead = chunk + t->slot_count;
+            exponent = t->scaled && ahead < t->chunks ? t->local_exp[ahead] : 0;
+            first = (size_t)chunk * k;
+            count = t->length - first < k ? t->length - first : k;
+            wire_chunk = (uint32_t)chunk;
+        }
+        size_t words = t->per_word > 1 ? (count + t->per_word - 1) / t->per_word : count;
+        p[AT_MSG_TYPE] = MSG_DATA;
+        p[AT_RANK] = t->rank;
+        wr16(p + AT_JOB_ID, t->job_id);
+        wr16(p + AT_VERSION_SLOT, (uint16_t)((round & 1u) << 15 | slot));
+        p[AT_EXPONENT] = exponent;
+        p[AT_FORMAT] = t->format;
+        wr16(p + AT_ROUND, round);
+        wr16(p + AT_COUNT, (uint16_t)words);
+        wr32(p + AT_CHUNK, wire_chunk);
+        wr32(p + AT_LENGTH, t->length);
+        wr64(p + AT_SESSION, t->session);
+        const uint8_t *early = early_result(t, slot, round, wire_chunk, (uint16_t)words);
+        if (early != NULL) {
+            enqueue_release(t, p);
+            t->progress_at = now;
+            chunk = take_result(t, slot, chunk, early);
+            if (chunk == DONE_SLOT) {
+                finish(t, slot);
+                return;
+            }
+            continue;
+        }
+        if (chunk != PRIME) {
+            if (t->per_word > 1)
+                quantize_lanes_into(payload, (const float *)t->flat.buf + first, count,
+                                    scale_of(t, t->global_exp[chunk]), t, first);
+            else if (t->scaled && t->stochastic)
+                for (size_t i = 0; i < count; i++)
+                    wr32(payload + i * ELEMENT_BYTES,
+                         (uint32_t)level_of(t, ((const float *)t->flat.buf)[first + i],
+                                            scale_of(t, t->global_exp[chunk]), first + i));
+            else if (t->scaled)
+                quantize_into(payload, (const float *)t->flat.buf + first, count,
+                              scale_of(t, t->global_exp[chunk]), t->peak_level);
+            else
+                copy_swapped(payload, (const uint8_t *)t->flat.buf + first * ELEMENT_BYTES, count);
+        }
+        memset(payload + words * ELEMENT_BYTES, 0, (t->k - words) * ELEMENT_BYTES);
+        if (!u->active) t->active++;
+        u->chunk = chunk;
+        u->wire_chunk = wire_chunk;
+        u->round = round;
+        u->count = (uint16_t)words;
+        u->retries = 0;
+        u->held = u->waiting = 0;
+        u->first_sent_at = now;
+        u->active = 1;
+        arm(t, slot, now, 0);
+        enqueue(t, slot);
+        return;
+    }
+}
+
+/* Transfer.start: the first use of every slot the tensor needs (a priming use for floats). */
+static void core_start(Transfer *t, double now) {
+    t->started = 1;
+    t->progress_at = now;
+    for (uint32_t slot = 0; slot < t->slots; slot++)
+        send_use(t, slot, t->scaled ? PRIME : (int64_t)slot, now);
+}
+
 /* Transfer.receive: GOING (what to send is queued), or STALE or REFUSED (header in refusal). */
 static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
     if (len != t->datagram) {
@@ -575,9 +678,11 @@ static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
     }
     uint32_t slot = rd16(d + AT_VERSION_SLOT) & 0x7FFFu;
     use_t *u = slot < t->slots && t->uses[slot].active ? &t->uses[slot] : NULL;
-    if (u == NULL || rd16(d + AT_JOB_ID) != t->job_id || rd64(d + AT_SESSION) != t->session ||
-        rd16(d + AT_ROUND) != u->round || rd32(d + AT_CHUNK) != u->wire_chunk) {
-        t->stats[DUPLICATES]++;
+    int ours = rd16(d + AT_JOB_ID) == t->job_id && rd64(d + AT_SESSION) == t->session;
+    if (!ours || u == NULL || rd16(d + AT_ROUND) != u->round ||
+        rd32(d + AT_CHUNK) != u->wire_chunk) {
+        if (ours && keep_early(t, d)) return GOING;
+        t->stats[DUPLICATES]++; /* a forger's packet echoed, an older run's, or a copy */
         return GOING;
     }
     if (d[AT_MSG_TYPE] == MSG_STALE) return STALE;
@@ -594,38 +699,18 @@ static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
         t->stats[DUPLICATES]++;
         return GOING;
     }
-    t->results++;
     t->progress_at = now;
     if (u->retries == 0) sample_rtt(t, now - u->sent_at);
     overtake(t, slot, now);
     end_stall(t, slot, now);
-    uint8_t exponent = d[AT_EXPONENT];
-    if (u->chunk == PRIME) {
-        t->global_exp[slot] = exponent;
-        send_use(t, slot, slot, now);
+    int64_t after = take_result(t, slot, u->chunk, d);
+    if (after == DONE_SLOT) {
+        finish(t, slot);
+        /* a quorum's: say the sums are in, so the row may go */
+        if (t->contributors < t->world_size) enqueue_release(t, t->packets + (size_t)slot * t->datagram);
         return GOING;
     }
-    store(t, u->chunk, u->count, d);
-    uint32_t ranks = rd32(d + AT_LENGTH);             /* the ranks in the sums */
-    if (t->rank >= 32 || !(ranks >> t->rank & 1)) { /* a quorum completed it without us */
-        t->late[u->chunk] = 1;
-        t->stats[LATE]++;
-    }
-    int64_t ahead = u->chunk + t->slot_count;
-    if (ahead >= t->chunks) {
-        u->active = 0;
-        t->active--;
-        timer_cancel(t, slot);
-        order_remove(t, slot);
-        if (t->contributors < t->world_size) { /* a quorum's: the sums are in, the row may go */
-            if (u->queued) t->drain(t, t->drain_context);
-            t->packets[(size_t)slot * t->datagram + AT_MSG_TYPE] = MSG_RELEASE;
-            enqueue(t, slot);
-        }
-        return GOING;
-    }
-    if (t->scaled) t->global_exp[ahead] = exponent;
-    send_use(t, slot, ahead, now);
+    send_use(t, slot, after, now);
     return GOING;
 }
 
@@ -706,11 +791,14 @@ static int refuses_gso(int err) {
 static void send_datagrams(Driver *d, Transfer *t, uint32_t n) {
     uint32_t at = 0;
     while (at < n) {
-        uint32_t per = d->gso_off ? 1 : GSO_BYTES / t->datagram;
-        per = per > GSO_SEGMENTS ? GSO_SEGMENTS : per < 1 ? 1 : per;
         size_t nmsg = 0;
-        for (uint32_t i = at; i < n; i += per, nmsg++) {
-            uint32_t count = n - i < per ? n - i : per;
+        for (uint32_t i = at, count; i < n; i += count, nmsg++) {
+            /* a GSO message holds datagrams of one size (DATA, or RELEASE headers) */
+            size_t size = d->txiov[i].iov_len;
+            uint32_t per = d->gso_off ? 1 : (uint32_t)(GSO_BYTES / size);
+            per = per > GSO_SEGMENTS ? GSO_SEGMENTS : per < 1 ? 1 : per;
+            count = 1;
+            while (count < per && i + count < n && d->txiov[i + count].iov_len == size) count++;
             struct msghdr *h = &d->tx[nmsg].msg_hdr;
             *h = (struct msghdr){.msg_iov = &d->txiov[i], .msg_iovlen = count};
             d->txfirst[nmsg] = i;
@@ -721,7 +809,7 @@ static void send_datagrams(Driver *d, Transfer *t, uint32_t n) {
                 c->cmsg_level = SOL_UDP;
                 c->cmsg_type = UDP_SEGMENT;
                 c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-                uint16_t segment = (uint16_t)t->datagram;
+                uint16_t segment = (uint16_t)size;
                 memcpy(CMSG_DATA(c), &segment, sizeof segment);
             }
         }
@@ -733,7 +821,7 @@ static void send_datagrams(Driver *d, Transfer *t, uint32_t n) {
                 for (size_t s = m; s < m + (size_t)sent; s++) {
                     size_t count = d->tx[s].msg_hdr.msg_iovlen;
                     t->stats[PACKETS_SENT] += count;
-                    t->stats[BYTES_SENT] += count * t->datagram;
+                    t->stats[BYTES_SENT] += count * d->tx[s].msg_hdr.msg_iov[0].iov_len;
                 }
                 m += (size_t)sent;
             } else if (errno == EINTR) {
@@ -755,12 +843,13 @@ static void flush(Transfer *t, void *context) {
     Driver *d = context;
     uint32_t n = t->nqueue;
     for (uint32_t i = 0; i < n; i++) {
-        uint32_t slot = t->queue[i];
-        d->txiov[i] = (struct iovec){t->packets + (size_t)slot * t->datagram, t->datagram};
-        t->uses[slot].queued = 0;
+        size_t len;
+        const uint8_t *datagram = queued_datagram(t, t->queue[i], &len);
+        d->txiov[i] = (struct iovec){(void *)datagram, len};
+        if (!(t->queue[i] & RELEASE_ENTRY)) t->uses[t->queue[i]].queued = 0;
     }
-    t->nqueue = 0;
     if (n) send_datagrams(d, t, n);
+    t->nqueue = t->nreleases = 0;
 }
 
 /* The size of the datagrams a GRO message holds (the whole message if it is one datagram). */
@@ -809,6 +898,14 @@ static int drive(Driver *d, Transfer *t, double timeout) {
     t->drain = flush;
     t->drain_context = d;
     if (!t->started) {
+        /* What came since the last call first: a quorum's results may be there already. */
+        int n;
+        do {
+            for (int i = 0; i < RX_BATCH; i++) d->rx[i].msg_hdr.msg_controllen = sizeof(control_t);
+            n = recvmmsg(d->fd, d->rx, RX_BATCH, MSG_DONTWAIT, NULL);
+            int verdict = n > 0 ? take_batch(d, t, n, monotonic()) : GOING;
+            if (verdict != GOING) return verdict;
+        } while (n == RX_BATCH);
         core_start(t, monotonic());
         flush(t, d);
     }
@@ -850,6 +947,7 @@ static void Transfer_dealloc(Transfer *self) {
     Py_XDECREF(self->taken);
     if (self->flat.obj) PyBuffer_Release(&self->flat);
     if (self->out.obj) PyBuffer_Release(&self->out);
+    if (self->early.obj) PyBuffer_Release(&self->early);
     free(self->local_exp);
     free(self->global_exp);
     free(self->late);
@@ -858,6 +956,7 @@ static void Transfer_dealloc(Transfer *self) {
     free(self->packets);
     free(self->heap);
     free(self->queue);
+    free(self->releases);
     free(self->held);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -871,19 +970,19 @@ static int element_kind(const Py_buffer *view) {
 static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"job_id", "rank", "world_size", "slot_count", "k", "session",
                              "precision_bits", "lane_bits", "noise_key", "format", "flat", "out", "rounds", "min_rto",
-                             "max_rto", "srtt", "rttvar", "min_rtt", "contributors", NULL};
+                             "max_rto", "srtt", "rttvar", "min_rtt", "contributors", "early", NULL};
     unsigned int job_id, rank, world_size, slot_count, k, bits, lane_bits, format, contributors;
     unsigned long long session;
-    PyObject *flat, *out, *rounds, *srtt, *min_rtt, *noise_key;
+    PyObject *flat, *out, *rounds, *srtt, *min_rtt, *noise_key, *early;
     double min_rto, max_rto, rttvar;
     if (self->uses != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "a transfer is initialized once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIIIIKIIOIOOOddOdOI", kwlist, &job_id, &rank,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIIIIKIIOIOOOddOdOIO", kwlist, &job_id, &rank,
                                      &world_size, &slot_count, &k, &session, &bits, &lane_bits,
                                      &noise_key, &format, &flat, &out, &rounds, &min_rto, &max_rto,
-                                     &srtt, &rttvar, &min_rtt, &contributors))
+                                     &srtt, &rttvar, &min_rtt, &contributors, &early))
         return -1;
     if (job_id > 0xFFFF || rank > 0xFF || world_size == 0 || world_size > 32 ||
         contributors == 0 || contributors > world_size || slot_count == 0 ||
@@ -894,8 +993,13 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     if (PyObject_GetBuffer(flat, &self->flat, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0 ||
-        PyObject_GetBuffer(out, &self->out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        PyObject_GetBuffer(out, &self->out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0 ||
+        PyObject_GetBuffer(early, &self->early, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
         return -1;
+    if ((size_t)self->early.len != (size_t)2 * slot_count * (HEADER_BYTES + k * ELEMENT_BYTES)) {
+        PyErr_SetString(PyExc_ValueError, "early must hold a datagram per slot and version");
+        return -1;
+    }
     int kind = element_kind(&self->flat);
     if (kind == 'i' && lane_bits != 32) {
         PyErr_SetString(PyExc_TypeError, "int32 tensors are summed exactly, in 32-bit lanes only");
@@ -962,11 +1066,12 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     self->uses = calloc(slots, sizeof *self->uses);
     self->packets = malloc(slots * self->datagram);
     self->heap = malloc(slots * sizeof *self->heap);
-    self->queue = malloc(slots * sizeof *self->queue);
+    self->queue = malloc(2 * slots * sizeof *self->queue);
+    self->releases = malloc(slots * HEADER_BYTES);
     self->held = malloc(slots * sizeof *self->held);
     if (!self->rounds || !self->local_exp || !self->global_exp || !self->late || !self->uses ||
         !self->packets ||
-        !self->heap || !self->queue || !self->held) {
+        !self->heap || !self->queue || !self->releases || !self->held) {
         PyErr_NoMemory();
         return -1;
     }
@@ -1001,15 +1106,15 @@ static int check_idle(Transfer *self) {
 /* The sans-IO methods' drain: the queued packets as bytes, in order, onto ``taken``. */
 static void drain_to_bytes(Transfer *t, void *Py_UNUSED(context)) {
     for (uint32_t i = 0; i < t->nqueue; i++) {
-        uint32_t slot = t->queue[i];
-        t->uses[slot].queued = 0;
+        size_t len;
+        const uint8_t *datagram = queued_datagram(t, t->queue[i], &len);
+        if (!(t->queue[i] & RELEASE_ENTRY)) t->uses[t->queue[i]].queued = 0;
         if (t->taken == NULL) continue; /* out of memory: the error is set */
-        PyObject *packet = PyBytes_FromStringAndSize(
-            (const char *)t->packets + (size_t)slot * t->datagram, t->datagram);
+        PyObject *packet = PyBytes_FromStringAndSize((const char *)datagram, (Py_ssize_t)len);
         if (packet == NULL || PyList_Append(t->taken, packet) < 0) Py_CLEAR(t->taken);
         Py_XDECREF(packet);
     }
-    t->nqueue = 0;
+    t->nqueue = t->nreleases = 0;
 }
 
 /* Before a sans-IO step: what it sends will be collected as bytes. */
@@ -1260,7 +1365,7 @@ static PyObject *Driver_run(Driver *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "the timeout must be positive");
         return NULL;
     }
-    if (grow_tx(self, t->slots ? t->slots : 1) < 0) return PyErr_NoMemory();
+    if (grow_tx(self, t->slots ? 2 * (size_t)t->slots : 1) < 0) return PyErr_NoMemory();
     self->busy = t->running = 1;
     int verdict;
     set_gro(self->fd, 1);
@@ -1341,7 +1446,8 @@ PyMODINIT_FUNC PyInit__window(void) {
         PyModule_AddIntConstant(m, "RESULT", MSG_RESULT) < 0 ||
         PyModule_AddIntConstant(m, "STALE", MSG_STALE) < 0 ||
         PyModule_AddIntConstant(m, "REFUSED", MSG_REFUSED) < 0 ||
-        PyModule_AddIntConstant(m, "WAITING", MSG_WAITING) < 0) {
+        PyModule_AddIntConstant(m, "WAITING", MSG_WAITING) < 0 ||
+        PyModule_AddIntConstant(m, "RELEASE", MSG_RELEASE) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -10,7 +10,8 @@ calls and the GIL released, writing each result into the output array.
 and errors, so the differential test (tests/test_window.py) drives both
 through the same network and compares every datagram, sum and counter. The
 state a caller keeps across calls (rounds, round trip, statistics) is copied
-into the C window when a transfer starts and written back after each step.
+into the C window when a transfer starts and written back after each step;
+the early results are the caller's buffer, which the C window reads and writes.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ class CompiledTransfer:
         rounds: list[int],
         rtt: RoundTrip,
         stats: WindowStats,
+        early: bytearray,
     ) -> None:
         self.job, self.flat, self.format = job, flat, format
-        self.rounds, self.rtt, self.stats = rounds, rtt, stats
+        self.rounds, self.rtt, self.stats, self.early = rounds, rtt, stats, early
         self.out = np.empty_like(flat)
         self._core = _window.Transfer(
             job.job_id,
@@ -77,6 +79,7 @@ class CompiledTransfer:
             rtt.rttvar,
             rtt.min_rtt,
             job.contributors,
+            early,
         )
 
     @property

@@ -40,6 +40,7 @@ from switchreduce.worker.window import (
     StaleSession,
     Transfer,
     WindowStats,
+    early_results,
 )
 
 
@@ -191,6 +192,8 @@ class SwitchCommunicator:
             self._transfer = CompiledTransfer if compiled else Transfer
             self._buf = bytearray(wire.datagram_bytes(self.options.k) + 1)  # +1 shows oversize
             self._rounds = [0] * binding.slot_count  # last round used, per slot
+            # results a quorum completed before this rank sent its round (window.py)
+            self._early = early_results(binding.slot_count, self.options.k)
             self._calls = 0  # allreduce calls begun: stochastic rounding's stream per call
             self._residuals: list[np.ndarray] = []  # error feedback's, by call position
             self._position = 0  # the next call's position in the step
@@ -359,7 +362,9 @@ class SwitchCommunicator:
                 b.quorum,
             )
             format = wire.encode_format(dtype_name, bits, self.options.lane_bits)
-            xfer = self._transfer(job, flat, format, self._rounds, self._rtt, self.stats)
+            xfer = self._transfer(
+                job, flat, format, self._rounds, self._rtt, self.stats, self._early
+            )
             try:
                 self._run(xfer)
                 break
@@ -396,6 +401,9 @@ class SwitchCommunicator:
         self._results_in_session += xfer.results
 
     def _run_python(self, xfer: Transfer) -> None:
+        # What came since the last call first: a quorum's results may be there already.
+        while (datagram := self._receive(wait=False)) is not None:
+            self._send(xfer.receive(datagram, time.monotonic()))
         self._send(xfer.start(time.monotonic()))
         while not xfer.done:
             datagram = self._receive()
@@ -435,6 +443,7 @@ class SwitchCommunicator:
                     f"quorum {b.contributors}"
                 )
             self._rounds[:] = [0] * b.slot_count
+            self._early[:] = bytes(len(self._early))
             self._results_in_session = 0
             return hdr.session
         cause = f" (last socket error: {self._last_error})" if self._last_error else ""
@@ -470,12 +479,14 @@ class SwitchCommunicator:
             self.stats.packets_sent += 1
             self.stats.bytes_sent += len(packet)
 
-    def _receive(self) -> memoryview | None:
-        """The next datagram, or None after a short wait (so one wake-up drains a batch)."""
+    def _receive(self, wait: bool = True) -> memoryview | None:
+        """The next datagram, or None (after a short wait, so that one wake-up drains a
+        batch, unless ``wait`` is False)."""
         try:
             nbytes = self.sock.recv_into(self._buf)
         except (BlockingIOError, ConnectionRefusedError):  # refused: the switch is not up
-            time.sleep(self.options.coalesce)
+            if wait:
+                time.sleep(self.options.coalesce)
             return None
         self.stats.packets_received += 1
         self.stats.bytes_received += nbytes

@@ -41,6 +41,14 @@ The rules (docs/protocol.md):
   the gap, so a rank whose packet arrived resends a duplicate the switch
   answers from its row if the result was lost (WAITING if the round still
   waits for the lost contribution).
+- In a quorum job a round may complete without this rank, even before it
+  sends its own packet of the round: a RESULT of this job and session for
+  one of a slot's next two rounds is kept (``early``, one datagram per slot
+  and version, owned by the caller across calls, as ``rounds`` is). The use
+  it answers then sends no DATA: it takes the kept sums and says so with a
+  RELEASE (a header alone), so the switch may reuse the row. A quorum job's
+  rank also sends a RELEASE as it takes each slot's last result of a call,
+  so a rank that is late with its next call holds nobody back.
 - An answer counts only if it echoes an outstanding use: job, session,
   slot, round and chunk (and count, for a RESULT). STALE for our session
   raises :class:`StaleSession` (the caller decides: join again, or stop);
@@ -64,6 +72,11 @@ DEFAULT_MIN_RTO = 0.01
 PRIME = -1  # chunk index of a slot's priming use (carries only an exponent)
 #: Seconds between JOINs while the other ranks of a static job come up.
 JOIN_RETRY = 0.2
+
+
+def early_results(slot_count: int, k: int) -> bytearray:
+    """An empty store of early results (``Transfer.early``): a datagram per slot and version."""
+    return bytearray(2 * slot_count * wire.datagram_bytes(k))
 
 
 class StaleSession(Exception):
@@ -181,6 +194,8 @@ class Transfer:
     rounds: list[int]  # last round used per slot: the caller's, kept across calls
     rtt: RoundTrip
     stats: WindowStats
+    #: Results that came before this rank sent their round (early_results): the caller's
+    early: bytearray
     out: np.ndarray = field(init=False)
     chunks: int = field(init=False)
     scaled: bool = field(init=False)  # float: quantized per block; int32: sent as is
@@ -213,6 +228,8 @@ class Transfer:
                 self._local_exp[full:] = q.block_exponents(self.flat[full * k :].reshape(1, -1))
         self._zero_payload = bytes(self.job.k * wire.ELEMENT_BYTES)
         self._datagram_bytes = wire.datagram_bytes(self.job.k)
+        if len(self.early) != 2 * self.job.slot_count * self._datagram_bytes:
+            raise ValueError("early must hold a datagram per slot and version")
 
     @property
     def done(self) -> bool:
@@ -222,7 +239,10 @@ class Transfer:
         """The first use of every slot the tensor needs (a priming use for floats)."""
         self.progress_at = now
         slots = min(self.job.slot_count, self.chunks)
-        return [self._send(slot, PRIME if self.scaled else slot, now) for slot in range(slots)]
+        sent: list[bytes] = []
+        for slot in range(slots):
+            sent += self._send(slot, PRIME if self.scaled else slot, now)
+        return sent
 
     def receive(self, datagram: bytes | bytearray | memoryview, now: float) -> list[bytes]:
         """Take a datagram from the switch; what to send in answer (the slot's next use)."""
@@ -231,14 +251,11 @@ class Transfer:
             return []
         hdr = wire.unpack_header(datagram)
         use = self._uses.get(hdr.slot)
-        if (
-            use is None
-            or hdr.job_id != self.job.job_id
-            or hdr.session != self.job.session  # a forger's packet echoed, or an older run's
-            or hdr.round != use.round
-            or hdr.chunk != use.wire_chunk
-        ):
-            self.stats.duplicates += 1
+        ours = hdr.job_id == self.job.job_id and hdr.session == self.job.session
+        if not ours or use is None or hdr.round != use.round or hdr.chunk != use.wire_chunk:
+            if ours and self._keep_early(hdr, datagram):
+                return []
+            self.stats.duplicates += 1  # a forger's packet echoed, an older run's, or a copy
             return []
         if hdr.msg_type == wire.MsgType.STALE:
             raise StaleSession
@@ -251,29 +268,18 @@ class Transfer:
         if hdr.msg_type != wire.MsgType.RESULT or hdr.count != use.count:
             self.stats.duplicates += 1
             return []
-        self.results += 1
         self.progress_at = now
         if use.retries == 0:
             self.rtt.sample(now - use.sent_at)
         resend = self._overtake(hdr.slot, now)
         resend += self._end_stall(hdr.slot, now)
-        if use.chunk == PRIME:
-            self._global_exp[hdr.slot] = hdr.exponent
-            return [*resend, self._send(hdr.slot, hdr.slot, now)]
-        self._store(use.chunk, hdr.count, datagram)
-        if not hdr.length >> self.job.rank & 1:  # a quorum completed the round without us
-            self._late[use.chunk] = True
-            self.stats.late += 1
-        ahead = use.chunk + self.job.slot_count
-        if ahead >= self.chunks:
-            del self._uses[hdr.slot]
-            del self._sent_order[hdr.slot]
+        after = self._take(use.chunk, hdr.slot, hdr, datagram)
+        if after is None:
+            self._finish(hdr.slot)
             if self.job.contributors < self.job.world_size:  # a quorum's: say the sums are in,
-                resend.append(bytes([wire.MsgType.RELEASE]) + use.packet[1:])  # so the row may go
+                resend.append(_release(use.packet))  # so the row may go
             return resend
-        if self.scaled:
-            self._global_exp[ahead] = hdr.exponent
-        return [*resend, self._send(hdr.slot, ahead, now)]
+        return [*resend, *self._send(hdr.slot, after, now)]
 
     def expire(self, now: float) -> list[bytes]:
         """The uses whose timeout has passed are held; the oldest held is resent as a probe,
@@ -320,8 +326,82 @@ class Transfer:
             done[first :: self.job.slot_count] = False
         return np.flatnonzero(~done)
 
-    def _send(self, slot: int, chunk: int, now: float) -> bytes:
-        """Start the next use of ``slot``: its packet carries ``chunk`` (or primes it)."""
+    def _take(
+        self, chunk: int, slot: int, hdr: wire.Header, datagram: bytes | bytearray | memoryview
+    ) -> int | None:
+        """Take a result for ``chunk`` (or a priming use): the next chunk of its slot, or None
+        when the slot is done for this call."""
+        self.results += 1
+        if chunk == PRIME:
+            self._global_exp[slot] = hdr.exponent
+            return slot
+        self._store(chunk, hdr.count, datagram)
+        if not hdr.length >> self.job.rank & 1:  # a quorum completed the round without us
+            self._late[chunk] = True
+            self.stats.late += 1
+        ahead = chunk + self.job.slot_count
+        if ahead >= self.chunks:
+            return None
+        if self.scaled:
+            self._global_exp[ahead] = hdr.exponent
+        return ahead
+
+    def _finish(self, slot: int) -> None:
+        """The slot has nothing more to send in this call."""
+        self._uses.pop(slot, None)
+        self._sent_order.pop(slot, None)
+
+    def _keep_early(self, hdr: wire.Header, datagram: bytes | bytearray | memoryview) -> bool:
+        """Keep a RESULT for one of the slot's next two rounds (a quorum completed it before
+        this rank sent its own); False if the datagram is no such result."""
+        if (
+            self.job.contributors == self.job.world_size  # no round completes without us
+            or hdr.msg_type != wire.MsgType.RESULT
+            or hdr.slot >= self.job.slot_count
+            or not 1 <= (hdr.round - self.rounds[hdr.slot]) & 0xFFFF <= 2
+        ):
+            return False
+        at = (2 * hdr.slot + (hdr.round & 1)) * self._datagram_bytes
+        self.early[at : at + self._datagram_bytes] = datagram
+        return True
+
+    def _early_result(self, slot: int, round_: int, wire_chunk: int, count: int) -> bytes | None:
+        """The kept result of this use of ``slot``, taken from the store, or None."""
+        at = (2 * slot + (round_ & 1)) * self._datagram_bytes
+        datagram = bytes(self.early[at : at + self._datagram_bytes])
+        hdr = wire.unpack_header(datagram)
+        if (
+            hdr.msg_type != wire.MsgType.RESULT
+            or (hdr.job_id, hdr.session) != (self.job.job_id, self.job.session)
+            or (hdr.round, hdr.chunk, hdr.count) != (round_, wire_chunk, count)
+        ):
+            return None
+        self.early[at] = 0  # taken: no message type
+        return datagram
+
+    def _send(self, slot: int, chunk: int, now: float) -> list[bytes]:
+        """Start the next use of ``slot``: its packet carries ``chunk`` (or primes it). A use
+        whose result came early sends a RELEASE instead, and the slot goes on to its next."""
+        sent = []
+        while True:
+            packet = self._packet(slot, chunk)
+            hdr = wire.unpack_header(packet)
+            early = self._early_result(slot, hdr.round, hdr.chunk, hdr.count)
+            if early is None:
+                use = _SlotUse(chunk, hdr.chunk, hdr.round, hdr.count, packet, first_sent_at=now)
+                self._uses[slot] = use
+                self._arm(slot, use, now)
+                return [*sent, packet]
+            sent.append(_release(packet))
+            self.progress_at = now
+            after = self._take(chunk, slot, wire.unpack_header(early), early)
+            if after is None:
+                self._finish(slot)
+                return sent
+            chunk = after
+
+    def _packet(self, slot: int, chunk: int) -> bytes:
+        """The DATA packet of the next use of ``slot``: ``chunk``'s (or a priming use's)."""
         job, k = self.job, self.job.chunk_elements
         round_ = self.rounds[slot] = (self.rounds[slot] + 1) & 0xFFFF
         if chunk == PRIME:
@@ -366,10 +446,7 @@ class Transfer:
             self.flat.size,
             job.session,
         )
-        use = _SlotUse(chunk, wire_chunk, round_, count, header.pack() + payload, first_sent_at=now)
-        self._uses[slot] = use
-        self._arm(slot, use, now)
-        return use.packet
+        return header.pack() + payload
 
     def _overtake(self, answered: int, now: float) -> list[bytes]:
         """The uses sent a reordering window or more before the answered one, resent.
@@ -447,6 +524,11 @@ class Transfer:
             )[0]
         else:
             self.out[lo : lo + count] = sums
+
+
+def _release(packet: bytes) -> bytes:
+    """The RELEASE of a use: its header alone, typed RELEASE."""
+    return bytes([wire.MsgType.RELEASE]) + packet[1 : wire.HEADER_BYTES]
 
 
 def refusal_message(job: Job, format: int, length: int, hdr: wire.Header) -> str:

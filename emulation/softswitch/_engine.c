@@ -531,7 +531,9 @@ static int aggregate(Engine *e, pkt_t *p) {
     uint32_t len = p->wire_len;
     if (p->avail >= HEADER_BYTES && d[0] == MSG_JOIN && (e->punt[rd16(d + 2) >> 3] >> (rd16(d + 2) & 7) & 1))
         return PUNT;
-    if (p->avail < e->datagram || p->udp_length != UDP_BYTES + e->datagram ||
+    /* a RELEASE is a header alone, anything else carries K elements */
+    uint32_t size = p->avail >= HEADER_BYTES && d[0] == MSG_RELEASE ? HEADER_BYTES : e->datagram;
+    if (p->avail < size || p->udp_length != UDP_BYTES + size ||
         (d[0] != MSG_DATA && d[0] != MSG_RELEASE) ||
         rd16(d + 10) > e->k) {
         count(e, C_DROPS, DROP_BAD_HEADER, len);
@@ -561,6 +563,7 @@ static int aggregate(Engine *e, pkt_t *p) {
     uint64_t session = rd64(d + 20);
     if (session != job->session) { /* another run's packet, or a guess: tell the sender */
         count(e, C_DROPS, DROP_BAD_SESSION, len);
+        if (d[0] == MSG_RELEASE) return 0; /* nothing answers a RELEASE */
         d[0] = MSG_STALE;
         return to_sender(e, p);
     }

@@ -154,7 +154,9 @@ class SwitchReduceParser:
         pkt.aggregation = True
         if len(payload) >= wire.HEADER_BYTES:
             pkt.header = wire.unpack_header(payload)
-        if len(payload) >= self.datagram_bytes:
+        # A RELEASE is a header alone: the P4 parser does not look for elements after one.
+        release = pkt.header is not None and pkt.header.msg_type == wire.MsgType.RELEASE
+        if len(payload) >= self.datagram_bytes and not release:
             pkt.elements = wire.decode_elements(payload, self.k)
 
 
@@ -164,6 +166,7 @@ class SwitchReduceIngress:
     def __init__(self, k: int, pool_size: int = POOL_SIZE) -> None:
         self.k = k
         self.udp_length = wire.UDP_BYTES + wire.datagram_bytes(k)
+        self.release_length = wire.UDP_BYTES + wire.HEADER_BYTES
         self.pool_size = pool_size
         self.jobs = ExactTable(names.JOBS, MAX_JOBS)
         self.workers = ExactTable(names.WORKERS, MAX_JOBS * wire.MAX_WORKERS)
@@ -199,27 +202,31 @@ class SwitchReduceIngress:
         world_size, quorum, slot_base, _, mcast_grp, session = job_args
         if hdr.session != session:  # another run's packet, or a guess: tell the sender
             self.drop(pkt, DropReason.BAD_SESSION)
+            if release:  # nothing answers a RELEASE
+                return Verdict.DROP, 0
             return self._reply(pkt, hdr, wire.MsgType.STALE), 0
         index = slot_base + hdr.slot
         return self._aggregate(pkt, hdr, elements, world_size, quorum, index, mcast_grp, session)
 
     def admit(
         self, pkt: Packet, msg_type: wire.MsgType
-    ) -> tuple[wire.Header, np.ndarray, tuple[int, ...]] | None:
+    ) -> tuple[wire.Header, np.ndarray | None, tuple[int, ...]] | None:
         """The ingress checks every packet of a job passes, in the P4 program's order.
 
         A well-formed ``msg_type`` packet of a job in the ``jobs`` table, from a
         rank of it bound in ``workers`` to where the packet came from, for a
-        slot of the job's. Returns its header, its elements and the job's
-        ``set_job`` arguments, or None with the drop counted. DATA comes here
-        from ``apply``; a static job's JOIN from the switch's CPU
-        (``static.StaticJob``), so both are refused for the same reasons.
+        slot of the job's. Returns its header, its elements (None for a RELEASE,
+        a header alone) and the job's ``set_job`` arguments, or None with the
+        drop counted. DATA and RELEASE come here from ``apply``; a static job's
+        JOIN from the switch's CPU (``static.StaticJob``), so all are refused for
+        the same reasons.
         """
         hdr, elements = pkt.header, pkt.elements
+        release = msg_type == wire.MsgType.RELEASE
         if (
             hdr is None  # the parser sets the header whenever it sets the elements
-            or elements is None
-            or pkt.udp_length != self.udp_length
+            or (elements is None and not release)
+            or pkt.udp_length != (self.release_length if release else self.udp_length)
             or hdr.msg_type != msg_type
             or hdr.count > self.k
         ):
@@ -251,7 +258,7 @@ class SwitchReduceIngress:
         self,
         pkt: Packet,
         hdr: wire.Header,
-        elements: np.ndarray,
+        elements: np.ndarray | None,
         world_size: int,
         quorum: int,
         index: int,
@@ -281,6 +288,7 @@ class SwitchReduceIngress:
             if ahead == 0:
                 seen[row] |= bit
             return Verdict.DROP, 0
+        assert elements is not None  # admit: every packet but a RELEASE has them
         if ahead:
             seen[row] |= bit
             if seen[row] & everyone != everyone:

@@ -25,6 +25,7 @@
 #define MSG_RELEASE 8
 #define SR_HEADER_BYTES 28
 #define SR_UDP_LENGTH (8 + SR_HEADER_BYTES + 4 * K)
+#define SR_RELEASE_UDP_LENGTH (8 + SR_HEADER_BYTES)  /* a RELEASE is a header alone */
 
 /* Index of the drops counter, one per reason (DropReason in the soft switch). */
 #define DROP_BAD_HEADER 0

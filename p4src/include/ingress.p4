@@ -109,8 +109,11 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
             if (!hdr.ethernet.isValid() || !forward.apply().hit) {
                 drop(DROP_NO_ROUTE);
             }
-        } else if (!hdr.sr.isValid() || !hdr.elements[K - 1].isValid()
-                   || hdr.udp.length != SR_UDP_LENGTH
+        } else if (!hdr.sr.isValid()
+                   || (hdr.sr.msg_type == MSG_RELEASE
+                       && hdr.udp.length != SR_RELEASE_UDP_LENGTH)  /* a header alone */
+                   || (hdr.sr.msg_type != MSG_RELEASE
+                       && (!hdr.elements[K - 1].isValid() || hdr.udp.length != SR_UDP_LENGTH))
                    || (hdr.sr.msg_type != MSG_DATA && hdr.sr.msg_type != MSG_RELEASE)
                    || hdr.sr.count > K) {
             drop(DROP_BAD_HEADER);
@@ -123,10 +126,14 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
         } else if (!workers.apply().hit) {
             drop(DROP_UNBOUND_WORKER);
         } else if (hdr.sr.session != meta.session) {
-            /* Another run's packet, or a guess: tell the sender. */
+            /* Another run's packet, or a guess: tell the sender (nothing answers a RELEASE). */
             drops.count(DROP_BAD_SESSION);
-            make_reply(MSG_STALE);
-            standard_metadata.egress_spec = standard_metadata.ingress_port;
+            if (hdr.sr.msg_type == MSG_RELEASE) {
+                mark_to_drop(standard_metadata);
+            } else {
+                make_reply(MSG_STALE);
+                standard_metadata.egress_spec = standard_metadata.ingress_port;
+            }
         } else {
             bit<32> index = (bit<32>)(meta.slot_base + (bit<16>)hdr.sr.slot);
             bit<32> row = (index << 1) | (bit<32>)hdr.sr.version;

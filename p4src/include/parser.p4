@@ -29,6 +29,12 @@ parser SwitchReduceParser(packet_in pkt, out headers_t hdr, inout metadata_t met
     }
     state parse_switchreduce {
         pkt.extract(hdr.sr);
+        transition select(hdr.sr.msg_type) {
+            MSG_RELEASE: accept;  /* a header alone */
+            default: parse_elements;
+        }
+    }
+    state parse_elements {
         FOR_EACH_ELEMENT(SR_EXTRACT_ELEMENT)
         transition accept;
     }
