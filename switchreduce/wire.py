@@ -171,6 +171,7 @@ class MsgType(IntEnum):
     REFUSED = 6  # switch -> workers: ranks disagree on what the round sums
     WAITING = 7  # switch -> worker: its resent contribution is in; ``length``: the ranks in
     RELEASE = 8  # worker -> switch: it holds the result of the slot's round (a quorum job's)
+    RESEND = 9  # worker -> switch: a DATA packet sent again (answered even when late)
 
 
 class DropReason(IntEnum):

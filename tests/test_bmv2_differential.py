@@ -169,7 +169,9 @@ def _traffic() -> list[tuple[int, bytes]]:
     quorum = {"job_id": 2, "session": SESSION + 2}
     for rank in (0, 1):  # job 2, a quorum of 2: two ranks complete round 1 of slot 0
         out.append((rank + 1, _frame(rank + 1, data(rank, **quorum), values=rank + 3)))
-    out.append((3, _frame(3, data(2, **quorum), values=9)))  # late: the sums, without its own
+    out.append((3, _frame(3, data(2, **quorum), values=9)))  # late: dropped (the multicast)
+    resend = {"msg_type": wire.MsgType.RESEND, **quorum}
+    out.append((3, _frame(3, data(2, **resend), values=9)))  # late again: the sums, to it
     for round_ in (1, 2):  # slot 1: rounds 1 and 2 without rank 2
         for rank in (0, 1):
             out.append((rank + 1, _frame(rank + 1, data(rank, round_, slot=1, **quorum))))

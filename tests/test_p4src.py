@@ -53,10 +53,8 @@ def test_constants_match_the_python_side() -> None:
     assert defines["MAX_JOBS"] == MAX_JOBS
     assert defines["UDP_PORT_MIN"] == wire.UDP_PORT_MIN
     assert defines["UDP_PORT_MAX"] == wire.UDP_PORT_MAX
-    assert defines["MSG_DATA"] == wire.MsgType.DATA
-    assert defines["MSG_RESULT"] == wire.MsgType.RESULT
-    assert defines["MSG_STALE"] == wire.MsgType.STALE
-    assert defines["MSG_REFUSED"] == wire.MsgType.REFUSED
+    for kind in ("DATA", "RESULT", "STALE", "REFUSED", "WAITING", "RELEASE", "RESEND"):
+        assert defines[f"MSG_{kind}"] == wire.MsgType[kind], kind
     assert defines["ROW_REFUSED"] == wire.ROW_REFUSED
     assert defines["SR_HEADER_BYTES"] == wire.HEADER_BYTES
     assert defines["K"] in wire.SUPPORTED_K

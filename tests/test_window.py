@@ -726,7 +726,7 @@ def test_the_compiled_window_lays_out_packets_as_wire_does() -> None:
     """The C header offsets against wire.Header.pack, field by field, byte for byte."""
     assert (_window.HEADER_BYTES, _window.ELEMENT_BYTES) == (wire.HEADER_BYTES, wire.ELEMENT_BYTES)
     assert _window.EXPONENT_BIAS == wire.EXPONENT_BIAS
-    names = ("DATA", "RESULT", "STALE", "REFUSED", "WAITING", "RELEASE")
+    names = ("DATA", "RESULT", "STALE", "REFUSED", "WAITING", "RELEASE", "RESEND")
     assert [getattr(_window, n) for n in names] == [wire.MsgType[n] for n in names]
     flat = np.arange(3 * K + 5, dtype=np.int32) - 7
     job = Job(0xBEEF, 0xA5, 32, 5, K, 0x0123_4567_89AB_CDEF)

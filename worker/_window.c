@@ -57,7 +57,10 @@ enum {
     AT_LENGTH = 16,
     AT_SESSION = 20,
 };
-enum { MSG_DATA = 1, MSG_RESULT = 2, MSG_STALE = 5, MSG_REFUSED = 6, MSG_WAITING = 7, MSG_RELEASE = 8 };
+enum {
+    MSG_DATA = 1, MSG_RESULT = 2, MSG_STALE = 5, MSG_REFUSED = 6, MSG_WAITING = 7, MSG_RELEASE = 8,
+    MSG_RESEND = 9
+};
 #define EXPONENT_BIAS 127
 #define EXPONENT_MIN (1 - EXPONENT_BIAS)
 
@@ -470,6 +473,8 @@ static void resend_backing_off(Transfer *t, uint32_t slot, double now, uint32_t 
     use_t *u = &t->uses[slot];
     u->retries++;
     u->held = 0;
+    /* says so: the switch answers a late RESEND, not a late DATA */
+    t->packets[(size_t)slot * t->datagram + AT_MSG_TYPE] = MSG_RESEND;
     t->stats[RETRANSMISSIONS]++;
     arm(t, slot, now, u->retries > backoff ? u->retries : backoff);
     enqueue(t, slot);
@@ -1447,7 +1452,8 @@ PyMODINIT_FUNC PyInit__window(void) {
         PyModule_AddIntConstant(m, "STALE", MSG_STALE) < 0 ||
         PyModule_AddIntConstant(m, "REFUSED", MSG_REFUSED) < 0 ||
         PyModule_AddIntConstant(m, "WAITING", MSG_WAITING) < 0 ||
-        PyModule_AddIntConstant(m, "RELEASE", MSG_RELEASE) < 0) {
+        PyModule_AddIntConstant(m, "RELEASE", MSG_RELEASE) < 0 ||
+        PyModule_AddIntConstant(m, "RESEND", MSG_RESEND) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -490,7 +490,8 @@ class Transfer:
         doublings) and it goes to the back."""
         use.retries += 1
         use.held = False
-        self.stats.retransmissions += 1
+        use.packet = bytes([wire.MsgType.RESEND]) + use.packet[1:]  # says so (the switch
+        self.stats.retransmissions += 1  # answers a late RESEND, not a late DATA)
         self._arm(slot, use, now, max(use.retries, backoff))
         return use.packet
 

@@ -82,7 +82,8 @@
 
 enum {
     MSG_DATA = 1, MSG_RESULT = 2, MSG_JOIN = 3, MSG_STALE = 5, MSG_REFUSED = 6, MSG_WAITING = 7,
-    MSG_RELEASE = 8
+    MSG_RELEASE = 8,
+    MSG_RESEND = 9
 };
 enum {
     DROP_BAD_HEADER, DROP_UNKNOWN_JOB, DROP_RANK_OUT_OF_RANGE, DROP_SLOT_OUT_OF_RANGE,
@@ -534,7 +535,7 @@ static int aggregate(Engine *e, pkt_t *p) {
     /* a RELEASE is a header alone, anything else carries K elements */
     uint32_t size = p->avail >= HEADER_BYTES && d[0] == MSG_RELEASE ? HEADER_BYTES : e->datagram;
     if (p->avail < size || p->udp_length != UDP_BYTES + size ||
-        (d[0] != MSG_DATA && d[0] != MSG_RELEASE) ||
+        (d[0] != MSG_DATA && d[0] != MSG_RESEND && d[0] != MSG_RELEASE) ||
         rd16(d + 10) > e->k) {
         count(e, C_DROPS, DROP_BAD_HEADER, len);
         return 0;
@@ -620,8 +621,9 @@ static int aggregate(Engine *e, pkt_t *p) {
         return to_group(e, p, job->mcast_grp);
     }
     if (ahead == 0 && e->arrivals[row] == 0) { /* late: a quorum completed the round without it */
-        count(e, C_DROPS, DROP_LATE, len);
-        make_result(e, d, row); /* its contribution is not added; it gets the sums */
+        count(e, C_DROPS, DROP_LATE, len);        /* its contribution is not added */
+        if (d[0] != MSG_RESEND) return 0;         /* the result's multicast went to it too */
+        make_result(e, d, row); /* it may have lost that: the sums, to it alone */
         return to_sender(e, p);
     }
     int32_t *v = e->value + (size_t)row * e->k;

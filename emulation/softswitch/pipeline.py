@@ -48,6 +48,8 @@ from switchreduce.wire import DropReason
 POOL_SIZE = 4096
 #: Largest job id the per-job counters index.
 MAX_JOBS = 256
+#: What a worker sends the switch besides DATA (a static job's JOIN goes to its CPU).
+_WORKER_MESSAGES = (wire.MsgType.RESEND, wire.MsgType.RELEASE)
 
 
 @dataclass(slots=True)
@@ -194,8 +196,11 @@ class SwitchReduceIngress:
         """(verdict, multicast group) for one packet; rewrites ``pkt`` for results."""
         if not pkt.aggregation:
             return self._forward(pkt)
-        release = pkt.header is not None and pkt.header.msg_type == wire.MsgType.RELEASE
-        admitted = self.admit(pkt, wire.MsgType.RELEASE if release else wire.MsgType.DATA)
+        kind = wire.MsgType.DATA  # or a worker's other message, if it says so
+        if pkt.header is not None and pkt.header.msg_type in _WORKER_MESSAGES:
+            kind = wire.MsgType(pkt.header.msg_type)
+        release = kind == wire.MsgType.RELEASE
+        admitted = self.admit(pkt, kind)
         if admitted is None:
             return Verdict.DROP, 0
         hdr, elements, job_args = admitted
@@ -316,8 +321,10 @@ class SwitchReduceIngress:
             self._reply(pkt, hdr, wire.MsgType.REFUSED)
             return Verdict.MULTICAST, mcast_grp
         if ahead == 0 and arrivals[row] == 0:  # late: a quorum completed the round without it
-            self.drop(pkt, DropReason.LATE)
-            self._make_result(pkt, hdr, row)  # its contribution is not added; it gets the sums
+            self.drop(pkt, DropReason.LATE)  # its contribution is not added
+            if hdr.msg_type != wire.MsgType.RESEND:
+                return Verdict.DROP, 0  # the result's multicast went to it too
+            self._make_result(pkt, hdr, row)  # it may have lost that: the sums, to it alone
             pkt.egress_port = pkt.ingress_port
             return Verdict.UNICAST, 0
         if ahead:  # the first packet of a new round writes

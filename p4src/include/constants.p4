@@ -23,6 +23,7 @@
 #define MSG_REFUSED 6
 #define MSG_WAITING 7
 #define MSG_RELEASE 8
+#define MSG_RESEND 9
 #define SR_HEADER_BYTES 28
 #define SR_UDP_LENGTH (8 + SR_HEADER_BYTES + 4 * K)
 #define SR_RELEASE_UDP_LENGTH (8 + SR_HEADER_BYTES)  /* a RELEASE is a header alone */

@@ -114,7 +114,8 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                        && hdr.udp.length != SR_RELEASE_UDP_LENGTH)  /* a header alone */
                    || (hdr.sr.msg_type != MSG_RELEASE
                        && (!hdr.elements[K - 1].isValid() || hdr.udp.length != SR_UDP_LENGTH))
-                   || (hdr.sr.msg_type != MSG_DATA && hdr.sr.msg_type != MSG_RELEASE)
+                   || (hdr.sr.msg_type != MSG_DATA && hdr.sr.msg_type != MSG_RESEND
+                       && hdr.sr.msg_type != MSG_RELEASE)
                    || hdr.sr.count > K) {
             drop(DROP_BAD_HEADER);
         } else if (!jobs.apply().hit) {
@@ -228,13 +229,18 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                 standard_metadata.mcast_grp = meta.mcast_grp;
             } else if (ahead == 0 && count == 0) {
                 /* Late: a quorum completed the round without this rank. Its contribution is
-                 * not added; it gets the sums, whose bitmap says it is not in them. */
-                read_sums();
-                exponent.read(hdr.sr.exponent, row);
-                hdr.sr.length = ranks;
+                 * not added. The result's multicast went to it too; a RESEND says it may have
+                 * lost that: it gets the sums, whose bitmap says it is not in them. */
                 drops.count(DROP_LATE);
-                make_reply(MSG_RESULT);
-                standard_metadata.egress_spec = standard_metadata.ingress_port;
+                if (hdr.sr.msg_type == MSG_RESEND) {
+                    read_sums();
+                    exponent.read(hdr.sr.exponent, row);
+                    hdr.sr.length = ranks;
+                    make_reply(MSG_RESULT);
+                    standard_metadata.egress_spec = standard_metadata.ingress_port;
+                } else {
+                    mark_to_drop(standard_metadata);
+                }
             } else {
                 bit<8> max_exponent;
                 if (ahead != 0) {  /* the first packet of a new round writes */
