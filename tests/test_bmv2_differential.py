@@ -183,6 +183,11 @@ def _traffic() -> list[tuple[int, bytes]]:
     out.append((2, _frame(2, payload=release + bytes(4 * K))))  # a RELEASE with elements: bad
     stale = data(1, 2, slot=1, msg_type=wire.MsgType.RELEASE, job_id=2, session=SESSION)
     out.append((2, _frame(2, payload=stale.pack())))  # another session's: dropped, unanswered
+    for rank in range(3):  # slot 7: priming uses, headers alone; the third completes the round
+        out.append((rank + 1, _frame(rank + 1, payload=data(rank, slot=7, count=0).pack())))
+    resend = data(0, slot=7, count=0, msg_type=wire.MsgType.RESEND).pack()
+    out.append((1, _frame(1, payload=resend)))  # its result again: a header alone
+    out.append((1, _frame(1, payload=data(0, 2, slot=7, count=1).pack())))  # no elements: bad
     out.append((1, _frame(1, data(0, job_id=9))))  # unknown job
     out.append((1, _frame(1, data(5))))  # rank out of range
     out.append((1, _frame(1, data(0, slot=8))))  # slot out of range
@@ -344,7 +349,7 @@ def test_bmv2_and_the_soft_switch_agree_bit_for_bit(bmv2) -> None:
         assert read is not None
         nbytes, packets = map(int, read.groups())
         assert (packets, nbytes) == (counter.packets[index], counter.bytes[index]), counter.name
-    assert soft.ingress.job_stats[JobStat.RESULTS].packets[1] == 2
+    assert soft.ingress.job_stats[JobStat.RESULTS].packets[1] == 3  # slots 0 (twice) and 7
     assert soft.ingress.drops.packets[DropReason.MISMATCH] == 5  # 3 in slot 2, slots 3 and 6
     registers = soft.registers()
     held = _bmv2_registers(cli, list(registers))

@@ -463,7 +463,7 @@ static const uint8_t *queued_datagram(const Transfer *t, uint32_t entry, size_t 
         *len = HEADER_BYTES;
         return t->releases + (size_t)(entry & ~RELEASE_ENTRY) * HEADER_BYTES;
     }
-    *len = t->datagram;
+    *len = t->uses[entry].chunk == PRIME ? HEADER_BYTES : t->datagram; /* priming: a header */
     return t->packets + (size_t)entry * t->datagram;
 }
 
@@ -568,13 +568,14 @@ static uint8_t *early_entry(const Transfer *t, uint32_t slot, uint16_t round) {
 
 /* Transfer._keep_early: keep a RESULT of ours for one of the slot's next two rounds; 0 if the
  * datagram is no such result. */
-static int keep_early(Transfer *t, const uint8_t *d) {
+static int keep_early(Transfer *t, const uint8_t *d, size_t len) {
     uint32_t slot = rd16(d + AT_VERSION_SLOT) & 0x7FFFu;
-    if (t->contributors == t->world_size || d[AT_MSG_TYPE] != MSG_RESULT || slot >= t->slot_count)
-        return 0; /* no round completes without us, or no result */
+    if (t->contributors == t->world_size || d[AT_MSG_TYPE] != MSG_RESULT || slot >= t->slot_count ||
+        (len == HEADER_BYTES) != (rd16(d + AT_COUNT) == 0))
+        return 0; /* no round completes without us, no result, or a priming use's not alone */
     uint16_t ahead = (uint16_t)(rd16(d + AT_ROUND) - t->rounds[slot]);
     if (ahead < 1 || ahead > 2) return 0;
-    memcpy(early_entry(t, slot, rd16(d + AT_ROUND)), d, t->datagram);
+    memcpy(early_entry(t, slot, rd16(d + AT_ROUND)), d, len);
     return 1;
 }
 
@@ -651,7 +652,7 @@ static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
             else
                 copy_swapped(payload, (const uint8_t *)t->flat.buf + first * ELEMENT_BYTES, count);
         }
-        memset(payload + words * ELEMENT_BYTES, 0, (t->k - words) * ELEMENT_BYTES);
+        if (chunk != PRIME) memset(payload + words * ELEMENT_BYTES, 0, (t->k - words) * ELEMENT_BYTES);
         if (!u->active) t->active++;
         u->chunk = chunk;
         u->wire_chunk = wire_chunk;
@@ -677,7 +678,7 @@ static void core_start(Transfer *t, double now) {
 
 /* Transfer.receive: GOING (what to send is queued), or STALE or REFUSED (header in refusal). */
 static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
-    if (len != t->datagram) {
+    if (len != t->datagram && len != HEADER_BYTES) {
         t->stats[DUPLICATES]++;
         return GOING;
     }
@@ -685,8 +686,9 @@ static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
     use_t *u = slot < t->slots && t->uses[slot].active ? &t->uses[slot] : NULL;
     int ours = rd16(d + AT_JOB_ID) == t->job_id && rd64(d + AT_SESSION) == t->session;
     if (!ours || u == NULL || rd16(d + AT_ROUND) != u->round ||
-        rd32(d + AT_CHUNK) != u->wire_chunk) {
-        if (ours && keep_early(t, d)) return GOING;
+        rd32(d + AT_CHUNK) != u->wire_chunk ||
+        len != (u->chunk == PRIME ? HEADER_BYTES : t->datagram)) {
+        if (ours && keep_early(t, d, len)) return GOING;
         t->stats[DUPLICATES]++; /* a forger's packet echoed, an older run's, or a copy */
         return GOING;
     }
@@ -705,7 +707,8 @@ static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
         return GOING;
     }
     t->progress_at = now;
-    if (u->retries == 0) sample_rtt(t, now - u->sent_at);
+    /* Karn's rule; a priming use's round trip (a header alone) is no full packet's */
+    if (u->retries == 0 && u->chunk != PRIME) sample_rtt(t, now - u->sent_at);
     overtake(t, slot, now);
     end_stall(t, slot, now);
     int64_t after = take_result(t, slot, u->chunk, d);

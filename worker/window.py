@@ -246,13 +246,17 @@ class Transfer:
 
     def receive(self, datagram: bytes | bytearray | memoryview, now: float) -> list[bytes]:
         """Take a datagram from the switch; what to send in answer (the slot's next use)."""
-        if len(datagram) != self._datagram_bytes:
+        if len(datagram) not in (wire.HEADER_BYTES, self._datagram_bytes):
             self.stats.duplicates += 1
             return []
         hdr = wire.unpack_header(datagram)
         use = self._uses.get(hdr.slot)
         ours = hdr.job_id == self.job.job_id and hdr.session == self.job.session
-        if not ours or use is None or hdr.round != use.round or hdr.chunk != use.wire_chunk:
+        if (
+            not ours
+            or use is None
+            or (hdr.round, hdr.chunk, len(datagram)) != (use.round, use.wire_chunk, len(use.packet))
+        ):
             if ours and self._keep_early(hdr, datagram):
                 return []
             self.stats.duplicates += 1  # a forger's packet echoed, an older run's, or a copy
@@ -269,8 +273,8 @@ class Transfer:
             self.stats.duplicates += 1
             return []
         self.progress_at = now
-        if use.retries == 0:
-            self.rtt.sample(now - use.sent_at)
+        if use.retries == 0 and use.chunk != PRIME:  # Karn's rule; a header alone's round
+            self.rtt.sample(now - use.sent_at)  # trip is no full packet's
         resend = self._overtake(hdr.slot, now)
         resend += self._end_stall(hdr.slot, now)
         after = self._take(use.chunk, hdr.slot, hdr, datagram)
@@ -357,18 +361,20 @@ class Transfer:
         if (
             self.job.contributors == self.job.world_size  # no round completes without us
             or hdr.msg_type != wire.MsgType.RESULT
+            or (len(datagram) == wire.HEADER_BYTES) != (hdr.count == 0)  # a priming use's alone
             or hdr.slot >= self.job.slot_count
             or not 1 <= (hdr.round - self.rounds[hdr.slot]) & 0xFFFF <= 2
         ):
             return False
         at = (2 * hdr.slot + (hdr.round & 1)) * self._datagram_bytes
-        self.early[at : at + self._datagram_bytes] = datagram
+        self.early[at : at + len(datagram)] = datagram
         return True
 
     def _early_result(self, slot: int, round_: int, wire_chunk: int, count: int) -> bytes | None:
         """The kept result of this use of ``slot``, taken from the store, or None."""
         at = (2 * slot + (round_ & 1)) * self._datagram_bytes
-        datagram = bytes(self.early[at : at + self._datagram_bytes])
+        size = wire.HEADER_BYTES if count == 0 else self._datagram_bytes  # a priming use's alone
+        datagram = bytes(self.early[at : at + size])
         hdr = wire.unpack_header(datagram)
         if (
             hdr.msg_type != wire.MsgType.RESULT
@@ -404,8 +410,8 @@ class Transfer:
         """The DATA packet of the next use of ``slot``: ``chunk``'s (or a priming use's)."""
         job, k = self.job, self.job.chunk_elements
         round_ = self.rounds[slot] = (self.rounds[slot] + 1) & 0xFFFF
-        if chunk == PRIME:
-            exponent, count, payload = self._local_exp[slot], 0, self._zero_payload
+        if chunk == PRIME:  # a header alone: it carries an exponent, no elements
+            exponent, count, payload = self._local_exp[slot], 0, b""
             wire_chunk = slot
         else:
             ahead = chunk + job.slot_count

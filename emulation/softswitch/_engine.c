@@ -509,14 +509,14 @@ static int to_group(Engine *e, const pkt_t *p, uint16_t group) {
 }
 
 /* Turn the packet into the row's result (header kept, but its type, the max exponent and, in
- * length, the bitmap). */
-static void make_result(const Engine *e, uint8_t *d, uint32_t row) {
+ * length, the bitmap); the sums follow, unless the packet is a header alone. */
+static void make_result(const Engine *e, uint8_t *d, uint32_t row, int alone) {
     const int32_t *v = e->value + (size_t)row * e->k;
     uint8_t *p = d + HEADER_BYTES;
     d[0] = MSG_RESULT;
     d[6] = e->exponent[row];
     wr32(d + 16, e->bitmap[row]); /* length: the ranks in the sums */
-    for (uint32_t i = 0; i < e->k; i++) {
+    for (uint32_t i = 0; !alone && i < e->k; i++) {
         uint32_t be = __builtin_bswap32((uint32_t)v[i]);
         memcpy(p + 4 * i, &be, 4);
     }
@@ -532,10 +532,15 @@ static int aggregate(Engine *e, pkt_t *p) {
     uint32_t len = p->wire_len;
     if (p->avail >= HEADER_BYTES && d[0] == MSG_JOIN && (e->punt[rd16(d + 2) >> 3] >> (rd16(d + 2) & 7) & 1))
         return PUNT;
-    /* a RELEASE is a header alone, anything else carries K elements */
-    uint32_t size = p->avail >= HEADER_BYTES && d[0] == MSG_RELEASE ? HEADER_BYTES : e->datagram;
-    if (p->avail < size || p->udp_length != UDP_BYTES + size ||
-        (d[0] != MSG_DATA && d[0] != MSG_RESEND && d[0] != MSG_RELEASE) ||
+    /* A header alone (UDP length says so) is a RELEASE, or a contribution without elements (a
+     * priming use, count 0); anything else carries K elements and is no RELEASE. */
+    int alone = p->udp_length == UDP_BYTES + HEADER_BYTES;
+    int well_formed =
+        p->avail >= HEADER_BYTES &&
+        (alone ? d[0] == MSG_RELEASE || rd16(d + 10) == 0
+               : p->avail >= e->datagram && p->udp_length == UDP_BYTES + e->datagram &&
+                     d[0] != MSG_RELEASE);
+    if (!well_formed || (d[0] != MSG_DATA && d[0] != MSG_RESEND && d[0] != MSG_RELEASE) ||
         rd16(d + 10) > e->k) {
         count(e, C_DROPS, DROP_BAD_HEADER, len);
         return 0;
@@ -609,7 +614,7 @@ static int aggregate(Engine *e, pkt_t *p) {
             wr32(d + 16, e->bitmap[row]); /* length: the ranks in the row */
             return to_sender(e, p);
         }
-        make_result(e, d, row); /* complete: the worker lost the result */
+        make_result(e, d, row, alone); /* complete: the worker lost the result */
         count(e, C_RETRANSMIT_REPLIES, job_id, len);
         return to_sender(e, p);
     }
@@ -623,7 +628,7 @@ static int aggregate(Engine *e, pkt_t *p) {
     if (ahead == 0 && e->arrivals[row] == 0) { /* late: a quorum completed the round without it */
         count(e, C_DROPS, DROP_LATE, len);        /* its contribution is not added */
         if (d[0] != MSG_RESEND) return 0;         /* the result's multicast went to it too */
-        make_result(e, d, row); /* it may have lost that: the sums, to it alone */
+        make_result(e, d, row, alone); /* it may have lost that: the sums, to it alone */
         return to_sender(e, p);
     }
     int32_t *v = e->value + (size_t)row * e->k;
@@ -634,7 +639,7 @@ static int aggregate(Engine *e, pkt_t *p) {
         e->bitmap[row] = bit;
         e->seen[row] = 0; /* nobody has its sums yet */
         arrived = 0;
-        for (uint32_t i = 0; i < e->k; i++) v[i] = (int32_t)rd32(elements + 4 * i);
+        for (uint32_t i = 0; !alone && i < e->k; i++) v[i] = (int32_t)rd32(elements + 4 * i);
         e->exponent[row] = hexp;
         e->row_format[row] = hformat;
         e->row_length[row] = hlength;
@@ -642,7 +647,7 @@ static int aggregate(Engine *e, pkt_t *p) {
     } else { /* later ones add, wrapping modulo 2**32 as bit<32> does */
         e->bitmap[row] |= bit;
         arrived = e->arrivals[row];
-        for (uint32_t i = 0; i < e->k; i++) v[i] = (int32_t)((uint32_t)v[i] + rd32(elements + 4 * i));
+        for (uint32_t i = 0; !alone && i < e->k; i++) v[i] = (int32_t)((uint32_t)v[i] + rd32(elements + 4 * i));
         if (hexp > e->exponent[row]) e->exponent[row] = hexp;
     }
     arrived = (arrived + 1) & 0xFF; /* bit<8> */
@@ -650,7 +655,7 @@ static int aggregate(Engine *e, pkt_t *p) {
     e->arrivals[row] = (uint8_t)arrived;
     count(e, C_AGGREGATED, job_id, len);
     if (arrived != 0) return 0; /* consumed: its contribution is in the registers */
-    make_result(e, d, row);
+    make_result(e, d, row, alone);
     count(e, C_RESULTS, job_id, len);
     return to_group(e, p, job->mcast_grp);
 }

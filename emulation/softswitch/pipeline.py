@@ -50,6 +50,8 @@ POOL_SIZE = 4096
 MAX_JOBS = 256
 #: What a worker sends the switch besides DATA (a static job's JOIN goes to its CPU).
 _WORKER_MESSAGES = (wire.MsgType.RESEND, wire.MsgType.RELEASE)
+#: A rank's contribution to a round, sent once or again.
+_CONTRIBUTIONS = (wire.MsgType.DATA, wire.MsgType.RESEND)
 
 
 @dataclass(slots=True)
@@ -156,9 +158,9 @@ class SwitchReduceParser:
         pkt.aggregation = True
         if len(payload) >= wire.HEADER_BYTES:
             pkt.header = wire.unpack_header(payload)
-        # A RELEASE is a header alone: the P4 parser does not look for elements after one.
-        release = pkt.header is not None and pkt.header.msg_type == wire.MsgType.RELEASE
-        if len(payload) >= self.datagram_bytes and not release:
+        # The P4 parser looks for no elements after a header alone (UDP length says so).
+        alone = pkt.udp_length == wire.UDP_BYTES + wire.HEADER_BYTES
+        if len(payload) >= self.datagram_bytes and not alone:
             pkt.elements = wire.decode_elements(payload, self.k)
 
 
@@ -168,7 +170,7 @@ class SwitchReduceIngress:
     def __init__(self, k: int, pool_size: int = POOL_SIZE) -> None:
         self.k = k
         self.udp_length = wire.UDP_BYTES + wire.datagram_bytes(k)
-        self.release_length = wire.UDP_BYTES + wire.HEADER_BYTES
+        self.header_length = wire.UDP_BYTES + wire.HEADER_BYTES  # a header alone
         self.pool_size = pool_size
         self.jobs = ExactTable(names.JOBS, MAX_JOBS)
         self.workers = ExactTable(names.WORKERS, MAX_JOBS * wire.MAX_WORKERS)
@@ -220,21 +222,26 @@ class SwitchReduceIngress:
 
         A well-formed ``msg_type`` packet of a job in the ``jobs`` table, from a
         rank of it bound in ``workers`` to where the packet came from, for a
-        slot of the job's. Returns its header, its elements (None for a RELEASE,
-        a header alone) and the job's ``set_job`` arguments, or None with the
-        drop counted. DATA and RELEASE come here from ``apply``; a static job's
-        JOIN from the switch's CPU (``static.StaticJob``), so all are refused for
+        slot of the job's. A RELEASE is a header alone, as a DATA (or RESEND)
+        with no elements (count 0, a priming use) may be; anything else carries
+        K elements. Returns its header, its elements (None for a header alone)
+        and the job's ``set_job`` arguments, or None with the drop counted.
+        DATA, RESEND and RELEASE come here from ``apply``; a static job's JOIN
+        from the switch's CPU (``static.StaticJob``), so all are refused for
         the same reasons.
         """
         hdr, elements = pkt.header, pkt.elements
-        release = msg_type == wire.MsgType.RELEASE
-        if (
-            hdr is None  # the parser sets the header whenever it sets the elements
-            or (elements is None and not release)
-            or pkt.udp_length != (self.release_length if release else self.udp_length)
-            or hdr.msg_type != msg_type
-            or hdr.count > self.k
-        ):
+        if pkt.udp_length == self.header_length:  # a header alone
+            well_formed = hdr is not None and (
+                msg_type == wire.MsgType.RELEASE or (msg_type in _CONTRIBUTIONS and hdr.count == 0)
+            )
+        else:  # the parser sets the header whenever it sets the elements
+            well_formed = (
+                elements is not None
+                and pkt.udp_length == self.udp_length
+                and msg_type != wire.MsgType.RELEASE
+            )
+        if not well_formed or hdr is None or hdr.msg_type != msg_type or hdr.count > self.k:
             self.drop(pkt, DropReason.BAD_HEADER)
             return None
         hit, job = self.jobs.lookup((hdr.job_id,))
@@ -293,7 +300,6 @@ class SwitchReduceIngress:
             if ahead == 0:
                 seen[row] |= bit
             return Verdict.DROP, 0
-        assert elements is not None  # admit: every packet but a RELEASE has them
         if ahead:
             seen[row] |= bit
             if seen[row] & everyone != everyone:
@@ -331,7 +337,8 @@ class SwitchReduceIngress:
             rounds[row] = hdr.round
             bitmap[row], seen[row] = bit, 0
             count = 0
-            self.value.rows[row] = elements
+            if elements is not None:  # a header alone (a priming use) leaves the sums be
+                self.value.rows[row] = elements
             exponent[row] = hdr.exponent
             self.row_format.cells[row] = hdr.format
             self.row_length.cells[row] = hdr.length
@@ -339,7 +346,8 @@ class SwitchReduceIngress:
         else:  # later ones add
             bitmap[row] |= bit
             count = arrivals[row]
-            self.value.rows[row] += elements  # wraps modulo 2**32, as bit<32> does
+            if elements is not None:
+                self.value.rows[row] += elements  # wraps modulo 2**32, as bit<32> does
             exponent[row] = max(exponent[row], hdr.exponent)
         count = (count + 1) & 0xFF  # bit<8>
         count = 0 if count == quorum else count
@@ -352,14 +360,16 @@ class SwitchReduceIngress:
         return Verdict.MULTICAST, mcast_grp
 
     def _make_result(self, pkt: Packet, hdr: wire.Header, row: int) -> None:
-        """Turn the packet into the slot's result, addressed back to where it came from."""
+        """Turn the packet into the slot's result, addressed back to where it came from (a
+        header alone, as the packet was, carries no sums)."""
         swap_addresses(pkt)
         pkt.header = hdr._replace(
             msg_type=wire.MsgType.RESULT,
             exponent=self.exponent.cells[row],
             length=int(self.bitmap.cells[row]),  # the ranks in the sums
         )
-        pkt.elements = self.value.rows[row].copy()  # the next use of the slot overwrites the row
+        if pkt.elements is not None:  # a copy: the next use of the slot overwrites the row
+            pkt.elements = self.value.rows[row].copy()
 
     def _reply(self, pkt: Packet, hdr: wire.Header, kind: wire.MsgType) -> Verdict:
         """Echo the packet back to its sender as ``kind`` (its own header and payload)."""
@@ -469,9 +479,12 @@ class SwitchReduceDeparser:
 
     @staticmethod
     def datagram(pkt: Packet) -> bytes:
-        """The UDP payload of a packet the pipeline answers with (it has a header and sums)."""
-        if pkt.header is None or pkt.elements is None:
+        """The UDP payload of a packet the pipeline answers with: its header, and its sums
+        unless it is a header alone."""
+        if pkt.header is None:
             raise ValueError("only a parsed aggregation packet can be deparsed")
+        if pkt.elements is None:
+            return pkt.header.pack()
         return pkt.header.pack() + pkt.elements.astype(wire.ELEMENT_DTYPE).tobytes()
 
     def frame(self, pkt: Packet) -> bytes:

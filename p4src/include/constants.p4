@@ -26,7 +26,7 @@
 #define MSG_RESEND 9
 #define SR_HEADER_BYTES 28
 #define SR_UDP_LENGTH (8 + SR_HEADER_BYTES + 4 * K)
-#define SR_RELEASE_UDP_LENGTH (8 + SR_HEADER_BYTES)  /* a RELEASE is a header alone */
+#define SR_ALONE_UDP_LENGTH (8 + SR_HEADER_BYTES)  /* a header alone: RELEASE, a priming use */
 
 /* Index of the drops counter, one per reason (DropReason in the soft switch). */
 #define DROP_BAD_HEADER 0

@@ -110,10 +110,13 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                 drop(DROP_NO_ROUTE);
             }
         } else if (!hdr.sr.isValid()
-                   || (hdr.sr.msg_type == MSG_RELEASE
-                       && hdr.udp.length != SR_RELEASE_UDP_LENGTH)  /* a header alone */
-                   || (hdr.sr.msg_type != MSG_RELEASE
-                       && (!hdr.elements[K - 1].isValid() || hdr.udp.length != SR_UDP_LENGTH))
+                   /* a header alone: a RELEASE, or a contribution without elements (priming) */
+                   || (hdr.udp.length == SR_ALONE_UDP_LENGTH && hdr.sr.msg_type != MSG_RELEASE
+                       && hdr.sr.count != 0)
+                   /* else K elements, and no RELEASE */
+                   || (hdr.udp.length != SR_ALONE_UDP_LENGTH
+                       && (!hdr.elements[K - 1].isValid() || hdr.udp.length != SR_UDP_LENGTH
+                           || hdr.sr.msg_type == MSG_RELEASE))
                    || (hdr.sr.msg_type != MSG_DATA && hdr.sr.msg_type != MSG_RESEND
                        && hdr.sr.msg_type != MSG_RELEASE)
                    || hdr.sr.count > K) {
@@ -211,7 +214,9 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                     standard_metadata.egress_spec = standard_metadata.ingress_port;
                 } else {
                     /* Complete: the worker lost the result. Send it again, to it alone. */
-                    read_sums();
+                    if (hdr.elements[0].isValid()) {  /* a header alone carries no sums */
+                        read_sums();
+                    }
                     exponent.read(hdr.sr.exponent, row);
                     hdr.sr.length = ranks;
                     make_reply(MSG_RESULT);
@@ -233,7 +238,9 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                  * lost that: it gets the sums, whose bitmap says it is not in them. */
                 drops.count(DROP_LATE);
                 if (hdr.sr.msg_type == MSG_RESEND) {
-                    read_sums();
+                    if (hdr.elements[0].isValid()) {  /* a header alone carries no sums */
+                        read_sums();
+                    }
                     exponent.read(hdr.sr.exponent, row);
                     hdr.sr.length = ranks;
                     make_reply(MSG_RESULT);
@@ -262,7 +269,9 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                     }
                 }
                 bitmap.write(row, ranks);
-                add_sums();
+                if (hdr.elements[0].isValid()) {  /* a header alone leaves the sums be */
+                    add_sums();
+                }
                 exponent.write(row, max_exponent);
                 count = count + 1;
                 if (count == meta.quorum) {

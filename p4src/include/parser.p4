@@ -29,8 +29,8 @@ parser SwitchReduceParser(packet_in pkt, out headers_t hdr, inout metadata_t met
     }
     state parse_switchreduce {
         pkt.extract(hdr.sr);
-        transition select(hdr.sr.msg_type) {
-            MSG_RELEASE: accept;  /* a header alone */
+        transition select(hdr.udp.length) {
+            SR_ALONE_UDP_LENGTH: accept;  /* a header alone */
             default: parse_elements;
         }
     }
