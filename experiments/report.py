@@ -13,6 +13,8 @@
     waits            of those, the ones the switch answered WAITING: their round held the
                      contribution and waited for another rank (switch only)
     packets_sent     the shim's packets, first sendings and resends (switch only)
+    late             chunks whose sums a quorum completed without the rank's contribution
+                     (switch only; always 0 without a quorum)
     accuracy, test_loss   on the test set, where evaluated (every rank holds the same model)
 """
 
@@ -42,9 +44,12 @@ SUMMARY_FIELDS = (
     "retransmissions",
     "waits",
     "packets_sent",
+    "late",
     "target_accuracy",
     "time_to_target_s",
 )
+#: The shim's counts a record carries, none for gloo.
+SHIM_COUNTS = ("waits", "packets_sent", "late")
 #: A swept seed: sweep.csv's rows are then also averaged over it, in seeds.csv.
 SEED = "train.seed"
 ACROSS_SEEDS_FIELDS = (
@@ -96,7 +101,7 @@ def merge_metrics(out: Path, backends, workers: int) -> list[dict]:
                 "elapsed": max(r["elapsed"] for r in records),
                 "bytes_sent": None if None in sent else sum(sent),
                 "retransmissions": sum(r.get("retransmissions", 0) for r in records),
-                **{key: _total(records, key) for key in ("waits", "packets_sent")},
+                **{key: _total(records, key) for key in SHIM_COUNTS},
             }
             for key in ("accuracy", "test_loss"):
                 if key in first:
@@ -130,7 +135,7 @@ def summarize(backend: str, records: list[dict], mode: str, target: float | None
         "total_s": mine[-1]["elapsed"],
         "bytes_per_iteration": None if None in sent else sum(sent) / len(sent),
         "retransmissions": sum(r["retransmissions"] for r in mine),
-        **{key: _total(mine, key) for key in ("waits", "packets_sent")},
+        **{key: _total(mine, key) for key in SHIM_COUNTS},
         "target_accuracy": target,
         "time_to_target_s": reached[0] if reached else None,
     }

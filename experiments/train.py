@@ -54,7 +54,7 @@ def interface_tx_bytes(name: str) -> int:
 
 
 #: The backend's counts each iteration's record carries (where it keeps them: the switch's).
-COUNTED = frozenset({"retransmissions", "waits", "packets_sent"})
+COUNTED = frozenset({"retransmissions", "waits", "packets_sent", "late"})
 #: torch.distributed's rendezvous, as torchrun sets it (init_method="env://").
 TORCHRUN_ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

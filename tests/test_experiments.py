@@ -162,7 +162,8 @@ def test_a_short_loopback_run_writes_metrics_summary_and_plots(tmp_path) -> None
     switch_row = rows[0]
     assert switch_row["retransmissions"] > 0  # the injected loss was healed
     assert switch_row["packets_sent"] > switch_row["retransmissions"]
-    assert (rows[1]["waits"], rows[1]["packets_sent"]) == (None, None)  # gloo counts none
+    assert (rows[1]["waits"], rows[1]["packets_sent"], rows[1]["late"]) == (None,) * 3  # gloo
+    assert switch_row["late"] == 0  # every rank in every round: no quorum
     parameters = sum(p.numel() for p in build_model(config.model, 10).parameters())
     assert switch_row["bytes_per_iteration"] > 2 * 4 * parameters  # both ranks' gradients
     with (tmp_path / "summary.csv").open() as f:
