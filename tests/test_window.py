@@ -473,6 +473,18 @@ def test_a_quorum_does_not_wait_for_a_late_rank_which_still_gets_every_sum() -> 
     assert net.switch.ingress.drops.packets[wire.DropReason.LATE] == 0
 
 
+def test_a_quorum_answers_each_use_once_however_close_the_ranks() -> None:
+    """Quorum 3 of 4, all ranks at once on 100 Mbit/s links: each round has a rank that is
+    late by a hair, whose DATA crosses the multicast. The switch drops it unanswered, so every
+    rank takes one answer per use (no doubled downlink), and no round is resent."""
+    net = Network(4, 32, seed=8, quorum=3, seconds_per_byte=FAST_ETHERNET)
+    inputs = [np.arange(30 * K, dtype=np.int32) * (r + 1) for r in range(4)]
+    for _ in range(3):
+        assert_quorum_sums(net, inputs, net.allreduce(inputs))
+    assert [(s.duplicates, s.retransmissions) for s in net.stats] == [(0, 0)] * 4
+    assert net.switch.ingress.drops.packets[wire.DropReason.LATE] > 0  # DATA did cross it
+
+
 def test_a_quorum_runs_one_round_a_slot_ahead_of_a_late_rank_then_waits_for_it() -> None:
     """With 8 slots for 40 chunks, the three may overwrite no row whose round rank 3 has not
     sent (it could still need those sums): they complete 8 chunks, wait for it, and from then

@@ -16,7 +16,8 @@ The rules (docs/protocol.md):
 - A float tensor's chunk is quantized with the exponent the switch agreed on
   (max over ranks). The exponent of chunk ``c + S`` rides in chunk ``c``'s
   packet; the first chunk of each slot is preceded by a priming use
-  (``count = 0``) that carries its exponent. int32 needs none of that.
+  (``count = 0``, a header alone) that carries its exponent. int32 needs
+  none of that. Round trips are sampled from full packets only.
 - A use whose result does not come back within the retransmission timeout
   (:class:`RoundTrip`) has timed out. Only the oldest timed-out use is sent
   again, unchanged, as a probe (TCP's RTO resends only the first
@@ -49,6 +50,9 @@ The rules (docs/protocol.md):
   RELEASE (a header alone), so the switch may reuse the row. A quorum job's
   rank also sends a RELEASE as it takes each slot's last result of a call,
   so a rank that is late with its next call holds nobody back.
+- Every packet sent again is typed RESEND: in a quorum job the switch
+  answers a late RESEND with the sums, a late DATA with nothing (the
+  multicast went to its rank too).
 - An answer counts only if it echoes an outstanding use: job, session,
   slot, round and chunk (and count, for a RESULT). STALE for our session
   raises :class:`StaleSession` (the caller decides: join again, or stop);
