@@ -307,6 +307,40 @@ def test_every_rank_gets_the_exact_sum_through_loss_duplication_and_reordering(
         assert sum(s.retransmissions for s in net.stats) == 0
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    world_size=st.integers(2, 5),
+    fewer=st.integers(1, 4),
+    slots=st.integers(1, 8),
+    chunks=st.lists(st.integers(1, 20), min_size=3, max_size=3),
+    loss=st.sampled_from([0.0, 0.05, 0.3]),
+    duplicate=st.sampled_from([0.0, 0.1]),
+    reorder=st.sampled_from([0.0, 0.3]),
+    late=st.sampled_from([0.0, 0.05, 0.3]),
+)
+def test_a_quorum_gives_every_rank_the_same_sums_of_quorum_contributions(
+    seed, world_size, fewer, slots, chunks, loss, duplicate, reorder, late
+) -> None:
+    """Through loss, duplicates, reordering and a late rank, call after call: every call ends,
+    every rank gets the same sums, and each chunk's hold exactly the quorum's contributions,
+    the world's total less those of the ranks whose late() names the chunk."""
+    quorum = max(1, world_size - fewer)
+    net = Network(world_size, slots, seed, loss, duplicate, reorder, quorum=quorum)
+    net.late = {world_size - 1: late}
+    for call, n in enumerate(chunks):
+        inputs = [np.arange(n * K, dtype=np.int32) * (r + 1) + 7 * call for r in range(world_size)]
+        results = net.allreduce(inputs)
+        total = np.sum(inputs, axis=0, dtype=np.int64)
+        for chunk in range(n):
+            part = slice(chunk * K, (chunk + 1) * K)
+            out = [r for r, t in enumerate(net.transfers) if chunk in t.late()]
+            assert len(out) == world_size - quorum, (chunk, out)
+            expected = (total[part] - sum(inputs[r][part] for r in out)).astype(np.int32)
+            for result in results:
+                assert np.array_equal(result[part], expected)
+
+
 def test_a_lost_result_is_recovered_from_the_switchs_stored_copy() -> None:
     """With every answer lost once, the window resends and the switch replies from its row."""
     net = Network(2, 2, seed=3, loss=0.5)

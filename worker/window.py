@@ -376,6 +376,8 @@ class Transfer:
 
     def _early_result(self, slot: int, round_: int, wire_chunk: int, count: int) -> bytes | None:
         """The kept result of this use of ``slot``, taken from the store, or None."""
+        if self.job.contributors == self.job.world_size:  # none is ever kept
+            return None
         at = (2 * slot + (round_ & 1)) * self._datagram_bytes
         size = wire.HEADER_BYTES if count == 0 else self._datagram_bytes  # a priming use's alone
         datagram = bytes(self.early[at : at + size])
