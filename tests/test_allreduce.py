@@ -307,6 +307,8 @@ def test_a_quorum_does_not_wait_for_a_late_rank_whose_contribution_waits_for_the
         check(results[0], first[:2], K)
         assert [c.stats.late for c in job.comms] == [0, 0, 30]
         assert [c.contributors for c in job.comms] == [2, 2, 2]
+        # every rank's gradient enters one step's sum (kept while late): an average is over 3
+        assert [c.averaged_over for c in job.comms] == [3, 3, 3]
         late = job.comms[2].stats  # 30 slots, each a priming use and a chunk: 60 RELEASEs
         assert (late.packets_sent, late.bytes_sent) == (60, 60 * wire.HEADER_BYTES)
         assert (late.retransmissions, late.duplicates) == (0, 0)

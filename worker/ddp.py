@@ -3,7 +3,8 @@
 DDP hands a hook each gradient bucket as one flat tensor; the hook sums it
 over the ranks through the switch and divides by the world size, which is
 exactly what DDP's default allreduce hook computes (by the quorum, in a job
-whose rounds a quorum of the ranks completes). torch.distributed (gloo)
+whose rounds a quorum of the ranks completes, unless error feedback keeps the
+late ranks' gradients: SwitchCommunicator.averaged_over). torch.distributed (gloo)
 is still needed for DDP's bootstrap: rendezvous, the initial parameter
 broadcast and barriers. Buckets come in the same order on every rank, which
 is what the switch's slot rounds rely on.
@@ -33,8 +34,8 @@ def average(comm: SwitchCommunicator, tensor: torch.Tensor) -> torch.futures.Fut
     float32 gradients are quantized per block as in worker.quantize, whose
     error bound applies to the sum before the division.
     """
-    contributors = comm.contributors  # the world size, or the job's quorum
-    return comm.allreduce_async(tensor).then(lambda summed: summed.value().div_(contributors))
+    divisor = comm.averaged_over  # the world size, or the job's quorum
+    return comm.allreduce_async(tensor).then(lambda summed: summed.value().div_(divisor))
 
 
 def average_now(
@@ -42,7 +43,7 @@ def average_now(
 ) -> torch.futures.Future[torch.Tensor]:
     """:func:`average` run to completion in this thread: the future is done on return."""
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    future.set_result(comm.allreduce(tensor).div_(comm.contributors))
+    future.set_result(comm.allreduce(tensor).div_(comm.averaged_over))
     return future
 
 

@@ -270,10 +270,10 @@ class SwitchCommunicator:
 
         In a job with a quorum, each chunk (a packet's worth) sums the first
         ``quorum`` ranks' contributions to reach the switch (the rank gets the
-        sums either way): divide by :attr:`contributors` for an average. A
-        chunk this rank was late for is counted in ``stats.late``; with error
-        feedback its contribution is kept and added to the next step's, else
-        it is dropped.
+        sums either way). A chunk this rank was late for is counted in
+        ``stats.late``; with error feedback its contribution is kept and added
+        to the next step's, else it is dropped. Divide by :attr:`averaged_over`
+        for an average.
         """
         return self._ordered.run(functools.partial(self._allreduce_now, tensor))
 
@@ -281,6 +281,15 @@ class SwitchCommunicator:
     def contributors(self) -> int:
         """How many ranks' contributions each sum holds (the quorum, or the world size)."""
         return self.binding.contributors
+
+    @property
+    def averaged_over(self) -> int:
+        """What a float sum is divided by for the average gradient: the ranks in it, unless
+        error feedback keeps a late rank's contribution for its next step. Then every rank's
+        gradient enters some step's sum once, so the sums carry the world's gradients and
+        the world size keeps the average's scale (dividing by the quorum would raise the
+        learning rate by world size / quorum)."""
+        return self.binding.world_size if self.options.error_feedback else self.contributors
 
     def allreduce_async(self, tensor):
         """Start :meth:`allreduce` of ``tensor`` behind those already started; a future at once.

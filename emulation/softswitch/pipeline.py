@@ -16,11 +16,13 @@ its row holds starts the round (it writes); one of the row's round adds,
 unless its worker's bit is already set: then it is a retransmission, answered
 with the stored result if the round is complete and with WAITING otherwise
 (the contribution is in); one of an older round is stale and dropped. A job's
-``quorum`` of arrivals (its world size, or fewer) completes a round: a packet
-of a complete round whose rank is not in it is late, not added, and answered
-with the sums. Results and WAITING carry the row's bitmap in ``length``. The
-quorum-th arrival multicasts the result
-to the job. A packet whose session is not its job's is answered STALE; one
+``quorum`` of arrivals (its world size, or fewer) completes a round, and the
+quorum-th arrival multicasts the result to the job: a packet of a complete
+round whose rank is not in it is late and not added, answered with the sums
+only if it is a RESEND (its rank may have lost the multicast). Results and
+WAITING carry the row's bitmap in ``length``. A header alone (a RELEASE, or a
+priming use without elements) leaves the sums be and is answered with a
+header alone. A packet whose session is not its job's is answered STALE; one
 that disagrees with its round's format, length or chunk makes the switch
 refuse the round (REFUSED to every rank). ``slot_session`` records which session last
 used a slot, so a new run starts from clean state without the control plane
@@ -293,7 +295,8 @@ class SwitchReduceIngress:
         # quorum may still need (its copy lost, or not yet asked for): only once every rank has
         # them. A rank sends a round after it has the last one's sums: this packet says so for
         # the round before its own, if the other row holds it, and for this row's, if older. A
-        # RELEASE says so for its own round (a quorum job's rank, as its call ends).
+        # RELEASE says so for its own round (a quorum job's rank, for a result that came before
+        # it sent the round, and for each slot's last of a call).
         if rounds[row ^ 1] == (hdr.round - 1) & 0xFFFF:
             seen[row ^ 1] |= bit
         if hdr.msg_type == wire.MsgType.RELEASE:

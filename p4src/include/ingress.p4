@@ -162,8 +162,8 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
              * a quorum may still need (its copy lost, or not yet asked for): only once every
              * rank has them. A rank sends a round after it has the last one's sums: a packet
              * says so for the round before its own, if the other row holds it, and for this
-             * row's, if older. A RELEASE says so for its own round (a quorum job's rank, as its
-             * call ends). */
+             * row's, if older. A RELEASE says so for its own round (a quorum job's rank, for a
+             * result that came before it sent the round, and for each slot's last of a call). */
             bit<32> rank_bit = (bit<32>)1 << hdr.sr.rank;
             bit<32> seen_here;
             seen.read(seen_here, row);
