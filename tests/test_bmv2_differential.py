@@ -185,8 +185,8 @@ def _traffic() -> list[tuple[int, bytes]]:
     out.append((2, _frame(2, payload=stale.pack())))  # another session's: dropped, unanswered
     for rank in range(3):  # slot 7: priming uses, headers alone; the third completes the round
         out.append((rank + 1, _frame(rank + 1, payload=data(rank, slot=7, count=0).pack())))
-    resend = data(0, slot=7, count=0, msg_type=wire.MsgType.RESEND).pack()
-    out.append((1, _frame(1, payload=resend)))  # its result again: a header alone
+    primed_again = data(0, slot=7, count=0, msg_type=wire.MsgType.RESEND).pack()
+    out.append((1, _frame(1, payload=primed_again)))  # its result again: a header alone
     out.append((1, _frame(1, payload=data(0, 2, slot=7, count=1).pack())))  # no elements: bad
     out.append((1, _frame(1, data(0, job_id=9))))  # unknown job
     out.append((1, _frame(1, data(5))))  # rank out of range

@@ -331,7 +331,7 @@ def test_a_quorum_gives_every_rank_the_same_sums_of_quorum_contributions(
     for call, n in enumerate(chunks):
         inputs = [np.arange(n * K, dtype=np.int32) * (r + 1) + 7 * call for r in range(world_size)]
         results = net.allreduce(inputs)
-        total = np.sum(inputs, axis=0, dtype=np.int64)
+        total = np.stack(inputs).astype(np.int64).sum(axis=0)
         for chunk in range(n):
             part = slice(chunk * K, (chunk + 1) * K)
             out = [r for r, t in enumerate(net.transfers) if chunk in t.late()]

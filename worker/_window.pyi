@@ -13,6 +13,8 @@ RESULT: int
 STALE: int
 REFUSED: int
 WAITING: int
+RELEASE: int
+RESEND: int
 
 class Stale(Exception):
     """The switch answered STALE for the transfer's session."""
@@ -44,6 +46,7 @@ class Transfer:
         rttvar: float,
         min_rtt: float | None,
         contributors: int,
+        early: bytearray,
     ) -> None: ...
     def start(self, now: float, /) -> list[bytes]: ...
     def receive(self, datagram: bytes | bytearray | memoryview, now: float, /) -> list[bytes]: ...

@@ -394,7 +394,7 @@ class Transfer:
     def _send(self, slot: int, chunk: int, now: float) -> list[bytes]:
         """Start the next use of ``slot``: its packet carries ``chunk`` (or primes it). A use
         whose result came early sends a RELEASE instead, and the slot goes on to its next."""
-        sent = []
+        sent: list[bytes] = []
         while True:
             packet = self._packet(slot, chunk)
             hdr = wire.unpack_header(packet)
