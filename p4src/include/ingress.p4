@@ -196,7 +196,8 @@ control SwitchReduceIngress(inout headers_t hdr, inout metadata_t meta,
                     seen.write(row, seen_here | rank_bit);
                 }
                 mark_to_drop(standard_metadata);
-            } else if (ahead != 0 && (seen_here & everyone) != everyone) {
+            } else if (ahead != 0 && meta.quorum != meta.world_size
+                       && (seen_here & everyone) != everyone) {  /* a quorum job's only */
                 seen.write(row, seen_here);
                 drop(DROP_AHEAD);  /* a rank lacks the row's sums: it may still ask for them */
             } else if (ahead == 0 && count == ROW_REFUSED) {
