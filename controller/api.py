@@ -303,7 +303,7 @@ class Registry:
             "job_id": job.job_id,
             "rank": member.rank,
             "world_size": job.world_size,
-            "quorum": job.threshold,
+            "quorum": job.contributors,
             "slot_count": job.slot_count,
             "k": self.k,
             "lane_bits": pending.lane_bits,
@@ -447,7 +447,7 @@ class Registry:
             record = {
                 "job_id": job.job_id,
                 "world_size": job.world_size,
-                "quorum": job.threshold,
+                "quorum": job.contributors,
                 "slot_base": job.slot_base,
                 "slot_count": job.slot_count,
                 "members": [asdict(m) for m in job.members],

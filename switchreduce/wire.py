@@ -187,7 +187,7 @@ class DropReason(IntEnum):
     NO_ROUTE = 7
     BAD_SESSION = 8
     MISMATCH = 9
-    LATE = 10  # a quorum completed the round without the sender (answered with the RESULT)
+    LATE = 10  # a quorum completed the round without the sender (a RESEND gets the RESULT)
     AHEAD = 11  # a new round, before every rank has the sums its row holds (register seen)
 
 

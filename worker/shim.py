@@ -117,7 +117,7 @@ class JobBinding:
 
     @property
     def contributors(self) -> int:
-        """How many ranks' contributions each sum holds: what an average divides by."""
+        """How many ranks' contributions each sum holds (the quorum, or the world size)."""
         return self.world_size if self.quorum is None else self.quorum
 
     def __post_init__(self) -> None:

@@ -140,7 +140,7 @@ class StaticJob:
             session=self.job.session,
             chunk=self.job.slot_count,
             length=self.job.world_size,
-            count=self.job.threshold,
+            count=self.job.contributors,
         )
         pkt.egress_port = pkt.ingress_port
         return pkt

@@ -75,7 +75,7 @@ class Job:
     quorum: int | None = None
 
     @property
-    def threshold(self) -> int:
+    def contributors(self) -> int:
         """How many contributions complete a round: the jobs entry's ``quorum``."""
         return self.world_size if self.quorum is None else self.quorum
 
@@ -116,7 +116,7 @@ def job_entries(job: Job) -> tuple[list[TableEntry], MulticastGroup]:
             SET_JOB.name,
             {
                 WORLD_SIZE.name: job.world_size,
-                QUORUM.name: job.threshold,
+                QUORUM.name: job.contributors,
                 SLOT_BASE.name: job.slot_base,
                 SLOT_COUNT.name: job.slot_count,
                 MCAST_GRP.name: job.job_id,
@@ -184,5 +184,5 @@ def job_from_entries(
         p[SLOT_COUNT.name],
         p[SESSION.name],
         tuple(members),
-        None if p[QUORUM.name] == p[WORLD_SIZE.name] else p[QUORUM.name],
+        p[QUORUM.name],  # the world size's is None again (Job.__post_init__)
     )
