@@ -374,8 +374,11 @@ class Transfer:
         self.early[at : at + len(datagram)] = datagram
         return True
 
-    def _early_result(self, slot: int, round_: int, wire_chunk: int, count: int) -> bytes | None:
-        """The kept result of this use of ``slot``, taken from the store, or None."""
+    def _early_result(
+        self, slot: int, round_: int, wire_chunk: int, count: int
+    ) -> tuple[wire.Header, bytes] | None:
+        """The kept result of this use of ``slot`` (its header, and it), taken from the
+        store, or None."""
         if self.job.contributors == self.job.world_size:  # none is ever kept
             return None
         at = (2 * slot + (round_ & 1)) * self._datagram_bytes
@@ -389,15 +392,14 @@ class Transfer:
         ):
             return None
         self.early[at] = 0  # taken: no message type
-        return datagram
+        return hdr, datagram
 
     def _send(self, slot: int, chunk: int, now: float) -> list[bytes]:
         """Start the next use of ``slot``: its packet carries ``chunk`` (or primes it). A use
         whose result came early sends a RELEASE instead, and the slot goes on to its next."""
         sent: list[bytes] = []
         while True:
-            packet = self._packet(slot, chunk)
-            hdr = wire.unpack_header(packet)
+            hdr, packet = self._packet(slot, chunk)
             early = self._early_result(slot, hdr.round, hdr.chunk, hdr.count)
             if early is None:
                 use = _SlotUse(chunk, hdr.chunk, hdr.round, hdr.count, packet, first_sent_at=now)
@@ -406,14 +408,15 @@ class Transfer:
                 return [*sent, packet]
             sent.append(_release(packet))
             self.progress_at = now
-            after = self._take(chunk, slot, wire.unpack_header(early), early)
+            after = self._take(chunk, slot, *early)
             if after is None:
                 self._finish(slot)
                 return sent
             chunk = after
 
-    def _packet(self, slot: int, chunk: int) -> bytes:
-        """The DATA packet of the next use of ``slot``: ``chunk``'s (or a priming use's)."""
+    def _packet(self, slot: int, chunk: int) -> tuple[wire.Header, bytes]:
+        """The DATA packet of the next use of ``slot``, ``chunk``'s (or a priming use's), and
+        its header."""
         job, k = self.job, self.job.chunk_elements
         round_ = self.rounds[slot] = (self.rounds[slot] + 1) & 0xFFFF
         if chunk == PRIME:  # a header alone: it carries an exponent, no elements
@@ -458,7 +461,7 @@ class Transfer:
             self.flat.size,
             job.session,
         )
-        return header.pack() + payload
+        return header, header.pack() + payload
 
     def _overtake(self, answered: int, now: float) -> list[bytes]:
         """The uses sent a reordering window or more before the answered one, resent.
