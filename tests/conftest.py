@@ -54,6 +54,7 @@ class RunningJob:
     server: SwitchRuntime
     comms: list[SwitchCommunicator]
     finished: list[float] = field(default_factory=list)
+    finished_calls: list[list[float]] = field(default_factory=list)
 
     @property
     def switch(self) -> SoftSwitch:
@@ -66,16 +67,25 @@ class RunningJob:
         """Every rank's result, each rank in its own thread; re-raises a rank's exception.
         ``late``: seconds a rank waits before it calls (a straggler); ``finished`` then holds
         when each rank's call returned, from the start."""
-        results: list = [None] * len(self.comms)
+        results = self.allreduce_calls([inputs], late)
+        self.finished = [times[0] for times in self.finished_calls]
+        return results[0]
+
+    def allreduce_calls(self, calls: list[list], late: dict[int, float] | None = None) -> list:
+        """Each call's results: every rank makes the calls one after the other, in its own
+        thread, ``late[rank]`` seconds after the others start; ``finished_calls[rank]`` then
+        holds when each of its calls returned, from the start."""
+        results: list = [[None] * len(self.comms) for _ in calls]
         errors: list[BaseException | None] = [None] * len(self.comms)
-        self.finished = [0.0] * len(self.comms)
+        self.finished_calls = [[0.0] * len(calls) for _ in self.comms]
         start = time.monotonic()
 
         def run(rank: int) -> None:
             try:
                 time.sleep((late or {}).get(rank, 0.0))
-                results[rank] = self.comms[rank].allreduce(inputs[rank])
-                self.finished[rank] = time.monotonic() - start
+                for i, inputs in enumerate(calls):
+                    results[i][rank] = self.comms[rank].allreduce(inputs[rank])
+                    self.finished_calls[rank][i] = time.monotonic() - start
             except BaseException as exc:
                 errors[rank] = exc
 

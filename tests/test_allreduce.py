@@ -290,6 +290,32 @@ def test_a_socket_that_refuses_gso_sends_datagram_by_datagram(job_factory) -> No
         assert s.packets_sent == 100 + s.retransmissions
 
 
+@pytest.mark.parametrize("calls_held", [1, 4])
+def test_a_quorum_runs_as_many_calls_ahead_of_a_late_rank_as_its_slots_hold(
+    job_factory, engine: EngineName, calls_held: int
+) -> None:
+    """Each call of 10 chunks takes the next 10 slots. With 4 calls' worth, ranks 0 and 1 make
+    four calls while rank 2 is 0.5 s late, reusing no row whose sums it may still need; with
+    one call's worth, their second call waits for rank 2's first. Either way every rank gets
+    the same sums: rank 2 takes those of the rounds it was late for from its socket."""
+    options = WorkerOptions(k=K, timeout=20.0, engine=engine)
+    with job_factory(3, k=K, slots=10 * calls_held, quorum=2, options=options) as job:
+        calls = [[synthetic_tensor(i, r, 10 * K, "int32") for r in range(3)] for i in range(4)]
+        results = job.allreduce_calls(calls, late={2: 0.5})
+        fast_done = max(job.finished_calls[0][-1], job.finished_calls[1][-1])
+        if calls_held == 4:
+            assert fast_done < 0.3, job.finished_calls
+        else:
+            assert fast_done > 0.5, job.finished_calls
+        for result in results:
+            assert all(np.array_equal(r, result[0]) for r in result)
+        # ranks 0 and 1 made every round rank 2 was late for: all four calls, or the first
+        summed_without_2 = results if calls_held == 4 else results[:1]
+        for inputs, result in zip(calls, summed_without_2, strict=False):
+            np.testing.assert_array_equal(result[0], inputs[0] + inputs[1])
+        assert job.comms[2].stats.late >= 10 * len(summed_without_2)
+
+
 def test_a_quorum_does_not_wait_for_a_late_rank_whose_contribution_waits_for_the_next_step(
     job_factory, engine: EngineName
 ) -> None:

@@ -82,6 +82,8 @@ class Network:
     quorum: int | None = None
     #: The window every rank runs.
     window: type[Transfer] | type[CompiledTransfer] = Transfer
+    #: The switch's slot of the next call's chunk 0 (the ranks turn it on by each call).
+    first_slot: int = 0
     now: float = 0.0
     calls: int = 0
     switch: SoftSwitch = field(init=False)
@@ -159,20 +161,22 @@ class Network:
             rank_lanes = lanes if isinstance(lanes, int) else lanes[r]
             lane_bits = rank_lanes if x.dtype == np.float32 else 32
             bits_used = bits if x.dtype == np.float32 else 32
+            job = Job(
+                1,
+                r,
+                self.world_size,
+                self.slots,
+                K,
+                session,
+                bits,
+                lane_bits,
+                keys[r] if x.dtype == np.float32 else None,
+                self.quorum,
+                self.first_slot,
+            )
             transfers.append(
                 self.window(
-                    Job(
-                        1,
-                        r,
-                        self.world_size,
-                        self.slots,
-                        K,
-                        session,
-                        bits,
-                        lane_bits,
-                        keys[r] if x.dtype == np.float32 else None,
-                        self.quorum,
-                    ),
+                    job,
                     x.reshape(-1),
                     wire.encode_format(x.dtype.name, bits_used, lane_bits),
                     self.rounds[r],
@@ -198,6 +202,7 @@ class Network:
                 self._deliver(target, packet, transfers)
             for rank, transfer in enumerate(transfers):
                 self._send(rank, transfer.expire(self.now))
+        self.first_slot = job.next_first_slot(transfers[0].chunks)
         return [t.out.reshape(x.shape) for t, x in zip(transfers, inputs, strict=True)]
 
     @overload
@@ -593,6 +598,7 @@ def observe(net: Network, calls: list[Call]) -> list[Any]:
         if call.restart is not None:
             net.restart_switch(call.session)
             if call.restart == "join":
+                net.first_slot = 0
                 for rounds, early in zip(net.rounds, net.early, strict=True):
                     rounds[:] = [0] * len(rounds)
                     early[:] = bytes(len(early))
@@ -656,6 +662,7 @@ def calls_of(
     noise_seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
     fewer=st.sampled_from([0, 0, 1, 2]),
     late=st.sampled_from([0.0, 0.0, 0.05]),
+    first_slot=st.integers(0, 7),
 )
 def test_the_compiled_window_sends_and_sums_what_the_python_window_does(
     seed,
@@ -672,9 +679,10 @@ def test_the_compiled_window_sends_and_sums_what_the_python_window_does(
     noise_seed,
     fewer,
     late,
+    first_slot,
 ) -> None:
-    """Any network, restart, lane width and rounding; a quorum of fewer ranks than the world
-    and a rank late to every call, alike in both windows."""
+    """Any network, restart, lane width and rounding; a quorum of fewer ranks than the world,
+    a rank late to every call, and calls starting at any slot, alike in both windows."""
     calls = calls_of(seed, world_size, elements, dtypes[: len(elements)], lanes, noise_seed)
     if len(calls) > 1:  # the switch restarts before the last call, with or without a new run
         session = SESSION + 1 if restart == "join" else SESSION
@@ -690,6 +698,7 @@ def test_the_compiled_window_sends_and_sums_what_the_python_window_does(
         hostile=hostile,
         quorum=max(1, world_size - fewer),
         late={world_size - 1: late},
+        first_slot=first_slot % slots,
     )
 
 

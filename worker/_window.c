@@ -118,6 +118,7 @@ struct Transfer {
     uint16_t job_id;
     uint8_t rank, format;
     uint32_t world_size, slot_count, k, datagram;
+    uint32_t first_slot; /* Job.first_slot: the switch's slot of window slot 0 */
     uint32_t lane_bits, per_word, chunk_elements; /* Job.lane_bits, 32 / lane_bits, K * that */
     uint64_t session;
     double peak_level; /* quantize.peak_level: m */
@@ -561,7 +562,17 @@ static void finish(Transfer *t, uint32_t slot) {
     order_remove(t, slot);
 }
 
-/* Where the early result of a slot and version is kept (window.early_results). */
+/* Transfer._switch_slot: the switch's slot that window slot ``slot`` uses in this call. */
+static inline uint32_t switch_slot(const Transfer *t, uint32_t slot) {
+    return (t->first_slot + slot) % t->slot_count;
+}
+
+/* Transfer._window_slot: the window slot that uses the switch's ``slot`` (< slot_count). */
+static inline uint32_t window_slot(const Transfer *t, uint32_t slot) {
+    return (slot + t->slot_count - t->first_slot) % t->slot_count;
+}
+
+/* Where the early result of a switch slot and version is kept (window.early_results). */
 static uint8_t *early_entry(const Transfer *t, uint32_t slot, uint16_t round) {
     return (uint8_t *)t->early.buf + ((size_t)2 * slot + (round & 1u)) * t->datagram;
 }
@@ -579,11 +590,11 @@ static int keep_early(Transfer *t, const uint8_t *d, size_t len) {
     return 1;
 }
 
-/* Transfer._early_result: the kept result of this use of ``slot``, taken from the store (its
- * type cleared), or NULL. */
+/* Transfer._early_result: the kept result of this use of window slot ``slot``, taken from the
+ * store (its type cleared), or NULL. */
 static const uint8_t *early_result(Transfer *t, uint32_t slot, uint16_t round,
                                    uint32_t wire_chunk, uint16_t count) {
-    uint8_t *e = early_entry(t, slot, round);
+    uint8_t *e = early_entry(t, switch_slot(t, slot), round);
     if (e[AT_MSG_TYPE] != MSG_RESULT || rd16(e + AT_JOB_ID) != t->job_id ||
         rd64(e + AT_SESSION) != t->session || rd16(e + AT_ROUND) != round ||
         rd32(e + AT_CHUNK) != wire_chunk || rd16(e + AT_COUNT) != count)
@@ -598,7 +609,8 @@ static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
     use_t *u = &t->uses[slot];
     for (;;) {
         if (u->queued) t->drain(t, t->drain_context); /* its last packet goes before it changes */
-        uint16_t round = t->rounds[slot] = (uint16_t)(t->rounds[slot] + 1);
+        uint32_t at_switch = switch_slot(t, slot);
+        uint16_t round = t->rounds[at_switch] = (uint16_t)(t->rounds[at_switch] + 1);
         uint8_t *p = t->packets + (size_t)slot * t->datagram;
         uint8_t *payload = p + HEADER_BYTES;
         size_t k = t->chunk_elements, count = 0, first = 0;
@@ -606,7 +618,7 @@ static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
         uint32_t wire_chunk;
         if (chunk == PRIME) {
             exponent = t->local_exp[slot];
-            wire_chunk = slot;
+            wire_chunk = at_switch;
         } else {
             int64_t ahead = chunk + t->slot_count;
             exponent = t->scaled && ahead < t->chunks ? t->local_exp[ahead] : 0;
@@ -618,7 +630,7 @@ static void send_use(Transfer *t, uint32_t slot, int64_t chunk, double now) {
         p[AT_MSG_TYPE] = MSG_DATA;
         p[AT_RANK] = t->rank;
         wr16(p + AT_JOB_ID, t->job_id);
-        wr16(p + AT_VERSION_SLOT, (uint16_t)((round & 1u) << 15 | slot));
+        wr16(p + AT_VERSION_SLOT, (uint16_t)((round & 1u) << 15 | at_switch));
         p[AT_EXPONENT] = exponent;
         p[AT_FORMAT] = t->format;
         wr16(p + AT_ROUND, round);
@@ -682,7 +694,8 @@ static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
         t->stats[DUPLICATES]++;
         return GOING;
     }
-    uint32_t slot = rd16(d + AT_VERSION_SLOT) & 0x7FFFu;
+    uint32_t at_switch = rd16(d + AT_VERSION_SLOT) & 0x7FFFu;
+    uint32_t slot = at_switch < t->slot_count ? window_slot(t, at_switch) : t->slots;
     use_t *u = slot < t->slots && t->uses[slot].active ? &t->uses[slot] : NULL;
     int ours = rd16(d + AT_JOB_ID) == t->job_id && rd64(d + AT_SESSION) == t->session;
     if (!ours || u == NULL || rd16(d + AT_ROUND) != u->round ||
@@ -978,8 +991,9 @@ static int element_kind(const Py_buffer *view) {
 static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"job_id", "rank", "world_size", "slot_count", "k", "session",
                              "precision_bits", "lane_bits", "noise_key", "format", "flat", "out", "rounds", "min_rto",
-                             "max_rto", "srtt", "rttvar", "min_rtt", "contributors", "early", NULL};
-    unsigned int job_id, rank, world_size, slot_count, k, bits, lane_bits, format, contributors;
+                             "max_rto", "srtt", "rttvar", "min_rtt", "contributors", "early", "first_slot", NULL};
+    unsigned int job_id, rank, world_size, slot_count, k, bits, lane_bits, format, contributors,
+        first_slot;
     unsigned long long session;
     PyObject *flat, *out, *rounds, *srtt, *min_rtt, *noise_key, *early;
     double min_rto, max_rto, rttvar;
@@ -987,14 +1001,15 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_RuntimeError, "a transfer is initialized once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIIIIKIIOIOOOddOdOIO", kwlist, &job_id, &rank,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "IIIIIKIIOIOOOddOdOIOI", kwlist, &job_id, &rank,
                                      &world_size, &slot_count, &k, &session, &bits, &lane_bits,
                                      &noise_key, &format, &flat, &out, &rounds, &min_rto, &max_rto,
-                                     &srtt, &rttvar, &min_rtt, &contributors, &early))
+                                     &srtt, &rttvar, &min_rtt, &contributors, &early, &first_slot))
         return -1;
     if (job_id > 0xFFFF || rank > 0xFF || world_size == 0 || world_size > 32 ||
         contributors == 0 || contributors > world_size || slot_count == 0 ||
-        slot_count > (1u << 15) || k == 0 || k > 4096 || bits < 1 || bits > 32 || format > 0xFF ||
+        slot_count > (1u << 15) || first_slot >= slot_count || k == 0 || k > 4096 || bits < 1 ||
+        bits > 32 || format > 0xFF ||
         (lane_bits != 32 && lane_bits != 16 && lane_bits != 8) ||
         !(min_rto > 0) || !(max_rto >= min_rto)) {
         PyErr_SetString(PyExc_ValueError, "transfer parameters out of range");
@@ -1040,6 +1055,7 @@ static int Transfer_init(Transfer *self, PyObject *args, PyObject *kwds) {
     self->rank = (uint8_t)rank;
     self->world_size = world_size;
     self->slot_count = slot_count;
+    self->first_slot = first_slot;
     self->k = k;
     self->datagram = HEADER_BYTES + k * ELEMENT_BYTES;
     self->session = session;

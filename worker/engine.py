@@ -80,6 +80,7 @@ class CompiledTransfer:
             rtt.min_rtt,
             job.contributors,
             early,
+            job.first_slot,
         )
 
     @property

@@ -192,6 +192,7 @@ class SwitchCommunicator:
             self._transfer = CompiledTransfer if compiled else Transfer
             self._buf = bytearray(wire.datagram_bytes(self.options.k) + 1)  # +1 shows oversize
             self._rounds = [0] * binding.slot_count  # last round used, per slot
+            self._first_slot = 0  # the switch's slot of the next call's chunk 0 (window.py)
             # results a quorum completed before this rank sent its round (window.py)
             self._early = early_results(binding.slot_count, self.options.k)
             self._calls = 0  # allreduce calls begun: stochastic rounding's stream per call
@@ -369,6 +370,7 @@ class SwitchCommunicator:
                 self.options.lane_bits,
                 noise_key,
                 b.quorum,
+                self._first_slot,
             )
             format = wire.encode_format(dtype_name, bits, self.options.lane_bits)
             xfer = self._transfer(
@@ -376,6 +378,7 @@ class SwitchCommunicator:
             )
             try:
                 self._run(xfer)
+                self._first_slot = job.next_first_slot(xfer.chunks)
                 break
             except _Rejoin:
                 self.session = self._join()
@@ -452,6 +455,7 @@ class SwitchCommunicator:
                     f"quorum {b.contributors}"
                 )
             self._rounds[:] = [0] * b.slot_count
+            self._first_slot = 0
             self._early[:] = bytes(len(self._early))
             self._results_in_session = 0
             return hdr.session

@@ -9,10 +9,15 @@ faster engine must do exactly what it does.
 
 The rules (docs/protocol.md):
 
-- Chunk ``c`` travels in slot ``c % S``; a slot carries one packet at a
-  time, and its result releases the slot's next chunk (SwitchML's
-  self-clocking window). Each use of a slot has the next round, counted
-  across calls (``rounds``, owned by the caller), identical on every rank.
+- Chunk ``c`` travels in window slot ``c % S``; a slot carries one packet
+  at a time, and its result releases the slot's next chunk (SwitchML's
+  self-clocking window). Window slot ``i`` is the switch's slot
+  ``(first_slot + i) % S``: the caller turns ``first_slot`` on by each
+  call's chunks, so a call whose tensor needs fewer slots than the job has
+  uses those the last calls left longest ago (a quorum's late rank then
+  holds nobody back for as many calls as the slots hold). Each use of a
+  switch slot has its next round, counted across calls (``rounds``, owned
+  by the caller), identical on every rank.
 - A float tensor's chunk is quantized with the exponent the switch agreed on
   (max over ranks). The exponent of chunk ``c + S`` rides in chunk ``c``'s
   packet; the first chunk of each slot is preceded by a priming use
@@ -154,11 +159,22 @@ class Job:
     noise_key: int | None = None
     #: Contributions that complete a round (the job's quorum); None: every rank's.
     quorum: int | None = None
+    #: The switch's slot of window slot 0 (chunk 0): the caller's, turned on by each call.
+    first_slot: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.first_slot < self.slot_count:
+            raise ValueError(f"first slot must be 0..{self.slot_count - 1}, got {self.first_slot}")
 
     @property
     def contributors(self) -> int:
         """How many ranks' contributions each result holds."""
         return self.world_size if self.quorum is None else self.quorum
+
+    def next_first_slot(self, chunks: int) -> int:
+        """The first slot of the call after this one, of ``chunks`` chunks: the switch's slot
+        after the last one it used."""
+        return (self.first_slot + chunks) % self.slot_count
 
     @property
     def chunk_elements(self) -> int:
@@ -171,7 +187,7 @@ class _SlotUse:
     """The one packet a slot has in flight."""
 
     chunk: int  # index into the tensor's chunks, or PRIME
-    wire_chunk: int  # what the header's chunk field says (the slot, for a priming use)
+    wire_chunk: int  # what the header's chunk field says (the switch's slot, for a priming use)
     round: int
     count: int
     packet: bytes
@@ -254,10 +270,12 @@ class Transfer:
             self.stats.duplicates += 1
             return []
         hdr = wire.unpack_header(datagram)
-        use = self._uses.get(hdr.slot)
+        slot = self._window_slot(hdr.slot)
+        use = None if slot is None else self._uses.get(slot)
         ours = hdr.job_id == self.job.job_id and hdr.session == self.job.session
         if (
             not ours
+            or slot is None
             or use is None
             or (hdr.round, hdr.chunk, len(datagram)) != (use.round, use.wire_chunk, len(use.packet))
         ):
@@ -279,15 +297,15 @@ class Transfer:
         self.progress_at = now
         if use.retries == 0 and use.chunk != PRIME:  # Karn's rule; a header alone's round
             self.rtt.sample(now - use.sent_at)  # trip is no full packet's
-        resend = self._overtake(hdr.slot, now)
-        resend += self._end_stall(hdr.slot, now)
-        after = self._take(use.chunk, hdr.slot, hdr, datagram)
+        resend = self._overtake(slot, now)
+        resend += self._end_stall(slot, now)
+        after = self._take(use.chunk, slot, hdr, datagram)
         if after is None:
-            self._finish(hdr.slot)
+            self._finish(slot)
             if self.job.contributors < self.job.world_size:  # a quorum's: say the sums are in,
                 resend.append(_release(use.packet))  # so the row may go
             return resend
-        return [*resend, *self._send(hdr.slot, after, now)]
+        return [*resend, *self._send(slot, after, now)]
 
     def expire(self, now: float) -> list[bytes]:
         """The uses whose timeout has passed are held; the oldest held is resent as a probe,
@@ -354,6 +372,16 @@ class Transfer:
             self._global_exp[ahead] = hdr.exponent
         return ahead
 
+    def _switch_slot(self, slot: int) -> int:
+        """The switch's slot that window slot ``slot`` uses in this call."""
+        return (self.job.first_slot + slot) % self.job.slot_count
+
+    def _window_slot(self, switch_slot: int) -> int | None:
+        """The window slot that uses the switch's ``switch_slot`` in this call, or None."""
+        if switch_slot >= self.job.slot_count:
+            return None
+        return (switch_slot - self.job.first_slot) % self.job.slot_count
+
     def _finish(self, slot: int) -> None:
         """The slot has nothing more to send in this call."""
         self._uses.pop(slot, None)
@@ -377,11 +405,11 @@ class Transfer:
     def _early_result(
         self, slot: int, round_: int, wire_chunk: int, count: int
     ) -> tuple[wire.Header, bytes] | None:
-        """The kept result of this use of ``slot`` (its header, and it), taken from the
-        store, or None."""
+        """The kept result of this use of window slot ``slot`` (its header, and it), taken
+        from the store, or None."""
         if self.job.contributors == self.job.world_size:  # none is ever kept
             return None
-        at = (2 * slot + (round_ & 1)) * self._datagram_bytes
+        at = (2 * self._switch_slot(slot) + (round_ & 1)) * self._datagram_bytes
         size = wire.HEADER_BYTES if count == 0 else self._datagram_bytes  # a priming use's alone
         datagram = bytes(self.early[at : at + size])
         hdr = wire.unpack_header(datagram)
@@ -415,13 +443,14 @@ class Transfer:
             chunk = after
 
     def _packet(self, slot: int, chunk: int) -> tuple[wire.Header, bytes]:
-        """The DATA packet of the next use of ``slot``, ``chunk``'s (or a priming use's), and
-        its header."""
+        """The DATA packet of the next use of window slot ``slot``, ``chunk``'s (or a priming
+        use's), and its header."""
         job, k = self.job, self.job.chunk_elements
-        round_ = self.rounds[slot] = (self.rounds[slot] + 1) & 0xFFFF
+        switch_slot = self._switch_slot(slot)
+        round_ = self.rounds[switch_slot] = (self.rounds[switch_slot] + 1) & 0xFFFF
         if chunk == PRIME:  # a header alone: it carries an exponent, no elements
             exponent, count, payload = self._local_exp[slot], 0, b""
-            wire_chunk = slot
+            wire_chunk = switch_slot
         else:
             ahead = chunk + job.slot_count
             exponent = self._local_exp[ahead] if self.scaled and ahead < self.chunks else 0
@@ -451,7 +480,7 @@ class Transfer:
             wire.MsgType.DATA,
             job.job_id,
             job.rank,
-            slot,
+            switch_slot,
             round_ & 1,
             int(exponent),
             round_,
