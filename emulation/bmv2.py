@@ -36,10 +36,12 @@ def compile_program(out_dir: Path, k: int) -> CompiledProgram:
     program = CompiledProgram(
         out_dir / f"switchreduce_k{k}.json", out_dir / f"switchreduce_k{k}.p4info.txtpb"
     )
+    # Names relative to out_dir: p4c splits --p4runtime-files at commas, which a sweep's run
+    # directories have (one parameter=value per sweep parameter, comma-separated).
     result = subprocess.run(
-        [P4C, "--arch", "v1model", f"-DK={k}", "-o", str(program.bmv2_json),
-         "--p4runtime-files", str(program.p4info), str(P4_SOURCE)],
-        capture_output=True, text=True,
+        [P4C, "--arch", "v1model", f"-DK={k}", "-o", program.bmv2_json.name,
+         "--p4runtime-files", program.p4info.name, str(P4_SOURCE.resolve())],
+        capture_output=True, text=True, cwd=out_dir,
     )  # fmt: skip
     if result.returncode != 0:
         raise EmulationError(f"p4c failed on {P4_SOURCE} with K={k}:\n{result.stderr[-3000:]}")

@@ -196,7 +196,9 @@ def test_default_k_256_compiles_to_the_committed_p4info(tmp_path: Path) -> None:
 
 
 @pytest.mark.requires_p4c
-def test_k_64_compiles(tmp_path: Path) -> None:
-    program = compile_program(tmp_path, 64)
+def test_k_64_compiles_into_a_sweep_runs_directory(tmp_path: Path) -> None:
+    """A sweep over two parameters names its runs with a comma, which p4c's list of P4Runtime
+    files would split at."""
+    program = compile_program(tmp_path / "topology.slowdown=1-1-1-4,switch.quorum=3", 64)
     assert "SwitchReduceIngress.value" in program.p4info.read_text()
     assert program.bmv2_json.stat().st_size > 0
