@@ -13,9 +13,11 @@ kills processes by name machine-wide, is never used).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -173,13 +175,19 @@ def _stations(options: TopoOptions) -> list[tuple[str, str, str, int]]:
     return out
 
 
-def _p4runtime_socket(options: TopoOptions) -> str:
-    """The switch node's P4Runtime address: a Unix socket, reachable across namespaces."""
-    path = str((options.run_dir / "s1-p4runtime.sock").resolve())
+def p4runtime_address(options: TopoOptions) -> str:
+    """The switch node's P4Runtime address: a Unix socket, reachable across namespaces.
+
+    It lives in the temporary directory, named after the run directory: a sweep's run
+    directories are often deeper than the 107 bytes a Unix socket's path may have.
+    """
+    run_dir = str(options.run_dir.resolve()).encode()
+    name = f"switchreduce-p4runtime-{hashlib.sha256(run_dir).hexdigest()[:16]}.sock"
+    path = os.path.join(tempfile.gettempdir(), name)
     if len(path.encode()) > UNIX_PATH_MAX:
         raise EmulationError(
             f"the switch's P4Runtime socket {path} is longer than the {UNIX_PATH_MAX} bytes "
-            "a Unix socket's path may have: use a shorter run directory"
+            "a Unix socket's path may have: set TMPDIR to a shorter directory"
         )
     return f"unix:{path}"
 
@@ -192,7 +200,7 @@ def _switch_args(options: TopoOptions) -> list[str]:
     if options.engine is not None:
         args += ["--engine", options.engine]
     if options.uses_controller:
-        return [*args, "--p4runtime", _p4runtime_socket(options)]
+        return [*args, "--p4runtime", p4runtime_address(options)]
     for _, _, mac, port in _stations(options):
         args.append(f"--route={mac}={port}")
     args += ["--job", str(options.job_id), "--world-size", str(options.workers)]
@@ -317,6 +325,8 @@ class Emulation:
                     switch.kill()
             self._net.stop()
             self._net = None
+        if self.options.uses_controller:
+            Path(p4runtime_address(self.options).removeprefix("unix:")).unlink(missing_ok=True)
 
     @property
     def net(self) -> Mininet:
@@ -333,7 +343,7 @@ class Emulation:
     def _start_controller(self) -> Child:
         options = self.options
         cmd = [*cli_command("controller"),
-               "--p4runtime", _p4runtime_socket(options),
+               "--p4runtime", p4runtime_address(options),
                "--data-plane", f"{SWITCH_IP}:{wire.DEFAULT_SWITCH_PORT}",
                "--listen", f"{CONTROLLER_IP}:{CONTROLLER_HTTP_PORT}",
                "--k", str(options.k), "--slots", str(options.slot_count),
@@ -560,7 +570,7 @@ def _switch_node(options: TopoOptions):
         speaks = False  # simple_switch_grpc: everything it says goes to its log
 
         def command(self, ports: dict[int, str]) -> list[str]:
-            address = _p4runtime_socket(options)
+            address = p4runtime_address(options)
             Path(address.removeprefix("unix:")).unlink(missing_ok=True)  # a previous run's
             interfaces = [f"{port}@{name}" for port, name in sorted(ports.items())]
             return [SIMPLE_SWITCH_GRPC, "--device-id", "0", "--no-p4",
@@ -568,6 +578,6 @@ def _switch_node(options: TopoOptions):
                     "--", "--grpc-server-addr", address]  # fmt: skip
 
         def wait_until_serving(self, child: Child) -> None:
-            wait_for_p4runtime(child.proc, _p4runtime_socket(options), self.log_path)
+            wait_for_p4runtime(child.proc, p4runtime_address(options), self.log_path)
 
     return BMv2SwitchNode if options.switch == "bmv2" else SoftSwitchNode
