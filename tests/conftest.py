@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -25,6 +24,7 @@ from switchreduce.p4runtime.jobs import Job, Member
 from switchreduce.ports import free_tcp_port
 from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
+from tests.helpers.threads import each_rank
 
 _NEEDS: dict[str, tuple[Callable[[], bool], str]] = {
     "requires_root": (lambda: os.geteuid() == 0, "needs root"),
@@ -75,29 +75,19 @@ class RunningJob:
         """Each call's results: every rank makes the calls one after the other, in its own
         thread, ``late[rank]`` seconds after the others start; ``finished_calls[rank]`` then
         holds when each of its calls returned, from the start."""
-        results: list = [[None] * len(self.comms) for _ in calls]
-        errors: list[BaseException | None] = [None] * len(self.comms)
         self.finished_calls = [[0.0] * len(calls) for _ in self.comms]
         start = time.monotonic()
 
-        def run(rank: int) -> None:
-            try:
-                time.sleep((late or {}).get(rank, 0.0))
-                for i, inputs in enumerate(calls):
-                    results[i][rank] = self.comms[rank].allreduce(inputs[rank])
-                    self.finished_calls[rank][i] = time.monotonic() - start
-            except BaseException as exc:
-                errors[rank] = exc
+        def run(rank: int) -> list:
+            time.sleep((late or {}).get(rank, 0.0))
+            results = []
+            for i, inputs in enumerate(calls):
+                results.append(self.comms[rank].allreduce(inputs[rank]))
+                self.finished_calls[rank][i] = time.monotonic() - start
+            return results
 
-        threads = [threading.Thread(target=run, args=(r,)) for r in range(len(self.comms))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for exc in errors:
-            if exc is not None:
-                raise exc
-        return results
+        by_rank = each_rank(len(self.comms), run)
+        return [list(call) for call in zip(*by_rank, strict=True)]
 
 
 @contextmanager

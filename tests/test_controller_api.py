@@ -16,6 +16,7 @@ from switchreduce.worker.reference import check, synthetic_tensor
 from switchreduce.worker.registration import RegistrationError, register
 from switchreduce.worker.shim import SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
+from tests.helpers.threads import each_rank
 
 K = 256
 
@@ -38,21 +39,16 @@ def test_registered_workers_allreduce_exactly_and_the_job_is_released(controller
     url, soft = controller
     world_size = 3
     inputs = [synthetic_tensor(9, r, 50_000, "float32") for r in range(world_size)]
-    results = {}
     memberships = []  # kept open: the job runs until the operator ends it
 
-    def rank(r: int) -> None:
+    def rank(r: int) -> object:
         sock = bound_udp_sockets(1)[0]
         membership = register(url, 11, r, world_size, sock, K)
-        with SwitchCommunicator(membership.binding, WorkerOptions(k=K, timeout=20), sock) as comm:
-            results[r] = comm.allreduce(inputs[r])
         memberships.append(membership)
+        with SwitchCommunicator(membership.binding, WorkerOptions(k=K, timeout=20), sock) as comm:
+            return comm.allreduce(inputs[r])
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = each_rank(world_size, rank)
     assert all(check(results[r], inputs, K).exact for r in range(world_size))
     status = json.load(urllib.request.urlopen(f"{url}/v1/jobs"))
     assert [job["job_id"] for job in status["jobs"]] == [11]

@@ -25,6 +25,7 @@ from switchreduce.worker.registration import Membership, register
 from switchreduce.worker.shim import SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
 from tests.helpers.processes import ControllerProcess, SwitchProcess
+from tests.helpers.threads import each_rank
 
 K = 256
 LEASE = 2.0
@@ -68,22 +69,7 @@ class Ranks:
         self.memberships[rank] = register(url, job_id, rank, world_size, self.socks[rank], K)
 
     def _each(self, work) -> list:
-        results, errors = {}, []
-
-        def run(rank: int) -> None:
-            try:
-                results[rank] = work(rank)
-            except Exception as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(r,)) for r in range(len(self.socks))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return [results[r] for r in range(len(self.socks))]
+        return each_rank(len(self.socks), work)
 
     @property
     def session(self) -> int:

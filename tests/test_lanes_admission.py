@@ -14,6 +14,7 @@ from switchreduce.worker.reference import check, synthetic_tensor
 from switchreduce.worker.registration import RegistrationError, register
 from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
+from tests.helpers.threads import each_rank
 from tests.test_controller_api import K, controller  # noqa: F401  (the fixture)
 
 
@@ -21,21 +22,17 @@ def test_the_controller_admits_a_jobs_lane_width_and_its_ranks_sum_in_it(control
     url, _ = controller
     world_size, lanes = 3, 8
     inputs = [synthetic_tensor(5, r, 30_000, "float32") for r in range(world_size)]
-    results, bindings = {}, {}
+    bindings = {}
 
-    def rank(r: int) -> None:
+    def rank(r: int) -> object:
         sock = bound_udp_sockets(1)[0]
         membership = register(url, 21, r, world_size, sock, K, lane_bits=lanes)
         bindings[r] = membership.binding
         options = WorkerOptions(k=K, timeout=20, lane_bits=lanes)
         with membership, SwitchCommunicator(membership.binding, options, sock) as comm:
-            results[r] = comm.allreduce(inputs[r])
+            return comm.allreduce(inputs[r])
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = each_rank(world_size, rank)
     assert {b.lane_bits for b in bindings.values()} == {lanes}
     for r in range(world_size):
         verdict = check(results[r], inputs, K * 32 // lanes, lane_bits=lanes)

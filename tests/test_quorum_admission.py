@@ -13,6 +13,7 @@ import pytest
 from switchreduce.worker.registration import RegistrationError, register
 from switchreduce.worker.shim import SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
+from tests.helpers.threads import each_rank
 from tests.test_controller_api import K, controller  # noqa: F401  (the fixture)
 
 
@@ -22,22 +23,18 @@ def test_the_controller_admits_a_quorum_and_its_ranks_share_every_sum(controller
     url, _ = controller
     world_size = 3
     inputs = [np.arange(40 * K, dtype=np.int32) * (r + 1) for r in range(world_size)]
-    results, comms, listed = {}, {}, []
+    comms, listed = {}, []
 
-    def rank(r: int) -> None:
+    def rank(r: int) -> np.ndarray:
         sock = bound_udp_sockets(1)[0]
         membership = register(url, 31, r, world_size, sock, K, quorum=2)
         if r == 0:
             listed.extend(json.load(urllib.request.urlopen(f"{url}/v1/jobs"))["jobs"])
         with membership, SwitchCommunicator(membership.binding, WorkerOptions(k=K), sock) as c:
             comms[r] = c
-            results[r] = c.allreduce(inputs[r])
+            return c.allreduce(inputs[r])
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = each_rank(world_size, rank)
     assert [job["quorum"] for job in listed if job["job_id"] == 31] == [2]
     assert {(comms[r].contributors, comms[r].averaged_over) for r in range(world_size)} == {(2, 2)}
     for r in range(1, world_size):

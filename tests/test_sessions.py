@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,6 +34,7 @@ from switchreduce.worker.errors import (
 from switchreduce.worker.reference import check, synthetic_tensor
 from switchreduce.worker.shim import JobBinding, SwitchCommunicator, WorkerOptions
 from tests.helpers.net import bound_udp_sockets
+from tests.helpers.threads import in_threads
 from tests.helpers.workers import assert_exact, loopback_workers
 
 K = 64
@@ -53,24 +54,6 @@ def static_switch(world_size: int, slots: int = SLOTS) -> Iterator[tuple[UdpSwit
         yield server, ports
     finally:
         server.stop()
-
-
-def in_threads(count: int, work: Callable[[int], object]) -> list[Any]:
-    """``work(rank)`` for every rank at once; each rank's result or the exception it raised."""
-    results: list[Any] = [None] * count
-
-    def run(rank: int) -> None:
-        try:
-            results[rank] = work(rank)
-        except Exception as exc:
-            results[rank] = exc
-
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 def communicator(
