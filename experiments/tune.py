@@ -112,7 +112,8 @@ def open_storage(url: str) -> RDBStorage:
     parameters are enqueued again (once) by the next process that looks.
 
     Tuners started together on a new database race to create its tables; the loser's
-    CREATE fails on what the winner made, and it opens the storage again."""
+    CREATE fails on what the winner made (PostgreSQL says so with an IntegrityError or a
+    ProgrammingError, SQLite with an OperationalError), and it opens the storage again."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     attempts = 5
     while True:
@@ -126,7 +127,9 @@ def open_storage(url: str) -> RDBStorage:
                 heartbeat_stale_trial_callback=RETRY,
             )
         except Exception as exc:  # SQLAlchemy's errors for a bad URL, a refused connection, ...
-            raced = isinstance(exc, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.ProgrammingError)
+            raced = isinstance(
+                exc, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.ProgrammingError
+            ) or (isinstance(exc, sqlalchemy.exc.OperationalError) and "already exists" in str(exc))
             if not raced or not attempts:
                 raise ExperimentError(f"cannot open the storage {url!r}: {exc}") from None
             time.sleep(0.5)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial
 
 from switchreduce.experiments import search
@@ -28,6 +29,7 @@ from switchreduce.experiments.errors import ConfigError, ExperimentError
 from switchreduce.experiments.tune import CONFIG_ATTR, Study, across_seeds, open_storage
 from switchreduce.launch import Child, cli_command
 from switchreduce.ports import free_tcp_port
+from tests.helpers.threads import in_threads
 
 #: Two ranks on loopback, a small MLP, 20 iterations: a trial takes a few seconds.
 BASE = {
@@ -506,6 +508,16 @@ def test_parallel_trials_in_mininet_are_jobs_on_groups_of_one_star_s_hosts(
             assert len(lines) == 20
             assert all(json.loads(line)["bytes_sent"] > 0 for line in lines)
     assert not _left_running(tmp_path)
+
+
+@pytest.mark.fast
+def test_tuners_opening_a_new_sqlite_database_at_once_all_open_it(tmp_path: Path) -> None:
+    """Six at once race to create the tables, ten times over: SQLite tells the losers with an
+    OperationalError ("table ... already exists"), and each opens the storage again."""
+    for attempt in range(10):
+        url = f"sqlite:///{tmp_path}/studies-{attempt}.db"
+        opened = in_threads(6, lambda _, url=url: open_storage(url))
+        assert all(isinstance(storage, RDBStorage) for storage in opened), opened
 
 
 @pytest.mark.fast
