@@ -4,6 +4,7 @@ pruning, resuming after a kill, two tuners on one PostgreSQL study, optuna-dashb
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import os
@@ -516,8 +517,12 @@ def test_tuners_opening_a_new_sqlite_database_at_once_all_open_it(tmp_path: Path
     OperationalError ("table ... already exists"), and each opens the storage again."""
     for attempt in range(10):
         url = f"sqlite:///{tmp_path}/studies-{attempt}.db"
-        opened = in_threads(6, lambda _, url=url: open_storage(url))
+        opened = in_threads(6, functools.partial(_open_storage_of, url))
         assert all(isinstance(storage, RDBStorage) for storage in opened), opened
+
+
+def _open_storage_of(url: str, rank: int) -> RDBStorage:
+    return open_storage(url)
 
 
 @pytest.mark.fast
