@@ -21,6 +21,7 @@ the buckets of one backward pass each iteration as training would
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -103,40 +104,57 @@ def train(config: ExperimentConfig, options: RankOptions) -> None:
     )
     with ExitStack() as stack:
         stack.callback(dist.destroy_process_group)
-        torch.manual_seed(t.seed)
-        data = load_dataset(config.data, t.seed)
-        model = build_model(config.model, data.classes, data.tokens)
-        ddp = DistributedDataParallel(model, bucket_cap_mb=t.bucket_cap_mb)
-        sw = config.switch
-        group = GroupOptions(
-            rank=rank,
-            world_size=world_size,
-            timeout=t.timeout,
-            job_id=options.job_id,
-            k=sw.k,
-            slots=sw.slot_count,
-            switch=options.switch,
-            controller=options.controller,
-            bind=options.bind,
-            precision_bits=sw.precision_bits,
-            lane_bits=sw.lane_bits,
-            quorum=sw.quorum,
-            rounding=cast(Rounding, sw.rounding),  # checked by the config
-            rounding_seed=t.seed,
-            error_feedback=sw.error_feedback,
-            min_rto=sw.min_rto_ms / 1000,
-            overlap=sw.overlap,
-            powersgd_rank=t.powersgd_rank,
-            powersgd_warmup=t.powersgd_warmup,
-        )
-        chosen = stack.enter_context(open_backend(options.backend, group))
-        buckets: dict[int, torch.Tensor] = {}
-        if t.measure == "training":
-            chosen.attach(ddp)
-        else:
-            ddp.register_comm_hook(buckets, local_gradients_hook)
-        optimizer = build_optimizer(config.optimizer, ddp.parameters())
-        _loop(config, options, rank, world_size, ddp, optimizer, data, chosen, buckets)
+        # Before it (callbacks run last first): what the training referenced, DDP's reducer
+        # and gloo's finished work among it, goes while the interpreter is whole. A rank has
+        # now and then aborted at exit after a complete run ("terminate called without an
+        # active exception"), in gloo baselines with asynchronous work; as PyTorch's own
+        # analysis of that abort has it (pytorch/pytorch#179291), gloo's objects freed in
+        # the interpreter's teardown abort it. Not reproduced on demand: this narrows the
+        # window, it proves nothing.
+        stack.callback(gc.collect)
+        _train_rank(config, options, rank, world_size, stack)
+
+
+def _train_rank(
+    config: ExperimentConfig, options: RankOptions, rank: int, world_size: int, stack: ExitStack
+) -> None:
+    """The model, its DDP and the backend (closed by ``stack``), and the training; nothing
+    of it outlives the call but what ``stack`` holds."""
+    t = config.train
+    torch.manual_seed(t.seed)
+    data = load_dataset(config.data, t.seed)
+    model = build_model(config.model, data.classes, data.tokens)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=t.bucket_cap_mb)
+    sw = config.switch
+    group = GroupOptions(
+        rank=rank,
+        world_size=world_size,
+        timeout=t.timeout,
+        job_id=options.job_id,
+        k=sw.k,
+        slots=sw.slot_count,
+        switch=options.switch,
+        controller=options.controller,
+        bind=options.bind,
+        precision_bits=sw.precision_bits,
+        lane_bits=sw.lane_bits,
+        quorum=sw.quorum,
+        rounding=cast(Rounding, sw.rounding),  # checked by the config
+        rounding_seed=t.seed,
+        error_feedback=sw.error_feedback,
+        min_rto=sw.min_rto_ms / 1000,
+        overlap=sw.overlap,
+        powersgd_rank=t.powersgd_rank,
+        powersgd_warmup=t.powersgd_warmup,
+    )
+    chosen = stack.enter_context(open_backend(options.backend, group))
+    buckets: dict[int, torch.Tensor] = {}
+    if t.measure == "training":
+        chosen.attach(ddp)
+    else:
+        ddp.register_comm_hook(buckets, local_gradients_hook)
+    optimizer = build_optimizer(config.optimizer, ddp.parameters())
+    _loop(config, options, rank, world_size, ddp, optimizer, data, chosen, buckets)
 
 
 def _loop(
