@@ -240,7 +240,7 @@ class LoopbackCluster(Cluster):
         self.ports = free_udp_ports(topo.workers)
         faults = FaultSpec(loss=topo.switch_loss, seed=self.config.train.seed)
         self.switch = LoopbackSwitch(
-            self.ports, sw.k, sw.slot_count, faults, log=self.logs / "switch.log"
+            self.ports, sw.k, sw.slot_count, faults, log=self.logs / "switch.log", quorum=sw.quorum
         )
         try:
             self.switch.__enter__()

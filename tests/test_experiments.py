@@ -173,6 +173,20 @@ def test_a_short_loopback_run_writes_metrics_summary_and_plots(tmp_path) -> None
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_loopback_run_with_a_quorum_trains_without_its_slow_rank(tmp_path) -> None:
+    """switch.quorum on loopback: the runner's switch holds the job with the quorum (a rank
+    given another one refuses to start), and the slow rank is late for the rounds the
+    others made without it."""
+    config = _short(
+        topology={"workers": 3, "compute_ms": 20, "slowdown": [1, 1, 4]},
+        switch={"quorum": 2},
+        train={"baselines": []},
+    )
+    (row,) = run_experiment(config, tmp_path, show=_quiet)
+    assert row["iterations"] == 12
+    assert row["late"] > 0
+
+
 def test_a_worker_seconds_budget_stops_every_rank_at_the_same_evaluation(tmp_path) -> None:
     """train.worker_seconds: the switch and gloo each train until rank 0 has spent the
     budget (its training time times the workers), then stop at that evaluation, every rank

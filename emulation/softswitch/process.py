@@ -29,6 +29,7 @@ class LoopbackSwitch:
         faults: FaultSpec | None = None,
         log: Path | None = None,
         engine: EngineName = "compiled",
+        quorum: int | None = None,
     ) -> None:
         faults = faults or FaultSpec()
         self.command = cli_command(
@@ -37,6 +38,7 @@ class LoopbackSwitch:
             "--loss", str(faults.loss), "--duplicate", str(faults.duplicate),
             "--reorder", str(faults.reorder), "--seed", str(faults.seed), "--engine", engine,
             *(f"--worker={rank}=127.0.0.1:{port}" for rank, port in enumerate(ports)),
+            *(("--quorum", str(quorum)) if quorum is not None else ()),
         )  # fmt: skip
         self.log = log
         self.address = ""
