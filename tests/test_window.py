@@ -512,6 +512,34 @@ def test_a_quorum_does_not_wait_for_a_late_rank_which_still_gets_every_sum() -> 
     assert net.switch.ingress.drops.packets[wire.DropReason.LATE] == 0
 
 
+@pytest.mark.parametrize("window", WINDOWS)
+def test_a_result_without_this_ranks_contribution_is_no_answer_to_its_packets(window) -> None:
+    """A rank late for a quorum finds results waiting as it sends its uses. Taken at the
+    instant its uses went out, such a result is no round trip (it would be zero, and so the
+    reordering window) and no sign that the use sent with it was lost: nothing is resent."""
+    job = Job(1, 3, 4, 2, K, SESSION, quorum=3)
+    flat = np.arange(2 * K, dtype=np.int32)
+    rtt, stats = RoundTrip(0.01, 1.0), WindowStats()
+    xfer = window(
+        job, flat, wire.encode_format("int32", 32, 32), [0, 0], rtt, stats, early_results(2, K)
+    )
+    sent = xfer.start(1.0)
+    assert [wire.unpack_header(p).slot for p in sent] == [0, 1]
+
+    def result_without_rank_3(packet: bytes) -> bytes:
+        hdr = wire.unpack_header(packet)._replace(msg_type=wire.MsgType.RESULT, length=0b0111)
+        return hdr.pack() + packet[wire.HEADER_BYTES :]
+
+    answers = xfer.receive(result_without_rank_3(sent[1]), 1.0)
+    answers += xfer.receive(result_without_rank_3(sent[0]), 1.0)
+    # each slot's last result of the call says the row may go, and that is all
+    assert [(wire.unpack_header(p).msg_type, len(p)) for p in answers] == [
+        (wire.MsgType.RELEASE, wire.HEADER_BYTES)
+    ] * 2
+    assert xfer.done and xfer.late().tolist() == [0, 1]
+    assert (stats.retransmissions, rtt.min_rtt, rtt.srtt) == (0, None, None)
+
+
 def test_a_quorum_answers_each_use_once_however_close_the_ranks() -> None:
     """Quorum 3 of 4, all ranks at once on 100 Mbit/s links: each round has a rank that is
     late by a hair, whose DATA crosses the multicast. The switch drops it unanswered, so every

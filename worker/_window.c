@@ -720,9 +720,12 @@ static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
         return GOING;
     }
     t->progress_at = now;
-    /* Karn's rule; a priming use's round trip (a header alone) is no full packet's */
-    if (u->retries == 0 && u->chunk != PRIME) sample_rtt(t, now - u->sent_at);
-    overtake(t, slot, now);
+    uint32_t ranks = rd32(d + AT_LENGTH); /* a result without us answers none of our packets */
+    if (t->rank < 32 && (ranks >> t->rank & 1)) {
+        /* Karn's rule; a priming use's round trip (a header alone) is no full packet's */
+        if (u->retries == 0 && u->chunk != PRIME) sample_rtt(t, now - u->sent_at);
+        overtake(t, slot, now);
+    }
     end_stall(t, slot, now);
     int64_t after = take_result(t, slot, u->chunk, d);
     if (after == DONE_SLOT) {

@@ -55,6 +55,13 @@ The rules (docs/protocol.md):
   RELEASE (a header alone), so the switch may reuse the row. A quorum job's
   rank also sends a RELEASE as it takes each slot's last result of a call,
   so a rank that is late with its next call holds nobody back.
+- A result without this rank's contribution (a quorum completed its round
+  without it) answers none of this rank's packets: it is no round-trip
+  sample, and no sign that an earlier use was lost. A rank that starts a
+  call late finds such results waiting in its socket as it sends; taken as
+  answers, they gave round trips of zero, hence a reordering window of
+  zero, and each one's use seemed to overtake every use sent at the same
+  instant, which were all resent.
 - Every packet sent again is typed RESEND: in a quorum job the switch
   answers a late RESEND with the sums, a late DATA with nothing (the
   multicast went to its rank too).
@@ -295,9 +302,11 @@ class Transfer:
             self.stats.duplicates += 1
             return []
         self.progress_at = now
-        if use.retries == 0 and use.chunk != PRIME:  # Karn's rule; a header alone's round
-            self.rtt.sample(now - use.sent_at)  # trip is no full packet's
-        resend = self._overtake(slot, now)
+        resend: list[bytes] = []
+        if hdr.length >> self.job.rank & 1:  # else no answer to our packet (module docstring)
+            if use.retries == 0 and use.chunk != PRIME:  # Karn's rule; a header alone's round
+                self.rtt.sample(now - use.sent_at)  # trip is no full packet's
+            resend = self._overtake(slot, now)
         resend += self._end_stall(slot, now)
         after = self._take(use.chunk, slot, hdr, datagram)
         if after is None:
