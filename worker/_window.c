@@ -531,6 +531,11 @@ static void store(Transfer *t, int64_t chunk, size_t count, const uint8_t *datag
         copy_swapped((uint8_t *)t->out.buf + first * ELEMENT_BYTES, sums, count);
 }
 
+/* Transfer._holds_ours: whether a result's sums hold our contribution (its length: the ranks'). */
+static inline int holds_ours(const Transfer *t, const uint8_t *d) {
+    return t->rank < 32 && (rd32(d + AT_LENGTH) >> t->rank & 1);
+}
+
 /* Transfer._take: take a result for ``chunk`` (or a priming use) of ``slot``: the slot's next
  * chunk, or DONE_SLOT when it has nothing more to send in this call. */
 static int64_t take_result(Transfer *t, uint32_t slot, int64_t chunk, const uint8_t *d) {
@@ -541,8 +546,7 @@ static int64_t take_result(Transfer *t, uint32_t slot, int64_t chunk, const uint
         return slot;
     }
     store(t, chunk, rd16(d + AT_COUNT), d);
-    uint32_t ranks = rd32(d + AT_LENGTH);             /* the ranks in the sums */
-    if (t->rank >= 32 || !(ranks >> t->rank & 1)) { /* a quorum completed it without us */
+    if (!holds_ours(t, d)) { /* a quorum completed it without us */
         t->late[chunk] = 1;
         t->stats[LATE]++;
     }
@@ -720,8 +724,7 @@ static int core_receive(Transfer *t, const uint8_t *d, size_t len, double now) {
         return GOING;
     }
     t->progress_at = now;
-    uint32_t ranks = rd32(d + AT_LENGTH); /* a result without us answers none of our packets */
-    if (t->rank < 32 && (ranks >> t->rank & 1)) {
+    if (holds_ours(t, d)) { /* a result without us answers none of our packets */
         /* Karn's rule; a priming use's round trip (a header alone) is no full packet's */
         if (u->retries == 0 && u->chunk != PRIME) sample_rtt(t, now - u->sent_at);
         overtake(t, slot, now);

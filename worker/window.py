@@ -303,7 +303,7 @@ class Transfer:
             return []
         self.progress_at = now
         resend: list[bytes] = []
-        if hdr.length >> self.job.rank & 1:  # else no answer to our packet (module docstring)
+        if self._holds_ours(hdr):  # else no answer to our packet (module docstring)
             if use.retries == 0 and use.chunk != PRIME:  # Karn's rule; a header alone's round
                 self.rtt.sample(now - use.sent_at)  # trip is no full packet's
             resend = self._overtake(slot, now)
@@ -371,7 +371,7 @@ class Transfer:
             self._global_exp[slot] = hdr.exponent
             return slot
         self._store(chunk, hdr.count, datagram)
-        if not hdr.length >> self.job.rank & 1:  # a quorum completed the round without us
+        if not self._holds_ours(hdr):  # a quorum completed the round without us
             self._late[chunk] = True
             self.stats.late += 1
         ahead = chunk + self.job.slot_count
@@ -380,6 +380,10 @@ class Transfer:
         if self.scaled:
             self._global_exp[ahead] = hdr.exponent
         return ahead
+
+    def _holds_ours(self, hdr: wire.Header) -> bool:
+        """Whether a result's sums hold this rank's contribution (its ``length``: the ranks')."""
+        return bool(hdr.length >> self.job.rank & 1)
 
     def _switch_slot(self, slot: int) -> int:
         """The switch's slot that window slot ``slot`` uses in this call."""
